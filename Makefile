@@ -1,0 +1,35 @@
+# padistill: `make demo` runs the toy distillation, `make test` the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel for CI and laptops. GPU users: install your CUDA torch into $(VENV) first, it is kept.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench teacher clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/padistill distill --config toy_digits
+
+bench: install
+	$(BIN)/python benchmarks/toy_teacher.py
+
+teacher: install
+	$(BIN)/padistill toy-teacher
+
+clean:
+	rm -rf runs/ .pytest_cache

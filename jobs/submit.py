@@ -1,0 +1,22 @@
+"""`padistill submit`: submit the distill job to a Ray cluster through the Job Submission API."""
+
+from __future__ import annotations
+
+import sys
+
+from jobs.common import add_config_args, job_main, not_built
+
+NAME = "submit"
+HELP = "submit the distill job to a Ray cluster through the Job Submission API"
+
+
+def add_arguments(p) -> None:
+    add_config_args(p)
+
+
+def run(args) -> int:
+    return not_built(NAME, 6)
+
+
+if __name__ == "__main__":
+    sys.exit(job_main(sys.modules[__name__]))

@@ -1,0 +1,316 @@
+"""Typed run configs loaded from YAML, with `--set a.b=c` overrides.
+
+Every mistake is reported as a `ConfigError` naming the key (`stages.1.student_steps`) and the
+reason; unknown keys are errors, never ignored."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = "toy_digits"
+
+
+class ConfigError(ValueError):
+    """A bad run config: the message names the key and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Strict):
+    """How to reach the run root. Credentials never go here: they come from the usual AWS
+    variables (AWS_ACCESS_KEY_ID, ...) or a named profile."""
+
+    endpoint_url: Optional[str] = None  # MinIO / moto / other S3-compatible endpoint
+    region: Optional[str] = None
+    profile: Optional[str] = None  # an AWS profile name (not a secret)
+
+
+class ModelConfig(_Strict):
+    # builtin:toy_teacher | builtin:tiny_random | a local or s3:// diffusers SDXL folder
+    source: str = "builtin:toy_teacher"
+    resolution: int = Field(32, gt=0)
+    teacher_steps: int = Field(32, ge=1, description="steps the base model samples with (the first teacher)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataConfig(_Strict):
+    kind: Literal["toy_digits", "parquet"] = "toy_digits"
+    path: Optional[str] = None  # Parquet folder or file (local or s3://) when kind = parquet
+    image_column: str = "image"
+    caption_column: str = "caption"
+    id_column: Optional[str] = None
+    limit: Optional[int] = Field(None, gt=0)
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_for_parquet(self):
+        if self.kind == "parquet" and not self.path:
+            raise ValueError("data.path: required when data.kind is 'parquet'")
+        return self
+
+
+class EncodeConfig(_Strict):
+    batch_size: int = Field(64, gt=0)
+    actors: int = Field(1, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    dtype: Literal["float16", "float32"] = "float16"
+    max_rows_per_file: int = Field(20000, gt=0)
+
+
+class TrajectoryConfig(_Strict):
+    draws: int = Field(1, gt=0, description="noise draws per encoded row")
+    batch_size: int = Field(64, gt=0)
+    actors: int = Field(1, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    dtype: Literal["float16", "float32"] = "float16"
+    max_rows_per_file: int = Field(20000, gt=0)
+    seed: int = 0
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(64, gt=0)
+    alpha: Optional[float] = None  # defaults to rank
+    steps: int = Field(0, ge=0, description="LoRA steps before merging into the full UNet")
+
+
+class StageConfig(_Strict):
+    name: Optional[str] = None  # default "<student_steps>step"
+    teacher_steps: int = Field(..., ge=1)
+    student_steps: int = Field(..., ge=1)
+    loss: Literal["mse", "adversarial"]
+    teacher_stage: Optional[str] = None  # an earlier stage whose student teaches (skip-level); default previous
+    guidance_scale: float = Field(0.0, ge=0.0, description="teacher CFG (>1 enables it); the first stage only")
+    multi_timestep: bool = False  # train the 1/2-step student at {250, 500, 750, 1000}
+    prediction_type: Literal["epsilon", "sample"] = "epsilon"  # "sample": x0 conversion (1-step)
+    conversion_steps: int = Field(0, ge=0, description="MSE steps converting to x0 prediction first")
+    lora: Optional[LoraConfig] = None
+    full_steps: int = Field(0, ge=0, description="full-UNet steps (after any LoRA phase)")
+    conditional_steps: int = Field(0, ge=0, description="adversarial phase 1: conditional discriminator")
+    unconditional_steps: int = Field(0, ge=0, description="adversarial phase 2: unconditional discriminator")
+    mse_steps: int = Field(0, ge=0, description="steps of an mse stage")
+    lr: float = Field(1e-5, gt=0)
+    disc_lr: Optional[float] = Field(None, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    renoise_timesteps: list[int] = Field(default_factory=lambda: [10, 250, 500, 750])
+    renoise_weights: list[float] = Field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.student_steps >= self.teacher_steps:
+            raise ValueError(f"student_steps: {self.student_steps} must be fewer than teacher_steps "
+                             f"{self.teacher_steps}")
+        if self.teacher_steps % self.student_steps:
+            raise ValueError(f"student_steps: {self.teacher_steps} -> {self.student_steps} is impossible, "
+                             f"{self.student_steps} does not divide {self.teacher_steps}")
+        if self.multi_timestep and self.student_steps > 2:
+            raise ValueError("multi_timestep: only for 1- and 2-step students")
+        if self.multi_timestep and self.teacher_steps % 4:
+            raise ValueError("multi_timestep: the teacher's grid must contain the 4-step grid "
+                             "(teacher_steps a multiple of 4)")
+        if self.prediction_type == "sample" and self.student_steps != 1:
+            raise ValueError("prediction_type: 'sample' (x0) conversion is for the 1-step student")
+        if len(self.renoise_timesteps) != len(self.renoise_weights):
+            raise ValueError("renoise_weights: needs one weight per renoise_timesteps entry")
+        if self.name is None:
+            self.name = f"{self.student_steps}step"
+        return self
+
+    @property
+    def jump(self) -> int:
+        """n: teacher steps per student step."""
+        return self.teacher_steps // self.student_steps
+
+
+class TrainConfig(_Strict):
+    workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    zero_stage: Literal[2, 3] = 2
+    offload: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    micro_batch: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    max_failures: int = Field(2, ge=0)
+    log_every: int = Field(10, gt=0)
+    seed: int = 0
+
+
+class EvaluateConfig(_Strict):
+    samples_per_prompt: int = Field(10, gt=0)
+    seed: int = 1234
+    teacher_guidance_scale: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(100, gt=0)
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = None  # None: start a local Ray for the run; "auto" or ray://… to join
+    num_cpus: Optional[int] = Field(None, gt=0)
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    run_root: str = "runs/run"  # local path, file://…, or s3://bucket/prefix
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    trajectories: TrajectoryConfig = Field(default_factory=TrajectoryConfig)
+    stages: list[StageConfig] = Field(default_factory=list)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("run_root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must not be empty")
+        if "://" in v and not v.startswith(("s3://", "file://")):
+            raise ValueError(f"{v!r}: only local paths, file:// and s3:// run roots are supported")
+        return v
+
+    @model_validator(mode="after")
+    def _chain(self):
+        names: dict[str, StageConfig] = {}
+        prev_steps = self.model.teacher_steps
+        for i, st in enumerate(self.stages):
+            if st.name in names:
+                raise ValueError(f"stages.{i}.name: {st.name!r} is used by an earlier stage")
+            if st.teacher_stage is not None:
+                if st.teacher_stage not in names:
+                    raise ValueError(f"stages.{i}.teacher_stage: {st.teacher_stage!r} is not an earlier stage")
+                expected = names[st.teacher_stage].student_steps
+                source = f"stage {st.teacher_stage!r}'s student"
+            else:
+                expected = prev_steps
+                source = "the previous stage's student" if i else "model.teacher_steps (the base model)"
+            if st.teacher_steps != expected:
+                raise ValueError(f"stages.{i}.teacher_steps: {st.teacher_steps} does not match {source} "
+                                 f"({expected} steps)")
+            if st.guidance_scale > 1.0 and i > 0:
+                raise ValueError(f"stages.{i}.guidance_scale: classifier-free guidance is for the first stage "
+                                 "only (later teachers are distilled students sampled without CFG)")
+            names[st.name] = st
+            prev_steps = st.student_steps
+        return self
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def stage(self, key: int | str) -> tuple[int, StageConfig]:
+        """A stage by 1-based index or by name."""
+        for i, st in enumerate(self.stages, start=1):
+            if str(key) in (str(i), st.name):
+                return i, st
+        raise ConfigError(f"stage {key!r}: no such stage (have {[s.name for s in self.stages]})")
+
+    def stage_dir(self, key: int | str) -> str:
+        i, st = self.stage(key)
+        return f"stages/{i}-{st.name}"
+
+    def teacher_of(self, key: int | str) -> Optional[int]:
+        """1-based index of the stage whose student teaches stage `key`; None for the base model."""
+        i, st = self.stage(key)
+        if st.teacher_stage is not None:
+            return self.stage(st.teacher_stage)[0]
+        return i - 1 if i > 1 else None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+            # validators above already prefix their own key; keep that one
+            if ":" in msg.split(" ")[0]:
+                sub, _, msg = msg.partition(": ")
+                key = f"{key}.{sub}" if key else sub
+        got = e.get("input")
+        detail = f" (got {got!r})" if e["type"] not in ("extra_forbidden", "value_error", "missing") and not isinstance(
+            got, (dict, list)) else ""
+        lines.append(f"  {key or '<root>'}: {msg}{detail}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.workers=2")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node: Any = data
+        for depth, part in enumerate(path[:-1]):
+            where = ".".join(path[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {item}: {where} is not an index of a list of {len(node)}")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            else:
+                raise ConfigError(f"--set {item}: {'.'.join(path[:depth])} is a value, not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"--set {item}: {'.'.join(path)} is not an index of a list of {len(node)}")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def find_config(name_or_path: str | None) -> Path:
+    """A config path, or the name of one shipped in configs/ (`toy_digits`, `smoke`, …)."""
+    name = name_or_path or DEFAULT_CONFIG
+    p = Path(name).expanduser()
+    if p.exists():
+        return p
+    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if cand.exists():
+            return cand
+    shipped = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name!r}: no such file, and not a shipped config ({', '.join(shipped)})")
+
+
+def from_dict(data: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    path = find_config(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return from_dict(apply_overrides(data, overrides or []))

@@ -1,0 +1,229 @@
+"""Schedule math, in one place: trailing timestep grids, sigmas, the Euler step, prediction
+conversions, classifier-free guidance, forward diffusion and the grids of a distillation stage.
+
+Everything works in diffusers' Euler ("sigma") space, the space `EulerDiscreteScheduler` and the
+SDXL pipeline sample in:  x = x0 + sigma_t * eps,  the UNet sees x / sqrt(sigma_t**2 + 1).
+A timestep of -1 stands for "clean" (sigma = 0), the end of every trajectory.
+
+Precompute (teacher rollouts), training (student steps, re-noising) and evaluation (sampling) all
+call this module; there is no second Euler loop anywhere in padistill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+CLEAN = -1  # the timestep index of a clean sample (sigma = 0)
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+# A denoiser maps (scaled model input, timesteps as a float tensor of shape [B]) to the model's raw output.
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> np.ndarray:
+    """diffusers' "trailing" spacing: N=4 -> [999, 749, 499, 249]. Same arithmetic as
+    `EulerDiscreteScheduler.set_timesteps` so grids agree to the integer."""
+    if num_steps < 1 or num_steps > num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    ratio = num_train_timesteps / num_steps
+    return (np.arange(num_train_timesteps, 0, -ratio).round().astype(np.int64) - 1)
+
+
+def is_subgrid(student_steps: int, teacher_steps: int, num_train_timesteps: int = 1000) -> bool:
+    """True when every student timestep is also a teacher timestep (needed for exact rollouts)."""
+    return set(trailing_timesteps(student_steps, num_train_timesteps)) <= set(
+        trailing_timesteps(teacher_steps, num_train_timesteps)
+    )
+
+
+@dataclass(frozen=True)
+class StagePair:
+    """One student step of a stage: from timestep `t` to `t_next` (CLEAN = -1 for x0)."""
+
+    t: int
+    t_next: int
+
+
+class Schedule:
+    """The noise schedule of a diffusion model (its `alphas_cumprod`) and its prediction type."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.alphas_cumprod = alphas_cumprod.to(torch.float32)
+        self.num_train_timesteps = int(alphas_cumprod.shape[0])
+        self.prediction_type = prediction_type
+        # Exactly diffusers' Euler sigmas (float32 arithmetic), indexed by integer timestep.
+        self._sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict, prediction_type: str | None = None) -> "Schedule":
+        """Build from a diffusers scheduler config (betas and prediction type read from it)."""
+        from diffusers import EulerDiscreteScheduler
+
+        sched = EulerDiscreteScheduler.from_config(dict(config))
+        return cls(sched.alphas_cumprod, prediction_type or sched.config.prediction_type)
+
+    # ---- grids -------------------------------------------------------------------------------
+    def timesteps(self, num_steps: int) -> np.ndarray:
+        return trailing_timesteps(num_steps, self.num_train_timesteps)
+
+    def sigma(self, t) -> torch.Tensor:
+        """Sigma for integer timesteps (tensor, array, list or int); CLEAN (-1) gives 0."""
+        t = torch.as_tensor(t, dtype=torch.long)
+        out = self._sigmas[t.clamp(min=0)]
+        return torch.where(t < 0, torch.zeros_like(out), out)
+
+    def init_noise_sigma(self) -> float:
+        """Scale of the initial noise for trailing spacing (diffusers: the largest sigma)."""
+        return float(self._sigmas[self.num_train_timesteps - 1])
+
+    def stage_pairs(self, student_steps: int, multi_timestep: bool = False) -> list[StagePair]:
+        """The student steps a stage trains on.
+
+        Plain: the student's own trailing grid, each step to the next grid point (last to CLEAN).
+        multi_timestep (SDXL-Lightning, 1- and 2-step students): the student is trained at
+        timesteps {250, 500, 750, 1000} (the 4-step grid), each jumping 1000/N toward clean."""
+        if not multi_timestep:
+            grid = list(self.timesteps(student_steps)) + [CLEAN]
+            return [StagePair(int(a), int(b)) for a, b in zip(grid[:-1], grid[1:])]
+        if student_steps not in (1, 2):
+            raise ValueError("multi_timestep applies to 1- and 2-step students only")
+        jump = self.num_train_timesteps // student_steps
+        pairs = []
+        for t in self.timesteps(4):
+            t_next = int(t) - jump
+            pairs.append(StagePair(int(t), t_next if t_next >= 0 else CLEAN))
+        return pairs
+
+    def teacher_path(self, teacher_steps: int, t: int, t_next: int) -> list[int]:
+        """The teacher-grid timesteps a rollout from `t` to `t_next` evaluates the teacher at."""
+        grid = [int(x) for x in self.timesteps(teacher_steps)]
+        if t not in grid or (t_next != CLEAN and t_next not in grid) or (t_next != CLEAN and t_next >= t):
+            raise ValueError(f"({t} -> {t_next}) is not a path on the {teacher_steps}-step trailing grid")
+        return [s for s in grid if s <= t and (t_next == CLEAN or s > t_next)]
+
+    # ---- conversions ---------------------------------------------------------------------------
+    @staticmethod
+    def _b(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
+        return s.reshape(-1, *([1] * (x.ndim - 1))) if s.ndim else s
+
+    def scale_input(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        return x / (self._b(sigma, x) ** 2 + 1) ** 0.5
+
+    def to_x0(self, output: torch.Tensor, x: torch.Tensor, sigma, prediction_type: str | None = None) -> torch.Tensor:
+        p = prediction_type or self.prediction_type
+        s = self._b(sigma, x)
+        if p == "epsilon":
+            return x - s * output
+        if p == "sample":
+            return output
+        if p == "v_prediction":
+            return output * (-s / (s**2 + 1) ** 0.5) + x / (s**2 + 1)
+        raise ValueError(f"unknown prediction_type {p!r}")
+
+    def to_eps(self, x0: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The epsilon implied by an x0 estimate at noise level sigma (> 0)."""
+        return (x - x0) / self._b(sigma, x)
+
+    def euler_step(self, x: torch.Tensor, x0: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+        """One Euler step of the probability-flow ODE, as `EulerDiscreteScheduler.step` takes it."""
+        s, sn = self._b(sigma, x), self._b(sigma_next, x)
+        return x + (x - x0) / s * (sn - s)
+
+    def forward_diffuse(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """x_t = x0 + sigma_t * noise; at t = T-1 the input is pure noise (sigma_T * noise), the
+        SDXL-Lightning schedule fix, matching what inference starts from."""
+        t = torch.as_tensor(t, dtype=torch.long, device=x0.device)
+        s = self._b(self.sigma(t.cpu()).to(x0.device), x0)
+        pure = self._b((t == self.num_train_timesteps - 1).to(x0.dtype), x0)
+        return x0 * (1 - pure) + s * noise
+
+    def renoise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """Plain forward diffusion (no pure-noise special case), for re-noising predictions before a
+        discriminator."""
+        t = torch.as_tensor(t, dtype=torch.long)
+        return x0 + self._b(self.sigma(t).to(x0.device), x0) * noise
+
+    # ---- sampling ----------------------------------------------------------------------------------
+    def step(self, denoise: Denoiser, x: torch.Tensor, t, t_next, prediction_type: str | None = None):
+        """Evaluate the model at timestep(s) t and take one Euler step to t_next. Returns (x_next, x0)."""
+        t = torch.as_tensor(t, dtype=torch.long).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(x.shape[0])
+        sigma, sigma_next = self.sigma(t), self.sigma(torch.as_tensor(t_next, dtype=torch.long))
+        out = denoise(self.scale_input(x, sigma), t.to(torch.float32).to(x.device))
+        x0 = self.to_x0(out.to(torch.float32), x.to(torch.float32), sigma, prediction_type)
+        return self.euler_step(x.to(torch.float32), x0, sigma, sigma_next), x0
+
+    def rollout(self, denoise: Denoiser, x: torch.Tensor, path: Sequence[int], t_end: int,
+                prediction_type: str | None = None) -> torch.Tensor:
+        """Euler steps through `path` (descending timesteps) ending at `t_end` (CLEAN for x0)."""
+        ts = [int(s) for s in path] + [int(t_end)]
+        for a, b in zip(ts[:-1], ts[1:]):
+            x, _ = self.step(denoise, x, a, b, prediction_type)
+        return x
+
+    def sample(self, denoise: Denoiser, noise: torch.Tensor, num_steps: int,
+               prediction_type: str | None = None) -> torch.Tensor:
+        """Full N-step trailing Euler sampling from unit noise, as the stock pipeline does."""
+        x = noise * self.init_noise_sigma()
+        return self.rollout(denoise, x, self.timesteps(num_steps), CLEAN, prediction_type)
+
+
+def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance."""
+    return uncond + guidance_scale * (cond - uncond)
+
+
+@dataclass
+class Conditioning:
+    """SDXL text conditioning for a batch: prompt embeddings [B, L, D], pooled [B, P], time ids [B, 6]."""
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    time_ids: torch.Tensor
+
+    @staticmethod
+    def sdxl_time_ids(batch: int, resolution: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        """(orig_h, orig_w, crop_top, crop_left, target_h, target_w), what the pipeline passes."""
+        ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype, device=device)
+        return ids.expand(batch, 6).clone()
+
+    def zeros_like(self) -> "Conditioning":
+        """The unconditional branch of SDXL pipelines (force_zeros_for_empty_prompt=True)."""
+        return Conditioning(torch.zeros_like(self.prompt_embeds), torch.zeros_like(self.pooled), self.time_ids)
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        return Conditioning(self.prompt_embeds.to(device, dtype), self.pooled.to(device, dtype),
+                            self.time_ids.to(device, dtype))
+
+
+def unet_denoiser(unet, cond: Conditioning, guidance_scale: float = 0.0,
+                  uncond: Conditioning | None = None) -> Denoiser:
+    """Wrap an SDXL UNet as a Denoiser; guidance_scale > 1 runs classifier-free guidance with
+    `uncond` (zeros by default, SDXL's force_zeros_for_empty_prompt)."""
+    dtype = next(unet.parameters()).dtype
+
+    def call(x, t, c: Conditioning):
+        return unet(x.to(dtype), t, encoder_hidden_states=c.prompt_embeds.to(dtype),
+                    added_cond_kwargs={"text_embeds": c.pooled.to(dtype), "time_ids": c.time_ids.to(dtype)},
+                    return_dict=False)[0]
+
+    if guidance_scale <= 1.0:
+        return lambda x, t: call(x, t, cond)
+    u = uncond if uncond is not None else cond.zeros_like()
+    both = Conditioning(torch.cat([u.prompt_embeds, cond.prompt_embeds]), torch.cat([u.pooled, cond.pooled]),
+                        torch.cat([u.time_ids, cond.time_ids]))
+
+    def guided(x, t):
+        out_u, out_c = call(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return cfg(out_u, out_c, guidance_scale)
+
+    return guided

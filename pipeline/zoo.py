@@ -1,0 +1,255 @@
+"""The model zoo: build the toy benchmark's miniature SDXL from a config with the real classes, save
+it as a `StableDiffusionXLPipeline` folder, and load any such folder (tiny or real SDXL, local or on
+S3, or a built-in name) through one function. Nothing here reaches the Hugging Face hub."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .schedule import Conditioning, Schedule
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTIN = {
+    # The shipped, trained toy teacher (DESIGN: "The toy benchmark").
+    "builtin:toy_teacher": ASSETS / "toy_teacher",
+}
+# A tiny pipeline with random weights, built on demand (seed 0): for smoke tests of the plumbing.
+TINY_RANDOM = "builtin:tiny_random"
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION_WORDS = ("a", "handwritten", "digit") + DIGIT_WORDS
+PADISTILL_JSON = "padistill.json"
+
+
+@dataclass
+class ToyModelConfig:
+    """Sizes of the miniature SDXL (DESIGN: VAE 32x32x3 -> 8x8x4, UNet ~2.6 M params, x-attn dim 96)."""
+
+    resolution: int = 32
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    unet_channels: tuple[int, ...] = (32, 64, 64)
+    unet_layers_per_block: int = 1
+    attention_head_dim: int = 8
+    text_hidden: tuple[int, int] = (32, 64)  # text_encoder, text_encoder_2: concat = cross_attention_dim
+    text_layers: int = 2
+    projection_dim: int = 32  # text_encoder_2's projection = pooled embedding size
+    addition_time_embed_dim: int = 8
+    max_length: int = 16  # tokenizer model_max_length (captions are 4 words)
+    norm_num_groups: int = 16
+    extra_words: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return sum(self.text_hidden)
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------------
+def _byte_unicode() -> list[str]:
+    """GPT-2/CLIP byte-level symbols, in their standard order (printable bytes map to themselves)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tokenizer_vocab_merges(words=CAPTION_WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP BPE vocabulary of all 256 byte symbols (so any text tokenizes) plus merges that keep
+    every word in `words` whole (one token id each)."""
+    symbols = _byte_unicode()
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    for w in dict.fromkeys(words):
+        chars = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = chars[0]
+        for nxt in chars[1:]:
+            merged = cur + nxt
+            merges.append((cur, nxt))
+            if merged not in vocab_list:
+                vocab_list.append(merged)
+            cur = merged
+    merges = list(dict.fromkeys(merges))
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def build_tokenizer(max_length: int = 16, words=CAPTION_WORDS):
+    """CLIPTokenizer from vocab/merges *contents* (transformers 5 ignores `vocab_file=` here)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tokenizer_vocab_merges(words)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+# ---- components -----------------------------------------------------------------------------------------
+def build_components(cfg: ToyModelConfig | None = None, seed: int = 0) -> dict:
+    """Random-weight miniature SDXL: every class the real SDXL pipeline uses."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = cfg or ToyModelConfig()
+    torch.manual_seed(seed)
+    tok = build_tokenizer(cfg.max_length, CAPTION_WORDS + tuple(cfg.extra_words))
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text_kw = dict(vocab_size=len(tok), num_hidden_layers=cfg.text_layers, max_position_embeddings=cfg.max_length,
+                   hidden_act="gelu", **ids)
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=cfg.text_hidden[0], intermediate_size=2 * cfg.text_hidden[0],
+                                       num_attention_heads=2, **text_kw))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=cfg.text_hidden[1],
+                                                     intermediate_size=2 * cfg.text_hidden[1],
+                                                     num_attention_heads=2, projection_dim=cfg.projection_dim,
+                                                     **text_kw))
+    n = len(cfg.vae_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
+                        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                        block_out_channels=cfg.vae_channels, layers_per_block=1,
+                        norm_num_groups=cfg.norm_num_groups, sample_size=cfg.resolution)
+    latent = cfg.resolution // 2 ** (n - 1)
+    m = len(cfg.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=latent, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (m - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (m - 1) + ("UpBlock2D",),
+        block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
+        attention_head_dim=cfg.attention_head_dim, cross_attention_dim=cfg.cross_attention_dim,
+        norm_num_groups=cfg.norm_num_groups, use_linear_projection=True, transformer_layers_per_block=1,
+        addition_embed_type="text_time", addition_time_embed_dim=cfg.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * cfg.addition_time_embed_dim + cfg.projection_dim,
+    )
+    return dict(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                unet=unet, scheduler=sdxl_scheduler())
+
+
+def sdxl_scheduler(prediction_type: str = "epsilon"):
+    """SDXL's betas with Euler and trailing spacing: what every padistill student samples with."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", timestep_spacing="trailing",
+                                  prediction_type=prediction_type, steps_offset=1)
+
+
+def make_pipeline(components: dict):
+    """Assemble a StableDiffusionXLPipeline (zeros for the empty prompt, no watermarker)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def build_pipeline(cfg: ToyModelConfig | None = None, seed: int = 0):
+    return make_pipeline(build_components(cfg, seed))
+
+
+def save_pipeline(pipe, folder: str | os.PathLike, info: dict | None = None) -> Path:
+    """Save a pipeline folder (safetensors) plus `padistill.json` with `info`."""
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    if info is not None:
+        (folder / PADISTILL_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def read_info(folder: str | os.PathLike) -> dict:
+    p = Path(folder) / PADISTILL_JSON
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PADISTILL_CACHE", Path(tempfile.gettempdir()) / "padistill-cache"))
+
+
+def _staging_dir(parent: Path) -> Path:
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=parent, prefix=".staging-"))
+
+
+def resolve_source(source: str, storage=None) -> Path:
+    """Turn a model source into a local pipeline folder.
+
+    `builtin:toy_teacher` (shipped), `builtin:tiny_random` (built on demand), a local path or
+    `file://` URI, or `s3://bucket/prefix` (downloaded once into the cache through `storage`'s
+    credentials and endpoint; see `pipeline.storage.filesystem_for`)."""
+    if source in BUILTIN:
+        path = BUILTIN[source]
+        if not (path / "model_index.json").exists():
+            raise FileNotFoundError(f"{source} is not in this checkout ({path} has no model_index.json); "
+                                    "run `padistill toy-teacher` to regenerate it")
+        return path
+    if source == TINY_RANDOM:
+        path = _cache_dir() / "tiny_random"
+        if not (path / "model_index.json").exists():
+            tmp = _staging_dir(_cache_dir())
+            save_pipeline(build_pipeline(), tmp, {"num_inference_steps": 32, "guidance_scale": 0.0,
+                                                  "resolution": 32, "stage": "tiny_random"})
+            try:
+                tmp.rename(path)
+            except OSError:  # another process won the race; theirs is identical
+                pass
+        return path
+    if source.startswith("s3://"):
+        from .storage import filesystem_for
+
+        fs = filesystem_for(source, storage)
+        key = hashlib.sha1(source.encode()).hexdigest()[:16]
+        path = _cache_dir() / "s3" / key
+        if not (path / "model_index.json").exists():
+            tmp = _staging_dir(_cache_dir() / "s3")
+            fs.get(source.rstrip("/") + "/", str(tmp), recursive=True)
+            if not (tmp / "model_index.json").exists():
+                raise FileNotFoundError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+            tmp.rename(path)
+        return path
+    path = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
+    if not (path / "model_index.json").exists():
+        raise FileNotFoundError(f"model source {source!r} is not a diffusers pipeline folder (no model_index.json)")
+    return path
+
+
+def load_pipeline(source: str, storage=None, dtype=torch.float32, device="cpu"):
+    """Load any SDXL-class pipeline folder (tiny or real) with stock diffusers."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = resolve_source(source, storage)
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype, add_watermarker=False)
+    return pipe.to(device)
+
+
+def load_unet(source: str, storage=None, dtype=torch.float32, subfolder: str = "unet"):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(resolve_source(source, storage), subfolder=subfolder,
+                                                torch_dtype=dtype)
+
+
+def schedule_of(pipe_or_folder) -> Schedule:
+    """The Schedule of a pipeline (or folder), from its scheduler config."""
+    if isinstance(pipe_or_folder, (str, os.PathLike)):
+        cfg = json.loads((Path(pipe_or_folder) / "scheduler" / "scheduler_config.json").read_text())
+    else:
+        cfg = dict(pipe_or_folder.scheduler.config)
+    return Schedule.from_scheduler_config(cfg)
+
+
+@torch.no_grad()
+def encode_prompts(pipe, captions: list[str], resolution: int | None = None) -> Conditioning:
+    """SDXL text conditioning for captions through the pipeline's own `encode_prompt`."""
+    res = resolution or pipe.default_sample_size * pipe.vae_scale_factor
+    pe, _, pooled, _ = pipe.encode_prompt(list(captions), device=pipe.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+    return Conditioning(pe, pooled, Conditioning.sdxl_time_ids(len(captions), res, pe.dtype, pe.device))
+
+
+def config_dict(cfg: ToyModelConfig) -> dict:
+    return asdict(cfg)
