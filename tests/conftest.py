@@ -32,7 +32,10 @@ def s3_endpoint(tmp_path_factory):
     """A moto_server on 127.0.0.1 (one per test module), with test credentials in the environment
     and a bucket `padistill-test`. Yields the endpoint URL."""
     port = _free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # this interpreter's moto_server (a system-wide one may be another, older release)
+    exe = str(Path(sys.executable).parent / "moto_server")
+    if not Path(exe).exists():
+        exe = shutil.which("moto_server") or exe
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "w")
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

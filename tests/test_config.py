@@ -1,0 +1,89 @@
+"""Typed configs: shipped configs validate; every kind of mistake gets an error naming key and reason."""
+
+import pytest
+
+from pipeline.config import CONFIG_DIR, ConfigError, load_config, apply_overrides
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_validate(path):
+    cfg = load_config(str(path))
+    assert cfg.stages, "a run config distills at least one stage"
+    assert cfg.stages[0].teacher_steps == cfg.model.teacher_steps
+
+
+def test_default_is_toy_digits():
+    cfg = load_config(None)
+    assert cfg.name == "toy_digits" and cfg.model.source == "builtin:toy_teacher"
+    assert [s.student_steps for s in cfg.stages] == [8, 4, 2, 1]
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config("smoke", ["train.workers=1", "stages.0.lr=3e-4", "run_root=s3://b/p",
+                                "storage.endpoint_url=http://127.0.0.1:9000", "stages.1.renoise_weights=[5,1,1,1]"])
+    assert cfg.train.workers == 1 and cfg.stages[0].lr == pytest.approx(3e-4)
+    assert cfg.run_root == "s3://b/p" and cfg.storage.endpoint_url == "http://127.0.0.1:9000"
+    assert cfg.stages[1].renoise_weights == [5, 1, 1, 1]
+    assert cfg.stage_dir(2) == "stages/2-4step" and cfg.stage("1step")[0] == 3
+
+
+def _err(overrides, name="smoke"):
+    with pytest.raises(ConfigError) as e:
+        load_config(name, overrides)
+    return str(e.value)
+
+
+def test_unknown_key_is_named():
+    assert "train.wrokers: unknown key" in _err(["train.wrokers=2"])
+    assert "surprise: unknown key" in _err(["surprise=1"])
+
+
+def test_wrong_type_is_named():
+    msg = _err(["train.workers=two"])
+    assert "train.workers" in msg and "integer" in msg
+    assert "train.zero_stage" in _err(["train.zero_stage=1"])
+    assert "stages.0.loss" in _err(["stages.0.loss=l1"])
+
+
+def test_impossible_step_count_is_named():
+    msg = _err(["stages.0.student_steps=5"])
+    assert "stages.0.student_steps" in msg and "does not divide" in msg
+
+
+def test_broken_chain_is_named():
+    msg = _err(["stages.1.teacher_steps=16", "stages.1.student_steps=4"])
+    assert "stages.1.teacher_steps" in msg and "previous stage's student (8 steps)" in msg
+    msg = _err(["model.teacher_steps=64"])
+    assert "stages.0.teacher_steps" in msg and "model.teacher_steps" in msg
+
+
+def test_other_semantic_errors():
+    assert "stages.1.guidance_scale" in _err(["stages.1.guidance_scale=6"])
+    assert "stages.2.teacher_stage" in _err(["stages.2.teacher_stage=nope"])
+    assert "multi_timestep" in _err(["stages.1.multi_timestep=true"])
+    assert "run_root" in _err(["run_root=gs://bucket/x"])
+    assert "data.path" in _err(["data.kind=parquet"])
+
+
+def test_bad_override_syntax_and_files(tmp_path):
+    assert "KEY=VALUE" in _err(["train.workers"])
+    assert "stages.9" in _err(["stages.9.lr=1"])
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_apply_overrides_does_not_mutate():
+    data = {"train": {"workers": 2}}
+    assert apply_overrides(data, ["train.workers=4"])["train"]["workers"] == 4
+    assert data["train"]["workers"] == 2
+
+
+def test_resolved_config_roundtrips(tmp_path):
+    cfg = load_config("sdxl_lightning")
+    p = tmp_path / "resolved.yaml"
+    p.write_text(cfg.to_yaml())
+    assert load_config(str(p)) == cfg

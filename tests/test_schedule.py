@@ -1,0 +1,114 @@
+"""The schedule module's math against diffusers' EulerDiscreteScheduler stepping the same tiny UNet."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.schedule import CLEAN, Conditioning, Schedule, trailing_timesteps, unet_denoiser
+from pipeline.zoo import encode_prompts, schedule_of, sdxl_scheduler
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 32, 128])
+def test_trailing_grid_matches_diffusers(n):
+    sched = sdxl_scheduler()
+    sched.set_timesteps(n)
+    assert trailing_timesteps(n).tolist() == sched.timesteps.long().tolist()
+    s = Schedule.from_scheduler_config(sched.config)
+    assert torch.equal(s.sigma(s.timesteps(n)), sched.sigmas[:-1])
+    assert s.init_noise_sigma() == pytest.approx(float(sched.init_noise_sigma))
+
+
+def test_paper_grid_and_student_grids():
+    assert trailing_timesteps(4).tolist() == [999, 749, 499, 249]
+    s = Schedule.from_scheduler_config(sdxl_scheduler().config)
+    assert [(p.t, p.t_next) for p in s.stage_pairs(4)] == [(999, 749), (749, 499), (499, 249), (249, CLEAN)]
+    assert [(p.t, p.t_next) for p in s.stage_pairs(1, multi_timestep=True)] == [
+        (999, CLEAN), (749, CLEAN), (499, CLEAN), (249, CLEAN)]
+    assert [(p.t, p.t_next) for p in s.stage_pairs(2, multi_timestep=True)] == [
+        (999, 499), (749, 249), (499, CLEAN), (249, CLEAN)]
+    # a 32 -> 8 stage: each student step is 4 teacher steps along the 32-step grid
+    path = s.teacher_path(32, 999, 874)
+    assert len(path) == 4 and path[0] == 999 and all(t in trailing_timesteps(32) for t in path)
+    assert s.teacher_path(32, 124, CLEAN) == [t for t in trailing_timesteps(32) if t <= 124]
+    with pytest.raises(ValueError):
+        s.teacher_path(32, 998, CLEAN)
+    with pytest.raises(ValueError):
+        s.stage_pairs(4, multi_timestep=True)
+
+
+def test_forward_diffusion_is_pure_noise_at_T():
+    s = Schedule.from_scheduler_config(sdxl_scheduler().config)
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([999, 500, 0])
+    x = s.forward_diffuse(x0, eps, t)
+    assert torch.allclose(x[0], s.sigma(999) * eps[0])  # no signal left at T (the paper's fix)
+    assert torch.allclose(x[1], x0[1] + s.sigma(500) * eps[1])
+    # and the UNet input at T has unit variance like inference's first step
+    assert torch.allclose(s.scale_input(x[:1], s.sigma(999)), eps[:1] * s.sigma(999) / (s.sigma(999) ** 2 + 1) ** 0.5)
+
+
+def test_prediction_conversions_roundtrip():
+    s = Schedule.from_scheduler_config(sdxl_scheduler().config)
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sig = s.sigma(torch.tensor([300, 800]))
+    x = x0 + sig.view(-1, 1, 1, 1) * eps
+    assert torch.allclose(s.to_x0(eps, x, sig, "epsilon"), x0, atol=1e-5)
+    assert torch.allclose(s.to_eps(x0, x, sig), eps, atol=1e-4)
+    assert torch.equal(s.to_x0(x0, x, sig, "sample"), x0)
+    # v = alpha*eps - sigma_vp*x0 in VP space
+    a = 1 / (sig**2 + 1) ** 0.5
+    v = (a * eps.transpose(0, -1) - (sig * a) * x0.transpose(0, -1)).transpose(0, -1)
+    assert torch.allclose(s.to_x0(v, x, sig, "v_prediction"), x0, atol=1e-4)
+
+
+def _diffusers_rollout(pipe, cond, noise, n, guidance):
+    sched = sdxl_scheduler()
+    sched.set_timesteps(n)
+    x = noise * sched.init_noise_sigma
+    unet = pipe.unet
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(torch.cat([x, x]) if guidance > 1 else x, t)
+        if guidance > 1:
+            pe = torch.cat([torch.zeros_like(cond.prompt_embeds), cond.prompt_embeds])
+            po = torch.cat([torch.zeros_like(cond.pooled), cond.pooled])
+            ti = torch.cat([cond.time_ids, cond.time_ids])
+        else:
+            pe, po, ti = cond.prompt_embeds, cond.pooled, cond.time_ids
+        out = unet(inp, t, encoder_hidden_states=pe, added_cond_kwargs={"text_embeds": po, "time_ids": ti}).sample
+        if guidance > 1:
+            u, c = out.chunk(2)
+            out = u + guidance * (c - u)
+        x = sched.step(out, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 32])
+@torch.no_grad()
+def test_rollout_equals_diffusers_euler(tiny_pipeline, n, guidance):
+    pipe = tiny_pipeline
+    cond = encode_prompts(pipe, ["a handwritten digit seven", "a handwritten digit two"], resolution=32)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(n))
+    ref = _diffusers_rollout(pipe, cond, noise, n, guidance)
+    ours = schedule_of(pipe).sample(unet_denoiser(pipe.unet, cond, guidance), noise, n)
+    assert ours.shape == ref.shape
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=0), (ours - ref).abs().max()
+    assert not torch.allclose(ours, noise * schedule_of(pipe).init_noise_sigma(), atol=1e-3)
+
+
+@torch.no_grad()
+def test_rollout_equals_stock_pipeline_latents(tiny_pipeline):
+    """The stock StableDiffusionXLPipeline (guidance 0) ends where our 4-step sample ends."""
+    pipe = tiny_pipeline
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=gen)
+    out = pipe("a handwritten digit seven", num_inference_steps=4, guidance_scale=0, height=32, width=32,
+               latents=latents.clone(), output_type="latent").images
+    cond = encode_prompts(pipe, ["a handwritten digit seven"], resolution=32)
+    ours = schedule_of(pipe).sample(unet_denoiser(pipe.unet, cond), latents, 4)
+    assert torch.allclose(out, ours, atol=1e-5), (out - ours).abs().max()
+
+
+def test_conditioning_time_ids():
+    ids = Conditioning.sdxl_time_ids(2, 32)
+    assert ids.tolist() == [[32, 32, 0, 0, 32, 32]] * 2
