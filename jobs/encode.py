@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs.common import add_config_args, job_main, not_built
+from jobs.common import add_config_args, config_from_args, job_main
 
 NAME = "encode"
 HELP = "Ray Data: images and captions to VAE latents and text embeddings, as Parquet under <root>/encoded/"
@@ -12,10 +12,15 @@ HELP = "Ray Data: images and captions to VAE latents and text embeddings, as Par
 
 def add_arguments(p) -> None:
     add_config_args(p)
+    p.add_argument("--force", action="store_true",
+                   help="recompute everything, even committed units and a finished step")
 
 
 def run(args) -> int:
-    return not_built(NAME, 4)
+    from pipeline.encode import run_encode
+
+    run_encode(config_from_args(args), force=args.force)
+    return 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from jobs.common import add_config_args, job_main, not_built
+from jobs.common import add_config_args, config_from_args, job_main
 
 NAME = "trajectories"
 HELP = "Ray Data: teacher rollouts of one stage, as Parquet under <root>/stages/<k>-<name>/traj/"
@@ -13,10 +13,17 @@ HELP = "Ray Data: teacher rollouts of one stage, as Parquet under <root>/stages/
 def add_arguments(p) -> None:
     add_config_args(p)
     p.add_argument("--stage", required=True, help="stage index (1-based) or name")
+    p.add_argument("--force", action="store_true",
+                   help="recompute everything, even committed units and a finished step")
 
 
 def run(args) -> int:
-    return not_built(NAME, 4)
+    from pipeline.trajectories import run_trajectories
+
+    cfg = config_from_args(args)
+    cfg.stage(args.stage)  # a clear error for an unknown stage before anything starts
+    run_trajectories(cfg, args.stage, force=args.force)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,231 @@
+"""Restartable, sharded precompute steps on Ray Data (used by `encode` and `trajectories`).
+
+A step's work is split into deterministic *units* (fixed row ranges). Each unit becomes exactly one
+Parquet file `part-<unit>.parquet` of at most `max_rows_per_file` rows in the step's output folder:
+
+1. the actor writes the file's row groups to a local temporary file, then moves it into place
+   atomically (a rename on a local root; a single object upload on S3, which appears only complete);
+2. then writes the unit's marker `_shards/<unit>.json` (rows, bytes, the inputs hash): the commit;
+3. when every unit has a marker, the driver writes the step's manifest `_manifest/<step>.json` last.
+
+A killed run leaves at most some uncommitted units; the rerun reads the markers, runs only the units
+without one (overwriting any file the kill left without its marker) and so ends with exactly the
+planned rows, no duplicates, no gaps. A rerun with different inputs (`_plan.json` keeps their hash)
+starts the folder over. Files starting with `_` or `.` are ignored by Parquet readers (pyarrow
+datasets and Ray Data's `read_parquet`, which only reads `*.parquet`).
+
+Execution is a Ray Data pipeline: `from_items(units)` → `map_batches(<Worker class>, batch_size=1,
+compute=ActorPoolStrategy(size=actors), num_gpus=…)`, so models load once per actor and a unit is the
+unit of retry. (Ray Data's `write_parquet(max_rows_per_file=…)` is not used for the outputs: it names
+files itself and writes them in place, so a killed write cannot be told apart from a finished one and
+a rerun could not know which rows exist without reading them all back.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from typing import Any, Callable
+
+from .storage import RunStorage, hash_json
+
+MARKER_DIR = "_shards"
+PLAN_FILE = "_plan.json"
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def marker_rel(out_rel: str, index: int) -> str:
+    return posixpath.join(out_rel, MARKER_DIR, f"{index:05d}.json")
+
+
+def ensure_ray(cfg) -> None:
+    """Join the configured Ray cluster, or start a local one sized by `ray.num_cpus`; a no-op when
+    this process is already connected (tests, `ray job submit`)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if cfg.ray.address:
+        kw["address"] = cfg.ray.address
+    elif cfg.ray.num_cpus:
+        kw["num_cpus"] = cfg.ray.num_cpus
+    ray.init(**kw)
+
+
+def cpus_per_actor(actors: int, gpus_per_actor: float) -> int:
+    """CPU actors split the cluster's CPUs between them (and use as many torch threads); GPU actors
+    take one CPU each."""
+    import ray
+
+    if gpus_per_actor > 0:
+        return 1
+    total = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, total // max(1, actors))
+
+
+# ---- output folder ------------------------------------------------------------------------------------
+def prepare_output(storage: RunStorage, out_rel: str, inputs_hash: str) -> dict[int, dict]:
+    """Make the output folder ready for a (re)run with `inputs_hash`; return the committed markers."""
+    plan_rel = posixpath.join(out_rel, PLAN_FILE)
+    plan = storage.read_json(plan_rel) if storage.exists(plan_rel) else None
+    if plan is None or plan.get("inputs_hash") != inputs_hash:
+        storage.rm(out_rel)  # outputs of other inputs (or none): start over
+        storage.write_json(plan_rel, {"inputs_hash": inputs_hash})
+        return {}
+    markers = read_markers(storage, out_rel)
+    done = {i: m for i, m in markers.items() if m.get("inputs_hash") == inputs_hash}
+    # temporaries a killed run left behind
+    for p in storage.fs.find(storage.path(out_rel)):
+        if ".tmp-" in posixpath.basename(p):
+            storage.fs.rm(p)
+    return done
+
+
+def read_markers(storage: RunStorage, out_rel: str) -> dict[int, dict]:
+    mdir = storage.path(out_rel, MARKER_DIR)
+    if not storage.fs.exists(mdir):
+        return {}
+    paths = sorted(p for p in storage.fs.ls(mdir, detail=False) if p.endswith(".json"))
+    if not paths:
+        return {}
+    blobs = storage.fs.cat(paths)  # one concurrent fetch on S3
+    out = {}
+    for p in paths:
+        m = json.loads(blobs[p])
+        out[int(m["index"])] = m
+    return out
+
+
+class ShardWriter:
+    """Row groups of one unit's Parquet file, written locally and committed atomically. Tables are
+    buffered into row groups of about `row_group_bytes` (few, large row groups keep the per-row
+    overhead of Parquet's metadata small)."""
+
+    def __init__(self, storage: RunStorage, out_rel: str, index: int, row_group_bytes: int = 64 << 20,
+                 **parquet_kw):
+        self.storage, self.out_rel, self.index = storage, out_rel, index
+        self.parquet_kw = {"compression": "snappy", **parquet_kw}
+        self.row_group_bytes = row_group_bytes
+        fd, self.local = tempfile.mkstemp(prefix="padistill-", suffix=".parquet")
+        os.close(fd)
+        self.writer = None
+        self.rows = 0
+        self._buf: list = []
+        self._buf_bytes = 0
+
+    def write(self, table) -> None:
+        if table.num_rows == 0:
+            return
+        self._buf.append(table)
+        self._buf_bytes += table.nbytes
+        self.rows += table.num_rows
+        if self._buf_bytes >= self.row_group_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._buf:
+            return
+        table = pa.concat_tables(self._buf)
+        self._buf, self._buf_bytes = [], 0
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.local, table.schema, **self.parquet_kw)
+        self.writer.write_table(table, row_group_size=table.num_rows)
+
+    def commit(self, **extra) -> dict:
+        """Move the file into place (if any rows), then write the unit's marker. Returns the marker."""
+        nbytes, name = 0, None
+        try:
+            self._flush()
+            if self.writer is not None:
+                self.writer.close()
+                nbytes = os.path.getsize(self.local)
+                name = part_name(self.index)
+                final = self.storage.path(self.out_rel, name)
+                if self.storage.scheme == "file":
+                    os.makedirs(os.path.dirname(final), exist_ok=True)
+                    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+                    shutil.copyfile(self.local, tmp)
+                    os.replace(tmp, final)
+                else:  # one PUT (or multipart upload): the object appears only when complete
+                    self.storage.fs.put_file(self.local, final)
+        finally:
+            if os.path.exists(self.local):
+                os.remove(self.local)
+        marker = {"index": self.index, "file": name, "rows": self.rows, "bytes": nbytes, **extra}
+        self.storage.write_json(marker_rel(self.out_rel, self.index), marker)
+        return marker
+
+    def abort(self) -> None:
+        self._buf = []
+        if self.writer is not None:
+            self.writer.close()
+        if os.path.exists(self.local):
+            os.remove(self.local)
+
+
+def read_rows(pf, start: int, stop: int, columns: list[str] | None = None):
+    """Rows [start, stop) of an open `pyarrow.parquet.ParquetFile`, reading only the row groups
+    that hold them."""
+    import pyarrow as pa
+
+    groups, offset, first = [], 0, None
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += n
+    if not groups:
+        return pa.table({c: [] for c in (columns or pf.schema_arrow.names)})
+    return pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+
+
+# ---- Ray Data driver ----------------------------------------------------------------------------------
+def run_units(units: list[dict], worker_cls: type, ctor_kwargs: dict, *, actors: int, gpus_per_actor: float,
+              on_marker: Callable[[dict], None] | None = None) -> list[dict]:
+    """Process `units` (JSON-able dicts with an `index`) through a Ray Data actor pool of
+    `worker_cls(**ctor_kwargs, threads=…)`; each call handles one unit and returns its marker."""
+    import ray.data
+
+    if not units:
+        return []
+    size = max(1, min(actors, len(units)))
+    ncpu = cpus_per_actor(size, gpus_per_actor)
+    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
+    ds = ds.map_batches(worker_cls, batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
+                        num_cpus=ncpu, num_gpus=gpus_per_actor or None,
+                        fn_constructor_kwargs={**ctor_kwargs, "threads": ncpu})
+    out = []
+    for row in ds.iter_rows():
+        m = json.loads(row["marker"])
+        out.append(m)
+        if on_marker:
+            on_marker(m)
+    return out
+
+
+def summarize(markers: dict[int, dict], n_units: int) -> dict:
+    missing = sorted(set(range(n_units)) - set(markers))
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {n_units} units are not committed (e.g. {missing[:5]})")
+    files = [{"file": markers[i]["file"], "rows": markers[i]["rows"], "bytes": markers[i]["bytes"]}
+             for i in range(n_units) if markers[i]["file"]]
+    rows = sum(f["rows"] for f in files)
+    nbytes = sum(f["bytes"] for f in files)
+    return {"files": files, "rows": rows, "bytes": nbytes, "bytes_per_row": (nbytes / rows) if rows else 0.0,
+            "max_rows_per_file": max((f["rows"] for f in files), default=0)}
+
+
+def inputs_hash(inputs: dict) -> str:
+    return hash_json(inputs)

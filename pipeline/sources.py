@@ -1,0 +1,239 @@
+"""Data sources for `padistill encode`: where images and captions come from.
+
+A source is split into deterministic *units* (fixed row ranges, in a fixed order), so the encode step
+can commit each unit on its own and a rerun redoes only the units that are missing. A unit loads as
+`Decoded`: the rows that are usable, as float images in [-1, 1] at the run's resolution, plus the
+rows that were skipped, counted by reason (nothing is dropped silently).
+
+Two kinds (`data.kind` in the config):
+
+- `toy_digits`: scikit-learn's digits exactly as `pipeline.data` defines them (the train split).
+- `parquet`: a folder (or one file) of Parquet with an image-bytes column and a caption column, local
+  or `s3://` (the usual layout of LAION / COYO subsets; an image cell may be raw bytes or a
+  `{"bytes": …}` struct as Hugging Face datasets write it). Images are decoded with PIL, converted to
+  RGB, resized so the shorter side equals the resolution (bicubic) and centre-cropped to a square.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+
+# Reasons a source row is skipped (the keys of the encode manifest's `skipped`).
+SKIP_MISSING_IMAGE = "missing_image"
+SKIP_UNDECODABLE = "undecodable_image"
+SKIP_TOO_SMALL = "image_too_small"
+SKIP_EMPTY_CAPTION = "empty_caption"
+SKIP_REASONS = (SKIP_MISSING_IMAGE, SKIP_UNDECODABLE, SKIP_TOO_SMALL, SKIP_EMPTY_CAPTION)
+
+
+@dataclass
+class Decoded:
+    ids: list[str]
+    captions: list[str]
+    images: torch.Tensor  # [N, 3, R, R] float32 in [-1, 1]
+    skipped: Counter = field(default_factory=Counter)
+    skipped_ids: list[tuple[str, str]] = field(default_factory=list)  # (id, reason), for logs
+
+
+def preprocess_image(data: bytes, resolution: int) -> tuple[np.ndarray | None, str | None]:
+    """Decode image bytes, resize (shorter side = resolution, bicubic) and centre-crop.
+    Returns (HxWx3 uint8 array, None) or (None, skip reason). Images smaller than the resolution are
+    skipped rather than upsampled."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            im = im.convert("RGB")
+    except Exception:
+        return None, SKIP_UNDECODABLE
+    w, h = im.size
+    if min(w, h) < resolution:
+        return None, SKIP_TOO_SMALL
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(im, dtype=np.uint8), None
+
+
+def _to_model_range(arrays: list[np.ndarray], resolution: int) -> torch.Tensor:
+    if not arrays:
+        return torch.zeros(0, 3, resolution, resolution)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32)
+    return x / 127.5 - 1.0
+
+
+class Source:
+    """A data source split into deterministic units of at most `rows_per_unit` source rows."""
+
+    kind = "?"
+
+    def describe(self) -> dict:  # what identifies the source's content (goes into the inputs hash)
+        raise NotImplementedError
+
+    def units(self, rows_per_unit: int) -> list[dict]:
+        raise NotImplementedError
+
+    def load(self, unit: dict) -> Decoded:
+        raise NotImplementedError
+
+
+class ToyDigitsSource(Source):
+    kind = "toy_digits"
+
+    def __init__(self, cfg: RunConfig):
+        self.resolution = cfg.model.resolution
+        self.data = cfg.data
+        self._digits = None
+
+    def _all(self):
+        if self._digits is None:
+            from .data import load_digits
+
+            self._digits = load_digits("train", self.resolution, self.data.holdout_fraction, self.data.seed,
+                                       self.data.limit)
+        return self._digits
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "split": "train", "holdout_fraction": self.data.holdout_fraction,
+                "seed": self.data.seed, "limit": self.data.limit, "resolution": self.resolution}
+
+    def units(self, rows_per_unit: int) -> list[dict]:
+        n = len(self._all())
+        return [{"start": s, "stop": min(n, s + rows_per_unit)} for s in range(0, n, rows_per_unit)]
+
+    def load(self, unit: dict) -> Decoded:
+        d = self._all()
+        s, e = unit["start"], unit["stop"]
+        return Decoded(ids=d.ids[s:e], captions=d.captions[s:e], images=d.images[s:e].clone())
+
+
+class ParquetImageSource(Source):
+    """Parquet files with image bytes + captions (local or s3://, same endpoint as the run root)."""
+
+    kind = "parquet"
+
+    def __init__(self, cfg: RunConfig):
+        from .storage import _split, arrow_filesystem_for, filesystem_for
+
+        self.cfg = cfg
+        self.uri = cfg.data.path
+        self.fs = filesystem_for(self.uri, cfg.storage)
+        self.arrow_fs = arrow_filesystem_for(self.uri, cfg.storage)
+        self.base = _split(self.uri)[1]
+        self.resolution = cfg.model.resolution
+        self._files: list[tuple[str, int]] | None = None
+        self._open: dict[str, Any] = {}
+
+    def files(self) -> list[tuple[str, int]]:
+        """(path, rows) of every Parquet file, sorted by path; `data.limit` keeps the first rows."""
+        import pyarrow.parquet as pq
+
+        if self._files is None:
+            if self.fs.isdir(self.base):
+                paths = sorted(p for p in self.fs.find(self.base) if p.endswith(".parquet")
+                               and not posixpath.basename(p).startswith((".", "_")))
+            elif self.fs.exists(self.base):
+                paths = [self.base]
+            else:
+                raise FileNotFoundError(f"data.path: {self.uri} does not exist")
+            if not paths:
+                raise FileNotFoundError(f"data.path: no Parquet files under {self.uri}")
+            out, left = [], self.cfg.data.limit
+            for p in paths:
+                n = pq.ParquetFile(p, filesystem=self.arrow_fs).metadata.num_rows
+                if left is not None:
+                    n = min(n, left)
+                    left -= n
+                if n:
+                    out.append((p, n))
+                if left == 0:
+                    break
+            self._files = out
+        return self._files
+
+    def describe(self) -> dict:
+        info = []
+        for p, n in self.files():
+            st = self.fs.info(p)
+            info.append([posixpath.relpath(p, self.base) if p != self.base else posixpath.basename(p), n,
+                         st.get("size"), str(st.get("ETag") or st.get("mtime") or "")])
+        d = self.cfg.data
+        return {"kind": self.kind, "path": self.uri, "files": info, "image_column": d.image_column,
+                "caption_column": d.caption_column, "id_column": d.id_column, "limit": d.limit,
+                "resolution": self.resolution}
+
+    def units(self, rows_per_unit: int) -> list[dict]:
+        out = []
+        for p, n in self.files():
+            out += [{"file": p, "start": s, "stop": min(n, s + rows_per_unit)} for s in range(0, n, rows_per_unit)]
+        return out
+
+    def _read_rows(self, path: str, start: int, stop: int):
+        """Rows [start, stop) of one file, reading only the row groups that hold them."""
+        import pyarrow.parquet as pq
+
+        pf = self._open.get(path)
+        if pf is None:
+            self._open = {path: pq.ParquetFile(path, filesystem=self.arrow_fs)}  # keep one file open
+            pf = self._open[path]
+        d = self.cfg.data
+        cols = [d.image_column, d.caption_column] + ([d.id_column] if d.id_column else [])
+        missing = [c for c in cols if c not in pf.schema_arrow.names]
+        if missing:
+            raise KeyError(f"data: column(s) {missing} not in {path} (has {pf.schema_arrow.names})")
+        from .shards import read_rows
+
+        return read_rows(pf, start, stop, cols)
+
+    def load(self, unit: dict) -> Decoded:
+        d = self.cfg.data
+        path, start, stop = unit["file"], unit["start"], unit["stop"]
+        table = self._read_rows(path, start, stop)
+        rel = posixpath.relpath(path, self.base) if path != self.base else posixpath.basename(path)
+        images = table.column(d.image_column).to_pylist()
+        captions = table.column(d.caption_column).to_pylist()
+        ids = (table.column(d.id_column).to_pylist() if d.id_column
+               else [f"{rel}:{start + i}" for i in range(len(images))])
+        out = Decoded(ids=[], captions=[], images=torch.zeros(0))
+        arrays = []
+        for rid, img, cap in zip(ids, images, captions):
+            rid = str(rid)
+            if isinstance(img, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
+                img = img.get("bytes")
+            reason = None
+            if cap is None or not str(cap).strip():
+                reason = SKIP_EMPTY_CAPTION
+            elif img is None or len(img) == 0:
+                reason = SKIP_MISSING_IMAGE
+            else:
+                arr, reason = preprocess_image(img, self.resolution)
+            if reason:
+                out.skipped[reason] += 1
+                out.skipped_ids.append((rid, reason))
+                continue
+            arrays.append(arr)
+            out.ids.append(rid)
+            out.captions.append(str(cap).strip())
+        out.images = _to_model_range(arrays, self.resolution)
+        return out
+
+
+def make_source(cfg: RunConfig) -> Source:
+    if cfg.data.kind == "toy_digits":
+        return ToyDigitsSource(cfg)
+    if cfg.data.kind == "parquet":
+        return ParquetImageSource(cfg)
+    raise ValueError(f"data.kind: unknown source {cfg.data.kind!r}")

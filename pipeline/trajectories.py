@@ -1,0 +1,320 @@
+"""`padistill trajectories --stage K`: teacher rollouts of one stage, precomputed offline with Ray Data
+into `<root>/stages/<K>-<name>/traj/` Parquet.
+
+For every encoded row and each of `trajectories.draws` draws:
+
+- the student step (t, t_next) is picked from `Schedule.stage_pairs(student_steps, multi_timestep)`,
+  and the noise is drawn, both deterministically from (row id, draw, `trajectories.seed`)
+  (`draw_seed`: a SHA-256 of the three; the noise is `torch.randn` on the CPU in fp32 from a
+  generator seeded with it, so any process on any device regenerates it exactly);
+- x_t = `Schedule.forward_diffuse(latent, noise, t)` (pure noise at t = T, the schedule fix);
+- target = the teacher's n Euler steps from x_t along `Schedule.teacher_path(teacher_steps, t, t_next)`
+  through `Schedule.rollout`, with classifier-free guidance (zeros unconditional embedding) when the
+  stage's `guidance_scale` > 1.
+
+The teacher of stage K is the exported student of stage `teacher_of(K)` (`<root>/<stage_dir>/model/`,
+a diffusers pipeline folder), or `model.source` for the first stage.
+
+Output schema (Euler sigma space, x = x0 + sigma * eps; tensors in `trajectories.dtype`):
+
+    id string · draw int32 · t int32 · t_next int32 (−1 = clean) · x_t [4,h,w] · target [4,h,w]
+    prompt_embeds [L,D] · pooled_embeds [P]
+
+The text embeddings are copied from `encoded/` into every stage's rows, so that training streams one
+dataset with no join. Their byte cost per row is recorded in the manifest (`embedding_bytes_per_row`
+next to `raw_tensor_bytes_per_row`); for the toy model they are ~3/4 of a row, for SDXL at 1024 px
+(77×2048 prompt embeddings vs two 4×128×128 latents) a little more than half.
+Files hold at most `trajectories.max_rows_per_file` rows; the step is restartable (see `pipeline.shards`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from . import encode as encode_mod
+from . import shards
+from .config import RunConfig, StageConfig
+from .schedule import Conditioning, Schedule, StagePair, unet_denoiser
+from .storage import RunStorage, table_to_tensors, tensors_to_table
+
+SCHEMA_VERSION = 1
+COLUMNS = ["id", "draw", "t", "t_next", "x_t", "target", "prompt_embeds", "pooled_embeds"]
+TENSOR_COLUMNS = ["x_t", "target", "prompt_embeds", "pooled_embeds"]
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def step_name(cfg: RunConfig, key) -> str:
+    """The manifest step of stage `key`'s trajectories: "trajectories-<k>-<name>"."""
+    return "trajectories-" + cfg.stage_dir(key).split("/", 1)[1]
+
+
+def out_rel(cfg: RunConfig, key) -> str:
+    return f"{cfg.stage_dir(key)}/traj"
+
+
+# ---- determinism -------------------------------------------------------------------------------------
+def draw_seed(row_id: str, draw: int, seed: int) -> tuple[int, int]:
+    """(noise seed, pair choice) for one (row, draw), from SHA-256 of (seed, id, draw)."""
+    h = hashlib.sha256(f"{int(seed)}\x00{row_id}\x00{int(draw)}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2**63 - 1), int.from_bytes(h[8:16], "little")
+
+
+def draw_noise(noise_seed: int, shape) -> torch.Tensor:
+    """The noise of a draw: fp32 standard normal on the CPU from a generator seeded with `noise_seed`."""
+    g = torch.Generator(device="cpu").manual_seed(int(noise_seed))
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+
+
+def pick_pair(row_id: str, draw: int, seed: int, pairs: list[StagePair]) -> StagePair:
+    return pairs[draw_seed(row_id, draw, seed)[1] % len(pairs)]
+
+
+# ---- the teacher --------------------------------------------------------------------------------------
+def teacher_source(cfg: RunConfig, key, storage: RunStorage | None = None) -> str:
+    """Where stage `key`'s teacher lives: the previous (or `teacher_stage`) student's exported
+    pipeline folder under the run root, or `model.source` (the base model) for the first stage."""
+    j = cfg.teacher_of(key)
+    if j is None:
+        return cfg.model.source
+    storage = storage or RunStorage.from_config(cfg)
+    return storage.url(cfg.stage_dir(j), "model")
+
+
+def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
+    """Sizes and versions (mtime or ETag) of the teacher's UNet and scheduler files: a re-exported
+    teacher invalidates the stage's trajectories."""
+    from .storage import filesystem_for
+    from .zoo import resolve_source
+
+    if source.startswith("s3://"):
+        fs, root = filesystem_for(source, cfg.storage), source[len("s3://"):].rstrip("/")
+    else:
+        fs, root = filesystem_for("file://"), str(resolve_source(source, cfg.storage))
+    if not fs.exists(f"{root}/model_index.json"):
+        raise FileNotFoundError(f"teacher {source}: not a diffusers pipeline folder (no model_index.json); "
+                                "export the teacher stage first")
+    out = {}
+    for sub in ("unet", "scheduler"):
+        for p, info in sorted(fs.find(f"{root}/{sub}", detail=True).items()):
+            out[p[len(root) + 1:]] = [info.get("size"), str(info.get("ETag") or info.get("mtime") or "")]
+    return out
+
+
+class Teacher:
+    """A stage's teacher UNet, schedule and guidance, for rollouts."""
+
+    def __init__(self, unet, schedule: Schedule, stage: StageConfig, resolution: int, device="cpu"):
+        self.unet, self.schedule, self.stage = unet.eval(), schedule, stage
+        self.resolution, self.device = resolution, device
+        self.pairs = schedule.stage_pairs(stage.student_steps, stage.multi_timestep)
+
+    @classmethod
+    def load(cls, cfg: RunConfig, key, storage: RunStorage | None = None, device="cpu",
+             dtype: torch.dtype | None = None) -> "Teacher":
+        from .zoo import load_unet, resolve_source, schedule_of
+
+        _, stage = cfg.stage(key)
+        src = teacher_source(cfg, key, storage)
+        unet = load_unet(src, cfg.storage, dtype=dtype or _DTYPES[cfg.model.dtype]).to(device)
+        return cls(unet, schedule_of(resolve_source(src, cfg.storage)), stage, cfg.model.resolution, device)
+
+    @torch.no_grad()
+    def rollout(self, latents: torch.Tensor, noise: torch.Tensor, pair: StagePair, prompt_embeds: torch.Tensor,
+                pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, target) for a batch sharing one (t, t_next); everything fp32 on `device`."""
+        dev = self.device
+        x0 = latents.to(dev, torch.float32)
+        b = x0.shape[0]
+        t = torch.full((b,), pair.t, dtype=torch.long)
+        x_t = self.schedule.forward_diffuse(x0, noise.to(dev, torch.float32), t)
+        cond = Conditioning(prompt_embeds.to(dev, torch.float32), pooled.to(dev, torch.float32),
+                            Conditioning.sdxl_time_ids(b, self.resolution, torch.float32, dev))
+        denoise = unet_denoiser(self.unet, cond, self.stage.guidance_scale)
+        path = self.schedule.teacher_path(self.stage.teacher_steps, pair.t, pair.t_next)
+        target = self.schedule.rollout(denoise, x_t, path, pair.t_next)
+        return x_t, target
+
+
+def compute_rows(teacher: Teacher, rows: dict[str, np.ndarray], items: list[tuple[int, int]], seed: int,
+                 batch_size: int, out_dtype=np.float16):
+    """Yield trajectory tables (one per mini-batch) for `items` = [(row index into `rows`, draw)].
+    `rows` holds the encoded columns id, latent, prompt_embeds, pooled_embeds. Items are grouped by
+    student step so a batch shares one teacher path."""
+    groups: dict[StagePair, list[tuple[int, int, int]]] = defaultdict(list)
+    for r, d in items:
+        rid = str(rows["id"][r])
+        noise_seed, choice = draw_seed(rid, d, seed)
+        groups[teacher.pairs[choice % len(teacher.pairs)]].append((r, d, noise_seed))
+    shape = rows["latent"].shape[1:]
+    for pair in sorted(groups, key=lambda p: -p.t):
+        g = groups[pair]
+        for s in range(0, len(g), batch_size):
+            chunk = g[s:s + batch_size]
+            idx = np.array([c[0] for c in chunk])
+            noise = torch.stack([draw_noise(c[2], shape) for c in chunk])
+            x_t, target = teacher.rollout(torch.from_numpy(rows["latent"][idx].astype(np.float32)), noise, pair,
+                                          torch.from_numpy(rows["prompt_embeds"][idx].astype(np.float32)),
+                                          torch.from_numpy(rows["pooled_embeds"][idx].astype(np.float32)))
+            n = len(chunk)
+            yield tensors_to_table({
+                "id": [str(rows["id"][i]) for i in idx],
+                "draw": np.array([c[1] for c in chunk], np.int32),
+                "t": np.full(n, pair.t, np.int32),
+                "t_next": np.full(n, pair.t_next, np.int32),
+                "x_t": x_t.cpu().numpy().astype(out_dtype),
+                "target": target.cpu().numpy().astype(out_dtype),
+                "prompt_embeds": rows["prompt_embeds"][idx].astype(out_dtype),
+                "pooled_embeds": rows["pooled_embeds"][idx].astype(out_dtype),
+            })
+
+
+ENCODED_COLUMNS = ["id", "latent", "prompt_embeds", "pooled_embeds"]
+
+
+class TrajectoryWorker:
+    """A Ray Data actor: the teacher is loaded once; each call rolls out and commits one unit."""
+
+    def __init__(self, cfg_json: str, stage_key: str, inputs_hash: str, threads: int = 1):
+        torch.set_num_threads(threads)
+        self.cfg = RunConfig.model_validate_json(cfg_json)
+        self.key, self.inputs_hash = stage_key, inputs_hash
+        self.storage = RunStorage.from_config(self.cfg)
+        tc = self.cfg.trajectories
+        device = encode_mod.device_for(tc.gpus_per_actor)
+        self.teacher = Teacher.load(self.cfg, stage_key, self.storage, device)
+        self.out = out_rel(self.cfg, stage_key)
+        self.out_dtype = np.float16 if tc.dtype == "float16" else np.float32
+        self._pf = None
+
+    def _file(self, rel: str):
+        import pyarrow.parquet as pq
+
+        if self._pf is None or self._pf[0] != rel:
+            self._pf = (rel, pq.ParquetFile(self.storage.path(encode_mod.OUT, rel), filesystem=self.storage.arrow_fs))
+        return self._pf[1]
+
+    def process(self, unit: dict) -> dict:
+        tc = self.cfg.trajectories
+        R = tc.draws
+        r0, r1 = unit["start"] // R, (unit["stop"] - 1) // R + 1
+        table = shards.read_rows(self._file(unit["file"]), r0, r1, ENCODED_COLUMNS)
+        rows = table_to_tensors(table)
+        items = [(i // R - r0, i % R) for i in range(unit["start"], unit["stop"])]
+        writer = shards.ShardWriter(self.storage, self.out, unit["index"], use_dictionary=False,
+                                    write_statistics=["id", "draw", "t", "t_next"])
+        try:
+            for t in compute_rows(self.teacher, rows, items, tc.seed, tc.batch_size, self.out_dtype):
+                writer.write(t)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit(inputs_hash=self.inputs_hash, unit=unit)
+
+    def __call__(self, batch: dict) -> dict:
+        return {"marker": [json.dumps(self.process(json.loads(u))) for u in batch["unit"]]}
+
+
+# ---- the step -----------------------------------------------------------------------------------------
+def plan_units(encoded_files: list[dict], draws: int, max_rows_per_file: int) -> list[dict]:
+    """Units over (encoded file, item range), item = row * draws + draw; at most `max_rows_per_file`
+    items each, never spanning two encoded files."""
+    units = []
+    for f in encoded_files:
+        n = f["rows"] * draws
+        for s in range(0, n, max_rows_per_file):
+            units.append({"index": len(units), "file": f["file"], "start": s, "stop": min(n, s + max_rows_per_file)})
+    return units
+
+
+def trajectory_inputs(cfg: RunConfig, key, storage: RunStorage, enc_manifest: dict) -> dict:
+    k, stage = cfg.stage(key)
+    src = teacher_source(cfg, key, storage)
+    tc = cfg.trajectories
+    return {"encoded": {"inputs_hash": enc_manifest["inputs_hash"], "finished_at": enc_manifest["finished_at"]},
+            "stage_index": k, "stage": stage.model_dump(mode="json"), "teacher": src,
+            "teacher_files": teacher_fingerprint(src, cfg), "model_dtype": cfg.model.dtype,
+            "resolution": cfg.model.resolution, "draws": tc.draws, "seed": tc.seed, "dtype": tc.dtype,
+            "max_rows_per_file": tc.max_rows_per_file, "schema_version": SCHEMA_VERSION}
+
+
+def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
+    """Run (or resume, or skip when finished) stage `key`'s trajectories; returns the manifest."""
+    storage = RunStorage.from_config(cfg)
+    k, stage = cfg.stage(key)
+    enc = storage.read_manifest(encode_mod.STEP)
+    if enc is None:
+        raise FileNotFoundError(f"{storage.url(encode_mod.OUT)} is not finished (no manifest "
+                                f"{storage.manifest_path(encode_mod.STEP)}): run `padistill encode` first")
+    step, out = step_name(cfg, k), out_rel(cfg, k)
+    inputs = trajectory_inputs(cfg, k, storage, enc)
+    ih = shards.inputs_hash(inputs)
+    if not force and storage.is_finished(step, inputs):
+        log(f"padistill trajectories: {storage.url(out)} is up to date (manifest {storage.manifest_path(step)})")
+        return storage.read_manifest(step)
+    storage.invalidate(step)
+    tc = cfg.trajectories
+    units = plan_units(enc["outputs"]["files"], tc.draws, tc.max_rows_per_file)
+    if force:
+        storage.rm(out)
+    done = shards.prepare_output(storage, out, ih)
+    todo = [u for u in units if u["index"] not in done]
+    log(f"padistill trajectories: stage {k} ({stage.name}, teacher {inputs['teacher']}, "
+        f"{stage.teacher_steps}->{stage.student_steps} steps, guidance {stage.guidance_scale}): {len(units)} units, "
+        f"{len(done)} already committed, {len(todo)} to run -> {storage.url(out)}")
+    t0 = time.perf_counter()
+    shards.ensure_ray(cfg)
+    shards.run_units(todo, TrajectoryWorker,
+                     {"cfg_json": cfg.model_dump_json(), "stage_key": str(k), "inputs_hash": ih},
+                     actors=tc.actors, gpus_per_actor=tc.gpus_per_actor,
+                     on_marker=lambda m: log(f"  unit {m['index']}: {m['rows']} rows, {m['bytes']} B"))
+    elapsed = time.perf_counter() - t0
+    markers = {i: m for i, m in shards.read_markers(storage, out).items() if m.get("inputs_hash") == ih}
+    summary = shards.summarize(markers, len(units))
+    raw, emb = row_tensor_bytes(storage, out, summary)
+    rows_run = sum(u["stop"] - u["start"] for u in todo)
+    outputs = {"path": out, **summary, "raw_tensor_bytes_per_row": raw, "embedding_bytes_per_row": emb,
+               "stored_over_raw": (summary["bytes_per_row"] / raw) if raw else None,
+               "columns": COLUMNS, "schema_version": SCHEMA_VERSION,
+               "expected_rows": enc["outputs"]["rows"] * tc.draws}
+    if summary["rows"] != outputs["expected_rows"]:
+        raise RuntimeError(f"{out}: {summary['rows']} rows committed, expected {outputs['expected_rows']}")
+    manifest = storage.commit_manifest(step, inputs=inputs, outputs=outputs, stage=k, units_run=len(todo),
+                                       rows_run=rows_run, seconds_this_run=round(elapsed, 3),
+                                       rows_per_second_this_run=round(rows_run / elapsed, 3) if elapsed else None)
+    log(f"padistill trajectories: {summary['rows']} rows in {len(summary['files'])} files, "
+        f"{summary['bytes_per_row']:.0f} B/row stored vs {raw} B/row raw tensors "
+        f"({emb} B/row of them embeddings copied from encoded/)")
+    return manifest
+
+
+def row_tensor_bytes(storage: RunStorage, out: str, summary: dict) -> tuple[int, int]:
+    """(tensor bytes of one row at the stored dtype, of which text embeddings)."""
+    if not summary["files"]:
+        return 0, 0
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(storage.path(out, summary["files"][0]["file"]), filesystem=storage.arrow_fs)
+    arr = table_to_tensors(pf.read_row_group(0).slice(0, 1), TENSOR_COLUMNS)
+    return (int(sum(a.nbytes for a in arr.values())),
+            int(arr["prompt_embeds"].nbytes + arr["pooled_embeds"].nbytes))
+
+
+def read_trajectories(storage: RunStorage, cfg: RunConfig, key, columns: list[str] | None = None):
+    """The committed trajectory table of a stage (one process; tests and small runs)."""
+    step = step_name(cfg, key)
+    m = storage.read_manifest(step)
+    if m is None:
+        raise FileNotFoundError(f"{step} is not finished")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data.extensions  # noqa: F401  registers the tensor type
+
+    out = m["outputs"]["path"]
+    return pa.concat_tables([pq.read_table(storage.path(out, f["file"]), columns=columns,
+                                           filesystem=storage.arrow_fs) for f in m["outputs"]["files"]])
