@@ -106,6 +106,35 @@ def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
     return out
 
 
+def fetch_teacher(source: str, cfg: RunConfig):
+    """A local folder with the teacher's UNet and scheduler. An s3:// teacher is downloaded (only
+    model_index.json, unet/ and scheduler/) into a cache keyed by its URI *and* its files' versions, so a
+    re-exported teacher at the same URI is fetched again rather than served stale."""
+    from pathlib import Path
+
+    from .storage import filesystem_for
+    from .zoo import _cache_dir, _staging_dir, resolve_source
+
+    if not source.startswith("s3://"):
+        return resolve_source(source, cfg.storage)
+    fp = teacher_fingerprint(source, cfg)
+    key = hashlib.sha256(json.dumps([source, fp], sort_keys=True).encode()).hexdigest()[:16]
+    path = _cache_dir() / "teachers" / key
+    if not (path / "model_index.json").exists():
+        fs, root = filesystem_for(source, cfg.storage), source[len("s3://"):].rstrip("/")
+        tmp = _staging_dir(_cache_dir() / "teachers")
+        for sub in ("unet", "scheduler"):
+            fs.get(f"{root}/{sub}/", str(tmp / sub), recursive=True)
+        fs.get(f"{root}/model_index.json", str(tmp / "model_index.json"))  # last: marks it complete
+        try:
+            tmp.rename(path)
+        except OSError:  # another actor on this node won the race with identical files
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Path(path)
+
+
 class Teacher:
     """A stage's teacher UNet, schedule and guidance, for rollouts."""
 
@@ -117,12 +146,12 @@ class Teacher:
     @classmethod
     def load(cls, cfg: RunConfig, key, storage: RunStorage | None = None, device="cpu",
              dtype: torch.dtype | None = None) -> "Teacher":
-        from .zoo import load_unet, resolve_source, schedule_of
+        from .zoo import load_unet, schedule_of
 
         _, stage = cfg.stage(key)
-        src = teacher_source(cfg, key, storage)
-        unet = load_unet(src, cfg.storage, dtype=dtype or _DTYPES[cfg.model.dtype]).to(device)
-        return cls(unet, schedule_of(resolve_source(src, cfg.storage)), stage, cfg.model.resolution, device)
+        folder = fetch_teacher(teacher_source(cfg, key, storage), cfg)
+        unet = load_unet(str(folder), dtype=dtype or _DTYPES[cfg.model.dtype]).to(device)
+        return cls(unet, schedule_of(folder), stage, cfg.model.resolution, device)
 
     @torch.no_grad()
     def rollout(self, latents: torch.Tensor, noise: torch.Tensor, pair: StagePair, prompt_embeds: torch.Tensor,
