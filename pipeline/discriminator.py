@@ -1,0 +1,163 @@
+"""The adversarial discriminator of a stage (DESIGN, "The method"; SDXL-Lightning section 3).
+
+Backbone: a copy of the diffusion UNet's encoder (time and text-time embeddings, conv_in, down blocks,
+mid block) initialised from the stage's teacher and trained, text-conditioned through its
+cross-attention and SDXL's pooled-text/size embedding. Each input goes through the shared backbone on
+its own (its own timestep); the mid-block features feed a head of (4x4 conv stride 2 -> GroupNorm ->
+SiLU) blocks and a 1-logit projection.
+
+- conditional D(x_t, x_{t-ns}, t, c): features of x_t (at t) and of x_{t-ns} (at its timestep) are
+  concatenated on channels before the head;
+- unconditional D'(x_{t-ns}, c): the head sees the features of x_{t-ns} only.
+
+A new Discriminator is built from the teacher at every stage (re-initialised), and the unconditional
+phase continues from the conditional phase's backbone with a fresh head (`with_mode`).
+
+Inputs are *scaled* model inputs (`Schedule.scale_input`) with integer timesteps, exactly what the
+UNet itself sees; the trainer does the scaling and the re-noising through `pipeline.schedule`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def _groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
+    """The most GroupNorm groups (<= 32) that divide `channels` with >= 4 channels per group (a 1x1
+    map normalised over 1-channel groups would be all zeros)."""
+    for g in range(min(max_groups, channels), 0, -1):
+        if channels % g == 0 and channels // g >= min(min_group_size, channels):
+            return g
+    return 1
+
+
+class Head(nn.Module):
+    """(4x4 conv stride 2 -> GroupNorm -> SiLU) blocks down to a 1x1 map (at least one block; a map
+    of size 1 uses a 1x1 conv so tiny latents work), then a 1x1 conv to one logit, averaged over any
+    remaining positions."""
+
+    def __init__(self, in_channels: int, channels: int, size: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, s = in_channels, max(int(size), 1)
+        while True:
+            if s >= 2:
+                layers.append(nn.Conv2d(c, channels, kernel_size=4, stride=2, padding=1))
+                s = s // 2
+            else:
+                layers.append(nn.Conv2d(c, channels, kernel_size=1))
+            layers += [nn.GroupNorm(_groups(channels), channels), nn.SiLU()]
+            c = channels
+            if s <= 1:
+                break
+        self.blocks = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(channels, 1, kernel_size=1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.blocks(h)).mean(dim=(1, 2, 3))
+
+
+class Backbone(nn.Module):
+    """The UNet's encoder half, copied from a UNet2DConditionModel (weights included)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        cfg = unet.config
+        if getattr(unet, "class_embedding", None) is not None or getattr(unet, "encoder_hid_proj", None) is not None:
+            raise ValueError("discriminator: UNets with class embeddings or encoder_hid_proj are not supported")
+        if cfg.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"discriminator: addition_embed_type {cfg.addition_embed_type!r} is not supported "
+                             "(SDXL's 'text_time' or none)")
+        self.addition_embed_type = cfg.addition_embed_type
+        self.time_proj = copy.deepcopy(unet.time_proj)
+        self.time_embedding = copy.deepcopy(unet.time_embedding)
+        self.time_embed_act = copy.deepcopy(unet.time_embed_act)
+        if self.addition_embed_type == "text_time":
+            self.add_time_proj = copy.deepcopy(unet.add_time_proj)
+            self.add_embedding = copy.deepcopy(unet.add_embedding)
+        self.conv_in = copy.deepcopy(unet.conv_in)
+        self.down_blocks = copy.deepcopy(unet.down_blocks)
+        self.mid_block = copy.deepcopy(unet.mid_block)
+        self.out_channels = int(cfg.block_out_channels[-1])
+        n_down = sum(1 for b in unet.down_blocks if getattr(b, "downsamplers", None))
+        sample = cfg.sample_size if isinstance(cfg.sample_size, int) else int(cfg.sample_size[0])
+        self.feature_size = max(sample // 2 ** n_down, 1)
+
+    def forward(self, x, t, prompt_embeds, pooled, time_ids):
+        dtype = self.conv_in.weight.dtype
+        x = x.to(dtype)
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = self.time_embedding(self.time_proj(t).to(dtype))
+        if self.addition_embed_type == "text_time":
+            tid = self.add_time_proj(time_ids.flatten()).reshape(pooled.shape[0], -1)
+            emb = emb + self.add_embedding(torch.cat([pooled, tid], dim=-1).to(dtype))
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+        ehs = prompt_embeds.to(dtype)
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=ehs)
+            else:
+                h, _ = block(hidden_states=h, temb=emb)
+        if getattr(self.mid_block, "has_cross_attention", False):
+            h = self.mid_block(h, emb, encoder_hidden_states=ehs)
+        else:
+            h = self.mid_block(h, emb)
+        return h
+
+
+class Discriminator(nn.Module):
+    """D(x_t, x_hat, t, c) when `conditional`, else D'(x_hat, c). Returns one logit per sample."""
+
+    def __init__(self, unet=None, conditional: bool = True, *, backbone: Backbone | None = None):
+        super().__init__()
+        self.backbone = backbone if backbone is not None else Backbone(unet)
+        self.conditional = bool(conditional)
+        c = self.backbone.out_channels
+        self.head = Head(2 * c if self.conditional else c, c, self.backbone.feature_size)
+
+    @property
+    def mode(self) -> str:
+        return "conditional" if self.conditional else "unconditional"
+
+    def with_mode(self, conditional: bool, backbone_state: dict | None = None) -> "Discriminator":
+        """A discriminator of the other kind that keeps this backbone (a fresh head)."""
+        bb = copy.deepcopy(self.backbone)
+        if backbone_state is not None:
+            bb.load_state_dict(backbone_state)
+        return Discriminator(conditional=conditional, backbone=bb)
+
+    def forward(self, x_hat, t_hat, prompt_embeds, pooled, time_ids, x_t=None, t=None):
+        """x_hat (scaled) at timesteps t_hat; for the conditional D also x_t (scaled) at t. A batch of
+        x_hat may be a multiple k of the x_t batch (e.g. real and fake stacked): x_t's features are
+        computed once and repeated, the text conditioning must match x_hat's batch."""
+        f_hat = self.backbone(x_hat, t_hat, prompt_embeds, pooled, time_ids)
+        if not self.conditional:
+            return self.head(f_hat).float()
+        if x_t is None or t is None:
+            raise ValueError("the conditional discriminator needs x_t and t")
+        k = x_hat.shape[0] // x_t.shape[0]
+        b = x_t.shape[0]
+        f_t = self.backbone(x_t, t, prompt_embeds[:b], pooled[:b], time_ids[:b])
+        if k > 1:
+            f_t = f_t.repeat(k, 1, 1, 1)
+        return self.head(torch.cat([f_t, f_hat], dim=1)).float()
+
+
+def nonsaturating_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """-log D(real) - log(1 - D(fake)) with D = sigmoid(logit)."""
+    return nn.functional.softplus(-real_logits).mean() + nn.functional.softplus(fake_logits).mean()
+
+
+def nonsaturating_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """-log D(fake): the non-saturating generator loss."""
+    return nn.functional.softplus(-fake_logits).mean()
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

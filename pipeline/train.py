@@ -1,0 +1,830 @@
+"""Train one stage's student (DESIGN, "The method") with Ray Train and DeepSpeed ZeRO.
+
+`train_stage(cfg, key)` runs a Ray Train `TorchTrainer` (workers from `train.workers`, gloo on CPU,
+NCCL on GPUs). Each worker streams its shard of the stage's trajectories (`traj/` Parquet) through
+`ray.train.get_dataset_shard` (equal split, `drop_last`: every rank takes the same number of batches,
+so ZeRO-3's collectives never wait on a rank that ran out), and trains the student and, for an
+adversarial stage, the discriminator as two separate DeepSpeed engines (ZeRO stage, CPU offload,
+precision, micro-batch and gradient accumulation from `train`).
+
+Phases of a stage (steps counted from 0, one step = `grad_accum` micro-batches per rank):
+
+    conversion     (prediction_type "sample": `conversion_steps`) MSE of the student's x0 ("sample")
+                   prediction against the x0 its initial epsilon weights (the teacher) imply
+    mse            (loss mse: `mse_steps`) MSE of the student's one step vs the teacher's n steps
+    conditional    (adversarial: `conditional_steps`) non-saturating GAN, alternating D / student
+                   updates, conditional D(x_t, x_{t-ns}, t, c)
+    unconditional  (adversarial: `unconditional_steps`) the same with D'(x_{t-ns}, c): the backbone
+                   continues, the head is new
+
+The student trains a peft LoRA for the first `lora.steps` steps of the stage (conversion included)
+when `lora` is set, is then merged, and continues on the full UNet; `full_steps`, when given with a
+LoRA, must be the remaining steps. For 1- and 2-step students both predictions are re-noised to
+t* in `renoise_timesteps` (drawn with probabilities proportional to `renoise_weights`) before the
+discriminator.
+
+Checkpoints (every `checkpoint_every` steps, at each phase end and at the last step) go through
+`ray.train.report` into `<root>/<stage_dir>/train/checkpoint_<step>/`: each rank's DeepSpeed ZeRO
+shards plus the student's consolidated weights (see `pipeline.student`), so any checkpoint exports.
+Rerunning resumes from the latest checkpoint (same storage path and run name, Ray Train V2).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from . import student as student_mod
+from .config import ConfigError, RunConfig, StageConfig, from_dict
+from .discriminator import Discriminator, nonsaturating_d_loss, nonsaturating_g_loss
+from .schedule import CLEAN, Conditioning, Schedule, unet_denoiser
+from .storage import RunStorage
+
+TRAIN_COLUMNS = ["t", "t_next", "x_t", "target", "prompt_embeds", "pooled_embeds"]
+RUN_NAME = "train"  # Ray Train run name: the storage folder under the stage dir
+CKPT_PREFIX = "checkpoint_"
+HISTORY_JSON = "history.json"
+CURVES_PNG = "loss_curves.png"
+TB_DIR = "tensorboard"
+CACHE_MB = float(os.environ.get("PADISTILL_TRAIN_CACHE_MB", "2048"))  # keep a worker's shard in memory below this
+
+
+# ---- phases ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Phase:
+    name: str  # conversion | mse | conditional | unconditional
+    start: int
+    end: int  # exclusive
+
+    @property
+    def adversarial(self) -> bool:
+        return self.name in ("conditional", "unconditional")
+
+
+def plan_phases(stage: StageConfig) -> list[Phase]:
+    """The stage's phases in order (and a check that its step counts make sense)."""
+    where = f"stage {stage.name!r}"
+    phases: list[Phase] = []
+    s = 0
+
+    def add(name: str, n: int) -> None:
+        nonlocal s
+        if n > 0:
+            phases.append(Phase(name, s, s + n))
+            s += n
+
+    if stage.prediction_type == "sample":
+        add("conversion", stage.conversion_steps)
+    elif stage.conversion_steps:
+        raise ConfigError(f"{where}: conversion_steps is for prediction_type 'sample' (the x0 conversion)")
+    if stage.loss == "mse":
+        if stage.conditional_steps or stage.unconditional_steps:
+            raise ConfigError(f"{where}: conditional_steps/unconditional_steps are for adversarial stages")
+        add("mse", stage.mse_steps)
+    else:
+        if stage.mse_steps:
+            raise ConfigError(f"{where}: mse_steps is for loss 'mse' stages")
+        add("conditional", stage.conditional_steps)
+        add("unconditional", stage.unconditional_steps)
+    if s == 0:
+        raise ConfigError(f"{where}: no training steps (set mse_steps, or conditional_steps/unconditional_steps)")
+    if stage.lora is not None and stage.full_steps and stage.lora.steps + stage.full_steps != s:
+        raise ConfigError(f"{where}: lora.steps ({stage.lora.steps}) + full_steps ({stage.full_steps}) must equal "
+                          f"the stage's {s} steps (conversion + loss phases)")
+    if stage.lora is None and stage.full_steps and stage.full_steps != s:
+        raise ConfigError(f"{where}: full_steps ({stage.full_steps}) must equal the stage's {s} steps "
+                          "(or be 0) when there is no LoRA phase")
+    return phases
+
+
+def phase_at(phases: list[Phase], step: int) -> Phase:
+    for p in phases:
+        if p.start <= step < p.end:
+            return p
+    return phases[-1]
+
+
+def student_mode_at(stage: StageConfig, step: int) -> str:
+    return "lora" if stage.lora is not None and step < stage.lora.steps else "full"
+
+
+def disc_mode_at(phase: Phase) -> str | None:
+    return phase.name if phase.adversarial else None
+
+
+def checkpoint_steps(stage: StageConfig, every: int) -> set[int]:
+    """Steps (counted as completed steps) after which a checkpoint is taken."""
+    phases = plan_phases(stage)
+    total = phases[-1].end
+    return {s for s in range(every, total + 1, every)} | {p.end for p in phases}
+
+
+def uses_renoise(stage: StageConfig) -> bool:
+    return stage.student_steps <= 2
+
+
+# ---- engines ------------------------------------------------------------------------------------------
+def deepspeed_config(train, lr: float, betas, weight_decay: float, world: int) -> dict:
+    opt = {"type": "AdamW" if weight_decay else "Adam",
+           "params": {"lr": lr, "betas": list(betas), "eps": 1e-8, "weight_decay": weight_decay,
+                      "torch_adam": True}}
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if train.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch * train.grad_accum * world,
+        "optimizer": opt,
+        "zero_optimization": zero,
+        "zero_force_ds_cpu_optimizer": False,  # torch Adam (no compiled op) also under offload
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngines:
+    """Builds DeepSpeed engines (one per model: their configs stay separate) and moves their state."""
+
+    def __init__(self, train, world: int):
+        import deepspeed
+
+        self.ds = deepspeed
+        self.train = train
+        self.world = world
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+
+    def make(self, module, lr: float, betas, weight_decay: float):
+        params = [p for p in module.parameters() if p.requires_grad]
+        engine, *_ = self.ds.initialize(model=module, model_parameters=params,
+                                        config=deepspeed_config(self.train, lr, betas, weight_decay, self.world))
+        return engine
+
+    def full_state_dict(self, engine) -> dict[str, torch.Tensor]:
+        """The module's complete state dict on every rank (gathered under ZeRO-3), on the CPU."""
+        m = engine.module
+        if engine.zero_optimization_stage() == 3:
+            with self.ds.zero.GatheredParameters(list(m.parameters()), modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+
+    def save(self, engine, folder: str) -> None:
+        engine.save_checkpoint(folder, tag="ds")
+
+    def load(self, engine, folder: str) -> None:
+        path, _ = engine.load_checkpoint(folder, tag="ds")
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
+
+    def destroy(self, engine) -> None:
+        try:
+            engine.destroy()
+        except Exception:  # older engines have no destroy(); dropping references is enough
+            pass
+
+
+class PlainEngine:
+    """A single-process torch model + Adam with DeepSpeed's engine interface (`__call__`, `backward`,
+    `step`, `module`): the bare loop the benchmark compares against, running the same updates."""
+
+    def __init__(self, module, lr: float, betas, weight_decay: float, grad_accum: int = 1):
+        self.module = module
+        params = [p for p in module.parameters() if p.requires_grad]
+        cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
+        self.optimizer = cls(params, lr=lr, betas=tuple(betas), eps=1e-8, weight_decay=weight_decay)
+        self.grad_accum = grad_accum
+        self.micro = 0
+
+    def __call__(self, *a, **k):
+        return self.module(*a, **k)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def backward(self, loss):
+        (loss / self.grad_accum).backward()
+
+    def step(self):
+        self.micro += 1
+        if self.micro % self.grad_accum == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+class PlainEngines:
+    def __init__(self, train):
+        self.train = train
+
+    def make(self, module, lr, betas, weight_decay):
+        return PlainEngine(module, lr, betas, weight_decay, self.train.grad_accum)
+
+    def full_state_dict(self, engine):
+        return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+    def destroy(self, engine):
+        pass
+
+
+# ---- the per-stage loop (shared by the Ray Train worker and the bare benchmark loop) -------------------
+class StageLoop:
+    """Student (and discriminator) of one stage, their phase transitions and one micro-step of each
+    loss. `engines` is DeepSpeedEngines (training) or PlainEngines (the bare reference loop)."""
+
+    def __init__(self, cfg: RunConfig, stage: StageConfig, schedule: Schedule, teacher, engines,
+                 device, seed: int = 0):
+        self.cfg, self.stage, self.schedule, self.engines = cfg, stage, schedule, engines
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.device = torch.device(device)
+        self.phases = plan_phases(stage)
+        self.total = self.phases[-1].end
+        self.student = None  # engine
+        self.student_mode: str | None = None
+        self.disc = None  # engine
+        self.disc_mode: str | None = None
+        self.gen = torch.Generator(device="cpu").manual_seed(seed)
+        w = torch.tensor(stage.renoise_weights, dtype=torch.float64)
+        self.renoise_p = w / w.sum()
+        self.renoise_t = torch.tensor(stage.renoise_timesteps, dtype=torch.long)
+        self.student_ptype = "sample" if stage.prediction_type == "sample" else schedule.prediction_type
+        self.disc_lr = stage.disc_lr or stage.lr
+
+    # -- building -----------------------------------------------------------------------------------------
+    def _student_module(self, mode: str):
+        import copy
+
+        unet = copy.deepcopy(self.teacher).requires_grad_(True).train()
+        if mode == "lora":
+            student_mod.add_lora(unet, self.stage.lora.rank, self.stage.lora.alpha)
+        return unet
+
+    def build_student(self, mode: str, state_dict: dict | None = None) -> None:
+        if self.student is not None:
+            self.engines.destroy(self.student)
+            self.student = None
+            gc.collect()
+        unet = self._student_module(mode)
+        if state_dict is not None:
+            unet.load_state_dict(state_dict)
+        self.student = self.engines.make(unet, self.stage.lr, self.stage.betas, self.stage.weight_decay)
+        self.student_mode = mode
+
+    def build_disc(self, mode: str, backbone_state: dict | None = None) -> None:
+        if self.disc is not None:
+            self.engines.destroy(self.disc)
+            self.disc = None
+            gc.collect()
+        d = Discriminator(self.teacher, conditional=(mode == "conditional"))
+        if backbone_state is not None:
+            d.backbone.load_state_dict(backbone_state)
+        d.train()
+        self.disc = self.engines.make(d, self.disc_lr, self.stage.betas, self.stage.weight_decay)
+        self.disc_mode = mode
+
+    def transition(self, step: int) -> list[str]:
+        """Bring the models to what step `step` needs (merge the LoRA, start or switch the
+        discriminator). Collective under ZeRO-3: every rank calls it at the same steps."""
+        events = []
+        want_s = student_mode_at(self.stage, step)
+        if self.student is None:
+            self.build_student(want_s)
+        elif self.student_mode == "lora" and want_s == "full":
+            sd = self.engines.full_state_dict(self.student)
+            unet = self._student_module("lora")
+            unet.load_state_dict(sd)
+            merged = student_mod.merge_lora(unet).state_dict()
+            self.build_student("full", merged)
+            events.append(f"merged the LoRA into the full UNet at step {step}")
+        want_d = disc_mode_at(phase_at(self.phases, step))
+        if want_d is not None and self.disc is None:
+            self.build_disc(want_d)
+            events.append(f"discriminator ({want_d}) initialised from the teacher at step {step}")
+        elif want_d is not None and want_d != self.disc_mode:
+            sd = self.engines.full_state_dict(self.disc)
+            bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+            self.build_disc(want_d, bb)
+            events.append(f"discriminator switched to {want_d} (backbone kept, new head) at step {step}")
+        return events
+
+    # -- pieces ---------------------------------------------------------------------------------------------
+    def batch_to(self, b: dict) -> dict:
+        out = {}
+        for k in TRAIN_COLUMNS:
+            v = torch.as_tensor(b[k])
+            out[k] = v.to(self.device, torch.long if k in ("t", "t_next") else torch.float32)
+        return out
+
+    def cond(self, b: dict) -> Conditioning:
+        n = b["x_t"].shape[0]
+        return Conditioning(b["prompt_embeds"], b["pooled_embeds"],
+                            Conditioning.sdxl_time_ids(n, self.cfg.model.resolution, device=self.device))
+
+    def student_step(self, b: dict, cond: Conditioning, prediction_type: str | None = None):
+        den = unet_denoiser(self.student, cond)
+        return self.schedule.step(den, b["x_t"], b["t"], b["t_next"], prediction_type or self.student_ptype)
+
+    def disc_inputs(self, x_next: torch.Tensor, t_next: torch.Tensor, t_star: torch.Tensor | None,
+                    noise: torch.Tensor | None):
+        """(scaled input, timestep) of a prediction at t_next, re-noised to t* when the stage does."""
+        if t_star is None:
+            t_hat = t_next
+            x = x_next
+        else:
+            t_hat = torch.maximum(t_star, t_next)
+            x = self.schedule.renoise_from(x_next, noise, t_next.cpu(), t_hat.cpu())
+        sigma = self.schedule.sigma(t_hat.cpu())
+        return self.schedule.scale_input(x, sigma), t_hat.clamp(min=0).to(torch.float32)
+
+    def _draw_renoise(self, n: int, gen: torch.Generator | None = None):
+        if not uses_renoise(self.stage):
+            return None, None, None
+        g = gen or self.gen
+        idx = torch.multinomial(self.renoise_p, n, replacement=True, generator=g)
+        t_star = self.renoise_t[idx].to(self.device)
+        shape = (n,) + tuple(self._shape)
+        return t_star, torch.randn(shape, generator=g).to(self.device), torch.randn(shape, generator=g).to(self.device)
+
+    def _dcall(self, x_hat, t_hat, cond: Conditioning, xt_in, t, k: int = 1):
+        pe, po, ti = cond.prompt_embeds, cond.pooled, cond.time_ids
+        if k > 1:
+            pe, po, ti = pe.repeat(k, 1, 1), po.repeat(k, 1), ti.repeat(k, 1)
+        if self.disc_mode == "conditional":
+            return self.disc(x_hat, t_hat, pe, po, ti, x_t=xt_in, t=t.to(torch.float32))
+        return self.disc(x_hat, t_hat, pe, po, ti)
+
+    # -- one micro-step of each kind ---------------------------------------------------------------------------
+    def micro_step(self, phase: Phase, b: dict) -> dict[str, float]:
+        cond = self.cond(b)
+        self._shape = b["x_t"].shape[1:]
+        if phase.name == "conversion":
+            target = student_mod.implied_x0(self.schedule, unet_denoiser(self.teacher, cond), b["x_t"], b["t"])
+            _, x0 = self.student_step(b, cond, "sample")
+            loss = torch.nn.functional.mse_loss(x0, target)
+            self.student.backward(loss)
+            self.student.step()
+            return {"loss": loss.item()}
+        if phase.name == "mse":
+            x_next, _ = self.student_step(b, cond)
+            loss = torch.nn.functional.mse_loss(x_next, b["target"])
+            self.student.backward(loss)
+            self.student.step()
+            return {"loss": loss.item()}
+        # adversarial: D update on a detached fake, then the student against the updated D
+        x_next, _ = self.student_step(b, cond)
+        n = x_next.shape[0]
+        t_star, n_real, n_fake = self._draw_renoise(n)
+        real_in, real_t = self.disc_inputs(b["target"], b["t_next"], t_star, n_real)
+        fake_in, fake_t = self.disc_inputs(x_next, b["t_next"], t_star, n_fake)
+        xt_in = self.schedule.scale_input(b["x_t"], self.schedule.sigma(b["t"].cpu()))
+        logits = self._dcall(torch.cat([real_in, fake_in.detach()]), torch.cat([real_t, fake_t]), cond, xt_in,
+                             b["t"], k=2)
+        d_real, d_fake = logits[:n], logits[n:]
+        d_loss = nonsaturating_d_loss(d_real, d_fake)
+        self.disc.backward(d_loss)
+        self.disc.step()
+        d_params = [p for p in self.disc.module.parameters() if p.requires_grad]
+        for p in d_params:
+            p.requires_grad_(False)
+        try:
+            g_logits = self._dcall(fake_in, fake_t, cond, xt_in, b["t"])
+            g_loss = nonsaturating_g_loss(g_logits)
+            self.student.backward(g_loss)
+            self.student.step()
+        finally:
+            for p in d_params:
+                p.requires_grad_(True)
+        return {"loss": g_loss.item(), "d_loss": d_loss.item(), "d_real": d_real.mean().item(),
+                "d_fake": d_fake.mean().item()}
+
+    @torch.no_grad()
+    def evaluate(self, b: dict, seed: int = 1234) -> dict[str, float]:
+        """Held-batch metrics: the student's MSE to the teacher and, with a discriminator, its mean
+        logits on real (teacher) and fake (student) predictions and its accuracy."""
+        cond = self.cond(b)
+        self._shape = b["x_t"].shape[1:]
+        x_next, x0 = self.student_step(b, cond)
+        out = {"held_mse": torch.nn.functional.mse_loss(x_next, b["target"]).item()}
+        if self.disc is None:
+            return out
+        g = torch.Generator().manual_seed(seed)
+        n = x_next.shape[0]
+        t_star, n_real, n_fake = self._draw_renoise(n, g)
+        real_in, real_t = self.disc_inputs(b["target"], b["t_next"], t_star, n_real)
+        fake_in, fake_t = self.disc_inputs(x_next, b["t_next"], t_star, n_fake)
+        xt_in = self.schedule.scale_input(b["x_t"], self.schedule.sigma(b["t"].cpu()))
+        logits = self._dcall(torch.cat([real_in, fake_in]), torch.cat([real_t, fake_t]), cond, xt_in, b["t"], k=2)
+        r, f = logits[:n], logits[n:]
+        out.update(held_d_real=r.mean().item(), held_d_fake=f.mean().item(),
+                   held_d_acc=0.5 * ((r > 0).float().mean() + (f < 0).float().mean()).item())
+        return out
+
+
+# ---- data --------------------------------------------------------------------------------------------
+def micro_batches(shard, batch_size: int, epoch_hook: Callable[[int], None] | None = None) -> Iterator[dict]:
+    """Endless micro-batches of a worker's dataset shard (equal count per rank, drop_last). The first
+    epoch is streamed; when the shard's tensors fit under PADISTILL_TRAIN_CACHE_MB it is kept in memory
+    and replayed in a new order each epoch, else every epoch streams again."""
+    cache: list[dict] | None = []
+    nbytes = 0
+    epoch = 0
+    for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+        b = {k: b[k] for k in TRAIN_COLUMNS}
+        if cache is not None:
+            nbytes += sum(v.numel() * v.element_size() for v in b.values())
+            if nbytes <= CACHE_MB * 2 ** 20:
+                cache.append(b)
+            else:
+                cache = None
+        yield b
+    if cache is not None and not cache:
+        raise ValueError("a training worker got no full micro-batch: fewer trajectory rows than "
+                         "train.micro_batch x train.workers")
+    while True:
+        epoch += 1
+        if epoch_hook:
+            epoch_hook(epoch)
+        if cache is not None:
+            order = np.random.default_rng(epoch).permutation(len(cache))
+            for i in order:
+                yield cache[i]
+        else:
+            for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+                yield {k: b[k] for k in TRAIN_COLUMNS}
+
+
+def _held_filter(modulus: int, keep_held: bool):
+    def fn(batch):
+        import pyarrow as pa
+
+        ids = batch.column("id").to_pylist()
+        mask = [(zlib.crc32(str(i).encode()) % modulus == 0) == keep_held for i in ids]
+        return batch.filter(pa.array(mask))
+
+    return fn
+
+
+def read_trajectories(cfg: RunConfig, key, storage: RunStorage | None = None, held_rows: int = 16):
+    """(train, held) Ray Datasets of a stage's trajectories. Held rows are whole source ids (all their
+    draws), about `held_rows` of them, picked by a hash of the id; never trained on."""
+    import ray.data
+
+    storage = storage or RunStorage.from_config(cfg)
+    rel = f"{cfg.stage_dir(key)}/traj"
+    if not storage.exists(rel):
+        raise FileNotFoundError(f"{storage.url(rel)}: no trajectories; run `padistill trajectories --stage {key}` first")
+    ds = ray.data.read_parquet(storage.path(rel), filesystem=storage.arrow_fs, file_extensions=["parquet"])
+    n = ds.count()
+    if held_rows <= 0 or n < 4 * held_rows:
+        return ds.select_columns(TRAIN_COLUMNS), None, n
+    modulus = max(2, n // held_rows)
+    train = ds.map_batches(_held_filter(modulus, False), batch_format="pyarrow").select_columns(TRAIN_COLUMNS)
+    held = ds.map_batches(_held_filter(modulus, True), batch_format="pyarrow").select_columns(TRAIN_COLUMNS)
+    return train, held, n
+
+
+# ---- the Ray Train worker -------------------------------------------------------------------------------
+def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
+    import torch.distributed as dist
+
+    if world == 1 or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def _write_history_outputs(storage: RunStorage, train_rel: str, history: list[dict], tb_local: str | None) -> None:
+    storage.write_json(f"{train_rel}/{HISTORY_JSON}", history)
+    if tb_local and storage.scheme != "file":
+        storage.put_dir(tb_local, f"{train_rel}/{TB_DIR}")
+
+
+def plot_curves(history: list[dict], path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss", "d_loss", "d_real", "d_fake", "held_mse", "held_d_real", "held_d_fake")
+            if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for k in keys:
+        pts = [(h["step"], h[k]) for h in history if k in h]
+        ax = axes[1] if k.startswith(("d_", "held_d")) else axes[0]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 30 else None)
+    axes[0].set_yscale("log" if all(h.get("loss", 1) > 0 for h in history) else "linear")
+    axes[0].set_title("losses")
+    axes[1].set_title("discriminator logits")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    phases = sorted({(h["phase"], h["step"]) for h in history}, key=lambda x: x[1])
+    seen = set()
+    for name, s in phases:
+        if name not in seen:
+            seen.add(name)
+            for ax in axes:
+                ax.axvline(s, color="grey", lw=0.5)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from .trajectories import fetch_teacher
+    from .zoo import load_unet, schedule_of
+
+    cfg = from_dict(config["run"])
+    key = config["stage"]
+    idx, stage = cfg.stage(key)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
+    torch.manual_seed(cfg.train.seed * 1009 + rank)
+    storage = RunStorage.from_config(cfg)
+    sdir = cfg.stage_dir(key)
+    train_rel = f"{sdir}/{RUN_NAME}"
+    teacher_dir = fetch_teacher(config["teacher_source"], cfg)
+    schedule = schedule_of(teacher_dir)
+    teacher = load_unet(str(teacher_dir)).to(device)
+    engines = DeepSpeedEngines(cfg.train, world)
+    loop = StageLoop(cfg, stage, schedule, teacher, engines, device, seed=cfg.train.seed * 7919 + rank)
+    total = loop.total
+    ckpt_at = checkpoint_steps(stage, cfg.train.checkpoint_every)
+    max_steps = config.get("max_steps") or total
+    log = (lambda *a: print(f"[train {idx}-{stage.name}]", *a, flush=True)) if rank == 0 else (lambda *a: None)
+
+    # -- resume ---------------------------------------------------------------------------------------------
+    step, history, resumed_from = 0, [], None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        local = tempfile.mkdtemp(prefix=f"padistill-resume-r{rank}-")
+        ckpt.to_directory(local)
+        state = student_mod.read_state(local)
+        step, history, resumed_from = int(state["step"]), state.get("history", []), int(state["step"])
+        loop.build_student(state["student_mode"])
+        engines.load(loop.student, os.path.join(local, "student", "ds"))
+        if state.get("disc_mode"):
+            loop.build_disc(state["disc_mode"])
+            engines.load(loop.disc, os.path.join(local, "disc", "ds"))
+        shutil.rmtree(local, ignore_errors=True)
+        log(f"resumed from checkpoint at step {step} ({state['student_mode']} student, "
+            f"discriminator {state.get('disc_mode')})")
+        if rank == 0:  # checkpoints a killed run uploaded after its last registered one are junk
+            for name in storage.ls(train_rel):
+                if name.startswith(CKPT_PREFIX) and name[len(CKPT_PREFIX):].isdigit() \
+                        and int(name[len(CKPT_PREFIX):]) > step:
+                    storage.rm(train_rel, name)
+    else:
+        log(f"starting: {total} steps, phases "
+            + ", ".join(f"{p.name} [{p.start}, {p.end})" for p in loop.phases)
+            + f"; {world} workers x micro-batch {cfg.train.micro_batch} x accum {cfg.train.grad_accum}, "
+              f"ZeRO-{cfg.train.zero_stage}{' + offload' if cfg.train.offload else ''}, {cfg.train.precision}")
+
+    # -- data -------------------------------------------------------------------------------------------------
+    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.train.micro_batch)
+    held = None
+    held_shard = ray.train.get_dataset_shard("held") if config.get("has_held") else None
+    if held_shard is not None:
+        for hb in held_shard.iter_torch_batches(batch_size=config.get("held_rows", 16), drop_last=False):
+            held = loop.batch_to(hb)
+            break
+
+    # -- observability ------------------------------------------------------------------------------------------
+    writer, tb_local = None, None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb_local = storage.path(train_rel, TB_DIR) if storage.scheme == "file" else tempfile.mkdtemp(prefix="padistill-tb-")
+        os.makedirs(tb_local, exist_ok=True)
+        writer = SummaryWriter(tb_local, purge_step=step)
+
+    samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * world
+    acc: dict[str, list[float]] = {}
+    t_window, n_window = time.perf_counter(), 0
+    timed_steps, timed_s = 0, 0.0
+    end = min(total, max_steps)
+    while step < end:
+        for ev in loop.transition(step):
+            log(ev)
+        phase = phase_at(loop.phases, step)
+        t0 = time.perf_counter()
+        for _ in range(cfg.train.grad_accum):
+            b = loop.batch_to(next(batches))
+            for k, v in loop.micro_step(phase, b).items():
+                acc.setdefault(k, []).append(v)
+        step += 1
+        n_window += 1
+        dt = time.perf_counter() - t0
+        if step - (resumed_from or 0) > config.get("warmup_steps", 2):
+            timed_steps += 1
+            timed_s += dt
+        is_ckpt = step in ckpt_at or step == end
+        if not (is_ckpt or step % cfg.train.log_every == 0):
+            continue
+        # -- report (every rank, the same steps) --
+        now = time.perf_counter()
+        metrics = _all_mean({k: float(np.mean(v)) for k, v in sorted(acc.items())}, world)
+        metrics.update(step=step, phase=phase.name, student_mode=loop.student_mode,
+                       samples_per_s=n_window * samples_per_step / max(now - t_window, 1e-9),
+                       steady_samples_per_s=(timed_steps * samples_per_step / timed_s) if timed_s else 0.0,
+                       resumed_from=resumed_from if resumed_from is not None else -1)
+        if held is not None and (is_ckpt or step == end):
+            metrics.update(_all_mean(loop.evaluate(held), world))
+        acc, t_window, n_window = {}, now, 0
+        history.append(metrics)
+        log(f"step {step}/{total} {phase.name:13s} " + " ".join(
+            f"{k}={metrics[k]:.4g}" for k in ("loss", "d_loss", "d_real", "d_fake", "held_mse", "held_d_real",
+                                              "held_d_fake", "held_d_acc") if k in metrics)
+            + f" {metrics['samples_per_s']:.1f} samples/s")
+        if writer is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k not in ("step",):
+                    writer.add_scalar(f"{stage.name}/{k}", v, step)
+            writer.flush()
+        if not is_ckpt:
+            ray.train.report(metrics)
+            continue
+        tmp = tempfile.mkdtemp(prefix=f"padistill-ckpt-r{rank}-")
+        engines.save(loop.student, os.path.join(tmp, "student", "ds"))
+        if loop.disc is not None:
+            engines.save(loop.disc, os.path.join(tmp, "disc", "ds"))
+        sd = engines.full_state_dict(loop.student)  # collective under ZeRO-3
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            if loop.student_mode == "lora":
+                from peft.utils import get_peft_model_state_dict
+
+                weights = {k: v.contiguous() for k, v in get_peft_model_state_dict(loop.student.module, state_dict=sd).items()}
+                save_file(weights, os.path.join(tmp, "student", "lora.safetensors"))
+            else:
+                save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(tmp, "student", "unet.safetensors"))
+            state = {"step": step, "stage": idx, "stage_name": stage.name, "phase": phase.name,
+                     "student_mode": loop.student_mode, "disc_mode": loop.disc_mode,
+                     "prediction_type": loop.student_ptype,
+                     "lora": ({"rank": stage.lora.rank, "alpha": stage.lora.alpha} if stage.lora else None),
+                     "zero_stage": cfg.train.zero_stage, "world_size": world, "history": history}
+            with open(os.path.join(tmp, student_mod.STATE_JSON), "w") as f:
+                json.dump(state, f, indent=1)
+            _write_history_outputs(storage, train_rel, history, tb_local)
+        del sd
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"{CKPT_PREFIX}{step:07d}")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if rank == 0:
+        writer.close()
+        _write_history_outputs(storage, train_rel, history, tb_local)
+        local_png = os.path.join(tempfile.mkdtemp(prefix="padistill-png-"), CURVES_PNG)
+        plot_curves(history, local_png, f"stage {idx} ({stage.name}): {stage.teacher_steps} -> {stage.student_steps} steps")
+        with open(local_png, "rb") as f:
+            storage.write_bytes(f"{train_rel}/{CURVES_PNG}", f.read())
+        log(f"done at step {step}; loss curves: {storage.url(train_rel, CURVES_PNG)}")
+
+
+# ---- the driver ------------------------------------------------------------------------------------------
+def step_name(cfg: RunConfig, key) -> str:
+    """The manifest step of stage `key`'s training: "train-<k>-<name>"."""
+    return "train-" + cfg.stage_dir(key).split("/", 1)[1]
+
+
+def make_trainer(cfg: RunConfig, key, *, held_rows: int = 16, max_steps: int | None = None,
+                 storage: RunStorage | None = None, extra_config: dict | None = None):
+    """The TorchTrainer of one stage (not started)."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .trajectories import teacher_source
+
+    storage = storage or RunStorage.from_config(cfg)
+    idx, stage = cfg.stage(key)
+    plan_phases(stage)  # config errors before any worker starts
+    train_ds, held_ds, n_rows = read_trajectories(cfg, key, storage, held_rows)
+    datasets = {"train": train_ds}
+    if held_ds is not None:
+        datasets["held"] = held_ds
+    loop_config = {"run": cfg.model_dump(mode="json"), "stage": idx,
+                   "teacher_source": teacher_source(cfg, key, storage),
+                   "held_rows": held_rows, "has_held": held_ds is not None, "max_steps": max_steps,
+                   "n_rows": n_rows, **(extra_config or {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": 1} if not cfg.train.use_gpu else None),
+        run_config=RayRunConfig(name=RUN_NAME, storage_path=storage.path(cfg.stage_dir(key)),
+                                storage_filesystem=storage.arrow_fs,
+                                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def latest_checkpoint(cfg: RunConfig, key, storage: RunStorage | None = None) -> str | None:
+    """Storage path of the latest *registered* checkpoint of a stage (Ray Train's snapshot), or None."""
+    storage = storage or RunStorage.from_config(cfg)
+    rel = f"{cfg.stage_dir(key)}/{RUN_NAME}/checkpoint_manager_snapshot.json"
+    if not storage.exists(rel):
+        return None
+    snap = storage.read_json(rel)
+    latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    if latest is None:
+        names = [json.loads(r)["checkpoint_dir_name"] if isinstance(r, str) else r.get("checkpoint_dir_name")
+                 for r in snap.get("checkpoint_results", [])]
+        latest = max((n for n in names if n), default=None)
+    return storage.path(cfg.stage_dir(key), RUN_NAME, latest) if latest else None
+
+
+def download_checkpoint(storage: RunStorage, path: str, local: str) -> str:
+    """Copy a checkpoint folder (a storage path) to a local folder."""
+    if storage.scheme == "file":
+        return path
+    storage.fs.get(path.rstrip("/") + "/", local.rstrip("/") + "/", recursive=True)
+    return local
+
+
+def export_stage(cfg: RunConfig, key, checkpoint_path: str, storage: RunStorage | None = None) -> str:
+    """Export a checkpoint's student to `<root>/<stage_dir>/model/` (a diffusers pipeline folder)."""
+    from .trajectories import teacher_source
+    from .zoo import resolve_source
+
+    storage = storage or RunStorage.from_config(cfg)
+    idx, stage = cfg.stage(key)
+    teacher_dir = resolve_source(teacher_source(cfg, key, storage), cfg.storage)
+    work = tempfile.mkdtemp(prefix="padistill-export-")
+    try:
+        local_ckpt = download_checkpoint(storage, checkpoint_path, os.path.join(work, "ckpt"))
+        folder = student_mod.export_checkpoint(
+            local_ckpt, teacher_dir, os.path.join(work, "model"),
+            info={"num_inference_steps": stage.student_steps, "guidance_scale": 0.0,
+                  "resolution": cfg.model.resolution, "stage": stage.name, "stage_index": idx,
+                  "teacher": teacher_source(cfg, key, storage), "source_run": cfg.name,
+                  "checkpoint": posixpath.basename(checkpoint_path.rstrip("/"))})
+        rel = f"{cfg.stage_dir(key)}/model"
+        storage.rm(rel)
+        storage.put_dir(str(folder), rel)
+        return storage.url(rel)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def train_stage(cfg: RunConfig, key, *, held_rows: int = 16, max_steps: int | None = None,
+                export: bool = True, extra_config: dict | None = None) -> dict:
+    """Train (or resume) stage `key`, export its student to `model/` and commit the step's manifest.
+    Returns a summary: final metrics, checkpoint path, model URL, resumed_from."""
+    storage = RunStorage.from_config(cfg)
+    idx, stage = cfg.stage(key)
+    trainer = make_trainer(cfg, key, held_rows=held_rows, max_steps=max_steps, storage=storage,
+                           extra_config=extra_config)
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    if result.error:
+        raise result.error
+    metrics = dict(result.metrics or {})
+    ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
+    summary = {"stage": idx, "name": stage.name, "metrics": metrics, "checkpoint": ckpt_path, "wall_s": wall,
+               "train_dir": storage.url(cfg.stage_dir(key), RUN_NAME)}
+    finished = metrics.get("step") == plan_phases(stage)[-1].end
+    if export and finished and ckpt_path:
+        summary["model"] = export_stage(cfg, key, ckpt_path, storage)
+        storage.commit_manifest(
+            step_name(cfg, key),
+            inputs={"stage": stage.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+                    "model": cfg.model.model_dump(mode="json"),
+                    "trajectories": (storage.read_manifest("trajectories-" + cfg.stage_dir(key).split("/", 1)[1])
+                                     or {}).get("inputs_hash")},
+            outputs={"checkpoint": ckpt_path, "model": summary["model"],
+                     "history": storage.url(cfg.stage_dir(key), RUN_NAME, HISTORY_JSON),
+                     "loss_curves": storage.url(cfg.stage_dir(key), RUN_NAME, CURVES_PNG),
+                     "tensorboard": storage.url(cfg.stage_dir(key), RUN_NAME, TB_DIR)},
+            steps=metrics.get("step"), final_metrics=metrics)
+    return summary
