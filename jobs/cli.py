@@ -17,6 +17,8 @@ JOBS = {
     "export": "jobs.export",
     "distill": "jobs.distill",
     "submit": "jobs.submit",
+    "status": "jobs.job_status",
+    "logs": "jobs.job_logs",
     "plan": "jobs.plan",
 }
 
