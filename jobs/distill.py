@@ -1,21 +1,38 @@
-"""`padistill distill`: the whole run as a resumable DAG: encode, per stage trajectories, train, export, evaluate, report."""
+"""`padistill distill`: the whole run as a resumable DAG (encode, per stage trajectories and training,
+evaluation beside the next stage's precompute, report). Rerun the same command to resume."""
 
 from __future__ import annotations
 
 import sys
 
-from jobs.common import add_config_args, job_main, not_built
+from jobs.common import add_config_args, config_from_args, job_main
 
 NAME = "distill"
-HELP = "the whole run as a resumable DAG: encode, per stage trajectories, train, export, evaluate, report"
+HELP = ("the whole run as a resumable DAG: encode, per stage trajectories -> train -> export, evaluation, "
+        "report; rerunning the same command skips finished steps and resumes the interrupted one")
 
 
 def add_arguments(p) -> None:
     add_config_args(p)
+    p.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage (index or name)")
+    p.add_argument("--only", default=None, metavar="STEP",
+                   help="run one step: encode, traj-K, train-K, eval-K or report (its inputs must exist)")
 
 
 def run(args) -> int:
-    return not_built(NAME, 6)
+    from pipeline.dag import run_dag
+    from pipeline.storage import RunStorage
+
+    cfg = config_from_args(args)
+    run_dag(cfg, until=args.until, only=args.only)
+    storage = RunStorage.from_config(cfg)
+    if storage.exists("report.md"):
+        print(f"\nreport: {storage.url('report.md')}\n")
+        text = storage.read_text("report.md")
+        start = text.find("| model |")
+        if start >= 0:
+            print(text[start:].split("\n\n")[0])
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,21 +1,41 @@
-"""`padistill evaluate`: sample students and teacher with fixed prompts and seeds, score them, write grids."""
+"""`padistill evaluate`: sample students and the teacher with fixed prompts and seeds, score, write grids."""
 
 from __future__ import annotations
 
 import sys
 
-from jobs.common import add_config_args, job_main, not_built
+from jobs.common import add_config_args, config_from_args, job_main
 
 NAME = "evaluate"
-HELP = "sample students and teacher with fixed prompts and seeds, score them, write grids"
+HELP = ("sample each stage's student at its step count and the teacher at 32 and at the student's steps "
+        "(fixed prompts and seeds), score them, write grids, metrics.json and the model cards")
 
 
 def add_arguments(p) -> None:
     add_config_args(p)
+    p.add_argument("--stage", action="append", default=None,
+                   help="stage index (1-based) or name; repeatable (default: every stage with a model)")
+    p.add_argument("--force", action="store_true", help="re-evaluate even when up to date")
+    p.add_argument("--report", action="store_true", help="also rewrite <root>/report.md")
 
 
 def run(args) -> int:
-    return not_built(NAME, 6)
+    from pipeline.evaluate import run_evaluate
+    from pipeline.report import write_report
+    from pipeline.storage import RunStorage
+
+    cfg = config_from_args(args)
+    storage = RunStorage.from_config(cfg)
+    keys = args.stage or [k for k in range(1, len(cfg.stages) + 1)
+                          if storage.exists(f"{cfg.stage_dir(k)}/model/model_index.json")]
+    if not keys:
+        print(f"padistill evaluate: no stage of {storage.url()} has an exported model yet", file=sys.stderr)
+        return 2
+    for k in keys:
+        run_evaluate(cfg, k, force=args.force)
+    if args.report:
+        write_report(cfg)
+    return 0
 
 
 if __name__ == "__main__":

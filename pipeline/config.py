@@ -148,8 +148,22 @@ class TrainConfig(_Strict):
 class EvaluateConfig(_Strict):
     samples_per_prompt: int = Field(10, gt=0)
     seed: int = 1234
-    teacher_guidance_scale: float = Field(0.0, ge=0.0)
+    # CFG of the base teacher when it is sampled for comparison; None: its padistill.json's guidance_scale
+    teacher_guidance_scale: Optional[float] = Field(None, ge=0.0)
     batch_size: int = Field(100, gt=0)
+    speed_repeats: int = Field(3, gt=0, description="timed repeats of the sampling-speed comparison")
+
+
+class ToyTeacherSection(_Strict):
+    """`padistill toy-teacher`: which preset of `pipeline.toy_teacher.ToyTeacherConfig` to train
+    (full: the shipped teacher; smoke: a ~2-minute run) and a few overrides (None: the preset's)."""
+
+    preset: Literal["full", "smoke"] = "full"
+    output: Optional[str] = None  # default: pipeline/assets/toy_teacher (full), <run_root>/toy_teacher (smoke)
+    vae_steps: Optional[int] = Field(None, gt=0)
+    unet_steps: Optional[int] = Field(None, gt=0)
+    workers: Optional[int] = Field(None, gt=0)
+    cpus_per_worker: Optional[int] = Field(None, gt=0)
 
 
 class RayConfig(_Strict):
@@ -168,6 +182,7 @@ class RunConfig(_Strict):
     stages: list[StageConfig] = Field(default_factory=list)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    toy_teacher: ToyTeacherSection = Field(default_factory=ToyTeacherSection)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @field_validator("run_root")

@@ -207,6 +207,13 @@ class RunStorage:
         else:
             self.fs.put(local_dir.rstrip("/") + "/", dst, recursive=True)
 
+    def get_dir(self, rel: str, local_dir: str) -> str:
+        """A local copy of folder `rel` (the folder itself on a local root)."""
+        if self.scheme == "file":
+            return self.path(rel)
+        self.fs.get(self.path(rel).rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
+        return local_dir
+
     # ---- parquet ---------------------------------------------------------------------------------
     def write_table(self, rel: str, table: pa.Table | dict, **kw) -> str:
         """Write one Parquet file (a dict of arrays becomes a table with tensor columns)."""

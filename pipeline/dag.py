@@ -1,0 +1,143 @@
+"""The run as a DAG of resumable steps, executed as Ray tasks chained by their dependencies:
+
+    encode ─► traj-1 ─► train-1 ─► traj-2 ─► train-2 ─► … ─► report
+                            └──► eval-1 (beside traj-2)  └──► eval-2
+
+(train-K trains stage K and exports its student to `stages/<K>-<name>/model/`, the teacher of K+1.)
+
+Each step is idempotent: it skips itself when its manifest exists with matching input hashes, resumes
+from its own checkpoints/shards when interrupted, and writes its manifest last. So rerunning the same
+command after a crash or Ctrl-C finishes the run with the same outputs. Orchestration tasks ask for
+`num_cpus=0` (the Ray Data and Ray Train work they start takes the CPUs), so nothing deadlocks on a
+2-CPU machine."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .config import ConfigError, RunConfig
+from .storage import RunStorage
+
+TIMINGS_DIR = "_timings"
+
+
+@dataclass
+class Step:
+    name: str
+    run: Callable[[RunConfig], dict]
+    deps: list[str] = field(default_factory=list)
+
+
+def _encode(cfg):
+    from .encode import run_encode
+
+    return run_encode(cfg)
+
+
+def _traj(k):
+    def run(cfg):
+        from .trajectories import run_trajectories
+
+        return run_trajectories(cfg, k)
+    return run
+
+
+def _train(k):
+    def run(cfg):
+        from .train import run_train_stage
+
+        return run_train_stage(cfg, k)
+    return run
+
+
+def _eval(k):
+    def run(cfg):
+        from .evaluate import run_evaluate
+
+        return run_evaluate(cfg, k)
+    return run
+
+
+def _report(cfg):
+    from .report import write_report
+
+    return write_report(cfg)
+
+
+def build_steps(cfg: RunConfig) -> list[Step]:
+    """All steps of a run, in a valid execution order."""
+    steps = [Step("encode", _encode)]
+    for k, st in enumerate(cfg.stages, start=1):
+        teacher = cfg.teacher_of(k)
+        traj_deps = ["encode"] + ([f"train-{teacher}"] if teacher else [])
+        steps += [Step(f"traj-{k}", _traj(k), traj_deps),
+                  Step(f"train-{k}", _train(k), [f"traj-{k}"]),
+                  Step(f"eval-{k}", _eval(k), [f"train-{k}"])]
+    steps.append(Step("report", _report, [f"eval-{k}" for k in range(1, len(cfg.stages) + 1)]))
+    return steps
+
+
+def select(steps: list[Step], cfg: RunConfig, until: str | None = None, only: str | None = None) -> list[Step]:
+    """--until STAGE: every step up to and including that stage's eval (and a report of what exists);
+    --only STEP: that step alone (its inputs must be finished)."""
+    names = [s.name for s in steps]
+    if only is not None:
+        if only not in names:
+            raise ConfigError(f"--only {only!r}: no such step (steps: {', '.join(names)})")
+        return [s for s in steps if s.name == only]
+    if until is not None:
+        k, _ = cfg.stage(until)
+        keep = {"encode"} | {f"{p}-{i}" for i in range(1, k + 1) for p in ("traj", "train", "eval")}
+        out = [s for s in steps if s.name in keep]
+        return out + [Step("report", _report, [f"eval-{i}" for i in range(1, k + 1)])]
+    return steps
+
+
+def _timed(step: Step, cfg: RunConfig) -> dict:
+    storage = RunStorage.from_config(cfg)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    manifest = step.run(cfg) or {}
+    seconds = time.perf_counter() - t0
+    finished = manifest.get("finished_at")
+    ran = finished is None or datetime.fromisoformat(finished) >= started
+    # a step that found itself finished returns at once: keep the time of the run that did the work
+    if ran:
+        storage.write_json(f"{TIMINGS_DIR}/{step.name}.json", {"step": step.name, "seconds": round(seconds, 3)})
+    return {"step": step.name, "seconds": seconds, "ran": ran}
+
+
+def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, log=print) -> list[dict]:
+    """Run the selected steps as Ray tasks, each starting when its dependencies have finished."""
+    import ray
+
+    from .shards import ensure_ray
+
+    storage = RunStorage.from_config(cfg)
+    storage.write_text("config.yaml", cfg.to_yaml())
+    steps = select(build_steps(cfg), cfg, until, only)
+    ensure_ray(cfg)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def run_step(step: Step, cfg_json: str, *deps):
+        return _timed(step, RunConfig.model_validate_json(cfg_json))
+
+    refs: dict[str, "ray.ObjectRef"] = {}
+    names = {s.name for s in steps}
+    cfg_json = cfg.model_dump_json()
+    for s in steps:
+        deps = [refs[d] for d in s.deps if d in names]
+        refs[s.name] = run_step.options(name=f"padistill:{s.name}").remote(s, cfg_json, *deps)
+    results = []
+    pending = {ref: name for name, ref in refs.items()}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(done[0])
+        r = ray.get(done[0])  # raises the step's own error, with its traceback
+        log(f"padistill distill: {name} {'done' if r['ran'] else 'already finished, skipped'} "
+            f"in {r['seconds']:.1f}s")
+        results.append(r)
+    return results

@@ -1,0 +1,179 @@
+"""Evaluation of one stage: its student at its own step count, the base teacher at 32 steps and at the
+student's step count, all with the same fixed prompts and seeds, scored by the toy metrics
+(`pipeline.metrics`), plus the wall-clock sampling speedup against the teacher with CFG, image grids,
+and the stage's model card updated with the numbers.
+
+Writes `<root>/stages/<k>-<name>/eval/metrics.json`, `eval/grid.png`, `eval/samples.npz`; teacher
+samples are cached per step count under `<root>/eval/teacher/` so later stages reuse them."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from .config import ConfigError, RunConfig
+from .storage import RunStorage
+
+TEACHER_DIR = "eval/teacher"
+
+
+def step_name(cfg: RunConfig, key) -> str:
+    return "eval-" + cfg.stage_dir(key).split("/", 1)[1]
+
+
+def teacher_guidance(cfg: RunConfig, teacher_folder) -> float:
+    from .zoo import read_info
+
+    g = cfg.evaluate.teacher_guidance_scale
+    return float(g if g is not None else read_info(teacher_folder).get("guidance_scale", 0.0))
+
+
+def _save_npz(storage: RunStorage, rel: str, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    storage.write_bytes(rel, buf.getvalue())
+
+
+def _load_npz(storage: RunStorage, rel: str) -> dict:
+    return dict(np.load(io.BytesIO(storage.read_bytes(rel))))
+
+
+def teacher_samples(cfg: RunConfig, storage: RunStorage, teacher, steps: int, guidance: float):
+    """The base teacher's fixed-seed samples at `steps` (cached in the run root)."""
+    from .metrics import sample_digits
+
+    K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
+    rel = f"{TEACHER_DIR}/steps-{steps}-g{guidance:g}-k{K}-s{seed}.npz"
+    if storage.exists(rel):
+        d = _load_npz(storage, rel)
+        return torch.from_numpy(d["images"]), d["labels"]
+    s = sample_digits(teacher, steps, guidance, K, seed, batch_size=cfg.evaluate.batch_size)
+    _save_npz(storage, rel, images=s.images.numpy(), labels=s.labels)
+    return s.images, s.labels
+
+
+@torch.no_grad()
+def sampling_speed(teacher, student, student_steps: int, teacher_guidance: float, batch: int, repeats: int,
+                   prediction_type: str) -> dict:
+    """Latent sampling wall time of the 32-step teacher with CFG (64 UNet evaluations) vs the student at
+    its own steps, same batch, measured alternately in one process; the best of `repeats` each."""
+    from .schedule import unet_denoiser
+    from .zoo import encode_prompts, schedule_of
+
+    from .data import caption_for
+
+    captions = [caption_for(i % 10) for i in range(batch)]
+    cond = encode_prompts(teacher, captions)
+    sched = schedule_of(teacher)
+    res = teacher.default_sample_size
+    noise = torch.randn(batch, teacher.unet.config.in_channels, res, res, generator=torch.Generator().manual_seed(0))
+    g = max(teacher_guidance, 1.0 + 1e-6)  # CFG always on for the reference: 2 UNet passes per step
+    t_times, s_times = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sched.sample(unet_denoiser(teacher.unet, cond, g), noise, 32)
+        t_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sched.sample(unet_denoiser(student.unet, cond, 0.0), noise, student_steps, prediction_type)
+        s_times.append(time.perf_counter() - t0)
+    t, s = min(t_times), min(s_times)
+    ideal = 64 / student_steps
+    return {"teacher_s": t, "student_s": s, "speedup": t / s, "ideal_speedup": ideal,
+            "fraction_of_ideal": (t / s) / ideal, "batch": batch, "teacher_unet_evals": 64,
+            "student_unet_evals": student_steps}
+
+
+def _model_card(cfg: RunConfig, key, metrics: dict) -> str:
+    idx, stage = cfg.stage(key)
+    s, t = metrics["student"], metrics["teacher_same_steps"]
+    rows = "\n".join(f"| {m} | {s[m]:.4g} | {t[m]:.4g} | {metrics['teacher_32'][m]:.4g} |"
+                     for m in ("fd", "fd_patch", "prompt_accuracy", "diversity"))
+    return f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [padistill, sdxl-lightning, progressive-adversarial-distillation]
+---
+# {cfg.name}: {stage.student_steps}-step student (stage {idx}, {stage.name})
+
+Distilled with [padistill](https://github.com/) (progressive adversarial diffusion distillation,
+SDXL-Lightning, arXiv 2402.13929) from a {stage.teacher_steps}-step teacher with a `{stage.loss}` loss.
+
+```python
+from diffusers import StableDiffusionXLPipeline
+pipe = StableDiffusionXLPipeline.from_pretrained("<this folder>")
+image = pipe(prompt, num_inference_steps={stage.student_steps}, guidance_scale=0).images[0]
+```
+
+## Evaluation (fixed prompts and seeds, {s['n']} samples)
+
+| metric | this student ({stage.student_steps} steps) | teacher at {stage.student_steps} steps | teacher at 32 steps |
+| --- | --- | --- | --- |
+{rows}
+
+Sampling speedup vs the 32-step teacher with CFG (64 UNet evaluations): {metrics['speed']['speedup']:.1f}x
+(ideal {metrics['speed']['ideal_speedup']:.0f}x).
+"""
+
+
+def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
+    """Evaluate stage `key` (skipped when its manifest matches); returns the manifest."""
+    from .metrics import sample_digits, save_grid, score
+    from .zoo import load_pipeline, resolve_source, schedule_of
+
+    if cfg.data.kind != "toy_digits":
+        raise ConfigError("evaluate: the metrics implemented are the toy benchmark's (data.kind: toy_digits); "
+                          "FID/CLIP for real SDXL runs are not implemented yet")
+    storage = RunStorage.from_config(cfg)
+    idx, stage = cfg.stage(key)
+    sd = cfg.stage_dir(key)
+    train_manifest = storage.read_manifest("train-" + sd.split("/", 1)[1])
+    if train_manifest is None or not storage.exists(f"{sd}/model/model_index.json"):
+        raise FileNotFoundError(f"{storage.url(sd, 'model')}: stage {idx} has no exported student yet; "
+                                f"run `padistill train-stage --stage {idx}` first")
+    step = step_name(cfg, key)
+    inputs = {"model": train_manifest["inputs_hash"], "model_finished_at": train_manifest["finished_at"],
+              "evaluate": cfg.evaluate.model_dump(mode="json"), "teacher": cfg.model.source}
+    if not force and storage.is_finished(step, inputs):
+        log(f"padistill evaluate: stage {idx} is up to date")
+        return storage.read_manifest(step)
+    storage.invalidate(step)
+    work = tempfile.mkdtemp(prefix="padistill-eval-")
+    try:
+        teacher = load_pipeline(cfg.model.source, cfg.storage)
+        g = teacher_guidance(cfg, resolve_source(cfg.model.source, cfg.storage))
+        student = load_pipeline(storage.get_dir(f"{sd}/model", f"{work}/model"))
+        pred = schedule_of(student).prediction_type
+        N, K, seed = stage.student_steps, cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
+        log(f"padistill evaluate: stage {idx} ({stage.name}): student at {N} steps, teacher at 32 and {N} "
+            f"steps (guidance {g:g}), {10 * K} samples each")
+        t32, labels = teacher_samples(cfg, storage, teacher, 32, g)
+        tN, _ = teacher_samples(cfg, storage, teacher, N, g)
+        s = sample_digits(student, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size, prediction_type=pred)
+        metrics = {
+            "stage": idx, "name": stage.name, "student_steps": N, "teacher_guidance_scale": g,
+            "student": score(s.images, labels, reference_images=t32),
+            "teacher_same_steps": score(tN, labels, reference_images=t32),
+            "teacher_32": score(t32, labels, reference_images=t32),
+            "speed": sampling_speed(teacher, student, N, g, batch=10 * K, repeats=cfg.evaluate.speed_repeats,
+                                    prediction_type=pred),
+        }
+        _save_npz(storage, f"{sd}/eval/samples.npz", images=s.images.numpy(), labels=labels)
+        grid = f"{work}/grid.png"
+        rows = [t32[torch.arange(10) * K], tN[torch.arange(10) * K], s.grid_row(0)]
+        save_grid(rows, grid, [f"teacher {32}", f"teacher {N}", f"student {N}"])
+        storage.write_bytes(f"{sd}/eval/grid.png", open(grid, "rb").read())
+        storage.write_json(f"{sd}/eval/metrics.json", metrics)
+        storage.write_text(f"{sd}/model/README.md", _model_card(cfg, key, metrics))
+        st = metrics["student"]
+        log(f"padistill evaluate: stage {idx}: student fd {st['fd']:.3g} acc {st['prompt_accuracy']:.3f} | "
+            f"teacher@{N} fd {metrics['teacher_same_steps']['fd']:.3g} | speedup {metrics['speed']['speedup']:.1f}x")
+        return storage.commit_manifest(step, inputs=inputs, outputs={"metrics": f"{sd}/eval/metrics.json",
+                                                                     "grid": f"{sd}/eval/grid.png"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,141 @@
+"""The run's report: `<root>/report.md` with the metrics table (teacher at each step count vs each
+student), image grids (same prompts and seeds), each metric plotted against steps, the training loss
+curves, and the wall time of every DAG step."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from .config import RunConfig
+from .storage import RunStorage
+
+METRICS = (("fd", "FD ↓"), ("fd_patch", "FD-patch ↓"), ("prompt_accuracy", "accuracy ↑"),
+           ("diversity", "diversity"), ("fd_to_reference", "FD to teacher-32 ↓"))
+
+
+def collect(cfg: RunConfig, storage: RunStorage) -> list[dict]:
+    out = []
+    for k in range(1, len(cfg.stages) + 1):
+        rel = f"{cfg.stage_dir(k)}/eval/metrics.json"
+        if storage.exists(rel):
+            out.append(storage.read_json(rel))
+    return out
+
+
+def table(evals: list[dict]) -> str:
+    head = "| model | steps | " + " | ".join(h for _, h in METRICS) + " | speedup vs teacher-32+CFG |"
+    lines = [head, "|" + " --- |" * (len(METRICS) + 3)]
+
+    def row(name, steps, m, speed=""):
+        vals = " | ".join(f"{m[k]:.3f}" if k in m else "–" for k, _ in METRICS)
+        lines.append(f"| {name} | {steps} | {vals} | {speed} |")
+
+    if evals:
+        row("teacher", 32, evals[0]["teacher_32"], "1.0x")
+    for e in evals:
+        n = e["student_steps"]
+        row("teacher", n, e["teacher_same_steps"])
+        sp = e["speed"]
+        row(f"**student {e['name']}**", n, e["student"], f"{sp['speedup']:.1f}x (ideal {sp['ideal_speedup']:.0f}x)")
+    return "\n".join(lines)
+
+
+def plot_metrics(evals: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k, _ in METRICS[:4]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for ax, k in zip(axes, keys):
+        t = sorted({(e["student_steps"], e["teacher_same_steps"][k]) for e in evals} |
+                   {(32, evals[0]["teacher_32"][k])})
+        ax.plot([a for a, _ in t], [b for _, b in t], "o--", label="teacher (Euler)")
+        s = sorted((e["student_steps"], e["student"][k]) for e in evals)
+        ax.plot([a for a, _ in s], [b for _, b in s], "o-", label="students")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("steps")
+        ax.set_title(dict(METRICS)[k])
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def grid(cfg: RunConfig, storage: RunStorage, evals: list[dict], path: str) -> None:
+    """Rows: teacher at 32 steps, then each student at its steps; columns: digits 0-9, seed index 0."""
+    import io
+
+    import numpy as np
+    import torch
+
+    from .evaluate import TEACHER_DIR
+    from .metrics import save_grid
+
+    K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
+    g = evals[0]["teacher_guidance_scale"]
+    t32 = np.load(io.BytesIO(storage.read_bytes(f"{TEACHER_DIR}/steps-32-g{g:g}-k{K}-s{seed}.npz")))["images"]
+    rows, labels = [torch.from_numpy(t32)[torch.arange(10) * K]], ["teacher 32"]
+    for e in evals:
+        imgs = np.load(io.BytesIO(storage.read_bytes(f"{cfg.stage_dir(e['stage'])}/eval/samples.npz")))["images"]
+        rows.append(torch.from_numpy(imgs)[torch.arange(10) * K])
+        labels.append(f"student {e['student_steps']}")
+    save_grid(rows, path, labels)
+
+
+def timings(storage: RunStorage) -> list[tuple[str, float]]:
+    from .dag import TIMINGS_DIR
+
+    out = []
+    for name in storage.ls(TIMINGS_DIR):
+        if name.endswith(".json"):
+            t = storage.read_json(f"{TIMINGS_DIR}/{name}")
+            out.append((t["step"], t["seconds"]))
+    return out
+
+
+def write_report(cfg: RunConfig, log=print) -> dict:
+    storage = RunStorage.from_config(cfg)
+    evals = collect(cfg, storage)
+    work = Path(tempfile.mkdtemp(prefix="padistill-report-"))
+    parts = [f"# padistill report: {cfg.name}\n", f"Run root: `{storage.url()}`. Base model: `{cfg.model.source}`. "
+             f"Stages: " + " → ".join([str(cfg.model.teacher_steps)] + [str(s.student_steps) for s in cfg.stages])
+             + " steps.\n"]
+    images = {}
+    if evals:
+        parts += ["## Metrics\n", "Every student against the teacher sampled with Euler at the student's own step "
+                  "count (same prompts, same seeds). FD: Fréchet distance to real digits in a digit classifier's "
+                  "feature space (FID analogue); FD-patch: on centre 16×16 patches; accuracy: the classifier agrees "
+                  "with the prompt (CLIP-score analogue); diversity: within-prompt spread relative to real digits.\n",
+                  table(evals), ""]
+        plot_metrics(evals, str(work / "metrics.png"))
+        grid(cfg, storage, evals, str(work / "grid.png"))
+        images = {"metrics.png": "Metrics against steps", "grid.png": "Samples: teacher at 32 steps and each student"}
+    else:
+        parts.append("No stage has been evaluated yet.\n")
+    curves = []
+    for k in range(1, len(cfg.stages) + 1):
+        m = storage.read_manifest("train-" + cfg.stage_dir(k).split("/", 1)[1])
+        src = (m or {}).get("outputs", {}).get("loss_curves")
+        if src:
+            rel = src[len(storage.url()) + 1:] if src.startswith(storage.url()) else src
+            if storage.exists(rel):
+                name = f"loss-{k}.png"
+                (work / name).write_bytes(storage.read_bytes(rel))
+                curves.append(name)
+                images[name] = f"Training losses, stage {k}"
+    for name, title in images.items():
+        storage.write_bytes(f"report/{name}", (work / name).read_bytes())
+        parts.append(f"### {title}\n\n![{title}](report/{name})\n")
+    tt = timings(storage)
+    if tt:
+        parts += ["## Wall time per DAG step\n", "| step | seconds |", "| --- | --- |"]
+        parts += [f"| {n} | {s:.1f} |" for n, s in tt] + [f"| **total** | {sum(s for _, s in tt):.1f} |", ""]
+    text = "\n".join(parts) + "\n"
+    storage.write_text("report.md", text)
+    log(f"padistill report: {storage.url('report.md')}")
+    return storage.commit_manifest("report", inputs={"evals": [e.get("stage") for e in evals]},
+                                   outputs={"report": "report.md", "images": sorted(images)})
