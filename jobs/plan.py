@@ -1,10 +1,12 @@
-"""`padistill plan`: capacity plan: parameter counts, per-GPU memory under ZeRO, trajectory storage, GPU-hours."""
+"""`padistill plan`: capacity plan: parameter counts, per-GPU memory under ZeRO, trajectory storage, GPU-hours.
+
+The models are built on the meta device (no weights are read, nothing is downloaded); see pipeline/plan.py."""
 
 from __future__ import annotations
 
 import sys
 
-from jobs.common import add_config_args, job_main, not_built
+from jobs.common import add_config_args, config_from_args, job_main
 
 NAME = "plan"
 HELP = "capacity plan: parameter counts, per-GPU memory under ZeRO, trajectory storage, GPU-hours"
@@ -12,10 +14,38 @@ HELP = "capacity plan: parameter counts, per-GPU memory under ZeRO, trajectory s
 
 def add_arguments(p) -> None:
     add_config_args(p)
+    p.add_argument("--gpus", type=int, default=None, help="GPU count (default: train.workers)")
+    p.add_argument("--micro-batch", type=int, default=None, help="per-GPU micro-batch (default: train.micro_batch)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="trajectory rows per draw (default: data.limit, else 1,000,000)")
+    p.add_argument("--throughput", type=float, default=None,
+                   help="measured training samples/s/GPU for the GPU-hours (default: derived from the "
+                        "measured FLOPs at --peak-tflops x --mfu)")
+    p.add_argument("--rollout-throughput", type=float, default=None,
+                   help="teacher UNet evaluations/s/GPU for the precompute GPU-hours")
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU for the 'fits' columns (default 80)")
+    p.add_argument("--peak-tflops", type=float, default=312.0,
+                   help="GPU peak TFLOP/s at the run's precision (default 312: A100 bf16)")
+    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation for the derived throughput "
+                                                           "(default 0.35)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
 
 
 def run(args) -> int:
-    return not_built(NAME, 7)
+    from pipeline import plan
+
+    cfg = config_from_args(args)
+    for flag in ("gpus", "micro_batch", "samples"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            print(f"padistill plan: --{flag.replace('_', '-')} must be positive (got {v})", file=sys.stderr)
+            return 2
+    p = plan.make_plan(cfg, gpus=args.gpus, micro_batch=args.micro_batch, samples=args.samples,
+                       throughput=args.throughput, rollout_throughput=args.rollout_throughput,
+                       gpu_memory_gib=args.gpu_memory, peak_tflops=args.peak_tflops, mfu=args.mfu,
+                       config_name=args.config or cfg.name)
+    print(plan.to_json(p) if args.json else plan.render(p))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""`padistill plan`: the real SDXL UNet and the discriminator built on the meta device, counted; the
+memory model; the command prints the tables."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import plan
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+# diffusers' UNet2DConditionModel built from stabilityai/stable-diffusion-xl-base-1.0's unet/config.json
+SDXL_UNET_PARAMS = 2_567_463_684
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return plan.build_unet()
+
+
+def test_sdxl_unet_count_on_meta(unet):
+    assert all(p.device.type == "meta" for p in unet.parameters())
+    assert plan.count_params(unet) == SDXL_UNET_PARAMS
+    # the encoder half (what the discriminator copies) and the decoder
+    enc = sum(plan.count_params(getattr(unet, n)) for n in
+              ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block"))
+    assert enc == 1_243_367_040
+
+
+def test_lora_rank64_count(unet):
+    # rank 64 on every Linear/Conv2d except conv_in, conv_out and the time embedding: the size of the
+    # released SDXL-Lightning LoRA files (~394 MB in fp16)
+    assert plan.lora_params(unet, 64) == 197_177_344
+
+
+def test_discriminator_on_meta():
+    d = plan.build_discriminator(True)
+    u = plan.build_discriminator(False)
+    assert all(p.device.type == "meta" for p in d.parameters())
+    n_d, n_u = plan.count_params(d), plan.count_params(u)
+    assert 1_243_367_040 < n_u < n_d < 1_243_367_040 + 300_000_000
+    assert plan.head_blocks(d) >= 3
+    # the conditional head sees twice the mid-block channels
+    first = next(m for m in d.head.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 2 * 1280
+
+
+def test_zero_memory_model():
+    n, g = 1_000_000_000, 8
+    z2 = plan.zero_memory(n, 0, g, 2, False, "bf16", 0, 0)
+    z3 = plan.zero_memory(n, 0, g, 3, False, "bf16", 0, 0)
+    off = plan.zero_memory(n, 0, g, 3, True, "bf16", 0, 0)
+    assert z2.weights == 2 * n and z2.grads == 2 * n / g and z2.optimizer == 12 * n / g
+    assert z3.weights == 2 * n / g and z3.total == 16 * n / g
+    assert off.optimizer == 0 and off.cpu == 12 * n / g
+    frozen = plan.zero_memory(0, n, g, 2, False, "bf16", 0, 0)
+    assert frozen.weights == 2 * n and frozen.grads == 0 and frozen.optimizer == 0
+
+
+def test_plan_command_prints_the_table():
+    r = subprocess.run([sys.executable, "-m", "jobs.cli", "plan", "--config", "configs/sdxl_lightning.yaml"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "2,567,463,684" in out and "2.567 B" in out
+    assert "| phase | ZeRO | weights | grads | Adam states | activations | total |" in out
+    for z in ("ZeRO-2", "ZeRO-3", "ZeRO-3 + offload"):
+        assert f"| {z} |" in out
+    assert "Trajectory storage for 1,000,000 samples" in out and "GPU-hours" in out
+
+
+def test_plan_flags_and_numbers(capsys):
+    """`padistill plan` with flags, as JSON (in-process): the numbers follow from the config and flags."""
+    from jobs.cli import main
+
+    assert main(["plan", "--config", "sdxl_lightning", "--gpus", "64", "--micro-batch", "8",
+                 "--samples", "1000000", "--throughput", "2.0", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    cfg = load_config("sdxl_lightning")
+    assert d["gpus"] == 64 and d["micro_batch"] == 8 and d["throughput"] == 2.0
+    assert d["unet_params"] == SDXL_UNET_PARAMS
+    row = d["storage"][0]
+    # x_t + target (4x128x128 fp16 each) + prompt embeds 77x2048 + pooled 1280 (fp16) + id, t, t_next
+    assert row["bytes_per_row"] == 2 * 4 * 128 * 128 * 2 + (77 * 2048 + 1280) * 2 + 24
+    assert row["rows"] == 1_000_000 and len(d["storage"]) == len(cfg.stages)
+    assert row["teacher_evals_per_row"] == 4 * 2  # 128 -> 32 with CFG
+    c = d["compute"][0]
+    assert c["samples_seen"] == 2000 * 512
+    assert c["train_gpu_hours"] == pytest.approx(2000 * 512 / 2.0 / 3600)
+    # activations were measured (not zero) and checkpointing reduces them
+    assert 0 < d["unet_act"]["saved_ckpt"] < d["unet_act"]["saved"]
+    full = {m["zero"]: m for m in d["memory"] if m["phase"].startswith("adversarial: full")}
+    assert full["ZeRO-3"]["weights"] < full["ZeRO-2"]["weights"]
+    assert full["ZeRO-3 + offload"]["optimizer"] == 0 < full["ZeRO-3 + offload"]["cpu"]
