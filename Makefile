@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU wheel for CI and laptops. GPU users: install your CUDA torch into $(VENV) first, it is kept.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install test demo bench teacher clean
 
@@ -23,7 +24,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: install
-	$(BIN)/padistill distill --config toy_digits
+	$(BIN)/padistill distill --config toy_digits $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/toy_teacher.py
