@@ -9,8 +9,9 @@ set -euo pipefail
 PORT="${1:-${PADISTILL_S3_PORT:-9000}}"
 BUCKET="${2:-${PADISTILL_S3_BUCKET:-padistill-dev}}"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
-MOTO="$(command -v moto_server || true)"
-[ -n "$MOTO" ] || MOTO="$HERE/.venv/bin/moto_server"
+# the project's own moto (a system-wide one may be a release that breaks pyarrow's multipart uploads)
+MOTO="$HERE/.venv/bin/moto_server"
+[ -x "$MOTO" ] || MOTO="$(command -v moto_server || true)"
 [ -x "$MOTO" ] || { echo "moto_server not found: pip install 'moto[server]' (make install does)" >&2; exit 1; }
 PY="$HERE/.venv/bin/python"; [ -x "$PY" ] || PY="$(command -v python3)"
 
