@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
+from pathlib import Path
 
-from jobs.common import add_config_args, job_main, not_built
+from jobs.common import add_config_args, config_from_args, job_main
 
 NAME = "toy-teacher"
 HELP = "train the embedded toy teacher (miniature SDXL on handwritten digits) and export it"
@@ -12,10 +14,39 @@ HELP = "train the embedded toy teacher (miniature SDXL on handwritten digits) an
 
 def add_arguments(p) -> None:
     add_config_args(p)
+    p.add_argument("--output", "-o", default=None,
+                   help="pipeline folder to write (default: pipeline/assets/toy_teacher for the full preset, "
+                        "<run_root>/toy_teacher for smoke)")
+    p.add_argument("--work-dir", default=None, help="keep Ray Train storage and checkpoints here (default: temporary)")
+    p.add_argument("--vae-steps", type=int, default=None)
+    p.add_argument("--unet-steps", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers")
+    p.add_argument("--cpus-per-worker", type=int, default=None)
+    p.add_argument("--vae-from", default=None, metavar="DIR",
+                   help="skip VAE training: reuse <work-dir>/vae_state of an earlier run")
 
 
 def run(args) -> int:
-    return not_built(NAME, 3)
+    from pipeline.toy_teacher import DEFAULT_OUTPUT, ToyTeacherConfig, train_toy_teacher
+
+    cfg = config_from_args(args)
+    sec = cfg.toy_teacher
+    tc = ToyTeacherConfig.smoke() if sec.preset == "smoke" else ToyTeacherConfig()
+    over = {k: v for k, v in dict(vae_steps=args.vae_steps or sec.vae_steps, unet_steps=args.unet_steps or sec.unet_steps,
+                                  workers=args.workers or sec.workers,
+                                  cpus_per_worker=args.cpus_per_worker or sec.cpus_per_worker).items() if v}
+    tc = replace(tc, seed=cfg.train.seed, **over)
+    output = args.output or sec.output or (DEFAULT_OUTPUT if sec.preset == "full"
+                                           else Path(cfg.run_root) / "toy_teacher")
+    if "://" in str(output):
+        print(f"padistill {NAME}: --output must be a local folder, got {output}", file=sys.stderr)
+        return 2
+    summary = train_toy_teacher(output, tc, work_dir=args.work_dir, resolution=cfg.model.resolution,
+                                holdout_fraction=cfg.data.holdout_fraction, data_seed=cfg.data.seed,
+                                ray_address=cfg.ray.address, ray_num_cpus=cfg.ray.num_cpus, vae_from=args.vae_from)
+    print(f"padistill {NAME}: wrote {output} in {summary['total_seconds'] / 60:.1f} min "
+          f"(final UNet loss {summary['final_unet_loss']:.4f}); loss curves in {Path(output) / 'loss_curves.png'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,334 @@
+"""The toy benchmark's metrics (DESIGN: "The toy benchmark"), analogues of the paper's:
+
+- a small digit classifier trained on the real train split (shipped in `pipeline/assets/`, its
+  held-out accuracy recorded next to it); its 64-d penultimate layer is the feature space;
+- `fd`: Fréchet distance between generated and real digits in that space (FID analogue);
+- `fd_patch`: the same on centre 16x16 patches at native scale (FID-Patch analogue: detail);
+- `prompt_accuracy`: the classifier's label agrees with the prompted digit (CLIP-score analogue);
+- `diversity`: mean pairwise feature distance within each prompt, relative to the real digits of
+  that class (1 = as varied as real handwriting, 0 = one image per prompt);
+- `fd_to_reference`: Fréchet distance to a reference model's samples (a student vs its teacher).
+
+Fixed prompts and seeds (`sample_digits`) make numbers comparable between runs; sampling goes through
+`Schedule.sample` and `unet_denoiser` like everything else in padistill.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .zoo import ASSETS
+
+CLASSIFIER_FILE = ASSETS / "digit_classifier.safetensors"
+CLASSIFIER_INFO = ASSETS / "digit_classifier.json"
+FEATURE_DIM = 64
+PATCH = 16
+DEFAULT_SEED = 1234
+
+
+# ---- the classifier --------------------------------------------------------------------------------------
+class DigitClassifier(nn.Module):
+    """A small CNN on [-1, 1] digit images; global pooling makes it accept 32x32 images and 16x16
+    patches alike. `features()` is the 64-d space the Fréchet distances are measured in."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(), nn.AvgPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.SiLU(), nn.AvgPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.GroupNorm(8, 64), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        )
+        self.fc = nn.Linear(256, FEATURE_DIM)
+        self.head = nn.Linear(FEATURE_DIM, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.silu(self.features(x)))
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random shifts of up to 2 px, mild contrast changes and a little noise: robustness to the
+    small artefacts of generated digits without changing their class."""
+    n = x.shape[0]
+    pad = F.pad(x, (2, 2, 2, 2), value=-1.0)
+    dx, dy = torch.randint(0, 5, (n,), generator=g), torch.randint(0, 5, (n,), generator=g)
+    out = torch.stack([pad[i, :, dy[i]:dy[i] + 32, dx[i]:dx[i] + 32] for i in range(n)])
+    scale = 0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)
+    out = (out + 1) * scale - 1
+    return (out + 0.1 * torch.randn(out.shape, generator=g)).clamp(-1, 1)
+
+
+def train_classifier(epochs: int = 30, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+                     holdout_fraction: float = 0.1, data_seed: int = 0, verbose: bool = True
+                     ) -> tuple[DigitClassifier, dict]:
+    """Train the classifier on the real train split (deterministic for a seed, ~1 min on 2 cores).
+    Returns it (eval mode) and info with the held-out accuracy."""
+    from .data import load_digits
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    train = load_digits("train", holdout_fraction=holdout_fraction, seed=data_seed)
+    held = load_digits("heldout", holdout_fraction=holdout_fraction, seed=data_seed)
+    x, y = train.images, torch.as_tensor(train.labels)
+    model = DigitClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    for ep in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x), generator=g)
+        tot = 0.0
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            xb = _augment(x[idx], g)
+            loss = F.cross_entropy(model(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot += loss.item() * len(idx)
+        if verbose and (ep + 1) % 5 == 0:
+            acc = accuracy(model, held.images, held.labels)
+            print(f"[classifier] epoch {ep + 1}/{epochs} loss {tot / len(x):.4f} held-out acc {acc:.4f}", flush=True)
+    model.eval()
+    info = {"heldout_accuracy": accuracy(model, held.images, held.labels),
+            "train_accuracy": accuracy(model, train.images, train.labels),
+            "heldout_size": len(held), "train_size": len(train), "epochs": epochs, "seed": seed,
+            "holdout_fraction": holdout_fraction, "data_seed": data_seed,
+            "params": sum(p.numel() for p in model.parameters())}
+    return model, info
+
+
+@torch.no_grad()
+def accuracy(model: DigitClassifier, images: torch.Tensor, labels) -> float:
+    was = model.training
+    model.eval()
+    pred = torch.cat([model(images[i:i + 512]).argmax(1) for i in range(0, len(images), 512)])
+    model.train(was)
+    return float((pred == torch.as_tensor(labels)).float().mean())
+
+
+def save_classifier(model: DigitClassifier, info: dict, path: Path = CLASSIFIER_FILE) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    Path(path).with_suffix(".json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+_CACHED: dict = {}
+
+
+def load_classifier(path: Path = CLASSIFIER_FILE) -> DigitClassifier:
+    """The shipped classifier (trained and saved on first use when missing)."""
+    key = str(path)
+    if key in _CACHED:
+        return _CACHED[key]
+    if not Path(path).exists():
+        model, info = train_classifier()
+        save_classifier(model, info, Path(path))
+    from safetensors.torch import load_file
+
+    model = DigitClassifier()
+    model.load_state_dict(load_file(str(path)))
+    model.eval().requires_grad_(False)
+    _CACHED[key] = model
+    return model
+
+
+def classifier_info(path: Path = CLASSIFIER_FILE) -> dict:
+    p = Path(path).with_suffix(".json")
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+# ---- features and distances ----------------------------------------------------------------------------
+def centre_patch(images: torch.Tensor, size: int = PATCH) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return images[..., top:top + size, left:left + size]
+
+
+@torch.no_grad()
+def features(images: torch.Tensor, classifier: Optional[DigitClassifier] = None, batch: int = 512) -> np.ndarray:
+    clf = classifier or load_classifier()
+    images = images.to(torch.float32).clamp(-1, 1)
+    return torch.cat([clf.features(images[i:i + batch]) for i in range(0, len(images), batch)]).double().numpy()
+
+
+@torch.no_grad()
+def predict(images: torch.Tensor, classifier: Optional[DigitClassifier] = None) -> np.ndarray:
+    clf = classifier or load_classifier()
+    images = images.to(torch.float32).clamp(-1, 1)
+    return torch.cat([clf(images[i:i + 512]).argmax(1) for i in range(0, len(images), 512)]).numpy()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (scipy's sqrtm)."""
+    from scipy import linalg
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2)
+    if not np.isfinite(covmean).all():
+        eps = np.eye(len(s1)) * 1e-6
+        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    covmean = np.real(covmean)
+    return float(max(0.0, ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)))
+
+
+def _pairwise_mean(f: np.ndarray) -> float:
+    if len(f) < 2:
+        return 0.0
+    d = np.sqrt(((f[:, None, :] - f[None, :, :]) ** 2).sum(-1))
+    n = len(f)
+    return float(d.sum() / (n * (n - 1)))
+
+
+def within_prompt_spread(feats: np.ndarray, labels) -> dict[int, float]:
+    labels = np.asarray(labels)
+    return {int(k): _pairwise_mean(feats[labels == k]) for k in np.unique(labels)}
+
+
+@dataclass
+class RealReference:
+    """Statistics of the real digits every metric compares against (train split by default)."""
+
+    feats: np.ndarray
+    patch_feats: np.ndarray
+    spread: dict[int, float]
+
+
+_REAL: dict = {}
+
+
+def real_reference(split: str = "train", classifier: Optional[DigitClassifier] = None) -> RealReference:
+    key = (split, id(classifier))
+    if key not in _REAL:
+        from .data import load_digits
+
+        d = load_digits(split)
+        f = features(d.images, classifier)
+        _REAL[key] = RealReference(f, features(centre_patch(d.images), classifier), within_prompt_spread(f, d.labels))
+    return _REAL[key]
+
+
+def score(images: torch.Tensor, labels, reference_images: Optional[torch.Tensor] = None,
+          classifier: Optional[DigitClassifier] = None, real: Optional[RealReference] = None) -> dict:
+    """Every toy metric for a set of images [N, 3, 32, 32] in [-1, 1] prompted with `labels`."""
+    clf = classifier or load_classifier()
+    real = real or real_reference(classifier=classifier)
+    labels = np.asarray(labels)
+    f = features(images, clf)
+    pf = features(centre_patch(images), clf)
+    spread = within_prompt_spread(f, labels)
+    ratios = [spread[k] / real.spread[k] for k in spread if real.spread.get(k)]
+    out = {
+        "fd": frechet_distance(f, real.feats),
+        "fd_patch": frechet_distance(pf, real.patch_feats),
+        "prompt_accuracy": float((predict(images, clf) == labels).mean()),
+        "diversity": float(np.mean(ratios)) if ratios else 0.0,
+        "n": int(len(images)),
+    }
+    if reference_images is not None:
+        out["fd_to_reference"] = frechet_distance(f, features(reference_images, clf))
+    return out
+
+
+# ---- fixed prompts and seeds --------------------------------------------------------------------------------
+@dataclass
+class DigitSamples:
+    images: torch.Tensor  # [10 * K, 3, R, R] in [-1, 1], digit-major: row d * K + k
+    labels: np.ndarray  # [10 * K]
+    num_steps: int
+    guidance_scale: float
+    seed: int
+
+    def grid_row(self, k: int = 0) -> torch.Tensor:
+        """Digits 0-9 at seed index k: [10, 3, R, R]."""
+        K = len(self.labels) // 10
+        return self.images[torch.arange(10) * K + k]
+
+
+def fixed_noise(samples_per_digit: int, seed: int = DEFAULT_SEED, shape=(4, 8, 8)) -> torch.Tensor:
+    """Noise [K, *shape]: seed index k is the same noise for every digit (comparable columns)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + k))
+                        for k in range(samples_per_digit)])
+
+
+@torch.no_grad()
+def sample_digits(pipe, num_steps: int, guidance_scale: float = 0.0, samples_per_digit: int = 10,
+                  seed: int = DEFAULT_SEED, unet=None, batch_size: int = 200,
+                  prediction_type: Optional[str] = None) -> DigitSamples:
+    """Sample digits 0-9 x K fixed seeds with N trailing Euler steps (and CFG when g > 1) through
+    `Schedule.sample`; `unet` (a student) replaces the pipeline's own UNet when given. Decoded
+    with the pipeline's VAE to [-1, 1]."""
+    from .data import caption_for
+    from .schedule import unet_denoiser
+    from .zoo import encode_prompts, schedule_of
+
+    unet = unet if unet is not None else pipe.unet
+    sched = schedule_of(pipe)
+    vae = pipe.vae
+    res = pipe.default_sample_size * pipe.vae_scale_factor
+    K = samples_per_digit
+    labels = np.repeat(np.arange(10), K)
+    cond_all = encode_prompts(pipe, [caption_for(k) for k in range(10)], res)
+    lat_shape = (unet.config.in_channels, res // pipe.vae_scale_factor, res // pipe.vae_scale_factor)
+    noise = fixed_noise(K, seed, lat_shape).repeat(10, 1, 1, 1)  # digit-major
+    from .schedule import Conditioning
+
+    out = []
+    for i in range(0, len(labels), batch_size):
+        y = torch.as_tensor(labels[i:i + batch_size])
+        cond = Conditioning(cond_all.prompt_embeds[y], cond_all.pooled[y], cond_all.time_ids[y])
+        den = unet_denoiser(unet, cond, guidance_scale)
+        lat = sched.sample(den, noise[i:i + batch_size].to(torch.float32), num_steps, prediction_type)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        img = vae.decode((lat / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+        out.append(img.float().clamp(-1, 1))
+    return DigitSamples(torch.cat(out), labels, num_steps, guidance_scale, seed)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] in [-1, 1] -> [N, H, W, 3] uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(rows: list[torch.Tensor], path, row_labels: Optional[list[str]] = None, scale: int = 3) -> None:
+    """A PNG grid: each entry of `rows` is [C, 3, H, W] (e.g. digits 0-9), upscaled `scale`x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nr, nc = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(nr, nc, figsize=(nc * 0.9 + (0.9 if row_labels else 0), nr * 0.95), squeeze=False)
+    for i, r in enumerate(rows):
+        imgs = to_uint8(r)
+        for j in range(nc):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(imgs):
+                ax.imshow(imgs[j], interpolation="nearest")
+            if i == 0:
+                ax.set_title(str(j), fontsize=9)
+            if j == 0 and row_labels:
+                ax.set_ylabel(row_labels[i], fontsize=9)
+    fig.tight_layout(pad=0.2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=40 * scale)
+    plt.close(fig)

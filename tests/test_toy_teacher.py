@@ -1,0 +1,110 @@
+"""The embedded toy teacher: DESIGN's dataset pixel for pixel, the shipped teacher as a stock
+diffusers pipeline that draws the prompted digits, and a short `padistill toy-teacher` run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.zoo import BUILTIN, DIGIT_WORDS
+
+TEACHER = BUILTIN["builtin:toy_teacher"]
+
+
+# ---- dataset ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("index", [0, 1, 17, 900, 1796])
+def test_dataset_matches_design_pixel_for_pixel(index):
+    from sklearn.datasets import load_digits as sk_digits
+
+    from pipeline.data import load_digits
+
+    raw = sk_digits()
+    # DESIGN: images[i] / 16.0, bilinear (align_corners=False) to 32x32, 3 channels, [-1, 1]
+    img = torch.tensor(raw.images[index] / 16.0, dtype=torch.float32)[None, None]
+    want = F.interpolate(img, size=(32, 32), mode="bilinear", align_corners=False)[0].repeat(3, 1, 1) * 2 - 1
+    allset = load_digits("all")
+    pos = allset.ids.index(f"digits-{index}")
+    assert torch.equal(allset.images[pos], want)
+    assert allset.captions[pos] == f"a handwritten digit {DIGIT_WORDS[raw.target[index]]}"
+    # white ink on black: the background corner is -1
+    assert allset.images[pos][0, 0, 0] == -1.0
+
+
+def test_split_is_deterministic_and_disjoint():
+    from pipeline.data import load_digits
+
+    a, b = load_digits("train"), load_digits("heldout")
+    assert len(a) + len(b) == 1797 and not set(a.ids) & set(b.ids)
+    assert load_digits("heldout").ids == b.ids
+    assert set(b.labels.tolist()) == set(range(10))
+
+
+# ---- the shipped teacher --------------------------------------------------------------------------------
+def test_shipped_teacher_is_small_and_described():
+    assert (TEACHER / "model_index.json").exists(), "pipeline/assets/toy_teacher must be committed"
+    weights = list(TEACHER.rglob("*.safetensors"))
+    assert weights and not list(TEACHER.rglob("*.bin"))
+    assert sum(p.stat().st_size for f in [TEACHER] for p in f.rglob("*") if p.is_file()) <= 15 * 2**20
+    info = json.loads((TEACHER / "padistill.json").read_text())
+    assert info["num_inference_steps"] == 32 and info["resolution"] == 32
+    assert 1.0 < info["guidance_scale"] <= 4.0
+    sched = json.loads((TEACHER / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "EulerDiscreteScheduler" and sched["timestep_spacing"] == "trailing"
+    assert sched["prediction_type"] == "epsilon" and sched["beta_schedule"] == "scaled_linear"
+    vae = json.loads((TEACHER / "vae" / "config.json").read_text())
+    assert vae["scaling_factor"] != 0.18215  # set from the trained latents
+
+
+def test_shipped_teacher_runs_in_stock_diffusers():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(TEACHER)
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    assert pipe.config.force_zeros_for_empty_prompt
+    image = pipe("a handwritten digit three", num_inference_steps=8, guidance_scale=2.0,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    arr = np.asarray(image)
+    assert arr.std() > 20  # a drawn digit, not a flat image
+
+
+def test_shipped_teacher_draws_the_prompted_digits():
+    from pipeline import metrics
+    from pipeline.zoo import load_pipeline, read_info
+
+    pipe = load_pipeline("builtin:toy_teacher")
+    g = read_info(TEACHER)["guidance_scale"]
+    s = metrics.sample_digits(pipe, 32, g, samples_per_digit=2, seed=4321)
+    acc = float((metrics.predict(s.images) == s.labels).mean())
+    assert acc >= 0.8, f"prompt accuracy {acc}"
+
+
+# ---- the job ---------------------------------------------------------------------------------------------
+def test_toy_teacher_smoke_run_exports_a_loadable_pipeline(ray_local, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from jobs.cli import main
+
+    out = tmp_path / "teacher"
+    rc = main(["toy-teacher", "--config", "smoke", "--output", str(out), "--set", f"run_root={tmp_path / 'run'}",
+               "--work-dir", str(tmp_path / "work")])
+    assert rc == 0
+    training = json.loads((out / "training.json").read_text())
+    assert training["config"]["vae_steps"] > 0 and training["config"]["unet_steps"] > 0
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    # the VAE was trained (reconstruction far better than an untrained one's ~0.5) and scaled
+    assert training["vae"]["recon_mse_eval"] < 0.25
+    vae_cfg = json.loads((out / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] == pytest.approx(training["scaling_factor"])
+    info = json.loads((out / "padistill.json").read_text())
+    assert info["num_inference_steps"] == 32 and info["resolution"] == 32
+    # Ray Train left checkpoints of both phases in the work dir
+    assert list((tmp_path / "work" / "ray" / "unet").glob("checkpoint_*"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(out)
+    img = pipe("a handwritten digit seven", num_inference_steps=2, guidance_scale=0).images[0]
+    assert img.size == (32, 32)
