@@ -1,0 +1,239 @@
+"""`padistill trajectories`: teacher rollouts with Ray Data, on a local root and on S3 (moto): rows and
+schema, targets equal to a direct single-process rollout, the previous stage's export as teacher, and
+a real process kill followed by a rerun that ends with exactly one row per (id, draw)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline import encode as enc
+from pipeline import trajectories as tj
+from pipeline.config import load_config
+from pipeline.schedule import CLEAN, Conditioning, unet_denoiser
+from pipeline.storage import RunStorage, table_to_tensors
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = ["trajectories.dtype=float32", "trajectories.draws=2", "trajectories.max_rows_per_file=8"]
+
+
+def direct_rollout(unet, schedule, stage, row_id, draw, latent, prompt_embeds, pooled, seed=0):
+    """One (row, draw) rolled out in this process, batch of one, from the stage's definition."""
+    noise = tj.draw_noise(tj.draw_seed(row_id, draw, seed)[0], latent.shape)[None]
+    pair = tj.pick_pair(row_id, draw, seed, schedule.stage_pairs(stage.student_steps, stage.multi_timestep))
+    x0 = torch.as_tensor(latent, dtype=torch.float32)[None]
+    x_t = schedule.forward_diffuse(x0, noise, torch.tensor([pair.t]))
+    cond = Conditioning(torch.as_tensor(prompt_embeds, dtype=torch.float32)[None],
+                        torch.as_tensor(pooled, dtype=torch.float32)[None], Conditioning.sdxl_time_ids(1, 32))
+    with torch.no_grad():
+        target = schedule.rollout(unet_denoiser(unet, cond, stage.guidance_scale), x_t,
+                                  schedule.teacher_path(stage.teacher_steps, pair.t, pair.t_next), pair.t_next)
+    return pair, x_t[0].numpy(), target[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def encoded_root(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("traj") / "encoded-run"
+    cfg = load_config("smoke", [f"run_root={root}"] + OVERRIDES)
+    enc.run_encode(cfg)
+    return root
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: session id
+                pids.append(int(d))
+    return pids
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a job started with start_new_session=True and every process of its session: the
+    local Ray it started (Ray puts its workers in their own process groups, not sessions)."""
+    deadline = time.monotonic() + 60
+    while True:
+        pids = _session_pids(proc.pid)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.wait(timeout=60)
+        if not pids or not _session_pids(proc.pid):
+            return
+        assert time.monotonic() < deadline, f"processes of session {proc.pid} survive SIGKILL"
+        time.sleep(0.05)
+
+
+def _copy_encoded(src, dst):
+    shutil.copytree(src / "encoded", dst / "encoded")
+    (dst / "_manifest").mkdir()
+    shutil.copy(src / "_manifest" / f"{enc.STEP}.json", dst / "_manifest")
+
+
+def test_rows_schema_and_targets_equal_direct_rollout(ray_local, encoded_root):
+    from pipeline.zoo import load_unet, resolve_source, schedule_of
+
+    cfg = load_config("smoke", [f"run_root={encoded_root}"] + OVERRIDES)
+    m = tj.run_trajectories(cfg, 1)
+    st = RunStorage.from_config(cfg)
+    out = m["outputs"]
+    assert out["rows"] == out["expected_rows"] == 128 and len(out["files"]) == 16
+    assert out["max_rows_per_file"] <= 8 and out["raw_tensor_bytes_per_row"] == (2 * 256 + 16 * 96 + 32) * 4
+    assert out["embedding_bytes_per_row"] == (16 * 96 + 32) * 4
+    table = tj.read_trajectories(st, cfg, 1)
+    assert table.column_names == tj.COLUMNS
+    sch = table.schema
+    assert sch.field("id").type == pa.string()
+    assert all(sch.field(c).type == pa.int32() for c in ("draw", "t", "t_next"))
+    c = table_to_tensors(table)
+    assert c["x_t"].shape == c["target"].shape == (128, 4, 8, 8) and c["x_t"].dtype == np.float32
+    assert c["prompt_embeds"].shape == (128, 16, 96) and c["pooled_embeds"].shape == (128, 32)
+
+    encoded = table_to_tensors(st.read_table("encoded"))
+    ids = list(encoded["id"])
+    keys = list(zip(c["id"].tolist(), c["draw"].tolist()))
+    assert len(set(keys)) == 128 and set(keys) == {(i, d) for i in ids for d in (0, 1)}
+
+    teacher = resolve_source("builtin:tiny_random")
+    unet, schedule = load_unet(str(teacher)).eval(), schedule_of(teacher)
+    _, stage = cfg.stage(1)
+    pairs = {(p.t, p.t_next) for p in schedule.stage_pairs(8)}
+    assert set(zip(c["t"].tolist(), c["t_next"].tolist())) <= pairs
+    assert len(set(c["t"].tolist())) >= 4  # draws spread over the student's steps
+    # embeddings are the encoded row's
+    for r in (0, 77):
+        e = ids.index(c["id"][r])
+        np.testing.assert_array_equal(c["prompt_embeds"][r], encoded["prompt_embeds"][e].astype(np.float32))
+    # targets equal a direct single-process rollout (CFG 2 on the first stage), including a t = T row
+    rows = [0, 41, 100] + [int(np.flatnonzero(c["t"] == 999)[0])]
+    for r in rows:
+        e = ids.index(c["id"][r])
+        pair, x_t, target = direct_rollout(unet, schedule, stage, c["id"][r], int(c["draw"][r]),
+                                           encoded["latent"][e], encoded["prompt_embeds"][e],
+                                           encoded["pooled_embeds"][e])
+        assert (pair.t, pair.t_next) == (c["t"][r], c["t_next"][r])
+        np.testing.assert_allclose(c["x_t"][r], x_t, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(c["target"][r], target, atol=1e-5, rtol=0)
+    r = rows[-1]  # pure noise at t = T: x_t carries no latent
+    noise = tj.draw_noise(tj.draw_seed(c["id"][r], int(c["draw"][r]), 0)[0], (4, 8, 8)).numpy()
+    np.testing.assert_allclose(c["x_t"][r], noise * schedule.init_noise_sigma(), rtol=1e-6)
+    # finished: a rerun is skipped
+    assert tj.run_trajectories(cfg, 1)["finished_at"] == m["finished_at"]
+
+
+def test_kill_halfway_and_rerun_gives_exact_rows(ray_local, encoded_root, tmp_path):
+    """A real SIGKILL of `python -m jobs.trajectories` (and the Ray it started) once some unit is
+    committed; the rerun runs only the missing units and ends with exactly one row per (id, draw)."""
+    root = tmp_path / "run"
+    _copy_encoded(encoded_root, root)
+    args = [sys.executable, "-m", "jobs.trajectories", "--config", "smoke", "--stage", "1",
+            "--set", f"run_root={root}"] + [x for o in OVERRIDES for x in ("--set", o)]
+    marker_dir = root / "stages" / "1-8step" / "traj" / "_shards"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        # wait on the real signal: the first unit's marker appearing
+        while not (marker_dir.exists() and any(marker_dir.glob("*.json"))):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no unit committed in time"
+            time.sleep(0.05)
+    finally:
+        kill_session(proc)
+        log.close()
+    committed = len(list(marker_dir.glob("*.json")))
+    assert 0 < committed < 16, f"{committed} of 16 units committed at the kill: not halfway"
+    cfg = load_config("smoke", [f"run_root={root}"] + OVERRIDES)
+    st = RunStorage.from_config(cfg)
+    assert st.read_manifest(tj.step_name(cfg, 1)) is None
+
+    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"{committed} already committed" in r.stdout
+    m = st.read_manifest(tj.step_name(cfg, 1))
+    assert m["units_run"] == 16 - committed and m["outputs"]["rows"] == 128
+    t = tj.read_trajectories(st, cfg, 1)
+    keys = list(zip(t.column("id").to_pylist(), t.column("draw").to_pylist()))
+    assert len(keys) == len(set(keys)) == 128
+    # the same rows as the uninterrupted run
+    ref_cfg = load_config("smoke", [f"run_root={encoded_root}"] + OVERRIDES)
+    tj.run_trajectories(ref_cfg, 1)  # skipped when the first test made it
+    ref = tj.read_trajectories(RunStorage.from_config(ref_cfg), ref_cfg, 1)
+    a, b = table_to_tensors(t), table_to_tensors(ref)
+    ia = np.lexsort((a["draw"], a["id"].astype(str)))
+    ib = np.lexsort((b["draw"], b["id"].astype(str)))
+    assert a["id"][ia].tolist() == b["id"][ib].tolist() and a["t"][ia].tolist() == b["t"][ib].tolist()
+    np.testing.assert_allclose(a["target"][ia], b["target"][ib], atol=1e-5, rtol=0)
+    # no files other than the committed parts, markers and the plan
+    names = sorted(p.name for p in (root / "stages" / "1-8step" / "traj").iterdir())
+    assert names == sorted([f"part-{i:05d}.parquet" for i in range(16)] + ["_plan.json", "_shards"])
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    from pipeline import zoo
+    from pipeline.config import load_config
+    from pipeline.encode import run_encode
+    from pipeline.storage import RunStorage
+    from pipeline.trajectories import run_trajectories
+    cfg = load_config("smoke", sys.argv[1:])
+    run_encode(cfg)
+    run_trajectories(cfg, 1)
+    # stand-in for stage 1's export: a different (seed 1) pipeline folder under the run root
+    zoo.save_pipeline(zoo.build_pipeline(seed=1), "{tmp}/export", {{}})
+    RunStorage.from_config(cfg).put_dir("{tmp}/export", cfg.stage_dir(1) + "/model")
+    run_trajectories(cfg, 2)
+""")
+
+
+def test_s3_chain_stage2_teacher_is_stage1_export(s3_endpoint, tmp_path):
+    from pipeline.zoo import build_pipeline, resolve_source, schedule_of
+
+    ov = ["run_root=s3://padistill-test/traj-run", f"storage.endpoint_url={s3_endpoint}",
+          "trajectories.dtype=float32", "trajectories.max_rows_per_file=40"]
+    env = {**os.environ, "PADISTILL_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", SCRIPT.format(tmp=tmp_path)] + ov, cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=420)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cfg = load_config("smoke", ov)
+    st = RunStorage.from_config(cfg)
+    assert tj.teacher_source(cfg, 2, st) == "s3://padistill-test/traj-run/stages/1-8step/model"
+    enc_t = table_to_tensors(st.read_table("encoded"))
+    ids = list(enc_t["id"])
+    for k, n_files in ((1, 2), (2, 2)):
+        m = st.read_manifest(tj.step_name(cfg, k))
+        assert m["outputs"]["rows"] == 64 and len(m["outputs"]["files"]) == n_files
+        assert set(st.ls(cfg.stage_dir(k), "traj")) == {"part-00000.parquet", "part-00001.parquet", "_plan.json",
+                                                        "_shards"}
+    # stage 2 (8 -> 4 steps, no CFG) was rolled out by the exported seed-1 UNet, not the base model
+    c = table_to_tensors(tj.read_trajectories(st, cfg, 2))
+    _, stage = cfg.stage(2)
+    exported = build_pipeline(seed=1).unet.eval()
+    base = build_pipeline(seed=0).unet.eval()
+    sched = schedule_of(resolve_source("builtin:tiny_random"))
+    for r_ in (0, 63):
+        e = ids.index(c["id"][r_])
+        args = (stage, c["id"][r_], int(c["draw"][r_]), enc_t["latent"][e], enc_t["prompt_embeds"][e],
+                enc_t["pooled_embeds"][e])
+        _, _, want = direct_rollout(exported, sched, *args)
+        np.testing.assert_allclose(c["target"][r_], want, atol=1e-5, rtol=0)
+        _, _, other = direct_rollout(base, sched, *args)
+        assert np.abs(c["target"][r_] - other).max() > 1e-3
