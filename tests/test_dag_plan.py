@@ -1,0 +1,34 @@
+"""The DAG's shape and partial-run selection (no Ray needed)."""
+
+import pytest
+
+from pipeline.config import ConfigError, load_config
+from pipeline.dag import build_steps, select
+
+
+def test_steps_chain_stages_and_put_eval_beside_next_precompute():
+    cfg = load_config("smoke")
+    steps = {s.name: s.deps for s in build_steps(cfg)}
+    assert list(steps)[:4] == ["encode", "traj-1", "train-1", "eval-1"]
+    assert steps["traj-1"] == ["encode"]
+    assert steps["traj-2"] == ["encode", "train-1"]  # the teacher of stage 2 is stage 1's student
+    assert steps["eval-1"] == ["train-1"]  # evaluation needs only the student: it runs beside traj-2
+    assert "eval-1" not in steps["traj-2"]
+    assert steps["report"] == ["eval-1", "eval-2", "eval-3"]
+
+
+def test_skip_level_teacher_dependency():
+    cfg = load_config("sdxl_lightning")
+    steps = {s.name: s.deps for s in build_steps(cfg)}
+    assert steps["traj-5"] == ["encode", "train-3"]  # 1-step stage taught by the 4-step student
+
+
+def test_until_and_only():
+    cfg = load_config("smoke")
+    names = [s.name for s in select(build_steps(cfg), cfg, until="4step")]
+    assert names == ["encode", "traj-1", "train-1", "eval-1", "traj-2", "train-2", "eval-2", "report"]
+    assert [s.name for s in select(build_steps(cfg), cfg, only="traj-2")] == ["traj-2"]
+    with pytest.raises(ConfigError, match="no such step"):
+        select(build_steps(cfg), cfg, only="train-9")
+    with pytest.raises(ConfigError, match="no such stage"):
+        select(build_steps(cfg), cfg, until="3step")
