@@ -3,7 +3,7 @@
 
 These are the numbers every distilled student must beat at its own step count.
 
-    python benchmarks/toy_teacher.py                       # builtin:toy_teacher, 20 seeds per digit
+    python benchmarks/toy_teacher.py                       # builtin:toy_teacher, 10 seeds per digit
     python benchmarks/toy_teacher.py --source PATH --samples-per-digit 10 --name my_model
 
 Writes benchmarks/results/<name>.json, <name>.md and <name>_grid.png (rows: step counts, columns:
@@ -27,7 +27,7 @@ STEPS = (32, 8, 4, 2, 1)
 COLUMNS = ("fd", "fd_patch", "prompt_accuracy", "diversity", "fd_to_reference")
 
 
-def run(source: str = "builtin:toy_teacher", steps=STEPS, samples_per_digit: int = 20, seed: int = 1234,
+def run(source: str = "builtin:toy_teacher", steps=STEPS, samples_per_digit: int = 10, seed: int = 1234,
         guidance_scale: float | None = None, name: str = "toy_teacher", out_dir: Path = RESULTS,
         grid_seeds: int = 1) -> dict:
     import torch
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--source", default="builtin:toy_teacher")
     p.add_argument("--steps", type=int, nargs="+", default=list(STEPS))
-    p.add_argument("--samples-per-digit", type=int, default=20)
+    p.add_argument("--samples-per-digit", type=int, default=10, help="10 = evaluate.samples_per_prompt, so students compare")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--guidance-scale", type=float, default=None, help="default: the folder's padistill.json")
     p.add_argument("--name", default="toy_teacher")
