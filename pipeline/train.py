@@ -126,10 +126,12 @@ def disc_mode_at(phase: Phase) -> str | None:
 
 
 def checkpoint_steps(stage: StageConfig, every: int) -> set[int]:
-    """Steps (counted as completed steps) after which a checkpoint is taken."""
+    """Steps (counted as completed steps) after which a checkpoint is taken: every `every`, at each
+    phase end and at the end of the LoRA phase (before the merge, so the LoRA itself is exportable)."""
     phases = plan_phases(stage)
     total = phases[-1].end
-    return {s for s in range(every, total + 1, every)} | {p.end for p in phases}
+    lora_end = {stage.lora.steps} if stage.lora is not None and 0 < stage.lora.steps < total else set()
+    return {s for s in range(every, total + 1, every)} | {p.end for p in phases} | lora_end
 
 
 def uses_renoise(stage: StageConfig) -> bool:
@@ -480,22 +482,27 @@ def _held_filter(modulus: int, keep_held: bool):
     return fn
 
 
-def read_trajectories(cfg: RunConfig, key, storage: RunStorage | None = None, held_rows: int = 16):
+def read_trajectories(cfg: RunConfig, key, storage: RunStorage | None = None, held_rows: int = 16,
+                      data_cpus: float | None = None):
     """(train, held) Ray Datasets of a stage's trajectories. Held rows are whole source ids (all their
-    draws), about `held_rows` of them, picked by a hash of the id; never trained on."""
+    draws), about `held_rows` of them, picked by a hash of the id; never trained on. `data_cpus`: CPUs
+    per read/filter task (0 where the training workers take every CPU, else Ray Data would wait forever)."""
     import ray.data
+
+    remote = {} if data_cpus is None else {"num_cpus": data_cpus}
 
     storage = storage or RunStorage.from_config(cfg)
     rel = f"{cfg.stage_dir(key)}/traj"
     if not storage.exists(rel):
         raise FileNotFoundError(f"{storage.url(rel)}: no trajectories; run `padistill trajectories --stage {key}` first")
-    ds = ray.data.read_parquet(storage.path(rel), filesystem=storage.arrow_fs, file_extensions=["parquet"])
+    ds = ray.data.read_parquet(storage.path(rel), filesystem=storage.arrow_fs, file_extensions=["parquet"],
+                               ray_remote_args=remote)
     n = ds.count()
     if held_rows <= 0 or n < 4 * held_rows:
         return ds.select_columns(TRAIN_COLUMNS), None, n
     modulus = max(2, n // held_rows)
-    train = ds.map_batches(_held_filter(modulus, False), batch_format="pyarrow").select_columns(TRAIN_COLUMNS)
-    held = ds.map_batches(_held_filter(modulus, True), batch_format="pyarrow").select_columns(TRAIN_COLUMNS)
+    train = ds.map_batches(_held_filter(modulus, False), batch_format="pyarrow", **remote).select_columns(TRAIN_COLUMNS)
+    held = ds.map_batches(_held_filter(modulus, True), batch_format="pyarrow", **remote).select_columns(TRAIN_COLUMNS)
     return train, held, n
 
 
@@ -565,6 +572,8 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
+    if not cfg.train.use_gpu:  # fractional CPU workers get one thread each (Ray sets none below 1 CPU)
+        torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
     torch.manual_seed(cfg.train.seed * 1009 + rank)
     storage = RunStorage.from_config(cfg)
     sdir = cfg.stage_dir(key)
@@ -627,23 +636,23 @@ def train_loop_per_worker(config: dict) -> None:
     samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * world
     acc: dict[str, list[float]] = {}
     t_window, n_window = time.perf_counter(), 0
-    timed_steps, timed_s = 0, 0.0
+    timed_steps, timed_s, t_steady = 0, 0.0, time.perf_counter()
     end = min(total, max_steps)
     while step < end:
         for ev in loop.transition(step):
             log(ev)
         phase = phase_at(loop.phases, step)
-        t0 = time.perf_counter()
         for _ in range(cfg.train.grad_accum):
             b = loop.batch_to(next(batches))
             for k, v in loop.micro_step(phase, b).items():
                 acc.setdefault(k, []).append(v)
         step += 1
         n_window += 1
-        dt = time.perf_counter() - t0
-        if step - (resumed_from or 0) > config.get("warmup_steps", 2):
+        if step - (resumed_from or 0) == config.get("warmup_steps", 2):
+            t_steady, timed_steps = time.perf_counter(), 0  # steady-state clock: after warm-up, all included
+        elif step - (resumed_from or 0) > config.get("warmup_steps", 2):
             timed_steps += 1
-            timed_s += dt
+            timed_s = time.perf_counter() - t_steady
         is_ckpt = step in ckpt_at or step == end
         if not (is_ckpt or step % cfg.train.log_every == 0):
             continue
@@ -709,6 +718,21 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # ---- the driver ------------------------------------------------------------------------------------------
+def worker_cpus(cfg: RunConfig, cluster_cpus: float) -> float:
+    """CPUs each training worker asks Ray for. GPU workers take 1. CPU workers take 1 where that leaves
+    a CPU for Ray Data's read tasks; on a small machine (2 workers on 2 CPUs) they share what is left
+    after one CPU for the data, else the streaming split would wait forever for a free CPU."""
+    if cfg.train.use_gpu:
+        return 1.0
+    n = cfg.train.workers
+    if cluster_cpus - n >= 1:
+        return 1.0
+    if cluster_cpus < 2:
+        raise ConfigError(f"train.workers: this Ray cluster has {cluster_cpus:g} CPUs; CPU training needs at least "
+                          "2 (one for the data)")
+    return round((cluster_cpus - 1) / n, 3)
+
+
 def step_name(cfg: RunConfig, key) -> str:
     """The manifest step of stage `key`'s training: "train-<k>-<name>"."""
     return "train-" + cfg.stage_dir(key).split("/", 1)[1]
@@ -725,6 +749,9 @@ def make_trainer(cfg: RunConfig, key, *, held_rows: int = 16, max_steps: int | N
     storage = storage or RunStorage.from_config(cfg)
     idx, stage = cfg.stage(key)
     plan_phases(stage)  # config errors before any worker starts
+    import ray
+
+    per_worker = worker_cpus(cfg, ray.cluster_resources().get("CPU", 0))
     train_ds, held_ds, n_rows = read_trajectories(cfg, key, storage, held_rows)
     datasets = {"train": train_ds}
     if held_ds is not None:
@@ -732,13 +759,13 @@ def make_trainer(cfg: RunConfig, key, *, held_rows: int = 16, max_steps: int | N
     loop_config = {"run": cfg.model_dump(mode="json"), "stage": idx,
                    "teacher_source": teacher_source(cfg, key, storage),
                    "held_rows": held_rows, "has_held": held_ds is not None, "max_steps": max_steps,
-                   "n_rows": n_rows, **(extra_config or {})}
+                   "n_rows": n_rows, "cpus_per_worker": per_worker, **(extra_config or {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": 1} if not cfg.train.use_gpu else None),
+                                     resources_per_worker={"CPU": per_worker}),
         run_config=RayRunConfig(name=RUN_NAME, storage_path=storage.path(cfg.stage_dir(key)),
                                 storage_filesystem=storage.arrow_fs,
                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),

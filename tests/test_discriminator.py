@@ -1,0 +1,97 @@
+"""The discriminator (no Ray): teacher-initialised encoder copy, heads on small maps, conditioning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.discriminator import Discriminator, Head, nonsaturating_d_loss, nonsaturating_g_loss
+from pipeline.schedule import Conditioning
+
+
+@pytest.fixture(scope="module")
+def unet(tiny_pipeline):
+    return tiny_pipeline.unet
+
+
+def _inputs(pipe, n=2, seed=0):
+    from pipeline import zoo
+
+    g = torch.Generator().manual_seed(seed)
+    cond = zoo.encode_prompts(pipe, ["a handwritten digit one", "a handwritten digit two"][:n], 32)
+    return cond, torch.randn(n, 4, 8, 8, generator=g), torch.randn(n, 4, 8, 8, generator=g)
+
+
+def test_backbone_is_a_copy_of_the_teachers_encoder(unet):
+    d = Discriminator(unet, conditional=True)
+    sd = unet.state_dict()
+    for k, v in d.backbone.state_dict().items():
+        assert torch.equal(v, sd[k]), k  # same names as in the UNet, same values
+    assert not any(k.startswith("up_blocks") for k in d.state_dict())
+    # a copy, not shared storage: training D leaves the teacher alone
+    p = next(d.backbone.parameters())
+    assert p.data_ptr() != unet.conv_in.weight.data_ptr() or p.shape != unet.conv_in.weight.shape
+
+
+def test_head_handles_small_and_large_maps():
+    for size in (1, 2, 4, 32):
+        h = Head(16, 8, size)
+        assert h(torch.randn(3, 16, size, size)).shape == (3,)
+    convs = [m for m in Head(16, 8, 32).blocks if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 5 and all(c.kernel_size == (4, 4) and c.stride == (2, 2) for c in convs)
+
+
+def test_conditional_sees_x_t_unconditional_does_not(unet, tiny_pipeline):
+    cond, x_t, x_hat = _inputs(tiny_pipeline)
+    t = torch.tensor([999.0, 999.0])
+    th = torch.tensor([0.0, 0.0])
+    args = (cond.prompt_embeds, cond.pooled, cond.time_ids)
+    torch.manual_seed(0)
+    dc = Discriminator(unet, conditional=True).eval()
+    du = dc.with_mode(conditional=False).eval()
+    with torch.no_grad():
+        a = dc(x_hat, th, *args, x_t=x_t, t=t)
+        b = dc(x_hat, th, *args, x_t=x_t + 1.0, t=t)
+        assert (a - b).abs().max() > 1e-4
+        assert du(x_hat, th, *args).shape == (2,)
+        # the unconditional D has no x_t input at all: its output is a function of x_hat and c only
+        torch.testing.assert_close(du(x_hat, th, *args), du(x_hat, th, *args))
+        assert (du(x_hat, th, *args) - du(x_hat + 1.0, th, *args)).abs().max() > 1e-4
+        # text conditioning reaches both
+        z = Conditioning(cond.prompt_embeds.flip(0), cond.pooled.flip(0), cond.time_ids)
+        assert (du(x_hat, th, *args) - du(x_hat, th, z.prompt_embeds, z.pooled, z.time_ids)).abs().max() > 1e-5
+    # the unconditional D keeps the conditional one's backbone and gets a new, smaller head
+    for (k, v), (k2, v2) in zip(dc.backbone.state_dict().items(), du.backbone.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert du.head.blocks[0].in_channels * 2 == dc.head.blocks[0].in_channels
+
+
+def test_conditional_stacked_batches_match_separate(unet, tiny_pipeline):
+    cond, x_t, x_hat = _inputs(tiny_pipeline)
+    t, th = torch.tensor([749.0, 749.0]), torch.tensor([249.0, 249.0])
+    d = Discriminator(unet, conditional=True).eval()
+    a = (cond.prompt_embeds, cond.pooled, cond.time_ids)
+    rep = (cond.prompt_embeds.repeat(2, 1, 1), cond.pooled.repeat(2, 1), cond.time_ids.repeat(2, 1))
+    with torch.no_grad():
+        both = d(torch.cat([x_hat, -x_hat]), torch.cat([th, th]), *rep, x_t=x_t, t=t)
+        one = d(x_hat, th, *a, x_t=x_t, t=t)
+        two = d(-x_hat, th, *a, x_t=x_t, t=t)
+    torch.testing.assert_close(both, torch.cat([one, two]), atol=1e-5, rtol=1e-5)
+
+
+def test_nonsaturating_losses():
+    r, f = torch.tensor([3.0, 2.0]), torch.tensor([-3.0, -2.0])
+    assert nonsaturating_d_loss(r, f) < nonsaturating_d_loss(f, r)
+    assert nonsaturating_g_loss(r) < nonsaturating_g_loss(f)
+
+
+def test_renoise_from(tiny_pipeline):
+    from pipeline import zoo
+    from pipeline.schedule import CLEAN
+
+    s = zoo.schedule_of(tiny_pipeline)
+    x, n = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    torch.testing.assert_close(s.renoise_from(x, n, CLEAN, 500), s.renoise(x, n, 500))
+    # variances add: sigma_from^2 + extra^2 = sigma_to^2; no noise when already at t_to
+    torch.testing.assert_close(s.renoise_from(x, n, torch.tensor([250, 750, 750]), torch.tensor([750, 750, 250])),
+                               torch.stack([x[0] + (s.sigma(750) ** 2 - s.sigma(250) ** 2) ** 0.5 * n[0], x[1], x[2]]))
