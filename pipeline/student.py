@@ -145,7 +145,7 @@ def save_lora_file(lora_sd: dict[str, torch.Tensor], folder: str | os.PathLike, 
     meta = None
     if unet is not None:
         cfg = lora_config(unet, rank, alpha)
-        meta = {"r": cfg.r, "lora_alpha": cfg.lora_alpha}  # target modules: read from the keys
+        meta = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
     StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=lora_sd, weight_name=LORA_WEIGHT_NAME,
                                                 unet_lora_adapter_metadata=meta)
     return folder / LORA_WEIGHT_NAME

@@ -363,13 +363,16 @@ class StageLoop:
         shape = (n,) + tuple(self._shape)
         return t_star, torch.randn(shape, generator=g).to(self.device), torch.randn(shape, generator=g).to(self.device)
 
-    def _dcall(self, x_hat, t_hat, cond: Conditioning, xt_in, t, k: int = 1):
+    def _dcall(self, x_hat, t_hat, cond: Conditioning, xt_in, t, k: int = 1, frozen: bool = False):
+        """D's logits. `frozen` (the student's update) calls the module, not the engine: the engine's
+        forward arms its own gradient reduction for the backward, which belongs to the student."""
         pe, po, ti = cond.prompt_embeds, cond.pooled, cond.time_ids
         if k > 1:
             pe, po, ti = pe.repeat(k, 1, 1), po.repeat(k, 1), ti.repeat(k, 1)
+        d = self.disc.module if frozen else self.disc
         if self.disc_mode == "conditional":
-            return self.disc(x_hat, t_hat, pe, po, ti, x_t=xt_in, t=t.to(torch.float32))
-        return self.disc(x_hat, t_hat, pe, po, ti)
+            return d(x_hat, t_hat, pe, po, ti, x_t=xt_in, t=t.to(torch.float32))
+        return d(x_hat, t_hat, pe, po, ti)
 
     # -- one micro-step of each kind ---------------------------------------------------------------------------
     def micro_step(self, phase: Phase, b: dict) -> dict[str, float]:
@@ -405,7 +408,7 @@ class StageLoop:
         for p in d_params:
             p.requires_grad_(False)
         try:
-            g_logits = self._dcall(fake_in, fake_t, cond, xt_in, b["t"])
+            g_logits = self._dcall(fake_in, fake_t, cond, xt_in, b["t"], frozen=True)
             g_loss = nonsaturating_g_loss(g_logits)
             self.student.backward(g_loss)
             self.student.step()
