@@ -49,7 +49,7 @@ def test_shipped_teacher_is_small_and_described():
     assert (TEACHER / "model_index.json").exists(), "pipeline/assets/toy_teacher must be committed"
     weights = list(TEACHER.rglob("*.safetensors"))
     assert weights and not list(TEACHER.rglob("*.bin"))
-    assert sum(p.stat().st_size for f in [TEACHER] for p in f.rglob("*") if p.is_file()) <= 15 * 2**20
+    assert sum(p.stat().st_size for p in TEACHER.rglob("*") if p.is_file()) <= 15_000_000  # 15 MB
     info = json.loads((TEACHER / "padistill.json").read_text())
     assert info["num_inference_steps"] == 32 and info["resolution"] == 32
     assert 1.0 < info["guidance_scale"] <= 4.0
@@ -81,7 +81,7 @@ def test_shipped_teacher_draws_the_prompted_digits():
     g = read_info(TEACHER)["guidance_scale"]
     s = metrics.sample_digits(pipe, 32, g, samples_per_digit=2, seed=4321)
     acc = float((metrics.predict(s.images) == s.labels).mean())
-    assert acc >= 0.8, f"prompt accuracy {acc}"
+    assert acc >= 0.9, f"prompt accuracy {acc}"
 
 
 # ---- the job ---------------------------------------------------------------------------------------------
