@@ -848,13 +848,35 @@ def train_stage(cfg: RunConfig, key, *, held_rows: int = 16, max_steps: int | No
         summary["model"] = export_stage(cfg, key, ckpt_path, storage)
         storage.commit_manifest(
             step_name(cfg, key),
-            inputs={"stage": stage.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-                    "model": cfg.model.model_dump(mode="json"),
-                    "trajectories": (storage.read_manifest("trajectories-" + cfg.stage_dir(key).split("/", 1)[1])
-                                     or {}).get("inputs_hash")},
+            inputs=train_inputs(cfg, key, storage),
             outputs={"checkpoint": ckpt_path, "model": summary["model"],
                      "history": storage.url(cfg.stage_dir(key), RUN_NAME, HISTORY_JSON),
                      "loss_curves": storage.url(cfg.stage_dir(key), RUN_NAME, CURVES_PNG),
                      "tensorboard": storage.url(cfg.stage_dir(key), RUN_NAME, TB_DIR)},
             steps=metrics.get("step"), final_metrics=metrics)
     return summary
+
+
+def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
+    """What a stage's training depends on (its manifest's inputs): the stage, the train section, the
+    model, and the trajectories it reads."""
+    _, stage = cfg.stage(key)
+    traj = storage.read_manifest("trajectories-" + cfg.stage_dir(key).split("/", 1)[1]) or {}
+    return {"stage": stage.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+            "model": cfg.model.model_dump(mode="json"), "trajectories": traj.get("inputs_hash")}
+
+
+def run_train_stage(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
+    """The DAG's train step: skipped when its manifest matches its inputs, else `train_stage` (which
+    resumes from the latest checkpoint). Returns the step's manifest."""
+    storage = RunStorage.from_config(cfg)
+    step = step_name(cfg, key)
+    if not force and storage.is_finished(step, train_inputs(cfg, key, storage)):
+        log(f"padistill train-stage: {step} is up to date")
+        return storage.read_manifest(step)
+    summary = train_stage(cfg, key)
+    manifest = storage.read_manifest(step)
+    if manifest is None:
+        raise RuntimeError(f"{step}: training ended at step {summary['metrics'].get('step')} without finishing "
+                           f"its phases; rerun to resume")
+    return manifest
