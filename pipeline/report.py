@@ -86,14 +86,15 @@ def grid(cfg: RunConfig, storage: RunStorage, evals: list[dict], path: str) -> N
     save_grid(rows, path, labels)
 
 
-def timings(storage: RunStorage) -> list[tuple[str, float]]:
-    from .dag import TIMINGS_DIR
+def timings(cfg: RunConfig, storage: RunStorage) -> list[tuple[str, float]]:
+    """(step, seconds) in DAG order, for the steps that have run."""
+    from .dag import TIMINGS_DIR, build_steps
 
     out = []
-    for name in storage.ls(TIMINGS_DIR):
-        if name.endswith(".json"):
-            t = storage.read_json(f"{TIMINGS_DIR}/{name}")
-            out.append((t["step"], t["seconds"]))
+    for s in build_steps(cfg):
+        rel = f"{TIMINGS_DIR}/{s.name}.json"
+        if storage.exists(rel):
+            out.append((s.name, storage.read_json(rel)["seconds"]))
     return out
 
 
@@ -130,7 +131,7 @@ def write_report(cfg: RunConfig, log=print) -> dict:
     for name, title in images.items():
         storage.write_bytes(f"report/{name}", (work / name).read_bytes())
         parts.append(f"### {title}\n\n![{title}](report/{name})\n")
-    tt = timings(storage)
+    tt = timings(cfg, storage)
     if tt:
         parts += ["## Wall time per DAG step\n", "| step | seconds |", "| --- | --- |"]
         parts += [f"| {n} | {s:.1f} |" for n, s in tt] + [f"| **total** | {sum(s for _, s in tt):.1f} |", ""]

@@ -52,11 +52,15 @@ def ensure_ray(cfg) -> None:
 
     if ray.is_initialized():
         return
-    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    kw: dict[str, Any] = {"log_to_driver": True}
     if cfg.ray.address:
         kw["address"] = cfg.ray.address
-    elif cfg.ray.num_cpus:
-        kw["num_cpus"] = cfg.ray.num_cpus
+    elif os.environ.get("RAY_ADDRESS"):  # a driver under `ray job submit`: join that cluster as it is
+        kw["address"] = os.environ["RAY_ADDRESS"]
+    else:  # a local Ray started for this run
+        kw["include_dashboard"] = False
+        if cfg.ray.num_cpus:
+            kw["num_cpus"] = cfg.ray.num_cpus
     ray.init(**kw)
 
 

@@ -14,7 +14,7 @@ PROJECT = CONFIG_DIR.parent
 EXCLUDES = [".venv/", ".git/", "runs/", "**/__pycache__/", ".pytest_cache/", "benchmarks/results/", "*.egg-info/"]
 
 
-def entrypoint_for(config: str | None, overrides: list[str]) -> tuple[str, str]:
+def entrypoint_for(config: str | None, overrides: list[str], until: str | None = None) -> tuple[str, str]:
     """(entrypoint command, config path relative to the project). The config must lie inside the
     project (it travels in the working dir) or be the name of a shipped one."""
     path = find_config(config).resolve()
@@ -23,7 +23,7 @@ def entrypoint_for(config: str | None, overrides: list[str]) -> tuple[str, str]:
     except ValueError:
         raise ConfigError(f"config {str(path)!r} is outside the project folder {PROJECT}; put it under "
                           f"configs/ so it travels with the job's working dir") from None
-    cmd = ["python", "-m", "jobs.distill", "--config", rel.as_posix()]
+    cmd = ["python", "-m", "jobs.distill", "--config", rel.as_posix()] + (["--until", until] if until else [])
     for o in overrides:
         cmd += ["--set", o]
     return " ".join(shlex.quote(c) for c in cmd), rel.as_posix()
@@ -42,11 +42,13 @@ def client(address: str):
     return JobSubmissionClient(address)
 
 
-def submit(address: str, config: str | None, overrides: list[str], *, allow_local_root: bool = False,
-           submission_id: str | None = None, env_vars: dict | None = None) -> str:
+def submit(address: str, config: str | None, overrides: list[str], *, until: str | None = None,
+           allow_local_root: bool = False, submission_id: str | None = None, env_vars: dict | None = None) -> str:
     cfg = load_config(config, overrides)  # validate here, before anything is uploaded
     check_shared_root(cfg, allow_local_root)
-    entrypoint, _ = entrypoint_for(config, overrides)
+    if until is not None:
+        cfg.stage(until)  # a bad --until fails here, not on the cluster
+    entrypoint, _ = entrypoint_for(config, overrides, until)
     runtime_env = {"working_dir": str(PROJECT), "excludes": EXCLUDES,
                    "env_vars": {"HF_HUB_OFFLINE": "1", **(env_vars or {})}}
     return client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from pipeline import trajectories as tj
 from pipeline.config import load_config
 from pipeline.schedule import CLEAN, Conditioning, unet_denoiser
 from pipeline.storage import RunStorage, table_to_tensors
+from procs import kill_session
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = ["trajectories.dtype=float32", "trajectories.draws=2", "trajectories.max_rows_per_file=8"]
@@ -47,39 +47,6 @@ def encoded_root(ray_local, tmp_path_factory):
     cfg = load_config("smoke", [f"run_root={root}"] + OVERRIDES)
     enc.run_encode(cfg)
     return root
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: session id
-                pids.append(int(d))
-    return pids
-
-
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL a job started with start_new_session=True and every process of its session: the
-    local Ray it started (Ray puts its workers in their own process groups, not sessions)."""
-    deadline = time.monotonic() + 60
-    while True:
-        pids = _session_pids(proc.pid)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if proc.poll() is None:
-            proc.wait(timeout=60)
-        if not pids or not _session_pids(proc.pid):
-            return
-        assert time.monotonic() < deadline, f"processes of session {proc.pid} survive SIGKILL"
-        time.sleep(0.05)
 
 
 def _copy_encoded(src, dst):
