@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from pipeline.config import CONFIG_DIR, from_dict
 from pipeline.storage import RunStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from traj_helpers import make_trajectories, write_trajectories  # noqa: E402
+from traj_helpers import kill_session, make_trajectories, write_trajectories  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -177,18 +176,15 @@ def test_x0_conversion_tracks_eps_students_x0(x0_adv_run, tiny_pipeline, tiny_so
     assert rel(x0_conv) < 0.9 * rel(x0_raw)
 
 
-def _ray_address(ray_local) -> str:
-    return ray_local.get_runtime_context().gcs_address
-
-
-def test_kill_after_checkpoint_then_resume(ray_local, tiny_pipeline, tiny_source, tmp_path):
-    """`python -m jobs.train_stage` killed (SIGKILL) once a checkpoint is registered; the same command
-    again resumes at that checkpoint's step, not at 0, and finishes."""
+def test_kill_after_checkpoint_then_resume(tiny_pipeline, tiny_source, tmp_path):
+    """`python -m jobs.train_stage` (its own local Ray, in its own session) SIGKILLed with every process
+    of its session once Ray Train has registered a checkpoint; the same command again resumes at that
+    checkpoint's step, not at 0, and finishes."""
     from pipeline.train import latest_checkpoint
 
     root = tmp_path / "run"
     data = smoke_cfg(root, model={"source": tiny_source}, stage_1={"mse_steps": 40, "lr": 1e-4},
-                     train={"checkpoint_every": 4, "log_every": 4}, ray={"address": _ray_address(ray_local)})
+                     train={"checkpoint_every": 4, "log_every": 4}, ray={"num_cpus": 2})
     cfg = from_dict(data)
     storage = RunStorage.from_config(cfg)
     write_trajectories(storage, cfg, 1, tiny_pipeline, n_ids=16, seed=5)
@@ -196,27 +192,35 @@ def test_kill_after_checkpoint_then_resume(ray_local, tiny_pipeline, tiny_source
     cfg_path.write_text(yaml.safe_dump(data))
     cmd = [sys.executable, "-m", "jobs.train_stage", "--config", str(cfg_path), "--stage", "1", "--held-rows", "0"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
     snapshot = Path(storage.path(cfg.stage_dir(1), "train", "checkpoint_manager_snapshot.json"))
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 420
         try:
-            while True:  # wait for the real signal: Ray Train has registered a checkpoint
+            while True:  # poll for the real signal: Ray Train has registered a checkpoint
                 if snapshot.exists() and latest_checkpoint(cfg, 1, storage):
                     break
                 assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "no checkpoint registered in time"
                 time.sleep(0.2)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_session(proc)
     ckpt = latest_checkpoint(cfg, 1, storage)
     step = int(Path(ckpt).name.split("_")[1])
     assert 0 < step < 40, "the kill came after the run ended; make the run longer"
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("PADISTILL_TRAIN_SUMMARY ")][-1]
+    with open(tmp_path / "second.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=600)
+        finally:
+            kill_session(proc)  # the job's local Ray, should anything of it outlive the driver
+    text = (tmp_path / "second.log").read_text()
+    assert rc == 0, text[-4000:]
+    line = [ln for ln in text.splitlines() if ln.startswith("PADISTILL_TRAIN_SUMMARY ")][-1]
     summary = json.loads(line.split(" ", 1)[1])
+    print(f"killed after the checkpoint at step {step}; the rerun resumed from "
+          f"{summary['metrics']['resumed_from']} and ended at {summary['metrics']['step']}")
     assert summary["metrics"]["step"] == 40
     assert summary["metrics"]["resumed_from"] == step
-    assert f"resumed from checkpoint at step {step}" in out.stdout + out.stderr
+    assert f"resumed from checkpoint at step {step}" in text

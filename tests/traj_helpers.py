@@ -53,3 +53,42 @@ def write_trajectories(storage, cfg, key, pipe, **kw) -> str:
     cols = make_trajectories(pipe, stage, resolution=cfg.model.resolution, **kw)
     cols["id"] = list(cols["id"])
     return storage.write_table(f"{cfg.stage_dir(key)}/traj/part-00000.parquet", cols)
+
+
+def _session_pids(sid: int) -> list[int]:
+    import os
+
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: session id
+                pids.append(int(d))
+    return pids
+
+
+def kill_session(proc) -> None:
+    """SIGKILL a job started with start_new_session=True and every process of its session: the local
+    Ray it started (Ray puts its workers in their own process groups, not sessions)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        pids = _session_pids(proc.pid)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.wait(timeout=60)
+        if not pids or not _session_pids(proc.pid):
+            return
+        assert time.monotonic() < deadline, f"processes of session {proc.pid} survive SIGKILL"
+        time.sleep(0.05)  # poll: SIGKILLed processes leave /proc asynchronously
