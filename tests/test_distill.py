@@ -1,0 +1,161 @@
+"""`padistill distill` end to end on the smoke config: a local run whose exported folders all load in
+stock diffusers, a rerun that skips every step, a run on S3 (moto) killed mid-stage and rerun to the
+same manifests, and a submission to a Ray head started on 127.0.0.1 that reaches SUCCEEDED."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.dag import build_steps, run_dag
+from pipeline.storage import RunStorage
+from procs import kill_session
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def manifests(storage: RunStorage) -> set[str]:
+    return {n[:-5] for n in storage.ls("_manifest") if n.endswith(".json")}
+
+
+EXPECTED_SMOKE = {"encode", "report"} | {f"{p}-{k}" for p in ("trajectories", "train", "eval")
+                                          for k in ("1-8step", "2-4step", "3-1step")}
+
+
+def test_smoke_dag_local_exports_load_and_rerun_skips(ray_local, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    cfg = load_config("smoke", [f"run_root={tmp_path / 'run'}"])
+    first = run_dag(cfg, log=lambda *_: None)
+    assert {r["step"] for r in first} == {s.name for s in build_steps(cfg)} and all(r["ran"] for r in first)
+    storage = RunStorage.from_config(cfg)
+    assert manifests(storage) == EXPECTED_SMOKE
+    stamps = {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE}
+
+    for k, st in enumerate(cfg.stages, start=1):  # the export contract
+        folder = tmp_path / "run" / cfg.stage_dir(k) / "model"
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+        assert pipe.scheduler.config.timestep_spacing == "trailing"
+        assert pipe.scheduler.config.prediction_type == ("sample" if st.prediction_type == "sample" else "epsilon")
+        info = json.loads((folder / "padistill.json").read_text())
+        assert info["num_inference_steps"] == st.student_steps and info["guidance_scale"] == 0
+        assert "## Evaluation" in (folder / "README.md").read_text()  # the model card carries the metrics
+        img = pipe("a handwritten digit seven", num_inference_steps=st.student_steps, guidance_scale=0,
+                   generator=torch.Generator().manual_seed(0)).images[0]
+        assert img.size == (32, 32)
+        metrics = json.loads((tmp_path / "run" / cfg.stage_dir(k) / "eval" / "metrics.json").read_text())
+        assert metrics["student_steps"] == st.student_steps and metrics["speed"]["speedup"] > 1
+
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| **student 1step** | 1 |" in report and "Wall time per DAG step" in report
+    for png in ("metrics.png", "grid.png", "loss-1.png"):
+        assert (tmp_path / "run" / "report" / png).stat().st_size > 1000
+
+    second = run_dag(cfg, log=lambda *_: None)  # the same command again: every step is already finished
+    assert not any(r["ran"] for r in second if r["step"] != "report") and second
+    assert {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE - {"report"}} == \
+        {m: stamps[m] for m in EXPECTED_SMOKE - {"report"}}
+
+
+def _env():
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path):
+    root = "s3://padistill-test/killed"
+    # stage 1 made long enough that the kill lands inside it, after its first checkpoint
+    sets = [f"run_root={root}", f"storage.endpoint_url={s3_endpoint}", "stages.0.mse_steps=40"]
+    args = [sys.executable, "-m", "jobs.distill", "--config", "smoke", "--until", "4step"]
+    for s in sets:
+        args += ["--set", s]
+    cfg = load_config("smoke", sets)
+    storage = RunStorage.from_config(cfg)
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    ckpts = f"{cfg.stage_dir(1)}/train"
+    try:  # wait on the real signal: stage 1's first training checkpoint on S3
+        while not any(p.startswith("checkpoint_") for p in storage.ls(ckpts)):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.2)
+    finally:
+        kill_session(proc)
+    assert not storage.is_finished("train-1-8step")  # killed mid-stage
+    done = subprocess.run(args, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    expected = {"encode", "report"} | {f"{p}-{k}" for p in ("trajectories", "train", "eval")
+                                        for k in ("1-8step", "2-4step")}
+    assert manifests(storage) == expected
+    assert storage.read_manifest("train-1-8step")["steps"] == 40
+    # the rerun resumed stage 1 from the killed run's checkpoint, not from step 0
+    resumed = {int(x) for x in re.findall(r"'resumed_from': (-?\d+)", done.stdout + done.stderr)}
+    assert resumed and max(resumed) >= 2, resumed
+    assert not (tmp_path / "runs").exists()  # nothing on a local disk: the run root is S3 only
+    assert storage.read_manifest("trajectories-1-8step")["outputs"]["rows"] == 64
+
+
+def test_submit_to_local_ray_head(tmp_path):
+    from pipeline.submit import status
+
+    port, dash = _free_port(), _free_port()
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
+                             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true"],
+                            cwd=tmp_path, env=_env(), stdout=open(tmp_path / "head.log", "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:  # the dashboard answers once the head is up
+            try:
+                import urllib.request
+
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except Exception:
+                assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, "ray head did not come up"
+                time.sleep(0.5)
+        root = tmp_path / "run"
+        out = subprocess.run([str(BIN / "padistill"), "submit", "--address", address, "--config", "smoke",
+                              "--until", "8step", "--allow-local-root", "--set", f"run_root={root}"],
+                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        job_id = re.search(r"submitted (\S+)", out.stdout).group(1)
+        assert f"padistill logs --address {address} --follow {job_id}" in out.stdout
+        deadline = time.monotonic() + 1200
+        while (st := status(address, job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            assert time.monotonic() < deadline, "job did not finish in time"
+            time.sleep(2)
+        logs = subprocess.run([str(BIN / "padistill"), "logs", "--address", address, job_id],
+                              env=_env(), capture_output=True, text=True).stdout
+        assert st == "SUCCEEDED", logs[-4000:]
+        storage = RunStorage(str(root))
+        assert manifests(storage) == {"encode", "trajectories-1-8step", "train-1-8step", "eval-1-8step", "report"}
+        assert (root / "stages" / "1-8step" / "model" / "model_index.json").exists()
+        assert "| **student 8step** | 8 |" in (root / "report.md").read_text()
+    finally:
+        kill_session(head)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
