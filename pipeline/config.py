@@ -99,6 +99,7 @@ class StageConfig(_Strict):
     mse_steps: int = Field(0, ge=0, description="steps of an mse stage")
     lr: float = Field(1e-5, gt=0)
     disc_lr: Optional[float] = Field(None, gt=0)
+    conversion_lr: Optional[float] = Field(None, gt=0, description="student lr of the x0 conversion (default lr)")
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     renoise_timesteps: list[int] = Field(default_factory=lambda: [10, 250, 500, 750])

@@ -10,7 +10,11 @@ precision, micro-batch and gradient accumulation from `train`).
 Phases of a stage (steps counted from 0, one step = `grad_accum` micro-batches per rank):
 
     conversion     (prediction_type "sample": `conversion_steps`) MSE of the student's x0 ("sample")
-                   prediction against the x0 its initial epsilon weights (the teacher) imply
+                   prediction against the x0 its initial epsilon weights (the teacher) imply, at
+                   `conversion_lr` (default `lr`; the optimizer restarts at `lr` after it). A full
+                   student first gets `conv_out` refitted by least squares on the first 4 micro-batches
+                   of every rank (`StageLoop.fit_conversion_head`): the best linear read-out of the
+                   UNet's last features, so the MSE starts near the target instead of at epsilon
     mse            (loss mse: `mse_steps`) MSE of the student's one step vs the teacher's n steps
     conditional    (adversarial: `conditional_steps`) non-saturating GAN, alternating D / student
                    updates, conditional D(x_t, x_{t-ns}, t, c)
@@ -259,6 +263,7 @@ class StageLoop:
         self.total = self.phases[-1].end
         self.student = None  # engine
         self.student_mode: str | None = None
+        self.student_lr: float | None = None
         self.disc = None  # engine
         self.disc_mode: str | None = None
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -267,6 +272,9 @@ class StageLoop:
         self.renoise_t = torch.tensor(stage.renoise_timesteps, dtype=torch.long)
         self.student_ptype = "sample" if stage.prediction_type == "sample" else schedule.prediction_type
         self.disc_lr = stage.disc_lr or stage.lr
+        self.conversion_init_batches = 4  # micro-batches per rank for the least-squares conv_out fit
+        self.conversion_init: dict[str, float] | None = None
+        self._pending_student = None
 
     # -- building -----------------------------------------------------------------------------------------
     def _student_module(self, mode: str):
@@ -277,7 +285,14 @@ class StageLoop:
             student_mod.add_lora(unet, self.stage.lora.rank, self.stage.lora.alpha)
         return unet
 
-    def build_student(self, mode: str, state_dict: dict | None = None) -> None:
+    def student_lr_at(self, step: int) -> float:
+        """The student's learning rate at `step`: `conversion_lr` (default `lr`) in the x0 conversion."""
+        if phase_at(self.phases, step).name == "conversion" and self.stage.conversion_lr:
+            return self.stage.conversion_lr
+        return self.stage.lr
+
+    def build_student(self, mode: str, state_dict: dict | None = None,
+                      init_batches: list[dict] | None = None, lr: float | None = None) -> None:
         if self.student is not None:
             self.engines.destroy(self.student)
             self.student = None
@@ -285,8 +300,65 @@ class StageLoop:
         unet = self._student_module(mode)
         if state_dict is not None:
             unet.load_state_dict(state_dict)
-        self.student = self.engines.make(unet, self.stage.lr, self.stage.betas, self.stage.weight_decay)
+        if init_batches is not None and mode == "full":
+            self._pending_student = unet
+            try:
+                self.conversion_init = self.fit_conversion_head(init_batches)
+            finally:
+                self._pending_student = None
+        self.student_lr = lr if lr is not None else self.stage.lr
+        self.student = self.engines.make(unet, self.student_lr, self.stage.betas, self.stage.weight_decay)
         self.student_mode = mode
+
+    @torch.no_grad()
+    def fit_conversion_head(self, batches: list[dict], ridge: float = 1e-3) -> dict[str, float]:
+        """Start the x0 conversion from the best linear read-out: refit the student's `conv_out` (a
+        linear map of the UNet's last features) by ridge least squares so that its direct ("sample")
+        output approximates the x0 the epsilon weights imply on `batches`. The normal equations are
+        summed over ranks (every rank solves the same system: identical weights, as ZeRO needs).
+        Called on the plain module before its engine exists (full student at the conversion start).
+        Returns the relative RMS error of the sample output before and after on these batches."""
+        import torch.distributed as dist
+
+        unet = self._pending_student
+        conv = unet.conv_out
+        feats: list[torch.Tensor] = []
+        hook = conv.register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
+        gram = rhs = None
+        err = torch.zeros(3, dtype=torch.float64)  # [sum sq err before, sum sq target, n]
+        try:
+            for b in batches:
+                cond = self.cond(b)
+                target = student_mod.implied_x0(self.schedule, unet_denoiser(self.teacher, cond), b["x_t"], b["t"])
+                feats.clear()
+                _, x0 = self.schedule.step(unet_denoiser(unet, cond), b["x_t"], b["t"], b["t"], "sample")
+                err += torch.tensor([(x0 - target).double().pow(2).sum().item(),
+                                     target.double().pow(2).sum().item(), 0.0])
+                cols = torch.nn.functional.unfold(feats[0].float(), conv.kernel_size, dilation=conv.dilation,
+                                                  padding=conv.padding, stride=conv.stride)
+                x = cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+                y = target.permute(0, 2, 3, 1).reshape(-1, target.shape[1]).double()
+                g, r = x.T @ x, x.T @ y
+                gram, rhs = (g, r) if gram is None else (gram + g, rhs + r)
+        finally:
+            hook.remove()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for t_ in (gram, rhs, err):
+                dist.all_reduce(t_)
+        lam = ridge * gram.diagonal().mean()
+        w = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), rhs)
+        conv.weight.copy_(w[:-1].T.reshape(conv.weight.shape).to(conv.weight.dtype))
+        conv.bias.copy_(w[-1].to(conv.bias.dtype))
+        err_after = torch.zeros(1, dtype=torch.float64)
+        for b in batches:
+            cond = self.cond(b)
+            target = student_mod.implied_x0(self.schedule, unet_denoiser(self.teacher, cond), b["x_t"], b["t"])
+            _, x0 = self.schedule.step(unet_denoiser(unet, cond), b["x_t"], b["t"], b["t"], "sample")
+            err_after += (x0 - target).double().pow(2).sum().item()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(err_after)
+        return {"rel_before": float((err[0] / err[1]).sqrt()), "rel_after": float((err_after[0] / err[1]).sqrt())}
 
     def build_disc(self, mode: str, backbone_state: dict | None = None) -> None:
         if self.disc is not None:
@@ -300,20 +372,34 @@ class StageLoop:
         self.disc = self.engines.make(d, self.disc_lr, self.stage.betas, self.stage.weight_decay)
         self.disc_mode = mode
 
-    def transition(self, step: int) -> list[str]:
+    def transition(self, step: int, next_batch: Callable[[], dict] | None = None) -> list[str]:
         """Bring the models to what step `step` needs (merge the LoRA, start or switch the
-        discriminator). Collective under ZeRO-3: every rank calls it at the same steps."""
+        discriminator). Collective under ZeRO-3: every rank calls it at the same steps. A fresh
+        student whose first phase is the x0 conversion starts from the least-squares `conv_out`
+        (`fit_conversion_head`, on `conversion_init_batches` micro-batches drawn with `next_batch`)."""
         events = []
         want_s = student_mode_at(self.stage, step)
         if self.student is None:
-            self.build_student(want_s)
+            init = None
+            if (step == 0 and self.phases[0].name == "conversion" and want_s == "full" and next_batch is not None
+                    and self.conversion_init_batches > 0):
+                init = [next_batch() for _ in range(self.conversion_init_batches)]
+            self.build_student(want_s, init_batches=init, lr=self.student_lr_at(step))
+            if self.conversion_init is not None:
+                events.append("x0 conversion: conv_out fitted by least squares, relative RMS error of the sample "
+                              f"output {self.conversion_init['rel_before']:.3f} -> "
+                              f"{self.conversion_init['rel_after']:.3f} on {len(init)} micro-batch(es) per rank")
         elif self.student_mode == "lora" and want_s == "full":
             sd = self.engines.full_state_dict(self.student)
             unet = self._student_module("lora")
             unet.load_state_dict(sd)
             merged = student_mod.merge_lora(unet).state_dict()
-            self.build_student("full", merged)
+            self.build_student("full", merged, lr=self.student_lr_at(step))
             events.append(f"merged the LoRA into the full UNet at step {step}")
+        elif self.student_lr != self.student_lr_at(step):  # conversion_lr -> lr: a fresh optimizer
+            self.build_student(self.student_mode, self.engines.full_state_dict(self.student),
+                               lr=self.student_lr_at(step))
+            events.append(f"student optimizer restarted at lr {self.student_lr:g} at step {step}")
         want_d = disc_mode_at(phase_at(self.phases, step))
         if want_d is not None and self.disc is None:
             self.build_disc(want_d)
@@ -435,8 +521,12 @@ class StageLoop:
         fake_in, fake_t = self.disc_inputs(x_next, b["t_next"], t_star, n_fake)
         xt_in = self.schedule.scale_input(b["x_t"], self.schedule.sigma(b["t"].cpu()))
         logits = self._dcall(torch.cat([real_in, fake_in]), torch.cat([real_t, fake_t]), cond, xt_in, b["t"], k=2)
-        r, f = logits[:n], logits[n:]
-        out.update(held_d_real=r.mean().item(), held_d_fake=f.mean().item(),
+        r, f = logits[:n].flatten(), logits[n:].flatten()
+        # ranking: the fraction of (real, fake) pairs D orders correctly (ROC AUC; ties count half),
+        # which unlike the accuracy at logit 0 does not depend on where D's logits happen to sit
+        diff = r[:, None] - f[None, :]
+        auc = ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item()
+        out.update(held_d_real=r.mean().item(), held_d_fake=f.mean().item(), held_d_auc=auc,
                    held_d_acc=0.5 * ((r > 0).float().mean() + (f < 0).float().mean()).item())
         return out
 
@@ -599,7 +689,7 @@ def train_loop_per_worker(config: dict) -> None:
         ckpt.to_directory(local)
         state = student_mod.read_state(local)
         step, history, resumed_from = int(state["step"]), state.get("history", []), int(state["step"])
-        loop.build_student(state["student_mode"])
+        loop.build_student(state["student_mode"], lr=loop.student_lr_at(step - 1))
         engines.load(loop.student, os.path.join(local, "student", "ds"))
         if state.get("disc_mode"):
             loop.build_disc(state["disc_mode"])
@@ -642,7 +732,7 @@ def train_loop_per_worker(config: dict) -> None:
     timed_steps, timed_s, t_steady = 0, 0.0, time.perf_counter()
     end = min(total, max_steps)
     while step < end:
-        for ev in loop.transition(step):
+        for ev in loop.transition(step, lambda: loop.batch_to(next(batches))):
             log(ev)
         phase = phase_at(loop.phases, step)
         for _ in range(cfg.train.grad_accum):
@@ -666,13 +756,15 @@ def train_loop_per_worker(config: dict) -> None:
                        samples_per_s=n_window * samples_per_step / max(now - t_window, 1e-9),
                        steady_samples_per_s=(timed_steps * samples_per_step / timed_s) if timed_s else 0.0,
                        resumed_from=resumed_from if resumed_from is not None else -1)
+        if loop.conversion_init is not None and phase.name == "conversion":
+            metrics.update({f"conversion_init_{k}": v for k, v in loop.conversion_init.items()})
         if held is not None and (is_ckpt or step == end):
             metrics.update(_all_mean(loop.evaluate(held), world))
         acc, t_window, n_window = {}, now, 0
         history.append(metrics)
         log(f"step {step}/{total} {phase.name:13s} " + " ".join(
             f"{k}={metrics[k]:.4g}" for k in ("loss", "d_loss", "d_real", "d_fake", "held_mse", "held_d_real",
-                                              "held_d_fake", "held_d_acc") if k in metrics)
+                                              "held_d_fake", "held_d_auc", "held_d_acc") if k in metrics)
             + f" {metrics['samples_per_s']:.1f} samples/s")
         if writer is not None:
             for k, v in metrics.items():

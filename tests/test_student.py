@@ -58,3 +58,56 @@ def test_phase_plan():
         plan_phases(_stage(mse_steps=3))
     with pytest.raises(ConfigError, match="no training steps"):
         plan_phases(StageConfig(teacher_steps=8, student_steps=4, loss="mse"))
+
+
+def test_conversion_starts_from_least_squares_conv_out(tiny_pipeline):
+    """The x0 conversion's start (no Ray: the plain-torch engines of the benchmark): conv_out alone is
+    refitted by least squares and the sample output gets closer to the implied x0 on rows it never
+    saw; after the conversion the optimizer restarts at the stage's lr, with the same weights."""
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline import zoo
+    from pipeline.config import CONFIG_DIR, from_dict
+    from pipeline.schedule import Conditioning
+    from pipeline.train import TRAIN_COLUMNS, PlainEngines, StageLoop
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from traj_helpers import make_trajectories
+
+    data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    data["stages"][2].update(conversion_steps=2, conversion_lr=1e-3, lr=1e-4)
+    cfg = from_dict(data)
+    _, stage = cfg.stage(3)
+    sched = zoo.schedule_of(tiny_pipeline)
+    loop = StageLoop(cfg, stage, sched, copy.deepcopy(tiny_pipeline.unet), PlainEngines(cfg.train), "cpu")
+    fit = make_trajectories(tiny_pipeline, stage, n_ids=64, seed=1)  # 4 micro-batches of 16
+    batches = iter([{k: torch.as_tensor(fit[k][i:i + 16]) for k in TRAIN_COLUMNS} for i in range(0, 64, 16)])
+    held = make_trajectories(tiny_pipeline, stage, n_ids=16, seed=2)
+    x_t, t = torch.as_tensor(held["x_t"]), torch.as_tensor(held["t"]).long()
+    cond = Conditioning(torch.as_tensor(held["prompt_embeds"]), torch.as_tensor(held["pooled_embeds"]),
+                        Conditioning.sdxl_time_ids(len(t), 32))
+
+    def held_rel(unet):
+        with torch.no_grad():
+            target = student.implied_x0(sched, unet_denoiser(tiny_pipeline.unet, cond), x_t, t)
+            _, x0 = sched.step(unet_denoiser(unet, cond), x_t, t, t, prediction_type="sample")
+        return ((x0 - target).pow(2).mean() / target.pow(2).mean()).sqrt().item()
+
+    before = held_rel(tiny_pipeline.unet)
+    events = loop.transition(0, lambda: loop.batch_to(next(batches)))
+    assert loop.student_lr == 1e-3 and any("least squares" in e for e in events)
+    after = held_rel(loop.student.module)
+    print(f"least-squares conv_out: held relative RMS error {before:.3f} -> {after:.3f} "
+          f"(fit batch {loop.conversion_init['rel_before']:.3f} -> {loop.conversion_init['rel_after']:.3f})")
+    assert after < 0.9 * before and loop.conversion_init["rel_after"] < 0.8 * loop.conversion_init["rel_before"]
+    changed = {n for n, p in loop.student.module.named_parameters()
+               if not torch.equal(p, tiny_pipeline.unet.get_parameter(n))}
+    assert changed == {"conv_out.weight", "conv_out.bias"}
+    weights = copy.deepcopy(loop.student.module.state_dict())
+    events = loop.transition(2)
+    assert loop.student_lr == 1e-4 and loop.student.optimizer.param_groups[0]["lr"] == 1e-4
+    assert any("optimizer restarted" in e for e in events) and loop.disc_mode == "conditional"
+    assert all(torch.equal(v, loop.student.module.state_dict()[k]) for k, v in weights.items())
