@@ -18,6 +18,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.dag import build_steps, run_dag
 from pipeline.storage import RunStorage
+from pipeline.train import latest_checkpoint
 from procs import kill_session
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,9 +88,8 @@ def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path
     proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + 600
-    ckpts = f"{cfg.stage_dir(1)}/train"
-    try:  # wait on the real signal: stage 1's first training checkpoint on S3
-        while not any(p.startswith("checkpoint_") for p in storage.ls(ckpts)):
+    try:  # wait on the real signal: stage 1's first checkpoint registered by Ray Train on S3
+        while latest_checkpoint(cfg, 1, storage) is None:
             assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.2)
