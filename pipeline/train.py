@@ -325,7 +325,7 @@ class StageLoop:
         feats: list[torch.Tensor] = []
         hook = conv.register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
         gram = rhs = None
-        err = torch.zeros(3, dtype=torch.float64)  # [sum sq err before, sum sq target, n]
+        err = torch.zeros(2, dtype=torch.float64)  # [sum sq err before, sum sq target]
         try:
             for b in batches:
                 cond = self.cond(b)
@@ -333,31 +333,36 @@ class StageLoop:
                 feats.clear()
                 _, x0 = self.schedule.step(unet_denoiser(unet, cond), b["x_t"], b["t"], b["t"], "sample")
                 err += torch.tensor([(x0 - target).double().pow(2).sum().item(),
-                                     target.double().pow(2).sum().item(), 0.0])
-                cols = torch.nn.functional.unfold(feats[0].float(), conv.kernel_size, dilation=conv.dilation,
-                                                  padding=conv.padding, stride=conv.stride)
-                x = cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
-                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-                y = target.permute(0, 2, 3, 1).reshape(-1, target.shape[1]).double()
-                g, r = x.T @ x, x.T @ y
-                gram, rhs = (g, r) if gram is None else (gram + g, rhs + r)
+                                     target.double().pow(2).sum().item()])
+                for f_i, y_i in zip(feats[0], target):  # one sample at a time: SDXL's maps are large
+                    cols = torch.nn.functional.unfold(f_i[None].float(), conv.kernel_size, dilation=conv.dilation,
+                                                      padding=conv.padding, stride=conv.stride)[0]
+                    x = torch.cat([cols.T, torch.ones(cols.shape[1], 1, dtype=cols.dtype, device=cols.device)], 1)
+                    y = y_i.reshape(y_i.shape[0], -1).T.float()
+                    g, r = (x.T @ x).double().cpu(), (x.T @ y).double().cpu()
+                    gram, rhs = (g, r) if gram is None else (gram + g, rhs + r)
         finally:
             hook.remove()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for t_ in (gram, rhs, err):
-                dist.all_reduce(t_)
+
+        def all_sum(t_: torch.Tensor) -> torch.Tensor:  # NCCL reduces CUDA tensors only
+            if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+                return t_
+            on = t_.to(self.device) if dist.get_backend() == "nccl" else t_
+            dist.all_reduce(on)
+            return on.cpu()
+
+        gram, rhs, err = all_sum(gram), all_sum(rhs), all_sum(err)
         lam = ridge * gram.diagonal().mean()
         w = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), rhs)
-        conv.weight.copy_(w[:-1].T.reshape(conv.weight.shape).to(conv.weight.dtype))
-        conv.bias.copy_(w[-1].to(conv.bias.dtype))
+        conv.weight.copy_(w[:-1].T.reshape(conv.weight.shape).to(conv.weight))
+        conv.bias.copy_(w[-1].to(conv.bias))
         err_after = torch.zeros(1, dtype=torch.float64)
         for b in batches:
             cond = self.cond(b)
             target = student_mod.implied_x0(self.schedule, unet_denoiser(self.teacher, cond), b["x_t"], b["t"])
             _, x0 = self.schedule.step(unet_denoiser(unet, cond), b["x_t"], b["t"], b["t"], "sample")
             err_after += (x0 - target).double().pow(2).sum().item()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(err_after)
+        err_after = all_sum(err_after)
         return {"rel_before": float((err[0] / err[1]).sqrt()), "rel_after": float((err_after[0] / err[1]).sqrt())}
 
     def build_disc(self, mode: str, backbone_state: dict | None = None) -> None:
