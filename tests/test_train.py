@@ -108,22 +108,28 @@ def test_lora_from_checkpoint_loads_on_teacher(mse_lora_run, tiny_source, tmp_pa
     torch.testing.assert_close(after, merged, atol=1e-4, rtol=1e-4)
 
 
+X0_CONVERSION_STEPS = 8
+
+
 @pytest.fixture(scope="module")
 def x0_adv_run(ray_local, tiny_pipeline, tiny_source, tmp_path_factory):
     """Stage 3 of the smoke config (4 -> 1 step, multi-timestep, x0 conversion, conditional then
-    unconditional discriminator with 5:1:1:1 re-noising) under ZeRO-3."""
+    unconditional discriminator with 5:1:1:1 re-noising) under ZeRO-3; ~16 held rows. The student's
+    adversarial lr is 100x below D's (the paper's student lr is tiny too): measured single-process, a
+    student at 1e-4 re-fools a 1e-3 D within a few steps (held AUC 0.3-0.5 after 12 steps), at 1e-5 D
+    separates (AUC 0.96 after 6 conditional, 0.94 after 6 more unconditional) while the student moves."""
     from pipeline.train import train_stage
 
     root = tmp_path_factory.mktemp("x0_adv")
     data = smoke_cfg(root, model={"source": tiny_source},
-                     stage_3={"conversion_steps": 6, "conditional_steps": 6, "unconditional_steps": 6,
-                              "lr": 1e-3, "disc_lr": 1e-3},
-                     train={"zero_stage": 3, "micro_batch": 8, "checkpoint_every": 1000, "log_every": 3})
+                     stage_3={"conversion_steps": X0_CONVERSION_STEPS, "conditional_steps": 6,
+                              "unconditional_steps": 6, "conversion_lr": 1e-3, "lr": 1e-5, "disc_lr": 1e-3},
+                     train={"zero_stage": 3, "micro_batch": 8, "checkpoint_every": 1000, "log_every": 4})
     cfg = from_dict(data)
     storage = RunStorage.from_config(cfg)
     setup_teacher_of_stage3(cfg, storage, tiny_source)
-    write_trajectories(storage, cfg, 3, tiny_pipeline, n_ids=40, seed=3)
-    summary = train_stage(cfg, 3, held_rows=8)
+    write_trajectories(storage, cfg, 3, tiny_pipeline, n_ids=80, seed=3)
+    summary = train_stage(cfg, 3, held_rows=16)
     return cfg, storage, summary
 
 
@@ -135,33 +141,39 @@ def test_adversarial_runs_both_phases_and_d_separates(x0_adv_run):
     adv = [h for h in hist if h["phase"] != "conversion"]
     assert all(k in h for h in adv for k in ("d_loss", "d_real", "d_fake"))
     m = summary["metrics"]
-    # on held-out rows, after the short run, the discriminator tells teacher from student
+    print(f"held batch after the run: D mean logit real {m['held_d_real']:.3f} fake {m['held_d_fake']:.3f}, "
+          f"AUC {m['held_d_auc']:.3f}, accuracy at logit 0 {m['held_d_acc']:.3f}")
+    # On held-out rows D ranks teacher (real) above student (fake): the fraction of correctly ordered
+    # (real, fake) pairs (ROC AUC). With ~16 held rows a D that cannot tell them apart has AUC 0.5 with a
+    # standard deviation of about 0.1 (Mann-Whitney, n = m = 16), so 0.7 is two of those above chance.
+    # (The accuracy at logit 0 is not asserted: it measures where D's logits sit, not separation.)
     assert m["held_d_real"] > m["held_d_fake"], m
-    assert m["held_d_acc"] > 0.5, m
+    assert m["held_d_auc"] > 0.7, m
     # the exported 1-step folder samples x0 ("sample" prediction) with trailing Euler
     sched = json.loads(Path(storage.path(cfg.stage_dir(3), "model", "scheduler", "scheduler_config.json")).read_text())
     assert sched["prediction_type"] == "sample" and sched["timestep_spacing"] == "trailing"
 
 
 def test_x0_conversion_tracks_eps_students_x0(x0_adv_run, tiny_pipeline, tiny_source, tmp_path):
-    """The checkpoint at the end of the conversion phase (before any adversarial step) predicts x0
-    directly ("sample") closer to the x0 its epsilon initialisation implies than the unconverted
-    weights do; the relative error reached is printed (a 6-step test run does not converge)."""
+    """The checkpoint at the end of the conversion phase (before any adversarial step), a plain UNet
+    read with prediction_type "sample", predicts the x0 its epsilon initialisation implies on rows
+    it never saw. The conversion starts from a least-squares fit of conv_out (the trainer logs its
+    error), then MSE; the relative RMS errors are printed."""
     from pipeline import student
-    from pipeline.schedule import unet_denoiser
+    from pipeline.schedule import Conditioning, unet_denoiser
 
     cfg, storage, _ = x0_adv_run
-    ckpt = storage.path(cfg.stage_dir(3), "train", "checkpoint_0000006")
+    hist = storage.read_json(f"{cfg.stage_dir(3)}/train/history.json")
+    init = [h for h in hist if "conversion_init_rel_after" in h][0]
+    ckpt = storage.path(cfg.stage_dir(3), "train", f"checkpoint_{X0_CONVERSION_STEPS:07d}")
     state = student.read_state(ckpt)
     assert state["phase"] == "conversion" and state["prediction_type"] == "sample"
     converted, _ = student.student_unet_from_checkpoint(ckpt, tiny_source)
     eps = zoo.load_unet(tiny_source)
     sched = zoo.schedule_of(tiny_source)
     _, stage = cfg.stage(3)
-    cols = make_trajectories(tiny_pipeline, stage, n_ids=8, seed=99)
+    cols = make_trajectories(tiny_pipeline, stage, n_ids=16, seed=99)  # fresh latents, noise, prompts order
     x_t, t = torch.as_tensor(cols["x_t"]), torch.as_tensor(cols["t"]).long()
-    from pipeline.schedule import Conditioning
-
     cond = Conditioning(torch.as_tensor(cols["prompt_embeds"]), torch.as_tensor(cols["pooled_embeds"]),
                         Conditioning.sdxl_time_ids(len(t), 32))
     with torch.no_grad():
@@ -172,18 +184,24 @@ def test_x0_conversion_tracks_eps_students_x0(x0_adv_run, tiny_pipeline, tiny_so
     def rel(a):
         return ((a - target).pow(2).mean() / target.pow(2).mean()).sqrt().item()
 
-    print(f"x0 conversion: relative RMS error {rel(x0_raw):.3f} unconverted -> {rel(x0_conv):.3f} after 6 steps")
-    assert rel(x0_conv) < 0.9 * rel(x0_raw)
+    print(f"x0 conversion, relative RMS error of the sample output: training batch "
+          f"{init['conversion_init_rel_before']:.3f} -> {init['conversion_init_rel_after']:.3f} by the "
+          f"least-squares conv_out; held rows {rel(x0_raw):.3f} unconverted -> {rel(x0_conv):.3f} "
+          f"after {X0_CONVERSION_STEPS} steps")
+    assert init["conversion_init_rel_after"] < 0.8 * init["conversion_init_rel_before"]
+    # measured: 1.01 -> 0.78 on held rows (a random tiny teacher's implied x0 is an arbitrary function of
+    # x_t; the fit batch reaches 0.74 by least squares alone). A small tolerance needs ~50+ steps.
+    assert rel(x0_conv) < 0.85 * rel(x0_raw)
 
 
-def test_kill_after_checkpoint_then_resume(tiny_pipeline, tiny_source, tmp_path):
-    """`python -m jobs.train_stage` (its own local Ray, in its own session) SIGKILLed with every process
-    of its session once Ray Train has registered a checkpoint; the same command again resumes at that
-    checkpoint's step, not at 0, and finishes."""
-    from pipeline.train import latest_checkpoint
+def test_kill_after_checkpoint_then_resume_on_s3(s3_endpoint, tiny_pipeline, tiny_source, tmp_path):
+    """`python -m jobs.train_stage` with its run root on S3 (moto), its own local Ray, in its own
+    session, SIGKILLed with every process of its session once Ray Train has registered a checkpoint;
+    the same command again resumes at that checkpoint's step, not at 0, finishes and exports to S3."""
+    from pipeline.train import latest_checkpoint, step_name
 
-    root = tmp_path / "run"
-    data = smoke_cfg(root, model={"source": tiny_source}, stage_1={"mse_steps": 40, "lr": 1e-4},
+    data = smoke_cfg("s3://padistill-test/resume-run", model={"source": tiny_source},
+                     stage_1={"mse_steps": 40, "lr": 1e-4}, storage={"endpoint_url": s3_endpoint},
                      train={"checkpoint_every": 4, "log_every": 4}, ray={"num_cpus": 2})
     cfg = from_dict(data)
     storage = RunStorage.from_config(cfg)
@@ -191,15 +209,15 @@ def test_kill_after_checkpoint_then_resume(tiny_pipeline, tiny_source, tmp_path)
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     cmd = [sys.executable, "-m", "jobs.train_stage", "--config", str(cfg_path), "--stage", "1", "--held-rows", "0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    snapshot = Path(storage.path(cfg.stage_dir(1), "train", "checkpoint_manager_snapshot.json"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PADISTILL_CACHE": str(tmp_path / "cache")}  # AWS test creds too
+    env["RAY_ADDRESS"] = "local"  # a new local Ray, never a cluster already running (this session's, others')
+    snapshot = f"{cfg.stage_dir(1)}/train/checkpoint_manager_snapshot.json"
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 420
         try:
             while True:  # poll for the real signal: Ray Train has registered a checkpoint
-                if snapshot.exists() and latest_checkpoint(cfg, 1, storage):
+                if storage.exists(snapshot) and latest_checkpoint(cfg, 1, storage):
                     break
                 assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
                 assert time.monotonic() < deadline, "no checkpoint registered in time"
@@ -224,3 +242,5 @@ def test_kill_after_checkpoint_then_resume(tiny_pipeline, tiny_source, tmp_path)
     assert summary["metrics"]["step"] == 40
     assert summary["metrics"]["resumed_from"] == step
     assert f"resumed from checkpoint at step {step}" in text
+    assert storage.read_manifest(step_name(cfg, 1))["steps"] == 40
+    assert storage.exists(cfg.stage_dir(1), "model", "unet", "config.json")
