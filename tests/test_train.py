@@ -4,7 +4,8 @@ config with a tiny random teacher and trajectories made by `traj_helpers` in the
 Runs are shared between assertions (Ray/DeepSpeed start-up dominates on 2 busy cores):
 - `mse_lora_run`: stage 1 (32 -> 8, MSE) with a LoRA phase then the full UNet, ZeRO-2;
 - `x0_adv_run`:   stage 3 (-> 1 step, x0 conversion, conditional then unconditional D), ZeRO-3;
-- the kill/resume test drives `python -m jobs.train_stage` in a subprocess against the test's Ray.
+- the kill/resume test drives `python -m jobs.train_stage` in a subprocess with its own local Ray and its
+  run root on S3 (moto), and SIGKILLs its whole session.
 """
 
 from __future__ import annotations
