@@ -57,7 +57,8 @@ def ensure_ray(cfg) -> None:
         kw["address"] = cfg.ray.address
     elif os.environ.get("RAY_ADDRESS"):  # a driver under `ray job submit`: join that cluster as it is
         kw["address"] = os.environ["RAY_ADDRESS"]
-    else:  # a local Ray started for this run
+    else:  # a local Ray started for this run (never silently joining another cluster on this machine)
+        kw["address"] = "local"
         kw["include_dashboard"] = False
         if cfg.ray.num_cpus:
             kw["num_cpus"] = cfg.ray.num_cpus

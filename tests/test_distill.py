@@ -109,9 +109,14 @@ def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path
     assert storage.read_manifest("trajectories-1-8step")["outputs"]["rows"] == 64
 
 
-def test_submit_to_local_ray_head(tmp_path):
+def test_submit_to_local_ray_head(tmp_path, monkeypatch):
+    import secrets
+
     from pipeline.submit import status
 
+    # a head with Ray's token authentication on, as clusters should run: clients read RAY_AUTH_TOKEN
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
     port, dash = _free_port(), _free_port()
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
@@ -122,10 +127,13 @@ def test_submit_to_local_ray_head(tmp_path):
     try:
         deadline = time.monotonic() + 180
         while True:  # the dashboard answers once the head is up
-            try:
-                import urllib.request
+            import urllib.error
+            import urllib.request
 
+            try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # it answers (401 where Ray's token auth is on): it is up
                 break
             except Exception:
                 assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
