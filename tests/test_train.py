@@ -27,7 +27,8 @@ from pipeline.config import CONFIG_DIR, from_dict
 from pipeline.storage import RunStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from traj_helpers import kill_session, make_trajectories, write_trajectories  # noqa: E402
+from procs import kill_session  # noqa: E402
+from traj_helpers import make_trajectories, write_trajectories  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
