@@ -73,7 +73,9 @@ def cpus_per_actor(actors: int, gpus_per_actor: float) -> int:
     if gpus_per_actor > 0:
         return 1
     total = int(ray.cluster_resources().get("CPU", 1))
-    return max(1, total // max(1, actors))
+    # an actor lives on one node: never ask for more CPUs than the largest node has
+    largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=total)
+    return max(1, min(total // max(1, actors), largest))
 
 
 # ---- output folder ------------------------------------------------------------------------------------
