@@ -105,86 +105,19 @@ def build_unet(config: dict | None = None, device: str = "meta"):
         return UNet2DConditionModel(**(config or SDXL_UNET_CONFIG))
 
 
-class DiscriminatorHead(nn.Module):
-    """(4x4 conv stride 2 -> GroupNorm -> SiLU) blocks down to a 4x4 map, then a 1-logit projection
-    (global average + linear)."""
-
-    def __init__(self, in_channels: int, width: int, feature_size: int, groups: int = 32, min_size: int = 4):
-        super().__init__()
-        layers: list[nn.Module] = []
-        c, size = in_channels, feature_size
-        while True:
-            layers += [nn.Conv2d(c, width, kernel_size=4, stride=2, padding=1), nn.GroupNorm(groups, width), nn.SiLU()]
-            c, size = width, size // 2
-            if size <= min_size:
-                break
-        self.blocks = nn.Sequential(*layers)
-        self.proj = nn.Linear(width, 1)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.blocks(h).mean(dim=(2, 3)))
-
-
-class Discriminator(nn.Module):
-    """DESIGN's discriminator: a copy of the diffusion UNet's encoder (conv_in, time and text-time
-    embeddings, down blocks, mid block; text-conditioned) and a small head. Conditional: x_t and
-    x_{t-ns} go through the shared backbone separately and the mid-block features are concatenated;
-    unconditional: x_{t-ns} alone."""
-
-    def __init__(self, unet, conditional: bool, feature_size: int):
-        super().__init__()
-        self.conditional = conditional
-        for name in ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "down_blocks",
-                     "mid_block"):
-            setattr(self, name, getattr(unet, name))
-        mid = unet.config.block_out_channels[-1]
-        self.head = DiscriminatorHead(mid * (2 if conditional else 1), mid, feature_size,
-                                      groups=unet.config.norm_num_groups)
-
-    def backbone(self, x, t, encoder_hidden_states, text_embeds, time_ids):
-        emb = self.time_embedding(self.time_proj(t).to(x.dtype))
-        time_embeds = self.add_time_proj(time_ids.flatten()).reshape(x.shape[0], -1)
-        emb = emb + self.add_embedding(torch.cat([text_embeds, time_embeds.to(x.dtype)], dim=-1))
-        h = self.conv_in(x)
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
-            else:
-                h, _ = block(hidden_states=h, temb=emb)
-        return self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
-
-    def forward(self, x_next, t, encoder_hidden_states, text_embeds, time_ids, x_t=None):
-        feats = self.backbone(x_next, t, encoder_hidden_states, text_embeds, time_ids)
-        if self.conditional:
-            feats = torch.cat([self.backbone(x_t, t, encoder_hidden_states, text_embeds, time_ids), feats], dim=1)
-        return self.head(feats)
-
-
 def build_discriminator(conditional: bool = True, unet_config: dict | None = None, latent_size: int = 128,
                         device: str = "meta") -> nn.Module:
-    """The training code's discriminator (`pipeline.discriminator`) when that module is present;
-    otherwise this module's approximation of DESIGN's (`Discriminator` above)."""
-    cfg = unet_config or SDXL_UNET_CONFIG
-    unet = build_unet(cfg, device)
-    real = _real_discriminator()
+    """The training code's discriminator (`pipeline.discriminator`) on a UNet of `unet_config`
+    (SDXL base by default), built on `device` (meta: no weights, no memory)."""
+    from .discriminator import Discriminator
+
+    unet = build_unet(unet_config or SDXL_UNET_CONFIG, device)
     with torch.device(device):
-        if real is not None:
-            return real(unet, conditional)
-        feature_size = latent_size // 2 ** (len(cfg["block_out_channels"]) - 1)
-        return Discriminator(unet, conditional, feature_size)
-
-
-def _real_discriminator():
-    try:
-        from .discriminator import Discriminator as D
-    except ImportError:
-        return None
-    return D
+        return Discriminator(unet, conditional)
 
 
 def discriminator_source() -> str:
-    return ("pipeline.discriminator (the training code's)" if _real_discriminator() is not None
-            else "pipeline.plan approximation of DESIGN's")
+    return "pipeline.discriminator (the training code's)"
 
 
 def head_blocks(disc: nn.Module) -> int:
@@ -342,12 +275,8 @@ def measure_discriminator(disc: nn.Module, unet_config: dict, latent_size: int, 
     """One conditional discriminator call: two backbone passes (x_t and x_{t-ns}) plus the head."""
     c = _cond_inputs(unet_config, latent_size, dtype)
     disc = nn.Module.to(disc, dtype)
-    if isinstance(disc, Discriminator):
-        inputs = dict(x_next=c["latent"], t=c["timestep"], encoder_hidden_states=c["encoder_hidden_states"],
-                      text_embeds=c["text_embeds"], time_ids=c["time_ids"], x_t=c["latent"])
-    else:  # pipeline.discriminator.Discriminator
-        inputs = dict(x_hat=c["latent"], t_hat=c["timestep"], prompt_embeds=c["encoder_hidden_states"],
-                      pooled=c["text_embeds"], time_ids=c["time_ids"], x_t=c["latent"], t=c["timestep"])
+    inputs = dict(x_hat=c["latent"], t_hat=c["timestep"], prompt_embeds=c["encoder_hidden_states"],
+                  pooled=c["text_embeds"], time_ids=c["time_ids"], x_t=c["latent"], t=c["timestep"])
     return measure(disc, inputs, dtype)
 
 
