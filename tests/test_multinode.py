@@ -33,7 +33,8 @@ DRIVER = textwrap.dedent('''
     run_dag(cfg, until="8step")
     nodes = {}
     for a in list_actors(detail=True, limit=10000, raise_on_missing_output=False):
-        nodes.setdefault(a.class_name, set()).add(a.node_id)
+        if a.node_id:  # an actor that was never placed has none
+            nodes.setdefault(a.class_name, set()).add(a.node_id)
     print("PADISTILL_NODES " + json.dumps({k: sorted(v) for k, v in nodes.items()}))
     print("PADISTILL_CLUSTER " + json.dumps([n["NodeID"] for n in ray.nodes()]))
     ray.shutdown()
@@ -44,7 +45,8 @@ DRIVER = textwrap.dedent('''
 def test_three_node_cluster_with_s3_as_only_shared_storage(s3_endpoint, tmp_path):
     root = "s3://padistill-test/multinode"
     overrides = [f"run_root={root}", f"storage.endpoint_url={s3_endpoint}", "encode.actors=2",
-                 "trajectories.actors=2", "train.workers=2", "evaluate.samples_per_prompt=1"]
+                 "encode.max_rows_per_file=32", "trajectories.actors=2", "trajectories.max_rows_per_file=32",
+                 "train.workers=2", "evaluate.samples_per_prompt=1"]
     (tmp_path / "driver.py").write_text(DRIVER)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
            "PADISTILL_CACHE": str(tmp_path / "cache")}
