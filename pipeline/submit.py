@@ -5,6 +5,7 @@ cluster's nodes bring their own (instance role, Kubernetes Secret, or their envi
 from __future__ import annotations
 
 import shlex
+import time
 from pathlib import Path
 
 from .config import CONFIG_DIR, ConfigError, find_config, load_config
@@ -43,7 +44,8 @@ def client(address: str):
 
 
 def submit(address: str, config: str | None, overrides: list[str], *, until: str | None = None,
-           allow_local_root: bool = False, submission_id: str | None = None, env_vars: dict | None = None) -> str:
+           allow_local_root: bool = False, submission_id: str | None = None, env_vars: dict | None = None,
+           agent_wait_s: float = 120.0) -> str:
     cfg = load_config(config, overrides)  # validate here, before anything is uploaded
     check_shared_root(cfg, allow_local_root)
     if until is not None:
@@ -51,8 +53,16 @@ def submit(address: str, config: str | None, overrides: list[str], *, until: str
     entrypoint, _ = entrypoint_for(config, overrides, until)
     runtime_env = {"working_dir": str(PROJECT), "excludes": EXCLUDES,
                    "env_vars": {"HF_HUB_OFFLINE": "1", **(env_vars or {})}}
-    return client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
-                                      metadata={"padistill_run": cfg.name, "run_root": cfg.run_root})
+    c = client(address)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+                                metadata={"padistill_run": cfg.name, "run_root": cfg.run_root})
+        except RuntimeError as e:  # a head that just started answers before its job agent is up
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def status(address: str, job_id: str) -> str:
