@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from results_io import write_result
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -117,9 +118,7 @@ def main(argv=None) -> int:
     print(f"{'bytes per row':34s}{stored:14.0f}{raw:14d}{stored / raw:8.2f}{'<= 1.10':>10s}")
     print(f"\n{out['rows']} rows (stage {k} {stage.name}: {stage.jump} teacher steps/row, guidance "
           f"{stage.guidance_scale}), {args.cpus} CPUs, load average at end {os.getloadavg()[0]:.1f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from pipeline import zoo  # noqa: E402
 from pipeline.config import CONFIG_DIR, from_dict  # noqa: E402
 from pipeline.storage import RunStorage  # noqa: E402
+from results_io import write_result
 
 
 def make_cfg(root: str, steps: int, workers: int, micro: int, kind: str, zero: int):
@@ -138,9 +139,7 @@ def main(argv=None) -> int:
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
            "torch": torch.__version__, "python": platform.python_version(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_result(a.out, out)
     return 0
 
 
