@@ -60,8 +60,12 @@ def submit(address: str, config: str | None, overrides: list[str], *, until: str
             return c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
                                 metadata={"padistill_run": cfg.name, "run_root": cfg.run_root})
         except RuntimeError as e:  # a head that just started answers before its job agent is up
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
+            if "No available agent" not in str(e):
                 raise
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head at {address} has no job agent after {agent_wait_s:.0f} s; "
+                                   "check the head's dashboard_agent.log (a port already taken by another "
+                                   "Ray on that host, e.g. 52365, stops the agent)") from e
             time.sleep(1.0)
 
 

@@ -120,7 +120,12 @@ def test_submit_to_local_ray_head(tmp_path, monkeypatch):
     port, dash = _free_port(), _free_port()
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true"],
+                             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+                             # the session's Ray (ray_local) already holds the default agent ports
+                             f"--dashboard-agent-listen-port={_free_port()}",
+                             f"--dashboard-agent-grpc-port={_free_port()}",
+                             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                             f"--ray-client-server-port={_free_port()}"],
                             cwd=tmp_path, env=_env(), stdout=open(tmp_path / "head.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
