@@ -654,6 +654,27 @@ def plot_curves(history: list[dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+def clear_stale_extension_locks(max_age_s: float = 900.0, log=print) -> list[str]:
+    """Remove torch JIT-extension build locks older than `max_age_s`. DeepSpeed JIT-builds a small
+    op on first use; a process killed mid-build (Ctrl-C, a preempted node) leaves its `lock` file
+    behind and every later run waits on it forever (torch's FileBaton polls for it to vanish). The op
+    builds in about a minute, so a lock a quarter of an hour old is stale."""
+    import glob
+
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions")
+    removed = []
+    for lock in glob.glob(os.path.join(base, "**", "lock"), recursive=True):
+        try:
+            if time.time() - os.path.getmtime(lock) > max_age_s:
+                os.remove(lock)
+                removed.append(lock)
+                log(f"padistill: removed a stale torch extension build lock {lock} (left by a killed build)")
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
@@ -669,6 +690,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
     import deepspeed
 
+    clear_stale_extension_locks()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
     if not cfg.train.use_gpu:  # fractional CPU workers get one thread each (Ray sets none below 1 CPU)
         torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))

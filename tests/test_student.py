@@ -111,3 +111,25 @@ def test_conversion_starts_from_least_squares_conv_out(tiny_pipeline):
     assert loop.student_lr == 1e-4 and loop.student.optimizer.param_groups[0]["lr"] == 1e-4
     assert any("optimizer restarted" in e for e in events) and loop.disc_mode == "conditional"
     assert all(torch.equal(v, loop.student.module.state_dict()[k]) for k, v in weights.items())
+
+
+def test_stale_extension_lock_is_removed_and_fresh_one_kept(tmp_path, monkeypatch):
+    """A JIT build killed mid-way leaves torch's FileBaton `lock`; later runs would wait forever."""
+    import os
+    import time
+
+    from torch.utils.file_baton import FileBaton
+
+    from pipeline.train import clear_stale_extension_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm", tmp_path / "py311_cpu" / "other_op"
+    stale.mkdir(parents=True)
+    fresh.mkdir(parents=True)
+    assert FileBaton(str(stale / "lock")).try_acquire() and FileBaton(str(fresh / "lock")).try_acquire()
+    old = time.time() - 3600
+    os.utime(stale / "lock", (old, old))
+    removed = clear_stale_extension_locks(max_age_s=900, log=lambda *a: None)
+    assert removed == [str(stale / "lock")]
+    assert FileBaton(str(stale / "lock")).try_acquire()  # a new build can take the lock again
+    assert not FileBaton(str(fresh / "lock")).try_acquire()  # a build in progress keeps its lock
