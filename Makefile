@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install test demo bench teacher clean
 
@@ -28,6 +29,7 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/toy_teacher.py
+	$(BIN)/python benchmarks/distill.py $(BENCH_ARGS)
 
 teacher: install
 	$(BIN)/padistill toy-teacher

@@ -25,6 +25,9 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     run_dag(cfg, until=args.until, only=args.only)
+    import ray
+
+    ray.shutdown()  # flush and stop the workers' log streams, so the table below is the last thing printed
     storage = RunStorage.from_config(cfg)
     if storage.exists("report.md"):
         print(f"\nreport: {storage.url('report.md')}\n")

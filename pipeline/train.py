@@ -588,6 +588,9 @@ def read_trajectories(cfg: RunConfig, key, storage: RunStorage | None = None, he
     import ray.data
 
     remote = {} if data_cpus is None else {"num_cpus": data_cpus}
+    # the shards stream for the whole stage: Ray Data's progress bars would redraw under the training
+    # log for minutes (the trainer prints its own progress)
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
     storage = storage or RunStorage.from_config(cfg)
     rel = f"{cfg.stage_dir(key)}/traj"
@@ -676,6 +679,7 @@ def clear_stale_extension_locks(max_age_s: float = 900.0, log=print) -> list[str
 
 
 def train_loop_per_worker(config: dict) -> None:
+    import ray.data
     import ray.train
     from ray.train import Checkpoint
 
@@ -691,6 +695,7 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
 
     clear_stale_extension_locks()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # see read_trajectories
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
     if not cfg.train.use_gpu:  # fractional CPU workers get one thread each (Ray sets none below 1 CPU)
         torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
