@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                                     f"trajectories.draws={args.draws}", "trajectories.dtype=float16",
                                     "trajectories.actors=1", "trajectories.gpus_per_actor=0",
                                     f"ray.num_cpus={args.cpus}"])
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     quiet = lambda *a, **k: None  # noqa: E731
     enc.run_encode(cfg, log=quiet)
     k, stage = cfg.stage(args.stage)

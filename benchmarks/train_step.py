@@ -96,7 +96,7 @@ def ray_loop(cfg, steps: int) -> dict:
     from pipeline.train import train_stage
 
     if not ray.is_initialized():
-        ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
     t0 = time.perf_counter()
     summary = train_stage(cfg, 1, held_rows=0, export=False, extra_config={"warmup_steps": 2})
     m = summary["metrics"]
