@@ -664,8 +664,9 @@ def clear_stale_extension_locks(max_age_s: float = 900.0, log=print) -> list[str
     builds in about a minute, so a lock a quarter of an hour old is stale."""
     import glob
 
-    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions")
+    from torch.utils.cpp_extension import get_default_build_root
+
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # where torch builds them
     removed = []
     for lock in glob.glob(os.path.join(base, "**", "lock"), recursive=True):
         try:

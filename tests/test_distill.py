@@ -112,8 +112,6 @@ def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path
 def test_submit_to_local_ray_head(tmp_path, monkeypatch):
     import secrets
 
-    from pipeline.submit import status
-
     # a head with Ray's token authentication on, as clusters should run: clients read RAY_AUTH_TOKEN
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
@@ -152,7 +150,15 @@ def test_submit_to_local_ray_head(tmp_path, monkeypatch):
         job_id = re.search(r"submitted (\S+)", out.stdout).group(1)
         assert f"padistill logs --address {address} --follow {job_id}" in out.stdout
         deadline = time.monotonic() + 1200
-        while (st := status(address, job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+
+        def status():  # through the CLI, as a user would; it reads this head's token from the environment
+            # (in this process Ray keeps the token of the session's own cluster, ray_local)
+            out = subprocess.run([str(BIN / "padistill"), "status", "--address", address, job_id],
+                                 env=_env(), capture_output=True, text=True, timeout=120)
+            assert out.stdout.strip(), out.stderr[-2000:]
+            return out.stdout.strip().splitlines()[-1]
+
+        while (st := status()) not in ("SUCCEEDED", "FAILED", "STOPPED"):
             assert time.monotonic() < deadline, "job did not finish in time"
             time.sleep(2)
         logs = subprocess.run([str(BIN / "padistill"), "logs", "--address", address, job_id],
