@@ -19,6 +19,7 @@ is reused). Writes benchmarks/results/distill.json and distill.md.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     checks = targets(runs[args.config]["evals"], runs[args.baseline]["evals"])
     md = markdown(runs, checks)
     print("\n" + md)
-    result = {"runs": runs, "targets": checks, "cpus": __import__("os").cpu_count(), "torch": torch.__version__,
+    result = {"runs": runs, "targets": checks, "cpus": os.cpu_count(), "torch": torch.__version__,
               "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_result(args.out + ".json", result)
     Path(args.out + ".md").write_text(md)
