@@ -326,10 +326,11 @@ class StageLoop:
         hook = conv.register_forward_hook(lambda m, i, o: feats.append(i[0].detach()))
         gram = rhs = None
         err = torch.zeros(2, dtype=torch.float64)  # [sum sq err before, sum sq target]
+        conds = [self.cond(b) for b in batches]
+        targets = [student_mod.implied_x0(self.schedule, unet_denoiser(self.teacher, c), b["x_t"], b["t"])
+                   for b, c in zip(batches, conds)]
         try:
-            for b in batches:
-                cond = self.cond(b)
-                target = student_mod.implied_x0(self.schedule, unet_denoiser(self.teacher, cond), b["x_t"], b["t"])
+            for b, cond, target in zip(batches, conds, targets):
                 feats.clear()
                 _, x0 = self.schedule.step(unet_denoiser(unet, cond), b["x_t"], b["t"], b["t"], "sample")
                 err += torch.tensor([(x0 - target).double().pow(2).sum().item(),
@@ -357,9 +358,7 @@ class StageLoop:
         conv.weight.copy_(w[:-1].T.reshape(conv.weight.shape).to(conv.weight))
         conv.bias.copy_(w[-1].to(conv.bias))
         err_after = torch.zeros(1, dtype=torch.float64)
-        for b in batches:
-            cond = self.cond(b)
-            target = student_mod.implied_x0(self.schedule, unet_denoiser(self.teacher, cond), b["x_t"], b["t"])
+        for b, cond, target in zip(batches, conds, targets):
             _, x0 = self.schedule.step(unet_denoiser(unet, cond), b["x_t"], b["t"], b["t"], "sample")
             err_after += (x0 - target).double().pow(2).sum().item()
         err_after = all_sum(err_after)
@@ -680,7 +679,6 @@ def clear_stale_extension_locks(max_age_s: float = 900.0, log=print) -> list[str
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.data
     import ray.train
     from ray.train import Checkpoint
 
@@ -696,7 +694,6 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
 
     clear_stale_extension_locks()
-    ray.data.DataContext.get_current().enable_progress_bars = False  # see read_trajectories
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
     if not cfg.train.use_gpu:  # fractional CPU workers get one thread each (Ray sets none below 1 CPU)
         torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
