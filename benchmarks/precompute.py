@@ -6,7 +6,11 @@ Parquet, roll out every (row, draw) with the same batch size and torch threads, 
 Ray Data side also starts its actor pool and commits units and the manifest (Ray itself is started
 before timing, as on a cluster). Repetitions alternate the two sides; medians are reported.
 
-    .venv/bin/python benchmarks/precompute.py [--limit 512 --draws 2 --stage 1 --reps 1]
+    .venv/bin/python benchmarks/precompute.py [--limit 512 --draws 2 --stage 1 --reps 1 --files 4]
+
+The Ray Data side runs as `padistill trajectories` does by default (`trajectories.actors: auto`: one
+single-threaded actor per CPU); the rows are split into `--files` output files (units), so that every
+actor has work. The bare loop is one process using every CPU through torch's threads.
 
 Targets (issue 4): Ray Data >= 0.9x the bare loop's rows/s; stored bytes <= 1.1x raw fp16 bytes.
 Writes benchmarks/results/precompute.json.
@@ -64,6 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stage", default="1")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--files", type=int, default=4, help="output files (units) the rows are split into")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "precompute.json"))
     args = ap.parse_args(argv)
 
@@ -76,7 +81,8 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp(prefix="padistill-bench-")
     cfg = load_config(args.config, [f"run_root={tmp}/run", f"data.limit={args.limit}",
                                     f"trajectories.draws={args.draws}", "trajectories.dtype=float16",
-                                    "trajectories.actors=1", "trajectories.gpus_per_actor=0",
+                                    f"trajectories.max_rows_per_file={-(-args.limit * args.draws // args.files)}",
+                                    "trajectories.gpus_per_actor=0",
                                     f"ray.num_cpus={args.cpus}"])
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     quiet = lambda *a, **k: None  # noqa: E731
@@ -106,6 +112,7 @@ def main(argv=None) -> int:
         "ray_data_rows_per_s_all": ray_rates, "bare_loop_rows_per_s_all": bare_rates,
         "stored_bytes_per_row": stored, "raw_fp16_tensor_bytes_per_row": raw, "bytes_ratio": stored / raw,
         "embedding_bytes_per_row": out["embedding_bytes_per_row"], "files": len(out["files"]),
+        "actors": cfg.trajectories.actors,
         "targets": {"throughput_ratio_min": 0.9, "bytes_ratio_max": 1.1},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "loadavg_at_end": os.getloadavg()},

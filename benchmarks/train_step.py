@@ -3,11 +3,15 @@ the same student + discriminator updates (`pipeline.train.StageLoop` with plain 
 cores, measured side by side in one run (bare, Ray, bare: the two bare runs bracket the Ray one so a
 change in machine load shows up as their spread).
 
-    .venv/bin/python benchmarks/train_step.py [--steps 30] [--workers 2] [--micro-batch 8] [--kind adversarial]
+    .venv/bin/python benchmarks/train_step.py [--steps 80] [--workers 2] [--micro-batch 32] [--kind adversarial]
 
 Both loops train the smoke config's tiny SDXL-class UNet (32 px, 8x8 latents) as stage 1 with the same
 global batch per step (workers x micro-batch) on synthetic trajectories in the agreed schema; the
 throughput counts every step after 2 warm-up steps, Ray Train's reports included, start-up excluded.
+The default micro-batch (32 per worker) is the toy configs' training micro-batch. Every step pays a
+fixed cost for DeepSpeed's gradient reduce-scatter and parameter all-gather over gloo (two engines),
+so smaller batches show more of it (2 workers x 8: 0.70x on 2026-11-23). Short runs are noisy on a
+shared 2-core machine: 30 steps gave 0.76x and 80 steps 0.88x minutes apart with the same code.
 Prints a table and writes JSON to benchmarks/results/train_step.json.
 """
 
@@ -106,9 +110,9 @@ def ray_loop(cfg, steps: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=80)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--kind", choices=["adversarial", "mse"], default="adversarial")
     p.add_argument("--zero", type=int, choices=[2, 3], default=2)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step.json"))

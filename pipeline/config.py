@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -58,22 +58,36 @@ class DataConfig(_Strict):
         return self
 
 
+ACTORS_HELP = ("actor pool size: a number, or 'auto' = one actor per GPU when gpus_per_actor > 0, else one "
+               "single-threaded actor per CPU (separate processes scale better than torch threads on CPU)")
+
+
+def _check_actors(v):
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+        return v
+    raise ValueError(f"must be a positive integer or 'auto' (got {v!r})")
+
+
 class EncodeConfig(_Strict):
     batch_size: int = Field(64, gt=0)
-    actors: int = Field(1, gt=0)
+    actors: Union[int, str] = Field("auto", description=ACTORS_HELP)
     gpus_per_actor: float = Field(0.0, ge=0)
     dtype: Literal["float16", "float32"] = "float16"
     max_rows_per_file: int = Field(20000, gt=0)
+
+    _actors = field_validator("actors", mode="before")(_check_actors)
 
 
 class TrajectoryConfig(_Strict):
     draws: int = Field(1, gt=0, description="noise draws per encoded row")
     batch_size: int = Field(64, gt=0)
-    actors: int = Field(1, gt=0)
+    actors: Union[int, str] = Field("auto", description=ACTORS_HELP)
     gpus_per_actor: float = Field(0.0, ge=0)
     dtype: Literal["float16", "float32"] = "float16"
     max_rows_per_file: int = Field(20000, gt=0)
     seed: int = 0
+
+    _actors = field_validator("actors", mode="before")(_check_actors)
 
 
 class LoraConfig(_Strict):

@@ -15,7 +15,7 @@ starts the folder over. Files starting with `_` or `.` are ignored by Parquet re
 datasets and Ray Data's `read_parquet`, which only reads `*.parquet`).
 
 Execution is a Ray Data pipeline: `from_items(units)` → `map_batches(<Worker class>, batch_size=1,
-compute=ActorPoolStrategy(size=actors), num_gpus=…)`, so models load once per actor and a unit is the
+compute=ActorPoolStrategy(size=…), num_gpus=…)`, so models load once per actor and a unit is the
 unit of retry. (Ray Data's `write_parquet(max_rows_per_file=…)` is not used for the outputs: it names
 files itself and writes them in place, so a killed write cannot be told apart from a finished one and
 a rerun could not know which rows exist without reading them all back.)
@@ -65,17 +65,24 @@ def ensure_ray(cfg) -> None:
     ray.init(**kw)
 
 
-def cpus_per_actor(actors: int, gpus_per_actor: float) -> int:
-    """CPU actors split the cluster's CPUs between them (and use as many torch threads); GPU actors
-    take one CPU each."""
+def pool_layout(actors, gpus_per_actor: float, n_units: int) -> tuple[int, int]:
+    """(actor pool size, CPUs = torch threads per actor) for `n_units` units.
+
+    `actors="auto"`: one actor per GPU of the cluster for GPU actors; on CPU, one single-threaded actor
+    per CPU, because torch's intra-op threads scale poorly on small convolutions (the toy teacher's
+    rollouts: 2 threads are 1.36x one thread, two 1-thread processes are 2x). Never more actors than
+    units; CPU actors split the cluster's CPUs between them (no more than the largest node has)."""
     import ray
 
+    res = ray.cluster_resources()
+    total = max(1, int(res.get("CPU", 1)))
+    if actors == "auto":
+        actors = max(1, int(res.get("GPU", 0) // gpus_per_actor)) if gpus_per_actor > 0 else total
+    size = max(1, min(int(actors), n_units))
     if gpus_per_actor > 0:
-        return 1
-    total = int(ray.cluster_resources().get("CPU", 1))
-    # an actor lives on one node: never ask for more CPUs than the largest node has
+        return size, 1
     largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=total)
-    return max(1, min(total // max(1, actors), largest))
+    return size, max(1, min(total // size, largest))
 
 
 # ---- output folder ------------------------------------------------------------------------------------
@@ -199,18 +206,22 @@ def read_rows(pf, start: int, stop: int, columns: list[str] | None = None):
 
 
 # ---- Ray Data driver ----------------------------------------------------------------------------------
-def run_units(units: list[dict], worker_cls: type, ctor_kwargs: dict, *, actors: int, gpus_per_actor: float,
+def run_units(units: list[dict], worker_cls: type, ctor_kwargs: dict, *, actors: int | str, gpus_per_actor: float,
               on_marker: Callable[[dict], None] | None = None) -> list[dict]:
     """Process `units` (JSON-able dicts with an `index`) through a Ray Data actor pool of
-    `worker_cls(**ctor_kwargs, threads=…)`; each call handles one unit and returns its marker."""
+    `worker_cls(**ctor_kwargs, threads=…)` laid out by `pool_layout`; each call handles one unit and
+    returns its marker."""
     import ray.data
 
     if not units:
         return []
-    size = max(1, min(actors, len(units)))
-    ncpu = cpus_per_actor(size, gpus_per_actor)
+    size, ncpu = pool_layout(actors, gpus_per_actor, len(units))
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(worker_cls, batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
+    # One call at a time per actor, on the actor's main thread: by default Ray Data runs an actor's UDF
+    # in a helper thread, where torch's CPU intra-op parallelism used 1.3 of 2 cores (1.9 on the main
+    # thread; measured on the toy teacher's rollouts), making each row ~1.5x slower.
+    compute = ray.data.ActorPoolStrategy(size=size, enable_true_multi_threading=True, max_concurrent_calls_per_actor=1)
+    ds = ds.map_batches(worker_cls, batch_size=1, compute=compute,
                         num_cpus=ncpu, num_gpus=gpus_per_actor or None,
                         fn_constructor_kwargs={**ctor_kwargs, "threads": ncpu})
     out = []

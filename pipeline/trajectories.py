@@ -251,13 +251,16 @@ class TrajectoryWorker:
 
 # ---- the step -----------------------------------------------------------------------------------------
 def plan_units(encoded_files: list[dict], draws: int, max_rows_per_file: int) -> list[dict]:
-    """Units over (encoded file, item range), item = row * draws + draw; at most `max_rows_per_file`
-    items each, never spanning two encoded files."""
+    """Units over (encoded file, item range), item = row * draws + draw; never spanning two encoded
+    files. A file's items are split into the fewest units of at most `max_rows_per_file` items, of
+    equal size (±1), so that an actor pool's units take equal time."""
     units = []
     for f in encoded_files:
         n = f["rows"] * draws
-        for s in range(0, n, max_rows_per_file):
-            units.append({"index": len(units), "file": f["file"], "start": s, "stop": min(n, s + max_rows_per_file)})
+        k = -(-n // max_rows_per_file)  # 0 for an empty file: no units
+        bounds = [n * i // k for i in range(k + 1)] if k else []
+        for s, e in zip(bounds, bounds[1:]):
+            units.append({"index": len(units), "file": f["file"], "start": s, "stop": e})
     return units
 
 

@@ -204,3 +204,30 @@ def test_s3_chain_stage2_teacher_is_stage1_export(s3_endpoint, tmp_path):
         np.testing.assert_allclose(c["target"][r_], want, atol=1e-5, rtol=0)
         _, _, other = direct_rollout(base, sched, *args)
         assert np.abs(c["target"][r_] - other).max() > 1e-3
+
+
+def test_plan_units_split_each_file_into_equal_bounded_units():
+    files = [{"file": "part-00000.parquet", "rows": 10}, {"file": "part-00001.parquet", "rows": 3},
+             {"file": "part-00002.parquet", "rows": 0}]
+    units = tj.plan_units(files, draws=2, max_rows_per_file=8)
+    assert [u["index"] for u in units] == list(range(len(units)))
+    by_file = {}
+    for u in units:
+        by_file.setdefault(u["file"], []).append(u)
+    # 20 items -> 3 units of 6-7 (not 8, 8, 4); 6 items -> 1 unit; an empty file -> none
+    assert [u["stop"] - u["start"] for u in by_file["part-00000.parquet"]] == [6, 7, 7]
+    assert [(u["start"], u["stop"]) for u in by_file["part-00001.parquet"]] == [(0, 6)]
+    assert "part-00002.parquet" not in by_file
+    for us in by_file.values():  # contiguous, no gaps, no overlaps
+        assert us[0]["start"] == 0 and all(a["stop"] == b["start"] for a, b in zip(us, us[1:]))
+
+
+def test_actor_pool_layout_auto_is_one_single_threaded_actor_per_cpu(ray_local):
+    from pipeline.shards import pool_layout
+
+    cpus = int(ray_local.cluster_resources()["CPU"])
+    assert pool_layout("auto", 0.0, n_units=10) == (cpus, 1)
+    assert pool_layout("auto", 0.0, n_units=1) == (1, cpus)  # one unit: one actor with every CPU as threads
+    assert pool_layout(1, 0.0, n_units=10) == (1, cpus)
+    assert pool_layout(5, 0.0, n_units=3) == (3, max(1, cpus // 3))
+    assert pool_layout(4, 1.0, n_units=10) == (4, 1)  # GPU actors take one CPU each
