@@ -1,7 +1,7 @@
 """Samples/s of the full Ray Train + DeepSpeed stage loop vs a bare single-process torch loop running
 the same student + discriminator updates (`pipeline.train.StageLoop` with plain torch Adam) on the same
-cores, measured side by side in one run (bare, Ray, bare: the two bare runs bracket the Ray one so a
-change in machine load shows up as their spread).
+cores, measured side by side in one run: bare, Ray, bare, Ray, bare (`--reps 2`), medians compared, so
+a change in machine load shows up as the spread of each side's runs.
 
     .venv/bin/python benchmarks/train_step.py [--steps 80] [--workers 2] [--micro-batch 32] [--kind adversarial]
 
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -95,12 +96,8 @@ def bare_loop(cfg, cols, steps: int, threads: int, warmup: int = 2) -> dict:
 
 
 def ray_loop(cfg, steps: int) -> dict:
-    import ray
-
     from pipeline.train import train_stage
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True)
     t0 = time.perf_counter()
     summary = train_stage(cfg, 1, held_rows=0, export=False, extra_config={"warmup_steps": 2})
     m = summary["metrics"]
@@ -115,31 +112,43 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=32)
     p.add_argument("--kind", choices=["adversarial", "mse"], default="adversarial")
     p.add_argument("--zero", type=int, choices=[2, 3], default=2)
+    p.add_argument("--reps", type=int, default=2, help="Ray runs; bare runs bracket each (reps + 1 of them)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_step.json"))
     a = p.parse_args(argv)
-    root = tempfile.mkdtemp(prefix="padistill-bench-train-")
-    cfg = make_cfg(root, a.steps, a.workers, a.micro_batch, a.kind, a.zero)
-    storage = RunStorage.from_config(cfg)
-    cols = synthetic_trajectories(cfg, storage, rows=max(64, 4 * a.workers * a.micro_batch))
+    import ray
+
+    def fresh_cfg():  # a new run root each time: the same one would resume the finished run
+        cfg = make_cfg(tempfile.mkdtemp(prefix="padistill-bench-train-"), a.steps, a.workers, a.micro_batch,
+                       a.kind, a.zero)
+        cols = synthetic_trajectories(cfg, RunStorage.from_config(cfg), rows=max(64, 4 * a.workers * a.micro_batch))
+        return cfg, cols
+
+    cfg, cols = fresh_cfg()
     threads = cfg.ray.num_cpus or os.cpu_count()
+    # Ray is up for every run, bare ones included (its idle processes are part of the machine's load)
+    ray.init(address="local", num_cpus=threads, include_dashboard=False, log_to_driver=True)
     load_before = os.getloadavg()
-    bare1 = bare_loop(cfg, cols, a.steps, threads)
-    ray_r = ray_loop(cfg, a.steps)
-    bare2 = bare_loop(cfg, cols, a.steps, threads)
-    bare_mean = (bare1["samples_per_s"] + bare2["samples_per_s"]) / 2
-    ratio = ray_r["samples_per_s"] / bare_mean
-    rows = [("bare torch, 1 process, %d threads (before)" % threads, bare1["samples_per_s"]),
-            (f"Ray Train + DeepSpeed ZeRO-{a.zero}, {a.workers} workers", ray_r["samples_per_s"]),
-            ("bare torch, 1 process, %d threads (after)" % threads, bare2["samples_per_s"])]
-    print(f"\n{a.kind} stage step, global batch {a.workers * a.micro_batch}, {a.steps} steps (2 warm-up)")
-    print(f"{'loop':55s} {'samples/s':>10s}")
-    for name, v in rows:
-        print(f"{name:55s} {v:10.2f}")
-    print(f"{'Ray / bare (mean of before+after)':55s} {ratio:10.3f}   target >= 0.85")
+    bare = [bare_loop(cfg, cols, a.steps, threads)]
+    rays = []
+    for _ in range(a.reps):
+        rays.append(ray_loop(fresh_cfg()[0], a.steps))
+        bare.append(bare_loop(cfg, cols, a.steps, threads))
+    ray.shutdown()
+    bare_med = statistics.median(b["samples_per_s"] for b in bare)
+    ray_med = statistics.median(r["samples_per_s"] for r in rays)
+    ratio = ray_med / bare_med
+    print(f"\n{a.kind} stage step, global batch {a.workers * a.micro_batch}, {a.steps} steps (2 warm-up), "
+          f"runs alternate bare / Ray")
+    print(f"{'loop':55s} {'samples/s (each run)':>30s} {'median':>8s}")
+    each = lambda runs: " ".join(f"{r['samples_per_s']:.1f}" for r in runs)  # noqa: E731
+    print(f"{'bare torch, 1 process, %d threads' % threads:55s} {each(bare):>30s} {bare_med:8.1f}")
+    print(f"{f'Ray Train + DeepSpeed ZeRO-{a.zero}, {a.workers} workers':55s} {each(rays):>30s} {ray_med:8.1f}")
+    print(f"{'Ray / bare (medians)':55s} {ratio:39.3f}   target >= 0.85")
     print(f"load average before/after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     out = {"kind": a.kind, "steps": a.steps, "workers": a.workers, "micro_batch": a.micro_batch,
-           "zero_stage": a.zero, "global_batch": a.workers * a.micro_batch, "bare_before": bare1,
-           "ray": ray_r, "bare_after": bare2, "ratio_ray_over_bare": ratio,
+           "zero_stage": a.zero, "global_batch": a.workers * a.micro_batch, "reps": a.reps,
+           "bare": bare, "ray": rays, "bare_median_samples_per_s": bare_med, "ray_median_samples_per_s": ray_med,
+           "ratio_ray_over_bare": ratio, "meets_target": ratio >= 0.85,
            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
            "torch": torch.__version__, "python": platform.python_version(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -154,6 +154,10 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     micro_batch: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute the student's and the discriminator's block activations in the backward (diffusers' "
+        "gradient checkpointing): ~10x less activation memory for about one more forward; SDXL at "
+        "micro-batch 8 needs it on 80 GiB GPUs (docs/capacity.md)"))
     checkpoint_every: int = Field(100, gt=0)
     max_failures: int = Field(2, ge=0)
     log_every: int = Field(10, gt=0)

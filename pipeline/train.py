@@ -249,6 +249,25 @@ class PlainEngines:
         pass
 
 
+def checkpoint_activations(module: torch.nn.Module) -> int:
+    """Turn on diffusers' gradient checkpointing in every block of `module` that has it (a UNet, a
+    peft-wrapped UNet, the discriminator's copy of the UNet's encoder), as `ModelMixin.
+    enable_gradient_checkpointing` does for a whole diffusers model; returns the number of blocks."""
+    import torch.utils.checkpoint
+
+    def recompute(block, *args):
+        return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+
+    n = 0
+    for m in module.modules():
+        if hasattr(m, "gradient_checkpointing"):
+            m._gradient_checkpointing_func, m.gradient_checkpointing = recompute, True
+            n += 1
+    if not n:
+        raise ValueError(f"train.gradient_checkpointing: {type(module).__name__} has no blocks that support it")
+    return n
+
+
 # ---- the per-stage loop (shared by the Ray Train worker and the bare benchmark loop) -------------------
 class StageLoop:
     """Student (and discriminator) of one stage, their phase transitions and one micro-step of each
@@ -300,6 +319,8 @@ class StageLoop:
         unet = self._student_module(mode)
         if state_dict is not None:
             unet.load_state_dict(state_dict)
+        if self.cfg.train.gradient_checkpointing:
+            checkpoint_activations(unet)
         if init_batches is not None and mode == "full":
             self._pending_student = unet
             try:
@@ -372,6 +393,8 @@ class StageLoop:
         d = Discriminator(self.teacher, conditional=(mode == "conditional"))
         if backbone_state is not None:
             d.backbone.load_state_dict(backbone_state)
+        if self.cfg.train.gradient_checkpointing:
+            checkpoint_activations(d)
         d.train()
         self.disc = self.engines.make(d, self.disc_lr, self.stage.betas, self.stage.weight_decay)
         self.disc_mode = mode

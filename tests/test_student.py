@@ -133,3 +133,50 @@ def test_stale_extension_lock_is_removed_and_fresh_one_kept(tmp_path, monkeypatc
     assert removed == [str(stale / "lock")]
     assert FileBaton(str(stale / "lock")).try_acquire()  # a new build can take the lock again
     assert not FileBaton(str(fresh / "lock")).try_acquire()  # a build in progress keeps its lock
+
+
+def test_gradient_checkpointing_gives_the_same_updates(tiny_pipeline):
+    """`train.gradient_checkpointing` (for SDXL at micro-batch 8 on 80 GiB) turns on the diffusers
+    blocks' checkpointing in the student and the discriminator and changes no update: one adversarial
+    micro-step from the same start gives the same student and discriminator weights."""
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline import zoo
+    from pipeline.config import CONFIG_DIR, from_dict
+    from pipeline.train import TRAIN_COLUMNS, PlainEngines, StageLoop, phase_at
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from traj_helpers import make_trajectories
+
+    data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    _, stage = from_dict(data).stage(2)
+    rows = make_trajectories(tiny_pipeline, stage, n_ids=8, seed=3)
+    results = {}
+    for ckpt in (False, True):
+        data["train"]["gradient_checkpointing"] = ckpt
+        cfg = from_dict(data)
+        torch.manual_seed(0)
+        loop = StageLoop(cfg, stage, zoo.schedule_of(tiny_pipeline), copy.deepcopy(tiny_pipeline.unet),
+                         PlainEngines(cfg.train), "cpu", seed=0)
+        loop.transition(0)
+        on = [m for m in list(loop.student.module.modules()) + list(loop.disc.module.modules())
+              if getattr(m, "gradient_checkpointing", False)]
+        assert bool(on) == ckpt
+        b = loop.batch_to({k: torch.as_tensor(rows[k]) for k in TRAIN_COLUMNS})
+        resnet = loop.student.module.down_blocks[0].resnets[0]
+        calls, forward = [], resnet.forward  # counted in forward itself: recomputation runs no hooks
+        resnet.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
+        losses = loop.micro_step(phase_at(loop.phases, 0), b)
+        del resnet.forward
+        results[ckpt] = (len(calls), losses, {k: v.clone() for k, v in loop.student.module.state_dict().items()},
+                         {k: v.clone() for k, v in loop.disc.module.state_dict().items()})
+    (c0, l0, s0, d0), (c1, l1, s1, d1) = results[False], results[True]
+    assert c1 > c0  # the backward ran the student's blocks again
+    assert l0 == pytest.approx(l1, rel=1e-5)
+    changed = [k for k in s0 if not torch.equal(s0[k], tiny_pipeline.unet.state_dict()[k])]
+    assert changed  # the step did update the student
+    for a, b in ((s0, s1), (d0, d1)):
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

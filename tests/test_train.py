@@ -126,7 +126,8 @@ def x0_adv_run(ray_local, tiny_pipeline, tiny_source, tmp_path_factory):
     data = smoke_cfg(root, model={"source": tiny_source},
                      stage_3={"conversion_steps": X0_CONVERSION_STEPS, "conditional_steps": 6,
                               "unconditional_steps": 6, "conversion_lr": 1e-3, "lr": 1e-5, "disc_lr": 1e-3},
-                     train={"zero_stage": 3, "micro_batch": 8, "checkpoint_every": 1000, "log_every": 4})
+                     train={"zero_stage": 3, "micro_batch": 8, "checkpoint_every": 1000, "log_every": 4,
+                            "gradient_checkpointing": True})  # as SDXL at micro-batch 8 needs, under ZeRO-3
     cfg = from_dict(data)
     storage = RunStorage.from_config(cfg)
     setup_teacher_of_stage3(cfg, storage, tiny_source)
