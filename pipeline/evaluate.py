@@ -62,7 +62,11 @@ def teacher_samples(cfg: RunConfig, storage: RunStorage, teacher, steps: int, gu
 def sampling_speed(teacher, student, student_steps: int, teacher_guidance: float, batch: int, repeats: int,
                    prediction_type: str) -> dict:
     """Latent sampling wall time of the 32-step teacher with CFG (64 UNet evaluations) vs the student at
-    its own steps, same batch, measured alternately in one process; the best of `repeats` each."""
+    its own steps, same batch, measured alternately in one process; the best of `repeats` each. One
+    student measurement samples 64 / steps times back to back (per-sample time = total / count), so
+    both sides span about the same wall time: in the DAG, evaluation runs beside the next stage's
+    precompute and training, and a single short student run could catch a quiet moment that a
+    teacher run cannot (measured: "speedups" of 12.5x for the 8-step student, ideal 8x)."""
     from .schedule import unet_denoiser
     from .zoo import encode_prompts, schedule_of
 
@@ -79,9 +83,11 @@ def sampling_speed(teacher, student, student_steps: int, teacher_guidance: float
         t0 = time.perf_counter()
         sched.sample(unet_denoiser(teacher.unet, cond, g), noise, 32)
         t_times.append(time.perf_counter() - t0)
+        k = max(1, round(64 / student_steps))
         t0 = time.perf_counter()
-        sched.sample(unet_denoiser(student.unet, cond, 0.0), noise, student_steps, prediction_type)
-        s_times.append(time.perf_counter() - t0)
+        for _ in range(k):
+            sched.sample(unet_denoiser(student.unet, cond, 0.0), noise, student_steps, prediction_type)
+        s_times.append((time.perf_counter() - t0) / k)
     t, s = min(t_times), min(s_times)
     ideal = 64 / student_steps
     return {"teacher_s": t, "student_s": s, "speedup": t / s, "ideal_speedup": ideal,
