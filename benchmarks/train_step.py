@@ -18,7 +18,6 @@ Prints a table and writes JSON to benchmarks/results/train_step.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
