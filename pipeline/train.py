@@ -55,12 +55,13 @@ from . import student as student_mod
 from .config import ConfigError, RunConfig, StageConfig, from_dict
 from .discriminator import Discriminator, nonsaturating_d_loss, nonsaturating_g_loss
 from .schedule import CLEAN, Conditioning, Schedule, unet_denoiser
-from .storage import RunStorage
+from .storage import RunStorage, hash_json
 
 TRAIN_COLUMNS = ["t", "t_next", "x_t", "target", "prompt_embeds", "pooled_embeds"]
 RUN_NAME = "train"  # Ray Train run name: the storage folder under the stage dir
 CKPT_PREFIX = "checkpoint_"
 HISTORY_JSON = "history.json"
+INPUTS_JSON = "train_inputs.json"  # beside RUN_NAME: the inputs hash its checkpoints were made from
 CURVES_PNG = "loss_curves.png"
 TB_DIR = "tensorboard"
 CACHE_MB = float(os.environ.get("PADISTILL_TRAIN_CACHE_MB", "2048"))  # keep a worker's shard in memory below this
@@ -977,6 +978,7 @@ def train_stage(cfg: RunConfig, key, *, held_rows: int = 16, max_steps: int | No
     Returns a summary: final metrics, checkpoint path, model URL, resumed_from."""
     storage = RunStorage.from_config(cfg)
     idx, stage = cfg.stage(key)
+    claim_train_dir(cfg, key, storage)
     trainer = make_trainer(cfg, key, held_rows=held_rows, max_steps=max_steps, storage=storage,
                            extra_config=extra_config)
     t0 = time.perf_counter()
@@ -1002,6 +1004,25 @@ def train_stage(cfg: RunConfig, key, *, held_rows: int = 16, max_steps: int | No
     return summary
 
 
+def claim_train_dir(cfg: RunConfig, key, storage: RunStorage, *, restart: bool = False, log=print) -> None:
+    """Make the stage's Ray Train folder resume only checkpoints of the same inputs. Rerunning resumes
+    from the latest checkpoint (same storage path and run name), so checkpoints made from other
+    trajectories, stage or train settings (or by a version without `INPUTS_JSON`) would be resumed as
+    if they were this run's: such a folder is removed and the stage starts over, as with `restart`."""
+    sdir = cfg.stage_dir(key)
+    ih = hash_json(train_inputs(cfg, key, storage))
+    rel = f"{sdir}/{INPUTS_JSON}"
+    prev = storage.read_json(rel).get("inputs_hash") if storage.exists(rel) else None
+    if (restart or prev != ih) and storage.exists(sdir, RUN_NAME):
+        why = "--force" if restart else "its trajectories, stage or train settings changed"
+        log(f"padistill train-stage: {storage.url(sdir, RUN_NAME)} holds checkpoints of other inputs ({why}): "
+            "starting the stage over")
+        storage.rm(sdir, RUN_NAME)
+        storage.invalidate(step_name(cfg, key))
+    if prev != ih:
+        storage.write_json(rel, {"inputs_hash": ih})
+
+
 def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
     """What a stage's training depends on (its manifest's inputs): the stage, the train section, the
     model, and the trajectories it reads."""
@@ -1019,6 +1040,8 @@ def run_train_stage(cfg: RunConfig, key, *, force: bool = False, log=print) -> d
     if not force and storage.is_finished(step, train_inputs(cfg, key, storage)):
         log(f"padistill train-stage: {step} is up to date")
         return storage.read_manifest(step)
+    if force:
+        claim_train_dir(cfg, key, storage, restart=True, log=log)
     summary = train_stage(cfg, key)
     manifest = storage.read_manifest(step)
     if manifest is None:

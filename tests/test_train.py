@@ -247,3 +247,22 @@ def test_kill_after_checkpoint_then_resume_on_s3(s3_endpoint, tiny_pipeline, tin
     assert f"resumed from checkpoint at step {step}" in text
     assert storage.read_manifest(step_name(cfg, 1))["steps"] == 40
     assert storage.exists(cfg.stage_dir(1), "model", "unet", "config.json")
+
+
+def test_changed_inputs_start_the_stage_over_instead_of_resuming(ray_local, tiny_pipeline, tiny_source, tmp_path):
+    """Rerunning resumes from the latest checkpoint; checkpoints made from other inputs (here: another
+    lr) must not be resumed as this run's. Same inputs still resume."""
+    from pipeline.train import train_stage
+
+    data = smoke_cfg(tmp_path, model={"source": tiny_source}, stage_1={"mse_steps": 4, "lr": 1e-3},
+                     train={"micro_batch": 8, "checkpoint_every": 2, "log_every": 2})
+    cfg = from_dict(data)
+    storage = RunStorage.from_config(cfg)
+    write_trajectories(storage, cfg, 1, tiny_pipeline, n_ids=16, seed=1)
+    first = train_stage(cfg, 1, held_rows=0, export=False, max_steps=2)
+    assert first["metrics"]["step"] == 2 and first["metrics"]["resumed_from"] == -1
+    same = train_stage(cfg, 1, held_rows=0, export=False)
+    assert same["metrics"]["resumed_from"] == 2 and same["metrics"]["step"] == 4
+    data["stages"][0]["lr"] = 5e-4
+    changed = train_stage(from_dict(data), 1, held_rows=0, export=False)
+    assert changed["metrics"]["resumed_from"] == -1 and changed["metrics"]["step"] == 4
