@@ -560,10 +560,13 @@ class StageLoop:
 
 
 # ---- data --------------------------------------------------------------------------------------------
-def micro_batches(shard, batch_size: int, epoch_hook: Callable[[int], None] | None = None) -> Iterator[dict]:
+def micro_batches(shard, batch_size: int, epoch_hook: Callable[[int], None] | None = None,
+                  seed: int = 0) -> Iterator[dict]:
     """Endless micro-batches of a worker's dataset shard (equal count per rank, drop_last). The first
-    epoch is streamed; when the shard's tensors fit under PADISTILL_TRAIN_CACHE_MB it is kept in memory
-    and replayed in a new order each epoch, else every epoch streams again."""
+    epoch is streamed in file order (trajectory files mix timesteps, `trajectories.compute_rows`);
+    when the shard's tensors fit under PADISTILL_TRAIN_CACHE_MB it is kept in memory and every later
+    epoch deals its rows into new micro-batches (a permutation from `seed` and the epoch), else every
+    epoch streams again."""
     cache: list[dict] | None = []
     nbytes = 0
     epoch = 0
@@ -579,14 +582,20 @@ def micro_batches(shard, batch_size: int, epoch_hook: Callable[[int], None] | No
     if cache is not None and not cache:
         raise ValueError("a training worker got no full micro-batch: fewer trajectory rows than "
                          "train.micro_batch x train.workers")
+    rows = None
+    if cache is not None:
+        rows = {k: torch.cat([b[k] for b in cache]) for k in TRAIN_COLUMNS}
+        cache = None
     while True:
         epoch += 1
         if epoch_hook:
             epoch_hook(epoch)
-        if cache is not None:
-            order = np.random.default_rng(epoch).permutation(len(cache))
-            for i in order:
-                yield cache[i]
+        if rows is not None:
+            n = len(rows["t"])
+            order = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
+            for i in range(0, n - batch_size + 1, batch_size):
+                sel = order[i:i + batch_size]
+                yield {k: v[sel] for k, v in rows.items()}
         else:
             for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
                 yield {k: b[k] for k in TRAIN_COLUMNS}
@@ -763,7 +772,8 @@ def train_loop_per_worker(config: dict) -> None:
               f"ZeRO-{cfg.train.zero_stage}{' + offload' if cfg.train.offload else ''}, {cfg.train.precision}")
 
     # -- data -------------------------------------------------------------------------------------------------
-    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.train.micro_batch)
+    batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.train.micro_batch,
+                            seed=cfg.train.seed * 7919 + rank)
     held = None
     held_shard = ray.train.get_dataset_shard("held") if config.get("has_held") else None
     if held_shard is not None:

@@ -43,7 +43,7 @@ from .config import RunConfig, StageConfig
 from .schedule import Conditioning, Schedule, StagePair, unet_denoiser
 from .storage import RunStorage, table_to_tensors, tensors_to_table
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rows in item order (mixed timesteps), not grouped by timestep
 COLUMNS = ["id", "draw", "t", "t_next", "x_t", "target", "prompt_embeds", "pooled_embeds"]
 TENSOR_COLUMNS = ["x_t", "target", "prompt_embeds", "pooled_embeds"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -172,35 +172,51 @@ class Teacher:
 
 def compute_rows(teacher: Teacher, rows: dict[str, np.ndarray], items: list[tuple[int, int]], seed: int,
                  batch_size: int, out_dtype=np.float16):
-    """Yield trajectory tables (one per mini-batch) for `items` = [(row index into `rows`, draw)].
-    `rows` holds the encoded columns id, latent, prompt_embeds, pooled_embeds. Items are grouped by
-    student step so a batch shares one teacher path."""
-    groups: dict[StagePair, list[tuple[int, int, int]]] = defaultdict(list)
-    for r, d in items:
-        rid = str(rows["id"][r])
-        noise_seed, choice = draw_seed(rid, d, seed)
-        groups[teacher.pairs[choice % len(teacher.pairs)]].append((r, d, noise_seed))
+    """Yield trajectory tables for `items` = [(row index into `rows`, draw)], in the order of `items`.
+    `rows` holds the encoded columns id, latent, prompt_embeds, pooled_embeds.
+
+    The teacher runs on batches that share one student step (one teacher path), but the rows are
+    written back in item order, window by window (`batch_size` x the number of student steps items at
+    a time, so memory stays bounded): each item's step is drawn from a hash, so every stretch of a
+    file mixes all timesteps. Rows sorted by timestep would stream into training as batches of a
+    single timestep, in timestep order."""
     shape = rows["latent"].shape[1:]
-    for pair in sorted(groups, key=lambda p: -p.t):
-        g = groups[pair]
-        for s in range(0, len(g), batch_size):
-            chunk = g[s:s + batch_size]
-            idx = np.array([c[0] for c in chunk])
-            noise = torch.stack([draw_noise(c[2], shape) for c in chunk])
-            x_t, target = teacher.rollout(torch.from_numpy(rows["latent"][idx].astype(np.float32)), noise, pair,
-                                          torch.from_numpy(rows["prompt_embeds"][idx].astype(np.float32)),
-                                          torch.from_numpy(rows["pooled_embeds"][idx].astype(np.float32)))
-            n = len(chunk)
-            yield tensors_to_table({
-                "id": [str(rows["id"][i]) for i in idx],
-                "draw": np.array([c[1] for c in chunk], np.int32),
-                "t": np.full(n, pair.t, np.int32),
-                "t_next": np.full(n, pair.t_next, np.int32),
-                "x_t": x_t.cpu().numpy().astype(out_dtype),
-                "target": target.cpu().numpy().astype(out_dtype),
-                "prompt_embeds": rows["prompt_embeds"][idx].astype(out_dtype),
-                "pooled_embeds": rows["pooled_embeds"][idx].astype(out_dtype),
-            })
+    window = batch_size * len(teacher.pairs)
+    for w0 in range(0, len(items), window):
+        win = items[w0:w0 + window]
+        groups: dict[StagePair, list[int]] = defaultdict(list)  # pair -> positions in `win`
+        seeds = []
+        for pos, (r, d) in enumerate(win):
+            noise_seed, choice = draw_seed(str(rows["id"][r]), d, seed)
+            seeds.append(noise_seed)
+            groups[teacher.pairs[choice % len(teacher.pairs)]].append(pos)
+        n = len(win)
+        x_t = np.empty((n, *shape), out_dtype)
+        target = np.empty((n, *shape), out_dtype)
+        t = np.empty(n, np.int32)
+        t_next = np.empty(n, np.int32)
+        for pair, members in groups.items():
+            for s in range(0, len(members), batch_size):
+                pos = np.array(members[s:s + batch_size])
+                idx = np.array([win[p][0] for p in pos])
+                noise = torch.stack([draw_noise(seeds[p], shape) for p in pos])
+                xt_b, tg_b = teacher.rollout(torch.from_numpy(rows["latent"][idx].astype(np.float32)), noise, pair,
+                                             torch.from_numpy(rows["prompt_embeds"][idx].astype(np.float32)),
+                                             torch.from_numpy(rows["pooled_embeds"][idx].astype(np.float32)))
+                x_t[pos] = xt_b.cpu().numpy().astype(out_dtype)
+                target[pos] = tg_b.cpu().numpy().astype(out_dtype)
+                t[pos], t_next[pos] = pair.t, pair.t_next
+        idx = np.array([r for r, _ in win])
+        yield tensors_to_table({
+            "id": [str(rows["id"][i]) for i in idx],
+            "draw": np.array([d for _, d in win], np.int32),
+            "t": t,
+            "t_next": t_next,
+            "x_t": x_t,
+            "target": target,
+            "prompt_embeds": rows["prompt_embeds"][idx].astype(out_dtype),
+            "pooled_embeds": rows["pooled_embeds"][idx].astype(out_dtype),
+        })
 
 
 ENCODED_COLUMNS = ["id", "latent", "prompt_embeds", "pooled_embeds"]

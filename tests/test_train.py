@@ -266,3 +266,27 @@ def test_changed_inputs_start_the_stage_over_instead_of_resuming(ray_local, tiny
     data["stages"][0]["lr"] = 5e-4
     changed = train_stage(from_dict(data), 1, held_rows=0, export=False)
     assert changed["metrics"]["resumed_from"] == -1 and changed["metrics"]["step"] == 4
+
+
+def test_micro_batches_deal_rows_anew_every_epoch(ray_local):
+    """A worker's micro-batches from a real Ray Dataset: the first epoch streams in order, every later
+    epoch covers each row exactly once in new micro-batches (not the first epoch's batches reordered)."""
+    import numpy as np
+    import ray.data
+
+    from pipeline.train import TRAIN_COLUMNS, micro_batches
+
+    n, bs = 40, 8
+    ds = ray.data.from_items([{"t": i, "t_next": -1, **{k: np.full((2,), float(i), np.float32)
+                                                       for k in TRAIN_COLUMNS if k not in ("t", "t_next")}}
+                              for i in range(n)])
+    it = micro_batches(ds, bs, seed=3)
+    epochs = [[next(it) for _ in range(n // bs)] for _ in range(3)]
+    first = [b["t"].tolist() for b in epochs[0]]
+    assert sorted(sum(first, [])) == list(range(n))
+    for e in epochs[1:]:
+        rows = sum((b["t"].tolist() for b in e), [])
+        assert sorted(rows) == list(range(n))  # every row once per epoch
+        assert all(torch.equal(b["target"][:, 0], b["t"].float()) for b in e)  # columns stay together
+        assert {frozenset(b["t"].tolist()) for b in e} != {frozenset(b) for b in first}
+    assert [b["t"].tolist() for b in epochs[1]] != [b["t"].tolist() for b in epochs[2]]

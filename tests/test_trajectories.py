@@ -78,6 +78,10 @@ def test_rows_schema_and_targets_equal_direct_rollout(ray_local, encoded_root):
     ids = list(encoded["id"])
     keys = list(zip(c["id"].tolist(), c["draw"].tolist()))
     assert len(set(keys)) == 128 and set(keys) == {(i, d) for i in ids for d in (0, 1)}
+    # rows are in item order (encoded row, draw), not grouped by timestep: training streams the files
+    # in order, and a file sorted by t would give micro-batches of one timestep, in timestep order
+    assert keys == [(i, d) for i in ids for d in (0, 1)]
+    assert all(len(set(c["t"][s:s + 8].tolist())) >= 3 for s in range(0, 128, 8))
 
     teacher = resolve_source("builtin:tiny_random")
     unet, schedule = load_unet(str(teacher)).eval(), schedule_of(teacher)
