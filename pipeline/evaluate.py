@@ -44,12 +44,20 @@ def _load_npz(storage: RunStorage, rel: str) -> dict:
     return dict(np.load(io.BytesIO(storage.read_bytes(rel))))
 
 
+def teacher_cache_rel(cfg: RunConfig, steps: int, guidance: float) -> str:
+    """Where the base teacher's samples at `steps` are cached in the run root."""
+    from .metrics import NOISE_VERSION
+
+    K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
+    return f"{TEACHER_DIR}/steps-{steps}-g{guidance:g}-k{K}-s{seed}-n{NOISE_VERSION}.npz"
+
+
 def teacher_samples(cfg: RunConfig, storage: RunStorage, teacher, steps: int, guidance: float):
     """The base teacher's fixed-seed samples at `steps` (cached in the run root)."""
     from .metrics import sample_digits
 
     K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
-    rel = f"{TEACHER_DIR}/steps-{steps}-g{guidance:g}-k{K}-s{seed}.npz"
+    rel = teacher_cache_rel(cfg, steps, guidance)
     if storage.exists(rel):
         d = _load_npz(storage, rel)
         return torch.from_numpy(d["images"]), d["labels"]
@@ -129,7 +137,7 @@ Sampling speedup vs the 32-step teacher with CFG (64 UNet evaluations): {metrics
 
 def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
     """Evaluate stage `key` (skipped when its manifest matches); returns the manifest."""
-    from .metrics import sample_digits, save_grid, score
+    from .metrics import NOISE_VERSION, sample_digits, save_grid, score
     from .zoo import load_pipeline, resolve_source, schedule_of
 
     if cfg.data.kind != "toy_digits":
@@ -144,7 +152,8 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
                                 f"run `padistill train-stage --stage {idx}` first")
     step = step_name(cfg, key)
     inputs = {"model": train_manifest["inputs_hash"], "model_finished_at": train_manifest["finished_at"],
-              "evaluate": cfg.evaluate.model_dump(mode="json"), "teacher": cfg.model.source}
+              "evaluate": cfg.evaluate.model_dump(mode="json"), "teacher": cfg.model.source,
+              "noise_version": NOISE_VERSION}
     if not force and storage.is_finished(step, inputs):
         log(f"padistill evaluate: stage {idx} is up to date")
         return storage.read_manifest(step)

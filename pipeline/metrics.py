@@ -32,6 +32,7 @@ CLASSIFIER_INFO = ASSETS / "digit_classifier.json"
 FEATURE_DIM = 64
 PATCH = 16
 DEFAULT_SEED = 1234
+NOISE_VERSION = 2  # fixed_noise's protocol (2: one noise per sample); in caches and evaluation inputs
 
 
 # ---- the classifier --------------------------------------------------------------------------------------
@@ -262,10 +263,13 @@ class DigitSamples:
         return self.images[torch.arange(10) * K + k]
 
 
-def fixed_noise(samples_per_digit: int, seed: int = DEFAULT_SEED, shape=(4, 8, 8)) -> torch.Tensor:
-    """Noise [K, *shape]: seed index k is the same noise for every digit (comparable columns)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + k))
-                        for k in range(samples_per_digit)])
+def fixed_noise(samples_per_digit: int, seed: int = DEFAULT_SEED, shape=(4, 8, 8), digits: int = 10) -> torch.Tensor:
+    """Noise [digits * K, *shape], digit-major (row d * K + k), drawn from one generator seeded with
+    `seed`: every sample has its own noise, and every model sampled with the same seed gets the same
+    noise for (digit, k). (Noise shared across digits made the 10 x K samples only K independent
+    draws; the toy FD then moved more between seeds than between models.)"""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((digits * samples_per_digit, *shape), generator=g)
 
 
 @torch.no_grad()
@@ -287,7 +291,7 @@ def sample_digits(pipe, num_steps: int, guidance_scale: float = 0.0, samples_per
     labels = np.repeat(np.arange(10), K)
     cond_all = encode_prompts(pipe, [caption_for(k) for k in range(10)], res)
     lat_shape = (unet.config.in_channels, res // pipe.vae_scale_factor, res // pipe.vae_scale_factor)
-    noise = fixed_noise(K, seed, lat_shape).repeat(10, 1, 1, 1)  # digit-major
+    noise = fixed_noise(K, seed, lat_shape)  # digit-major
     from .schedule import Conditioning
 
     out = []

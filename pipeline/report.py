@@ -72,12 +72,12 @@ def grid(cfg: RunConfig, storage: RunStorage, evals: list[dict], path: str) -> N
     import numpy as np
     import torch
 
-    from .evaluate import TEACHER_DIR
+    from .evaluate import teacher_cache_rel
     from .metrics import save_grid
 
-    K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
+    K = cfg.evaluate.samples_per_prompt
     g = evals[0]["teacher_guidance_scale"]
-    t32 = np.load(io.BytesIO(storage.read_bytes(f"{TEACHER_DIR}/steps-32-g{g:g}-k{K}-s{seed}.npz")))["images"]
+    t32 = np.load(io.BytesIO(storage.read_bytes(teacher_cache_rel(cfg, 32, g))))["images"]
     rows, labels = [torch.from_numpy(t32)[torch.arange(10) * K]], ["teacher 32"]
     for e in evals:
         imgs = np.load(io.BytesIO(storage.read_bytes(f"{cfg.stage_dir(e['stage'])}/eval/samples.npz")))["images"]
