@@ -1,9 +1,11 @@
 """The run as a DAG of resumable steps, executed as Ray tasks chained by their dependencies:
 
     encode ─► traj-1 ─► train-1 ─► traj-2 ─► train-2 ─► … ─► report
-                            └──► eval-1 (beside traj-2)  └──► eval-2
+                            └──► eval-1 (beside traj-2)  └──► eval-2 (after eval-1)
 
-(train-K trains stage K and exports its student to `stages/<K>-<name>/model/`, the teacher of K+1.)
+(train-K trains stage K and exports its student to `stages/<K>-<name>/model/`, the teacher of K+1.
+Evaluations run one after another: eval-1 samples the base teacher and caches its samples for the
+others, which would otherwise each sample it again at the same time.)
 
 Each step is idempotent: it skips itself when its manifest exists with matching input hashes, resumes
 from its own checkpoints/shards when interrupted, and writes its manifest last. So rerunning the same
@@ -75,7 +77,7 @@ def build_steps(cfg: RunConfig) -> list[Step]:
         traj_deps = ["encode"] + ([f"train-{teacher}"] if teacher else [])
         steps += [Step(f"traj-{k}", _traj(k), traj_deps),
                   Step(f"train-{k}", _train(k), [f"traj-{k}"]),
-                  Step(f"eval-{k}", _eval(k), [f"train-{k}"])]
+                  Step(f"eval-{k}", _eval(k), [f"train-{k}"] + ([f"eval-{k - 1}"] if k > 1 else []))]
     steps.append(Step("report", _report, [f"eval-{k}" for k in range(1, len(cfg.stages) + 1)]))
     return steps
 

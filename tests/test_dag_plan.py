@@ -14,6 +14,8 @@ def test_steps_chain_stages_and_put_eval_beside_next_precompute():
     assert steps["traj-2"] == ["encode", "train-1"]  # the teacher of stage 2 is stage 1's student
     assert steps["eval-1"] == ["train-1"]  # evaluation needs only the student: it runs beside traj-2
     assert "eval-1" not in steps["traj-2"]
+    # evaluations chain: eval-1 caches the base teacher's samples that the later ones reuse
+    assert steps["eval-2"] == ["train-2", "eval-1"] and steps["eval-3"] == ["train-3", "eval-2"]
     assert steps["report"] == ["eval-1", "eval-2", "eval-3"]
 
 
