@@ -983,12 +983,14 @@ def export_stage(cfg: RunConfig, key, checkpoint_path: str, storage: RunStorage 
 
 
 def train_stage(cfg: RunConfig, key, *, held_rows: int = 16, max_steps: int | None = None,
-                export: bool = True, extra_config: dict | None = None) -> dict:
+                export: bool = True, extra_config: dict | None = None, restart: bool = False,
+                log=print) -> dict:
     """Train (or resume) stage `key`, export its student to `model/` and commit the step's manifest.
-    Returns a summary: final metrics, checkpoint path, model URL, resumed_from."""
+    `restart` discards the stage's checkpoints first (`claim_train_dir`). Returns a summary: final
+    metrics, checkpoint path, model URL, resumed_from."""
     storage = RunStorage.from_config(cfg)
     idx, stage = cfg.stage(key)
-    claim_train_dir(cfg, key, storage)
+    claim_train_dir(cfg, key, storage, restart=restart, log=log)
     trainer = make_trainer(cfg, key, held_rows=held_rows, max_steps=max_steps, storage=storage,
                            extra_config=extra_config)
     t0 = time.perf_counter()
@@ -1025,7 +1027,7 @@ def claim_train_dir(cfg: RunConfig, key, storage: RunStorage, *, restart: bool =
     prev = storage.read_json(rel).get("inputs_hash") if storage.exists(rel) else None
     if (restart or prev != ih) and storage.exists(sdir, RUN_NAME):
         why = "--force" if restart else "its trajectories, stage or train settings changed"
-        log(f"padistill train-stage: {storage.url(sdir, RUN_NAME)} holds checkpoints of other inputs ({why}): "
+        log(f"padistill train-stage: discarding the checkpoints in {storage.url(sdir, RUN_NAME)} ({why}): "
             "starting the stage over")
         storage.rm(sdir, RUN_NAME)
         storage.invalidate(step_name(cfg, key))
@@ -1050,9 +1052,7 @@ def run_train_stage(cfg: RunConfig, key, *, force: bool = False, log=print) -> d
     if not force and storage.is_finished(step, train_inputs(cfg, key, storage)):
         log(f"padistill train-stage: {step} is up to date")
         return storage.read_manifest(step)
-    if force:
-        claim_train_dir(cfg, key, storage, restart=True, log=log)
-    summary = train_stage(cfg, key)
+    summary = train_stage(cfg, key, restart=force, log=log)
     manifest = storage.read_manifest(step)
     if manifest is None:
         raise RuntimeError(f"{step}: training ended at step {summary['metrics'].get('step')} without finishing "

@@ -266,11 +266,14 @@ def test_changed_inputs_start_the_stage_over_instead_of_resuming(ray_local, tiny
     data["stages"][0]["lr"] = 5e-4
     changed = train_stage(from_dict(data), 1, held_rows=0, export=False)
     assert changed["metrics"]["resumed_from"] == -1 and changed["metrics"]["step"] == 4
+    # --force (restart): same inputs, but the finished checkpoints are discarded
+    forced = train_stage(from_dict(data), 1, held_rows=0, export=False, restart=True)
+    assert forced["metrics"]["resumed_from"] == -1 and forced["metrics"]["step"] == 4
 
 
 def test_micro_batches_deal_rows_anew_every_epoch(ray_local):
-    """A worker's micro-batches from a real Ray Dataset: the first epoch streams in order, every later
-    epoch covers each row exactly once in new micro-batches (not the first epoch's batches reordered)."""
+    """A worker's micro-batches from a real Ray Dataset: every epoch covers each row exactly once, and
+    every later epoch deals them into new micro-batches (not the first epoch's batches reordered)."""
     import numpy as np
     import ray.data
 
