@@ -110,7 +110,10 @@ class StageConfig(_Strict):
     full_steps: int = Field(0, ge=0, description="full-UNet steps (after any LoRA phase)")
     conditional_steps: int = Field(0, ge=0, description="adversarial phase 1: conditional discriminator")
     unconditional_steps: int = Field(0, ge=0, description="adversarial phase 2: unconditional discriminator")
-    mse_steps: int = Field(0, ge=0, description="steps of an mse stage")
+    mse_steps: int = Field(0, ge=0, description="steps of an mse stage; in an adversarial stage, an MSE "
+                           "warm-up before the adversarial phases (not in the paper; default 0)")
+    mse_lr: Optional[float] = Field(None, gt=0, description="student lr of an adversarial stage's MSE "
+                                    "warm-up (default lr)")
     lr: float = Field(1e-5, gt=0)
     disc_lr: Optional[float] = Field(None, gt=0)
     conversion_lr: Optional[float] = Field(None, gt=0, description="student lr of the x0 conversion (default lr)")
@@ -134,6 +137,8 @@ class StageConfig(_Strict):
                              "(teacher_steps a multiple of 4)")
         if self.prediction_type == "sample" and self.student_steps != 1:
             raise ValueError("prediction_type: 'sample' (x0) conversion is for the 1-step student")
+        if self.mse_lr is not None and self.loss == "mse":
+            raise ValueError("mse_lr: is for the MSE warm-up of an adversarial stage; an mse stage uses lr")
         if len(self.renoise_timesteps) != len(self.renoise_weights):
             raise ValueError("renoise_weights: needs one weight per renoise_timesteps entry")
         if self.name is None:

@@ -319,12 +319,11 @@ def zero_memory(trainable: int, frozen: int, gpus: int, zero_stage: int, offload
 
 # ---- the plan ---------------------------------------------------------------------------------------------
 def stage_steps(st: StageConfig) -> int:
-    """Optimizer steps of a stage: MSE steps, or x0 conversion + the adversarial steps (LoRA + full
-    phases and conditional + unconditional phases are two splits of the same steps)."""
-    if st.loss == "mse":
-        return st.mse_steps
+    """Optimizer steps of a stage: x0 conversion + MSE steps + adversarial steps (LoRA + full phases
+    and the other phases are two splits of the same steps)."""
     lora = st.lora.steps if st.lora else 0
-    return st.conversion_steps + max(lora + st.full_steps, st.conditional_steps + st.unconditional_steps)
+    return max(lora + st.full_steps,
+               st.conversion_steps + st.mse_steps + st.conditional_steps + st.unconditional_steps)
 
 
 @dataclass

@@ -15,7 +15,10 @@ Phases of a stage (steps counted from 0, one step = `grad_accum` micro-batches p
                    student first gets `conv_out` refitted by least squares on the first 4 micro-batches
                    of every rank (`StageLoop.fit_conversion_head`): the best linear read-out of the
                    UNet's last features, so the MSE starts near the target instead of at epsilon
-    mse            (loss mse: `mse_steps`) MSE of the student's one step vs the teacher's n steps
+    mse            (`mse_steps`) MSE of the student's one step vs the teacher's n steps: the whole of
+                   a loss-mse stage, or an adversarial stage's warm-up at `mse_lr` (default `lr`; the
+                   optimizer restarts at `lr` after it). The warm-up is not in the paper: on the toy the
+                   discriminator separates too weakly to move the student far (configs/toy_digits.yaml)
     conditional    (adversarial: `conditional_steps`) non-saturating GAN, alternating D / student
                    updates, conditional D(x_t, x_{t-ns}, t, c)
     unconditional  (adversarial: `unconditional_steps`) the same with D'(x_{t-ns}, c): the backbone
@@ -100,8 +103,7 @@ def plan_phases(stage: StageConfig) -> list[Phase]:
             raise ConfigError(f"{where}: conditional_steps/unconditional_steps are for adversarial stages")
         add("mse", stage.mse_steps)
     else:
-        if stage.mse_steps:
-            raise ConfigError(f"{where}: mse_steps is for loss 'mse' stages")
+        add("mse", stage.mse_steps)  # the optional warm-up
         add("conditional", stage.conditional_steps)
         add("unconditional", stage.unconditional_steps)
     if s == 0:
@@ -306,9 +308,13 @@ class StageLoop:
         return unet
 
     def student_lr_at(self, step: int) -> float:
-        """The student's learning rate at `step`: `conversion_lr` (default `lr`) in the x0 conversion."""
-        if phase_at(self.phases, step).name == "conversion" and self.stage.conversion_lr:
+        """The student's learning rate at `step`: `conversion_lr` in the x0 conversion, `mse_lr` in an
+        adversarial stage's MSE warm-up, `lr` otherwise."""
+        name = phase_at(self.phases, step).name
+        if name == "conversion" and self.stage.conversion_lr:
             return self.stage.conversion_lr
+        if name == "mse" and self.stage.mse_lr:
+            return self.stage.mse_lr
         return self.stage.lr
 
     def build_student(self, mode: str, state_dict: dict | None = None,
@@ -424,7 +430,7 @@ class StageLoop:
             merged = student_mod.merge_lora(unet).state_dict()
             self.build_student("full", merged, lr=self.student_lr_at(step))
             events.append(f"merged the LoRA into the full UNet at step {step}")
-        elif self.student_lr != self.student_lr_at(step):  # conversion_lr -> lr: a fresh optimizer
+        elif self.student_lr != self.student_lr_at(step):  # conversion_lr/mse_lr -> lr: a fresh optimizer
             self.build_student(self.student_mode, self.engines.full_state_dict(self.student),
                                lr=self.student_lr_at(step))
             events.append(f"student optimizer restarted at lr {self.student_lr:g} at step {step}")

@@ -54,8 +54,12 @@ def test_phase_plan():
     assert checkpoint_steps(st, 100) == {3, 6, 8, 10}
     with pytest.raises(ConfigError, match="lora.steps"):
         plan_phases(_stage(lora={"rank": 4, "steps": 6}, full_steps=5))
-    with pytest.raises(ConfigError, match="mse_steps"):
-        plan_phases(_stage(mse_steps=3))
+    warm = _stage(mse_steps=4, mse_lr=1e-3, lr=1e-6)  # an adversarial stage's MSE warm-up
+    assert [(p.name, p.start, p.end) for p in plan_phases(warm)] == [
+        ("conversion", 0, 3), ("mse", 3, 7), ("conditional", 7, 12), ("unconditional", 12, 14)]
+    assert checkpoint_steps(warm, 100) == {3, 7, 12, 14}
+    with pytest.raises(ValueError, match="mse_lr"):
+        StageConfig(teacher_steps=8, student_steps=4, loss="mse", mse_steps=3, mse_lr=1e-3)
     with pytest.raises(ConfigError, match="no training steps"):
         plan_phases(StageConfig(teacher_steps=8, student_steps=4, loss="mse"))
 
@@ -63,7 +67,8 @@ def test_phase_plan():
 def test_conversion_starts_from_least_squares_conv_out(tiny_pipeline):
     """The x0 conversion's start (no Ray: the plain-torch engines of the benchmark): conv_out alone is
     refitted by least squares and the sample output gets closer to the implied x0 on rows it never
-    saw; after the conversion the optimizer restarts at the stage's lr, with the same weights."""
+    saw; after the conversion the optimizer restarts at mse_lr for the MSE warm-up, then at the
+    stage's lr for the adversarial phases, with the same weights throughout."""
     import sys
     from pathlib import Path
 
@@ -78,7 +83,7 @@ def test_conversion_starts_from_least_squares_conv_out(tiny_pipeline):
     from traj_helpers import make_trajectories
 
     data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
-    data["stages"][2].update(conversion_steps=2, conversion_lr=1e-3, lr=1e-4)
+    data["stages"][2].update(conversion_steps=2, conversion_lr=1e-3, mse_steps=2, mse_lr=5e-4, lr=1e-4)
     cfg = from_dict(data)
     _, stage = cfg.stage(3)
     sched = zoo.schedule_of(tiny_pipeline)
@@ -107,7 +112,10 @@ def test_conversion_starts_from_least_squares_conv_out(tiny_pipeline):
                if not torch.equal(p, tiny_pipeline.unet.get_parameter(n))}
     assert changed == {"conv_out.weight", "conv_out.bias"}
     weights = copy.deepcopy(loop.student.module.state_dict())
-    events = loop.transition(2)
+    events = loop.transition(2)  # the MSE warm-up: its own lr, no discriminator yet
+    assert loop.student_lr == 5e-4 and loop.student.optimizer.param_groups[0]["lr"] == 5e-4
+    assert any("optimizer restarted" in e for e in events) and loop.disc is None
+    events = loop.transition(4)
     assert loop.student_lr == 1e-4 and loop.student.optimizer.param_groups[0]["lr"] == 1e-4
     assert any("optimizer restarted" in e for e in events) and loop.disc_mode == "conditional"
     assert all(torch.equal(v, loop.student.module.state_dict()[k]) for k, v in weights.items())
