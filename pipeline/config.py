@@ -177,6 +177,15 @@ class EvaluateConfig(_Strict):
     # CFG of the base teacher when it is sampled for comparison; None: its padistill.json's guidance_scale
     teacher_guidance_scale: Optional[float] = Field(None, ge=0.0)
     batch_size: int = Field(100, gt=0)
+    # non-toy runs (data.kind parquet): the paper's FID-Whole, FID-Patch and CLIP score (pipeline/real_metrics.py)
+    prompts: int = Field(1000, gt=1, description="non-toy runs: evaluation prompts (the first captions of the "
+                         "data source, one image each; their real images are the FID reference)")
+    fid_inception_weights: Optional[str] = Field(None, description="torch-fidelity's Inception weights file "
+                                                 "(pt_inception-2015-12-05-6726825d.pth) for FID; needs torch-fidelity")
+    fid_extractor: Optional[str] = Field(None, description="instead: a TorchScript module, uint8 images "
+                                         "[N, 3, H, W] -> features [N, D], for FID")
+    clip_model: Optional[str] = Field(None, description="a local transformers CLIP folder (model + processor)")
+    patch_size: int = Field(299, gt=0, description="FID-Patch: centre crop in px")
     speed_repeats: int = Field(2, gt=0, description="timed repeats of the sampling-speed comparison (best of)")
 
 

@@ -121,6 +121,10 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
     storage = RunStorage.from_config(cfg)
     storage.write_text("config.yaml", cfg.to_yaml())
     steps = select(build_steps(cfg), cfg, until, only)
+    if cfg.data.kind != "toy_digits" and any(s.name.startswith("eval-") for s in steps):
+        from . import real_metrics
+
+        real_metrics.check(cfg.evaluate, cfg.model.resolution)  # before hours of training, not after
     ensure_ray(cfg)
 
     @ray.remote(num_cpus=0, max_retries=0)

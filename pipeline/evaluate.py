@@ -1,10 +1,13 @@
 """Evaluation of one stage: its student at its own step count, the base teacher at 32 steps and at the
 student's step count, all with the same fixed prompts and seeds, scored by the toy metrics
-(`pipeline.metrics`), plus the wall-clock sampling speedup against the teacher with CFG, image grids,
-and the stage's model card updated with the numbers.
+(`pipeline.metrics`) on the toy, or on a non-toy run by the paper's FID-Whole, FID-Patch and CLIP
+score (`pipeline.real_metrics`: the first `evaluate.prompts` captions of the data source, their real
+images as the FID reference, weights from paths in `evaluate`), plus the wall-clock sampling speedup
+against the teacher with CFG, image grids, and the stage's model card updated with the numbers.
 
 Writes `<root>/stages/<k>-<name>/eval/metrics.json`, `eval/grid.png`, `eval/samples.npz`; teacher
-samples are cached per step count under `<root>/eval/teacher/` so later stages reuse them."""
+samples are cached per step count under `<root>/eval/teacher/` so later stages reuse them (a non-toy
+run's `samples.npz` keeps only the grid's first 10 images)."""
 
 from __future__ import annotations
 
@@ -13,11 +16,13 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .config import ConfigError, RunConfig
+from . import real_metrics
+from .config import RunConfig
 from .storage import RunStorage
 
 TEACHER_DIR = "eval/teacher"
@@ -48,22 +53,74 @@ def teacher_cache_rel(cfg: RunConfig, steps: int, guidance: float) -> str:
     """Where the base teacher's samples at `steps` are cached in the run root."""
     from .metrics import NOISE_VERSION
 
+    if cfg.data.kind != "toy_digits":
+        return f"{TEACHER_DIR}/real-steps-{steps}-g{guidance:g}-p{cfg.evaluate.prompts}-s{cfg.evaluate.seed}.npz"
     K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
     return f"{TEACHER_DIR}/steps-{steps}-g{guidance:g}-k{K}-s{seed}-n{NOISE_VERSION}.npz"
 
 
-def teacher_samples(cfg: RunConfig, storage: RunStorage, teacher, steps: int, guidance: float):
-    """The base teacher's fixed-seed samples at `steps` (cached in the run root)."""
-    from .metrics import sample_digits
+def teacher_samples(cfg: RunConfig, storage: RunStorage, teacher, steps: int, guidance: float,
+                    prompts: "RealPrompts | None" = None):
+    """The base teacher's fixed-seed samples at `steps` (cached in the run root): toy digits, or the
+    images of a non-toy run's evaluation `prompts` (uint8, the sizes of real runs)."""
+    from .metrics import sample_captions, sample_digits
 
     K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
     rel = teacher_cache_rel(cfg, steps, guidance)
     if storage.exists(rel):
         d = _load_npz(storage, rel)
         return torch.from_numpy(d["images"]), d["labels"]
-    s = sample_digits(teacher, steps, guidance, K, seed, batch_size=cfg.evaluate.batch_size)
-    _save_npz(storage, rel, images=s.images.numpy(), labels=s.labels)
-    return s.images, s.labels
+    if prompts is not None:
+        images = to_uint8_nchw(sample_captions(teacher, prompts.captions, prompts.noise, steps, guidance,
+                                               batch_size=cfg.evaluate.batch_size))
+        labels = np.asarray(prompts.captions)
+    else:
+        s = sample_digits(teacher, steps, guidance, K, seed, batch_size=cfg.evaluate.batch_size)
+        images, labels = s.images, s.labels
+    _save_npz(storage, rel, images=images.numpy(), labels=labels)
+    return images, labels
+
+
+def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> uint8 [N, 3, H, W] (what FID and CLIP score read)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+@dataclass
+class RealPrompts:
+    """A non-toy run's evaluation set: the first `evaluate.prompts` captions of the data source, their
+    real images (uint8, the FID reference) and one fixed noise latent each."""
+    captions: list[str]
+    real: torch.Tensor
+    noise: torch.Tensor
+    skipped: dict
+
+
+def real_prompts(cfg: RunConfig, latent_shape) -> RealPrompts:
+    from collections import Counter
+
+    from .sources import make_source
+
+    want = cfg.evaluate.prompts
+    source = make_source(cfg)
+    captions, images, skipped = [], [], Counter()
+    for unit in source.units(max(want, 64)):
+        d = source.load(unit)
+        skipped.update(d.skipped)
+        captions += d.captions
+        images.append(to_uint8_nchw(d.images))  # 1 byte a value: 1000 SDXL images are 3 GB, not 12
+        if len(captions) >= want:
+            break
+    if len(captions) < 2:
+        raise ValueError(f"evaluate: the data source gave {len(captions)} usable image(s) with captions; "
+                         "the FID needs at least 2")
+    real = torch.cat(images)[:want]
+    noise = torch.randn((len(real), *latent_shape), generator=torch.Generator().manual_seed(cfg.evaluate.seed))
+    return RealPrompts(captions[:want], real, noise, dict(skipped))
 
 
 @torch.no_grad()
@@ -106,8 +163,8 @@ def sampling_speed(teacher, student, student_steps: int, teacher_guidance: float
 def _model_card(cfg: RunConfig, key, metrics: dict) -> str:
     idx, stage = cfg.stage(key)
     s, t = metrics["student"], metrics["teacher_same_steps"]
-    rows = "\n".join(f"| {m} | {s[m]:.4g} | {t[m]:.4g} | {metrics['teacher_32'][m]:.4g} |"
-                     for m in ("fd", "fd_patch", "prompt_accuracy", "diversity"))
+    keys = ("fd", "fd_patch", "prompt_accuracy", "diversity") if "fd" in s else real_metrics.KEYS
+    rows = "\n".join(f"| {m} | {s[m]:.4g} | {t[m]:.4g} | {metrics['teacher_32'][m]:.4g} |" for m in keys)
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -137,12 +194,12 @@ Sampling speedup vs the 32-step teacher with CFG (64 UNet evaluations): {metrics
 
 def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
     """Evaluate stage `key` (skipped when its manifest matches); returns the manifest."""
-    from .metrics import NOISE_VERSION, sample_digits, save_grid, score
+    from .metrics import NOISE_VERSION, latent_shape, sample_captions, sample_digits, save_grid, score
     from .zoo import load_pipeline, resolve_source, schedule_of
 
-    if cfg.data.kind != "toy_digits":
-        raise ConfigError("evaluate: the metrics implemented are the toy benchmark's (data.kind: toy_digits); "
-                          "FID/CLIP for real SDXL runs are not implemented yet")
+    toy = cfg.data.kind == "toy_digits"
+    if not toy:
+        real_metrics.check(cfg.evaluate, cfg.model.resolution)
     storage = RunStorage.from_config(cfg)
     idx, stage = cfg.stage(key)
     sd = cfg.stage_dir(key)
@@ -153,7 +210,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
     step = step_name(cfg, key)
     inputs = {"model": train_manifest["inputs_hash"], "model_finished_at": train_manifest["finished_at"],
               "evaluate": cfg.evaluate.model_dump(mode="json"), "teacher": cfg.model.source,
-              "noise_version": NOISE_VERSION}
+              "noise_version": NOISE_VERSION, "data": cfg.data.model_dump(mode="json")}
     if not force and storage.is_finished(step, inputs):
         log(f"padistill evaluate: stage {idx} is up to date")
         return storage.read_manifest(step)
@@ -165,31 +222,48 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         student = load_pipeline(storage.get_dir(f"{sd}/model", f"{work}/model"))
         pred = schedule_of(student).prediction_type
         N, K, seed = stage.student_steps, cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
+        prompts = None if toy else real_prompts(cfg, latent_shape(teacher))
+        n = 10 * K if toy else len(prompts.captions)
         log(f"padistill evaluate: stage {idx} ({stage.name}): student at {N} steps, teacher at 32 and {N} "
-            f"steps (guidance {g:g}), {10 * K} samples each")
-        t32, labels = teacher_samples(cfg, storage, teacher, 32, g)
-        tN, _ = teacher_samples(cfg, storage, teacher, N, g)
-        s = sample_digits(student, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size, prediction_type=pred)
+            f"steps (guidance {g:g}), {n} samples each")
+        t32, labels = teacher_samples(cfg, storage, teacher, 32, g, prompts)
+        tN, _ = teacher_samples(cfg, storage, teacher, N, g, prompts)
+        if toy:
+            s = sample_digits(student, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size, prediction_type=pred)
+            scores = {"student": score(s.images, labels, reference_images=t32),
+                      "teacher_same_steps": score(tN, labels, reference_images=t32),
+                      "teacher_32": score(t32, labels, reference_images=t32)}
+            shown = torch.arange(10) * K  # digits 0-9 at seed index 0
+            images = s.images
+            _save_npz(storage, f"{sd}/eval/samples.npz", images=s.images.numpy(), labels=labels)
+        else:
+            images = to_uint8_nchw(sample_captions(student, prompts.captions, prompts.noise, N,
+                                                   batch_size=cfg.evaluate.batch_size, prediction_type=pred))
+            scores = {name: {**real_metrics.score(x, prompts.captions, prompts.real, cfg.evaluate), "n": n}
+                      for name, x in (("student", images), ("teacher_same_steps", tN), ("teacher_32", t32))}
+            shown = torch.arange(min(10, n))  # the first prompts
+            _save_npz(storage, f"{sd}/eval/samples.npz", images=images[shown].numpy(),
+                      labels=np.asarray(prompts.captions[:len(shown)]))
+            t32, tN, images = (from_uint8(x) for x in (t32, tN, images))
         metrics = {
-            "stage": idx, "name": stage.name, "student_steps": N, "teacher_guidance_scale": g,
-            "student": score(s.images, labels, reference_images=t32),
-            "teacher_same_steps": score(tN, labels, reference_images=t32),
-            "teacher_32": score(t32, labels, reference_images=t32),
-            # one sampling batch (evaluate.batch_size), not all 10 x K samples: at the toy's 500 the
+            "stage": idx, "name": stage.name, "student_steps": N, "teacher_guidance_scale": g, **scores,
+            # one sampling batch (evaluate.batch_size), not all the samples: at the toy's 500 the
             # timing alone cost more than the rest of the evaluation
-            "speed": sampling_speed(teacher, student, N, g, batch=min(cfg.evaluate.batch_size, 10 * K),
+            "speed": sampling_speed(teacher, student, N, g, batch=min(cfg.evaluate.batch_size, n),
                                     repeats=cfg.evaluate.speed_repeats, prediction_type=pred),
         }
-        _save_npz(storage, f"{sd}/eval/samples.npz", images=s.images.numpy(), labels=labels)
+        if not toy:
+            metrics["skipped"] = prompts.skipped
         grid = f"{work}/grid.png"
-        rows = [t32[torch.arange(10) * K], tN[torch.arange(10) * K], s.grid_row(0)]
+        rows = [t32[shown], tN[shown], images[shown]]
         save_grid(rows, grid, [f"teacher {32}", f"teacher {N}", f"student {N}"])
         storage.write_bytes(f"{sd}/eval/grid.png", open(grid, "rb").read())
         storage.write_json(f"{sd}/eval/metrics.json", metrics)
         storage.write_text(f"{sd}/model/README.md", _model_card(cfg, key, metrics))
-        st = metrics["student"]
-        log(f"padistill evaluate: stage {idx}: student fd {st['fd']:.3g} acc {st['prompt_accuracy']:.3f} | "
-            f"teacher@{N} fd {metrics['teacher_same_steps']['fd']:.3g} | speedup {metrics['speed']['speedup']:.1f}x")
+        st, fd = metrics["student"], ("fd" if toy else "fid")
+        log(f"padistill evaluate: stage {idx}: student {fd} {st[fd]:.3g} "
+            + (f"acc {st['prompt_accuracy']:.3f}" if toy else f"clip {st['clip_score']:.3g}")
+            + f" | teacher@{N} {fd} {metrics['teacher_same_steps'][fd]:.3g} | speedup {metrics['speed']['speedup']:.1f}x")
         return storage.commit_manifest(step, inputs=inputs, outputs={"metrics": f"{sd}/eval/metrics.json",
                                                                      "grid": f"{sd}/eval/grid.png"})
     finally:

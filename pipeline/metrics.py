@@ -273,37 +273,50 @@ def fixed_noise(samples_per_digit: int, seed: int = DEFAULT_SEED, shape=(4, 8, 8
 
 
 @torch.no_grad()
-def sample_digits(pipe, num_steps: int, guidance_scale: float = 0.0, samples_per_digit: int = 10,
-                  seed: int = DEFAULT_SEED, unet=None, batch_size: int = 200,
-                  prediction_type: Optional[str] = None) -> DigitSamples:
-    """Sample digits 0-9 x K fixed seeds with N trailing Euler steps (and CFG when g > 1) through
-    `Schedule.sample`; `unet` (a student) replaces the pipeline's own UNet when given. Decoded
-    with the pipeline's VAE to [-1, 1]."""
-    from .data import caption_for
-    from .schedule import unet_denoiser
+def sample_captions(pipe, captions: list[str], noise: torch.Tensor, num_steps: int, guidance_scale: float = 0.0,
+                    unet=None, batch_size: int = 200, prediction_type: Optional[str] = None) -> torch.Tensor:
+    """Images [N, 3, R, R] in [-1, 1] of `captions` from `noise` (one latent each) with N trailing Euler
+    steps through `Schedule.sample` (CFG when g > 1), decoded with the pipeline's VAE; `unet` (a student)
+    replaces the pipeline's own UNet when given. Each distinct caption is encoded once."""
+    from .schedule import Conditioning, unet_denoiser
     from .zoo import encode_prompts, schedule_of
 
     unet = unet if unet is not None else pipe.unet
     sched = schedule_of(pipe)
     vae = pipe.vae
     res = pipe.default_sample_size * pipe.vae_scale_factor
-    K = samples_per_digit
-    labels = np.repeat(np.arange(10), K)
-    cond_all = encode_prompts(pipe, [caption_for(k) for k in range(10)], res)
-    lat_shape = (unet.config.in_channels, res // pipe.vae_scale_factor, res // pipe.vae_scale_factor)
-    noise = fixed_noise(K, seed, lat_shape)  # digit-major
-    from .schedule import Conditioning
-
+    distinct = sorted(set(captions))
+    where = {c: i for i, c in enumerate(distinct)}
+    cond_all = encode_prompts(pipe, distinct, res)
     out = []
-    for i in range(0, len(labels), batch_size):
-        y = torch.as_tensor(labels[i:i + batch_size])
+    for i in range(0, len(captions), batch_size):
+        y = torch.as_tensor([where[c] for c in captions[i:i + batch_size]])
         cond = Conditioning(cond_all.prompt_embeds[y], cond_all.pooled[y], cond_all.time_ids[y])
         den = unet_denoiser(unet, cond, guidance_scale)
         lat = sched.sample(den, noise[i:i + batch_size].to(torch.float32), num_steps, prediction_type)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         img = vae.decode((lat / vae.config.scaling_factor + shift).to(vae.dtype)).sample
         out.append(img.float().clamp(-1, 1))
-    return DigitSamples(torch.cat(out), labels, num_steps, guidance_scale, seed)
+    return torch.cat(out)
+
+
+def latent_shape(pipe, unet=None) -> tuple[int, int, int]:
+    unet = unet if unet is not None else pipe.unet
+    side = pipe.default_sample_size
+    return (unet.config.in_channels, side, side)
+
+
+def sample_digits(pipe, num_steps: int, guidance_scale: float = 0.0, samples_per_digit: int = 10,
+                  seed: int = DEFAULT_SEED, unet=None, batch_size: int = 200,
+                  prediction_type: Optional[str] = None) -> DigitSamples:
+    """Sample digits 0-9 x K fixed seeds (`fixed_noise`) with `sample_captions`."""
+    from .data import caption_for
+
+    labels = np.repeat(np.arange(10), samples_per_digit)
+    noise = fixed_noise(samples_per_digit, seed, latent_shape(pipe, unet))  # digit-major
+    images = sample_captions(pipe, [caption_for(int(y)) for y in labels], noise, num_steps, guidance_scale,
+                             unet=unet, batch_size=batch_size, prediction_type=prediction_type)
+    return DigitSamples(images, labels, num_steps, guidance_scale, seed)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -12,6 +12,12 @@ from .storage import RunStorage
 
 METRICS = (("fd", "FD ↓"), ("fd_patch", "FD-patch ↓"), ("prompt_accuracy", "accuracy ↑"),
            ("diversity", "diversity"), ("fd_to_reference", "FD to teacher-32 ↓"))
+REAL_METRICS = (("fid", "FID-Whole ↓"), ("fid_patch", "FID-Patch ↓"), ("clip_score", "CLIP score ↑"))
+
+
+def metrics_of(evals: list[dict]) -> tuple[tuple[str, str], ...]:
+    """The toy metrics, or the paper's for a non-toy run."""
+    return REAL_METRICS if evals and "fid" in evals[0]["student"] else METRICS
 
 
 def collect(cfg: RunConfig, storage: RunStorage) -> list[dict]:
@@ -24,11 +30,12 @@ def collect(cfg: RunConfig, storage: RunStorage) -> list[dict]:
 
 
 def table(evals: list[dict]) -> str:
-    head = "| model | steps | " + " | ".join(h for _, h in METRICS) + " | speedup vs teacher-32+CFG |"
-    lines = [head, "|" + " --- |" * (len(METRICS) + 3)]
+    cols = metrics_of(evals)
+    head = "| model | steps | " + " | ".join(h for _, h in cols) + " | speedup vs teacher-32+CFG |"
+    lines = [head, "|" + " --- |" * (len(cols) + 3)]
 
     def row(name, steps, m, speed=""):
-        vals = " | ".join(f"{m[k]:.3f}" if k in m else "–" for k, _ in METRICS)
+        vals = " | ".join(f"{m[k]:.3f}" if k in m else "–" for k, _ in cols)
         lines.append(f"| {name} | {steps} | {vals} | {speed} |")
 
     if evals:
@@ -47,7 +54,8 @@ def plot_metrics(evals: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k, _ in METRICS[:4]]
+    cols = metrics_of(evals)[:4]
+    keys = [k for k, _ in cols]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for ax, k in zip(axes, keys):
         t = sorted({(e["student_steps"], e["teacher_same_steps"][k]) for e in evals} |
@@ -57,7 +65,7 @@ def plot_metrics(evals: list[dict], path: str) -> None:
         ax.plot([a for a, _ in s], [b for _, b in s], "o-", label="students")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("steps")
-        ax.set_title(dict(METRICS)[k])
+        ax.set_title(dict(cols)[k])
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
@@ -66,22 +74,25 @@ def plot_metrics(evals: list[dict], path: str) -> None:
 
 
 def grid(cfg: RunConfig, storage: RunStorage, evals: list[dict], path: str) -> None:
-    """Rows: teacher at 32 steps, then each student at its steps; columns: digits 0-9, seed index 0."""
+    """Rows: teacher at 32 steps, then each student at its steps; columns: digits 0-9 at seed index 0
+    (the toy), or the first 10 evaluation prompts (a non-toy run, whose samples.npz keeps only those)."""
     import io
 
     import numpy as np
     import torch
 
-    from .evaluate import teacher_cache_rel
+    from .evaluate import from_uint8, teacher_cache_rel
     from .metrics import save_grid
 
+    toy = cfg.data.kind == "toy_digits"
     K = cfg.evaluate.samples_per_prompt
     g = evals[0]["teacher_guidance_scale"]
-    t32 = np.load(io.BytesIO(storage.read_bytes(teacher_cache_rel(cfg, 32, g))))["images"]
-    rows, labels = [torch.from_numpy(t32)[torch.arange(10) * K]], ["teacher 32"]
+    t32 = torch.from_numpy(np.load(io.BytesIO(storage.read_bytes(teacher_cache_rel(cfg, 32, g))))["images"])
+    shown = torch.arange(10) * K if toy else torch.arange(min(10, len(t32)))
+    rows, labels = [t32[shown] if toy else from_uint8(t32[shown])], ["teacher 32"]
     for e in evals:
         imgs = np.load(io.BytesIO(storage.read_bytes(f"{cfg.stage_dir(e['stage'])}/eval/samples.npz")))["images"]
-        rows.append(torch.from_numpy(imgs)[torch.arange(10) * K])
+        rows.append(torch.from_numpy(imgs)[shown] if toy else from_uint8(torch.from_numpy(imgs)))
         labels.append(f"student {e['student_steps']}")
     save_grid(rows, path, labels)
 
@@ -107,11 +118,16 @@ def write_report(cfg: RunConfig, log=print) -> dict:
              + " steps.\n"]
     images = {}
     if evals:
+        if metrics_of(evals) is REAL_METRICS:
+            legend = (f"FID-Whole: Fréchet distance between the {cfg.evaluate.prompts} evaluation prompts' real images "
+                      f"and the samples; FID-Patch: the same on centre {cfg.evaluate.patch_size} px crops; CLIP "
+                      "score: 100 × cosine of each sample's and its prompt's CLIP embeddings.\n")
+        else:
+            legend = ("FD: Fréchet distance to real digits in a digit classifier's feature space (FID analogue); "
+                      "FD-patch: on centre 16×16 patches; accuracy: the classifier agrees with the prompt (CLIP-score "
+                      "analogue); diversity: within-prompt spread relative to real digits.\n")
         parts += ["## Metrics\n", "Every student against the teacher sampled with Euler at the student's own step "
-                  "count (same prompts, same seeds). FD: Fréchet distance to real digits in a digit classifier's "
-                  "feature space (FID analogue); FD-patch: on centre 16×16 patches; accuracy: the classifier agrees "
-                  "with the prompt (CLIP-score analogue); diversity: within-prompt spread relative to real digits.\n",
-                  table(evals), ""]
+                  "count (same prompts, same seeds). " + legend, table(evals), ""]
         plot_metrics(evals, str(work / "metrics.png"))
         grid(cfg, storage, evals, str(work / "grid.png"))
         images = {"metrics.png": "Metrics against steps", "grid.png": "Samples: teacher at 32 steps and each student"}
