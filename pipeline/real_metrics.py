@@ -43,6 +43,12 @@ def check(ev: EvaluateConfig, resolution: int) -> None:
         path = getattr(ev, key)
         if path and not os.path.exists(path):
             raise ConfigError(f"evaluate.{key}: {path} does not exist")
+    if ev.fid_inception_weights:
+        import importlib.util
+
+        if importlib.util.find_spec("torch_fidelity") is None:
+            raise ConfigError("evaluate.fid_inception_weights: torchmetrics builds the Inception extractor with the "
+                              "torch-fidelity package, which is not installed (pip install torch-fidelity)")
 
 
 def _fid_metric(ev: EvaluateConfig):

@@ -4,6 +4,7 @@ non-toy run's evaluation end to end: Parquet image/caption source -> stage 1 -> 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 
 import numpy as np
@@ -89,6 +90,12 @@ def test_real_metrics_config_errors_name_the_keys(stand_ins, tmp_path):
         real_metrics.check(EvaluateConfig(fid_extractor=str(tmp_path / "nope.pt"), clip_model=clip, patch_size=16), 32)
     with pytest.raises(ConfigError, match="evaluate.patch_size"):
         real_metrics.check(EvaluateConfig(fid_extractor=features, clip_model=clip), 32)  # 299 px > 32 px
+    inception = EvaluateConfig(fid_inception_weights=features, clip_model=clip, patch_size=16)  # any existing file
+    if importlib.util.find_spec("torch_fidelity") is None:
+        with pytest.raises(ConfigError, match="torch-fidelity"):
+            real_metrics.check(inception, 32)
+    else:
+        real_metrics.check(inception, 32)
     # `distill` checks before it runs anything: not after hours of training
     from pipeline.dag import run_dag
     from pipeline.storage import RunStorage
