@@ -51,6 +51,11 @@ class DataConfig(_Strict):
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
 
+    @property
+    def toy(self) -> bool:
+        """The embedded toy benchmark: evaluated with the toy metrics (else the paper's FID and CLIP)."""
+        return self.kind == "toy_digits"
+
     @model_validator(mode="after")
     def _path_for_parquet(self):
         if self.kind == "parquet" and not self.path:

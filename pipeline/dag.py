@@ -121,7 +121,7 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
     storage = RunStorage.from_config(cfg)
     storage.write_text("config.yaml", cfg.to_yaml())
     steps = select(build_steps(cfg), cfg, until, only)
-    if cfg.data.kind != "toy_digits" and any(s.name.startswith("eval-") for s in steps):
+    if not cfg.data.toy and any(s.name.startswith("eval-") for s in steps):
         from . import real_metrics
 
         real_metrics.check(cfg.evaluate, cfg.model.resolution)  # before hours of training, not after

@@ -53,7 +53,7 @@ def teacher_cache_rel(cfg: RunConfig, steps: int, guidance: float) -> str:
     """Where the base teacher's samples at `steps` are cached in the run root."""
     from .metrics import NOISE_VERSION
 
-    if cfg.data.kind != "toy_digits":
+    if not cfg.data.toy:
         return f"{TEACHER_DIR}/real-steps-{steps}-g{guidance:g}-p{cfg.evaluate.prompts}-s{cfg.evaluate.seed}.npz"
     K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
     return f"{TEACHER_DIR}/steps-{steps}-g{guidance:g}-k{K}-s{seed}-n{NOISE_VERSION}.npz"
@@ -63,7 +63,7 @@ def teacher_samples(cfg: RunConfig, storage: RunStorage, teacher, steps: int, gu
                     prompts: "RealPrompts | None" = None):
     """The base teacher's fixed-seed samples at `steps` (cached in the run root): toy digits, or the
     images of a non-toy run's evaluation `prompts` (uint8, the sizes of real runs)."""
-    from .metrics import sample_captions, sample_digits
+    from .metrics import sample_captions, sample_digits, to_uint8_nchw
 
     K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
     rel = teacher_cache_rel(cfg, steps, guidance)
@@ -81,15 +81,6 @@ def teacher_samples(cfg: RunConfig, storage: RunStorage, teacher, steps: int, gu
     return images, labels
 
 
-def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8 [N, 3, H, W] (what FID and CLIP score read)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def from_uint8(images: torch.Tensor) -> torch.Tensor:
-    return images.to(torch.float32) / 127.5 - 1.0
-
-
 @dataclass
 class RealPrompts:
     """A non-toy run's evaluation set: the first `evaluate.prompts` captions of the data source, their
@@ -103,6 +94,7 @@ class RealPrompts:
 def real_prompts(cfg: RunConfig, latent_shape) -> RealPrompts:
     from collections import Counter
 
+    from .metrics import to_uint8_nchw
     from .sources import make_source
 
     want = cfg.evaluate.prompts
@@ -163,7 +155,9 @@ def sampling_speed(teacher, student, student_steps: int, teacher_guidance: float
 def _model_card(cfg: RunConfig, key, metrics: dict) -> str:
     idx, stage = cfg.stage(key)
     s, t = metrics["student"], metrics["teacher_same_steps"]
-    keys = ("fd", "fd_patch", "prompt_accuracy", "diversity") if "fd" in s else real_metrics.KEYS
+    from .report import metrics_of
+
+    keys = [k for k, _ in metrics_of([metrics])[:4]]
     rows = "\n".join(f"| {m} | {s[m]:.4g} | {t[m]:.4g} | {metrics['teacher_32'][m]:.4g} |" for m in keys)
     return f"""---
 library_name: diffusers
@@ -194,10 +188,11 @@ Sampling speedup vs the 32-step teacher with CFG (64 UNet evaluations): {metrics
 
 def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
     """Evaluate stage `key` (skipped when its manifest matches); returns the manifest."""
-    from .metrics import NOISE_VERSION, latent_shape, sample_captions, sample_digits, save_grid, score
+    from .metrics import (NOISE_VERSION, from_uint8, latent_shape, sample_captions, sample_digits, save_grid,
+                          score, to_uint8_nchw)
     from .zoo import load_pipeline, resolve_source, schedule_of
 
-    toy = cfg.data.kind == "toy_digits"
+    toy = cfg.data.toy
     if not toy:
         real_metrics.check(cfg.evaluate, cfg.model.resolution)
     storage = RunStorage.from_config(cfg)
@@ -234,7 +229,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
                       "teacher_same_steps": score(tN, labels, reference_images=t32),
                       "teacher_32": score(t32, labels, reference_images=t32)}
             shown = torch.arange(10) * K  # digits 0-9 at seed index 0
-            images = s.images
+            rows = [t32[shown], tN[shown], s.images[shown]]
             _save_npz(storage, f"{sd}/eval/samples.npz", images=s.images.numpy(), labels=labels)
         else:
             images = to_uint8_nchw(sample_captions(student, prompts.captions, prompts.noise, N,
@@ -244,7 +239,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
             shown = torch.arange(min(10, n))  # the first prompts
             _save_npz(storage, f"{sd}/eval/samples.npz", images=images[shown].numpy(),
                       labels=np.asarray(prompts.captions[:len(shown)]))
-            t32, tN, images = (from_uint8(x) for x in (t32, tN, images))
+            rows = [from_uint8(x[shown]) for x in (t32, tN, images)]
         metrics = {
             "stage": idx, "name": stage.name, "student_steps": N, "teacher_guidance_scale": g, **scores,
             # one sampling batch (evaluate.batch_size), not all the samples: at the toy's 500 the
@@ -255,7 +250,6 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         if not toy:
             metrics["skipped"] = prompts.skipped
         grid = f"{work}/grid.png"
-        rows = [t32[shown], tN[shown], images[shown]]
         save_grid(rows, grid, [f"teacher {32}", f"teacher {N}", f"student {N}"])
         storage.write_bytes(f"{sd}/eval/grid.png", open(grid, "rb").read())
         storage.write_json(f"{sd}/eval/metrics.json", metrics)

@@ -319,9 +319,19 @@ def sample_digits(pipe, num_steps: int, guidance_scale: float = 0.0, samples_per
     return DigitSamples(images, labels, num_steps, guidance_scale, seed)
 
 
+def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] in [-1, 1] -> uint8 [N, 3, H, W] (what FID and CLIP score read)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> float [N, 3, H, W] in [-1, 1]."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N, 3, H, W] in [-1, 1] -> [N, H, W, 3] uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    """[N, 3, H, W] in [-1, 1] -> [N, H, W, 3] uint8 (images to save)."""
+    return to_uint8_nchw(images).permute(0, 2, 3, 1).numpy()
 
 
 def save_grid(rows: list[torch.Tensor], path, row_labels: Optional[list[str]] = None, scale: int = 3) -> None:

@@ -319,11 +319,10 @@ def zero_memory(trainable: int, frozen: int, gpus: int, zero_stage: int, offload
 
 # ---- the plan ---------------------------------------------------------------------------------------------
 def stage_steps(st: StageConfig) -> int:
-    """Optimizer steps of a stage: x0 conversion + MSE steps + adversarial steps (LoRA + full phases
-    and the other phases are two splits of the same steps)."""
-    lora = st.lora.steps if st.lora else 0
-    return max(lora + st.full_steps,
-               st.conversion_steps + st.mse_steps + st.conditional_steps + st.unconditional_steps)
+    """Optimizer steps of a stage: the end of the trainer's phase plan."""
+    from .train import plan_phases
+
+    return plan_phases(st)[-1].end
 
 
 @dataclass

@@ -7,12 +7,13 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from . import real_metrics
 from .config import RunConfig
 from .storage import RunStorage
 
 METRICS = (("fd", "FD ↓"), ("fd_patch", "FD-patch ↓"), ("prompt_accuracy", "accuracy ↑"),
            ("diversity", "diversity"), ("fd_to_reference", "FD to teacher-32 ↓"))
-REAL_METRICS = (("fid", "FID-Whole ↓"), ("fid_patch", "FID-Patch ↓"), ("clip_score", "CLIP score ↑"))
+REAL_METRICS = tuple(zip(real_metrics.KEYS, ("FID-Whole ↓", "FID-Patch ↓", "CLIP score ↑")))
 
 
 def metrics_of(evals: list[dict]) -> tuple[tuple[str, str], ...]:
@@ -81,10 +82,11 @@ def grid(cfg: RunConfig, storage: RunStorage, evals: list[dict], path: str) -> N
     import numpy as np
     import torch
 
-    from .evaluate import from_uint8, teacher_cache_rel
+    from .evaluate import teacher_cache_rel
+    from .metrics import from_uint8
     from .metrics import save_grid
 
-    toy = cfg.data.kind == "toy_digits"
+    toy = cfg.data.toy
     K = cfg.evaluate.samples_per_prompt
     g = evals[0]["teacher_guidance_scale"]
     t32 = torch.from_numpy(np.load(io.BytesIO(storage.read_bytes(teacher_cache_rel(cfg, 32, g))))["images"])

@@ -232,7 +232,7 @@ class ParquetImageSource(Source):
 
 
 def make_source(cfg: RunConfig) -> Source:
-    if cfg.data.kind == "toy_digits":
+    if cfg.data.toy:
         return ToyDigitsSource(cfg)
     if cfg.data.kind == "parquet":
         return ParquetImageSource(cfg)

@@ -958,8 +958,10 @@ def make_trainer(cfg: RunConfig, key, *, held_rows: int = 16, max_steps: int | N
                                 storage_filesystem=storage.arrow_fs,
                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=None),
-                                # Ray Train's INFO lines ("Reporting training result ...") drown the
-                                # stage's own progress lines; warnings and errors still show
+                                # Ray Train's own INFO lines (the controller's worker-group and
+                                # run-snapshot notices: 63 -> 38 lines in a resumed smoke stage) drown
+                                # the stage's progress; warnings and errors still show. The per-report
+                                # dump needs `_quiet_report_lines`.
                                 logging_config=LoggingConfig(log_level="WARNING")),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),

@@ -10,6 +10,10 @@ def test_shipped_configs_validate(path):
     cfg = load_config(str(path))
     assert cfg.stages, "a run config distills at least one stage"
     assert cfg.stages[0].teacher_steps == cfg.model.teacher_steps
+    from pipeline.train import plan_phases
+
+    for st in cfg.stages:  # the trainer's own check of each stage's phase lengths (LoRA/full split included)
+        assert plan_phases(st)[-1].end > 0
 
 
 def test_default_is_toy_digits():
