@@ -19,8 +19,8 @@ SUMMARY_PREFIX = "PADISTILL_TRAIN_SUMMARY "
 def add_arguments(p) -> None:
     add_config_args(p)
     p.add_argument("--stage", required=True, help="stage index (1-based) or name")
-    p.add_argument("--held-rows", type=int, default=16,
-                   help="trajectory rows held out of training for held-batch metrics (default 16)")
+    p.add_argument("--held-rows", type=int, default=None,
+                   help="trajectory rows held out of training for the held metrics (default: train.held_rows)")
     p.add_argument("--no-export", action="store_true", help="train only: no model/ export, no manifest")
 
 

@@ -124,8 +124,30 @@ class StageConfig(_Strict):
     conversion_lr: Optional[float] = Field(None, gt=0, description="student lr of the x0 conversion (default lr)")
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
+    full_lr: Optional[float] = Field(None, gt=0, description="student lr on the full UNet after a LoRA phase is "
+                                     "merged (paper: LoRA 1e-6, full 5e-7; default lr)")
+    student_init: Optional[str] = Field(None, description="an earlier stage whose student the student starts from "
+                                        "(default: the previous stage's, the base model for the first stage); with "
+                                        "a skip-level teacher_stage the paper starts from the previous student")
+    # -- the discriminator ----------------------------------------------------------------------------------
+    disc_init: Literal["base", "teacher"] = Field("base", description="initialise D's backbone from the base model "
+                                                  "(model.source, the paper) or from this stage's teacher")
+    disc_backbone: Literal["trained", "frozen", "cnn"] = Field("trained", description=(
+        "trained: the UNet encoder copy trains whole with its head (the paper); frozen: only the head trains "
+        "(an ablation); cnn: a small plain CNN on the latents instead of the UNet encoder (an ablation)"))
+    disc_steps: int = Field(1, ge=1, description="discriminator updates per student update in the adversarial "
+                            "phases (each on its own micro-batch)")
+    disc_betas: Optional[tuple[float, float]] = Field(None, description="D's Adam betas (default betas)")
+    mse_weight: float = Field(0.0, ge=0.0, description="adds mse_weight x MSE(student, teacher) to the student's "
+                              "adversarial loss (not in the paper; 0: pure adversarial)")
+    renoise: Optional[bool] = Field(None, description="re-noise both predictions' x0 to t* before D (paper eqs. "
+                                    "25-26); default: on for 1- and 2-step students")
     renoise_timesteps: list[int] = Field(default_factory=lambda: [10, 250, 500, 750])
     renoise_weights: list[float] = Field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    renoise_stable_weights: Optional[list[float]] = Field(None, description="t* weights once training is stable "
+                                                          "(paper: 5:1:1:1 after 1:1:1:1)")
+    renoise_stable_step: Optional[int] = Field(None, ge=0, description="the stage step from which "
+                                               "renoise_stable_weights apply")
 
     @model_validator(mode="after")
     def _check(self):
@@ -146,9 +168,32 @@ class StageConfig(_Strict):
             raise ValueError("mse_lr: is for the MSE warm-up of an adversarial stage; an mse stage uses lr")
         if len(self.renoise_timesteps) != len(self.renoise_weights):
             raise ValueError("renoise_weights: needs one weight per renoise_timesteps entry")
+        if (self.renoise_stable_weights is None) != (self.renoise_stable_step is None):
+            raise ValueError("renoise_stable_weights: set it together with renoise_stable_step (the step from "
+                             "which it applies)")
+        if self.renoise_stable_weights is not None and len(self.renoise_stable_weights) != len(self.renoise_timesteps):
+            raise ValueError("renoise_stable_weights: needs one weight per renoise_timesteps entry")
+        if self.full_lr is not None and self.lora is None:
+            raise ValueError("full_lr: is the lr after a LoRA phase is merged; without lora use lr")
+        if self.loss == "mse":
+            for k in ("disc_lr", "disc_betas", "renoise", "renoise_stable_weights"):
+                if getattr(self, k) is not None:
+                    raise ValueError(f"{k}: is for adversarial stages (this stage's loss is mse)")
+            if self.mse_weight:
+                raise ValueError("mse_weight: is for adversarial stages (this stage's loss is mse)")
         if self.name is None:
             self.name = f"{self.student_steps}step"
         return self
+
+    @property
+    def uses_renoise(self) -> bool:
+        """Whether D sees the predictions' x0 re-noised to t* (default: 1- and 2-step students)."""
+        return self.student_steps <= 2 if self.renoise is None else self.renoise
+
+    def renoise_weights_at(self, step: int) -> list[float]:
+        if self.renoise_stable_weights is not None and step >= self.renoise_stable_step:
+            return list(self.renoise_stable_weights)
+        return list(self.renoise_weights)
 
     @property
     def jump(self) -> int:
@@ -171,6 +216,10 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, gt=0)
     max_failures: int = Field(2, ge=0)
     log_every: int = Field(10, gt=0)
+    held_rows: int = Field(256, ge=0, description="trajectory rows (whole source ids) held out of training to "
+                           "watch the stage: the student's held MSE to its teacher and D's paired accuracy per "
+                           "timestep stratum; 0: none")
+    held_every: int = Field(50, gt=0, description="steps between held evaluations (and at every checkpoint)")
     seed: int = 0
 
 
@@ -252,6 +301,8 @@ class RunConfig(_Strict):
             if st.teacher_steps != expected:
                 raise ValueError(f"stages.{i}.teacher_steps: {st.teacher_steps} does not match {source} "
                                  f"({expected} steps)")
+            if st.student_init is not None and st.student_init not in names:
+                raise ValueError(f"stages.{i}.student_init: {st.student_init!r} is not an earlier stage")
             if st.guidance_scale > 1.0 and i > 0:
                 raise ValueError(f"stages.{i}.guidance_scale: classifier-free guidance is for the first stage "
                                  "only (later teachers are distilled students sampled without CFG)")
@@ -276,6 +327,14 @@ class RunConfig(_Strict):
         i, st = self.stage(key)
         if st.teacher_stage is not None:
             return self.stage(st.teacher_stage)[0]
+        return i - 1 if i > 1 else None
+
+    def student_init_of(self, key: int | str) -> Optional[int]:
+        """1-based index of the stage whose student the student of stage `key` starts from (the previous
+        stage's, or `student_init`); None for the base model."""
+        i, st = self.stage(key)
+        if st.student_init is not None:
+            return self.stage(st.student_init)[0]
         return i - 1 if i > 1 else None
 
     def to_yaml(self) -> str:

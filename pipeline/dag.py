@@ -76,7 +76,9 @@ def build_steps(cfg: RunConfig) -> list[Step]:
         teacher = cfg.teacher_of(k)
         traj_deps = ["encode"] + ([f"train-{teacher}"] if teacher else [])
         steps += [Step(f"traj-{k}", _traj(k), traj_deps),
-                  Step(f"train-{k}", _train(k), [f"traj-{k}"]),
+                  Step(f"train-{k}", _train(k), [f"traj-{k}"] + ([f"train-{cfg.student_init_of(k)}"]
+                                                                    if cfg.student_init_of(k) not in (None, teacher)
+                                                                    else [])),
                   Step(f"eval-{k}", _eval(k), [f"train-{k}"] + ([f"eval-{k - 1}"] if k > 1 else []))]
     steps.append(Step("report", _report, [f"eval-{k}" for k in range(1, len(cfg.stages) + 1)]))
     return steps

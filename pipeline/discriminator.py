@@ -1,16 +1,18 @@
 """The adversarial discriminator of a stage (DESIGN, "The method"; SDXL-Lightning section 3).
 
 Backbone: a copy of the diffusion UNet's encoder (time and text-time embeddings, conv_in, down blocks,
-mid block) initialised from the stage's teacher and trained, text-conditioned through its
+mid block) initialised from the base model (or the stage's teacher: `disc_init`) and trained whole,
+whatever `requires_grad` the UNet it was copied from had, text-conditioned through its
 cross-attention and SDXL's pooled-text/size embedding. Each input goes through the shared backbone on
 its own (its own timestep); the mid-block features feed a head of (4x4 conv stride 2 -> GroupNorm ->
-SiLU) blocks and a 1-logit projection.
+SiLU) blocks and a 1-logit projection (one 3x3 block on maps smaller than 4x4). Ablations (`disc_backbone`):
+the same copy frozen, or a small plain CNN.
 
 - conditional D(x_t, x_{t-ns}, t, c): features of x_t (at t) and of x_{t-ns} (at its timestep) are
   concatenated on channels before the head;
 - unconditional D'(x_{t-ns}, c): the head sees the features of x_{t-ns} only.
 
-A new Discriminator is built from the teacher at every stage (re-initialised), and the unconditional
+A new Discriminator is built at every stage (re-initialised), and the unconditional
 phase continues from the conditional phase's backbone with a fresh head (`with_mode`).
 
 Inputs are *scaled* model inputs (`Schedule.scale_input`) with integer timesteps, exactly what the
@@ -25,33 +27,35 @@ import torch
 from torch import nn
 
 
-def _groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
-    """The most GroupNorm groups (<= 32) that divide `channels` with >= 4 channels per group (a 1x1
-    map normalised over 1-channel groups would be all zeros)."""
+def _groups(channels: int, positions: int = 1, max_groups: int = 32, min_values: int = 16) -> int:
+    """The most GroupNorm groups (<= 32) that divide `channels` with at least `min_values` values per
+    group (channels per group x `positions` of the map). On a 1x1 map that is one group over all
+    channels (a layer norm); 4-value groups on a 1x1 map would remove most of what the head saw."""
     for g in range(min(max_groups, channels), 0, -1):
-        if channels % g == 0 and channels // g >= min(min_group_size, channels):
+        if channels % g == 0 and (channels // g) * positions >= min(min_values, channels * positions):
             return g
     return 1
 
 
 class Head(nn.Module):
-    """(4x4 conv stride 2 -> GroupNorm -> SiLU) blocks down to a 1x1 map (at least one block; a map
-    of size 1 uses a 1x1 conv so tiny latents work), then a 1x1 conv to one logit, averaged over any
-    remaining positions."""
+    """(4x4 conv stride 2 -> GroupNorm -> SiLU) blocks while the map is at least 4x4 (the paper's head),
+    then a 1x1 conv to one logit per position, averaged. A map smaller than 4x4 (the toy's 2x2 mid block)
+    gets one 3x3 stride-1 block instead, which keeps its positions so the GroupNorm still has
+    something to normalise (groups of >= 16 values: channels x positions)."""
 
     def __init__(self, in_channels: int, channels: int, size: int):
         super().__init__()
         layers: list[nn.Module] = []
         c, s = in_channels, max(int(size), 1)
         while True:
-            if s >= 2:
+            if s >= 4:
                 layers.append(nn.Conv2d(c, channels, kernel_size=4, stride=2, padding=1))
                 s = s // 2
             else:
-                layers.append(nn.Conv2d(c, channels, kernel_size=1))
-            layers += [nn.GroupNorm(_groups(channels), channels), nn.SiLU()]
+                layers.append(nn.Conv2d(c, channels, kernel_size=3, padding=1))
+            layers += [nn.GroupNorm(_groups(channels, s * s), channels), nn.SiLU()]
             c = channels
-            if s <= 1:
+            if s < 4:
                 break
         self.blocks = nn.Sequential(*layers)
         self.proj = nn.Conv2d(channels, 1, kernel_size=1)
@@ -81,6 +85,9 @@ class Backbone(nn.Module):
         self.conv_in = copy.deepcopy(unet.conv_in)
         self.down_blocks = copy.deepcopy(unet.down_blocks)
         self.mid_block = copy.deepcopy(unet.mid_block)
+        # a copy that trains whatever `requires_grad` the UNet it came from had (the trainer's teacher is
+        # frozen: copying it froze the whole backbone, and only the head trained)
+        self.requires_grad_(True)
         self.out_channels = int(cfg.block_out_channels[-1])
         n_down = sum(1 for b in unet.down_blocks if getattr(b, "downsamplers", None))
         sample = cfg.sample_size if isinstance(cfg.sample_size, int) else int(cfg.sample_size[0])
@@ -110,12 +117,65 @@ class Backbone(nn.Module):
         return h
 
 
+class PlainCNN(nn.Module):
+    """A small plain CNN on the latents, for the ablation against the UNet-encoder backbone: 3x3 convs
+    (stride 2 while the map is larger than 4x4) with GroupNorm and SiLU, conditioned on the timestep
+    (sinusoidal embedding) and the pooled text embedding by a per-channel shift after every conv.
+    Same interface as `Backbone` (the prompt's token embeddings and time ids are not used)."""
+
+    def __init__(self, in_channels: int, sample_size: int, pooled_dim: int, channels: int = 64, depth: int = 4):
+        super().__init__()
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+        self.time_proj = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.embed = TimestepEmbedding(channels, channels)
+        self.text = nn.Linear(pooled_dim, channels)
+        self.convs, self.norms, self.shifts = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        c, s = in_channels, sample_size
+        for _ in range(depth):
+            stride = 2 if s > 4 else 1
+            self.convs.append(nn.Conv2d(c, channels, 3, stride=stride, padding=1))
+            s = (s + stride - 1) // stride
+            self.norms.append(nn.GroupNorm(_groups(channels, s * s), channels))
+            self.shifts.append(nn.Linear(channels, channels))
+            c = channels
+        self.out_channels, self.feature_size = channels, s
+
+    def forward(self, x, t, prompt_embeds, pooled, time_ids):
+        dtype = self.convs[0].weight.dtype
+        x = x.to(dtype)
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = nn.functional.silu(self.embed(self.time_proj(t).to(dtype)) + self.text(pooled.to(dtype)))
+        h = x
+        for conv, norm, shift in zip(self.convs, self.norms, self.shifts):
+            h = nn.functional.silu(norm(conv(h)) + shift(emb)[:, :, None, None])
+        return h
+
+
+def make_backbone(unet, kind: str = "trained") -> nn.Module:
+    """D's backbone: 'trained' (the UNet encoder copy, trained whole: the paper), 'frozen' (the same
+    copy with its weights frozen: only the head trains) or 'cnn' (a small plain CNN)."""
+    cfg = unet.config
+    if kind == "cnn":
+        sample = cfg.sample_size if isinstance(cfg.sample_size, int) else int(cfg.sample_size[0])
+        pooled = int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim) \
+            if cfg.addition_embed_type == "text_time" else int(cfg.cross_attention_dim)
+        return PlainCNN(int(cfg.in_channels), sample, pooled)
+    bb = Backbone(unet)
+    if kind == "frozen":
+        bb.requires_grad_(False)
+    elif kind != "trained":
+        raise ValueError(f"discriminator backbone {kind!r}: expected 'trained', 'frozen' or 'cnn'")
+    return bb
+
+
 class Discriminator(nn.Module):
     """D(x_t, x_hat, t, c) when `conditional`, else D'(x_hat, c). Returns one logit per sample."""
 
-    def __init__(self, unet=None, conditional: bool = True, *, backbone: Backbone | None = None):
+    def __init__(self, unet=None, conditional: bool = True, *, backbone: nn.Module | None = None,
+                 backbone_kind: str = "trained"):
         super().__init__()
-        self.backbone = backbone if backbone is not None else Backbone(unet)
+        self.backbone = backbone if backbone is not None else make_backbone(unet, backbone_kind)
         self.conditional = bool(conditional)
         c = self.backbone.out_channels
         self.head = Head(2 * c if self.conditional else c, c, self.backbone.feature_size)
@@ -126,7 +186,7 @@ class Discriminator(nn.Module):
 
     def with_mode(self, conditional: bool, backbone_state: dict | None = None) -> "Discriminator":
         """A discriminator of the other kind that keeps this backbone (a fresh head)."""
-        bb = copy.deepcopy(self.backbone)
+        bb = copy.deepcopy(self.backbone)  # keeps each parameter's requires_grad (a frozen backbone stays frozen)
         if backbone_state is not None:
             bb.load_state_dict(backbone_state)
         return Discriminator(conditional=conditional, backbone=bb)

@@ -132,6 +132,14 @@ class Schedule:
         """The epsilon implied by an x0 estimate at noise level sigma (> 0)."""
         return (x - x0) / self._b(sigma, x)
 
+    def jump_x0(self, x: torch.Tensor, x_next: torch.Tensor, t, t_next) -> torch.Tensor:
+        """The x0 of the one Euler step that goes from `x` at `t` to `x_next` at `t_next` (`euler_step`
+        inverted): a teacher's n-step rollout and a student's step both become an x0 prediction, which
+        the discriminator sees re-noised (SDXL-Lightning eqs. 25-26). At t_next = CLEAN it is x_next."""
+        s = self._b(self.sigma(torch.as_tensor(t, dtype=torch.long).cpu()).to(x.device), x)
+        sn = self._b(self.sigma(torch.as_tensor(t_next, dtype=torch.long).cpu()).to(x.device), x)
+        return x - s * (x - x_next) / (s - sn)
+
     def euler_step(self, x: torch.Tensor, x0: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
         """One Euler step of the probability-flow ODE, as `EulerDiscreteScheduler.step` takes it."""
         s, sn = self._b(sigma, x), self._b(sigma_next, x)

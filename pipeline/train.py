@@ -142,10 +142,6 @@ def checkpoint_steps(stage: StageConfig, every: int) -> set[int]:
     return {s for s in range(every, total + 1, every)} | {p.end for p in phases} | lora_end
 
 
-def uses_renoise(stage: StageConfig) -> bool:
-    return stage.student_steps <= 2
-
-
 # ---- engines ------------------------------------------------------------------------------------------
 def deepspeed_config(train, lr: float, betas, weight_decay: float, world: int) -> dict:
     opt = {"type": "AdamW" if weight_decay else "Adam",
@@ -184,8 +180,10 @@ class DeepSpeedEngines:
 
     def make(self, module, lr: float, betas, weight_decay: float):
         params = [p for p in module.parameters() if p.requires_grad]
+        counts = optimised_counts(module, params)  # before ZeRO-3 partitions the parameters away
         engine, *_ = self.ds.initialize(model=module, model_parameters=params,
                                         config=deepspeed_config(self.train, lr, betas, weight_decay, self.world))
+        engine.padistill_counts = counts
         return engine
 
     def full_state_dict(self, engine) -> dict[str, torch.Tensor]:
@@ -211,6 +209,11 @@ class DeepSpeedEngines:
             pass
 
 
+def optimised_counts(module, params) -> tuple[int, int]:
+    """(parameters handed to the optimizer, parameters of the module)."""
+    return sum(p.numel() for p in params), sum(p.numel() for p in module.parameters())
+
+
 class PlainEngine:
     """A single-process torch model + Adam with DeepSpeed's engine interface (`__call__`, `backward`,
     `step`, `module`): the bare loop the benchmark compares against, running the same updates."""
@@ -220,6 +223,7 @@ class PlainEngine:
         params = [p for p in module.parameters() if p.requires_grad]
         cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
         self.optimizer = cls(params, lr=lr, betas=tuple(betas), eps=1e-8, weight_decay=weight_decay)
+        self.padistill_counts = optimised_counts(module, params)
         self.grad_accum = grad_accum
         self.micro = 0
 
@@ -275,12 +279,19 @@ def checkpoint_activations(module: torch.nn.Module) -> int:
 # ---- the per-stage loop (shared by the Ray Train worker and the bare benchmark loop) -------------------
 class StageLoop:
     """Student (and discriminator) of one stage, their phase transitions and one micro-step of each
-    loss. `engines` is DeepSpeedEngines (training) or PlainEngines (the bare reference loop)."""
+    loss. `engines` is DeepSpeedEngines (training) or PlainEngines (the bare reference loop).
 
-    def __init__(self, cfg: RunConfig, stage: StageConfig, schedule: Schedule, teacher, engines,
-                 device, seed: int = 0):
+    `init_unet`: the UNet the student starts from (the previous stage's student, which is the stage's
+    teacher unless the teacher is skip-level), kept frozen as the x0 conversion's reference.
+    `disc_unet`: the UNet whose encoder initialises the discriminator (the base model, `disc_init`;
+    default `init_unet`). The trajectories' targets are the teacher's: the teacher itself is not needed."""
+
+    def __init__(self, cfg: RunConfig, stage: StageConfig, schedule: Schedule, init_unet, engines,
+                 device, seed: int = 0, disc_unet=None):
         self.cfg, self.stage, self.schedule, self.engines = cfg, stage, schedule, engines
-        self.teacher = teacher.requires_grad_(False).eval()
+        self.teacher = init_unet.requires_grad_(False).eval()
+        self.disc_unet = disc_unet if disc_unet is not None else self.teacher
+        self.step = 0  # the stage step the models were last brought to (`transition`)
         self.device = torch.device(device)
         self.phases = plan_phases(stage)
         self.total = self.phases[-1].end
@@ -290,11 +301,10 @@ class StageLoop:
         self.disc = None  # engine
         self.disc_mode: str | None = None
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
-        w = torch.tensor(stage.renoise_weights, dtype=torch.float64)
-        self.renoise_p = w / w.sum()
         self.renoise_t = torch.tensor(stage.renoise_timesteps, dtype=torch.long)
         self.student_ptype = "sample" if stage.prediction_type == "sample" else schedule.prediction_type
         self.disc_lr = stage.disc_lr or stage.lr
+        self.disc_betas = stage.disc_betas or stage.betas
         self.conversion_init_batches = 4  # micro-batches per rank for the least-squares conv_out fit
         self.conversion_init: dict[str, float] | None = None
         self._pending_student = None
@@ -310,12 +320,14 @@ class StageLoop:
 
     def student_lr_at(self, step: int) -> float:
         """The student's learning rate at `step`: `conversion_lr` in the x0 conversion, `mse_lr` in an
-        adversarial stage's MSE warm-up, `lr` otherwise."""
+        adversarial stage's MSE warm-up, `full_lr` on the full UNet after a LoRA phase, `lr` otherwise."""
         name = phase_at(self.phases, step).name
         if name == "conversion" and self.stage.conversion_lr:
             return self.stage.conversion_lr
         if name == "mse" and self.stage.mse_lr:
             return self.stage.mse_lr
+        if self.stage.full_lr and student_mode_at(self.stage, step) == "full":
+            return self.stage.full_lr
         return self.stage.lr
 
     def build_student(self, mode: str, state_dict: dict | None = None,
@@ -398,14 +410,19 @@ class StageLoop:
             self.engines.destroy(self.disc)
             self.disc = None
             gc.collect()
-        d = Discriminator(self.teacher, conditional=(mode == "conditional"))
+        d = Discriminator(self.disc_unet, conditional=(mode == "conditional"), backbone_kind=self.stage.disc_backbone)
         if backbone_state is not None:
             d.backbone.load_state_dict(backbone_state)
-        if self.cfg.train.gradient_checkpointing:
+        if self.cfg.train.gradient_checkpointing and self.stage.disc_backbone != "cnn":
             checkpoint_activations(d)
         d.train()
-        self.disc = self.engines.make(d, self.disc_lr, self.stage.betas, self.stage.weight_decay)
+        self.disc = self.engines.make(d, self.disc_lr, self.disc_betas, self.stage.weight_decay)
         self.disc_mode = mode
+
+    @property
+    def disc_counts(self) -> tuple[int, int] | None:
+        """(parameters in D's optimizer, D's parameters), or None without a discriminator."""
+        return None if self.disc is None else self.disc.padistill_counts
 
     def transition(self, step: int, next_batch: Callable[[], dict] | None = None) -> list[str]:
         """Bring the models to what step `step` needs (merge the LoRA, start or switch the
@@ -413,6 +430,7 @@ class StageLoop:
         student whose first phase is the x0 conversion starts from the least-squares `conv_out`
         (`fit_conversion_head`, on `conversion_init_batches` micro-batches drawn with `next_batch`)."""
         events = []
+        self.step = step
         want_s = student_mode_at(self.stage, step)
         if self.student is None:
             init = None
@@ -438,7 +456,11 @@ class StageLoop:
         want_d = disc_mode_at(phase_at(self.phases, step))
         if want_d is not None and self.disc is None:
             self.build_disc(want_d)
-            events.append(f"discriminator ({want_d}) initialised from the teacher at step {step}")
+            src = "a plain CNN" if self.stage.disc_backbone == "cnn" else \
+                f"the {'base model' if self.stage.disc_init == 'base' else 'teacher'}'s encoder ({self.stage.disc_backbone})"
+            opt, total = self.disc_counts
+            events.append(f"discriminator ({want_d}) built from {src} at step {step}: {opt:,} of {total:,} "
+                          "parameters train")
         elif want_d is not None and want_d != self.disc_mode:
             sd = self.engines.full_state_dict(self.disc)
             bb = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
@@ -463,26 +485,33 @@ class StageLoop:
         den = unet_denoiser(self.student, cond)
         return self.schedule.step(den, b["x_t"], b["t"], b["t_next"], prediction_type or self.student_ptype)
 
-    def disc_inputs(self, x_next: torch.Tensor, t_next: torch.Tensor, t_star: torch.Tensor | None,
-                    noise: torch.Tensor | None):
-        """(scaled input, timestep) of a prediction at t_next, re-noised to t* when the stage does."""
-        if t_star is None:
-            t_hat = t_next
-            x = x_next
-        else:
-            t_hat = torch.maximum(t_star, t_next)
-            x = self.schedule.renoise_from(x_next, noise, t_next.cpu(), t_hat.cpu())
-        sigma = self.schedule.sigma(t_hat.cpu())
-        return self.schedule.scale_input(x, sigma), t_hat.clamp(min=0).to(torch.float32)
-
-    def _draw_renoise(self, n: int, gen: torch.Generator | None = None):
-        if not uses_renoise(self.stage):
-            return None, None, None
+    def d_inputs(self, b: dict, x_next: torch.Tensor, gen: torch.Generator | None = None, paired: bool = False):
+        """What the discriminator sees of one micro-batch, in one place for training and evaluation:
+        (real input, fake input, their timesteps, x_t's scaled input). Real is the teacher's rollout
+        target, fake the student's step (`x_next`). With re-noising (`StageConfig.uses_renoise`) both
+        become the x0 of their jump (`Schedule.jump_x0`), re-noised to t* drawn from `renoise_timesteps`
+        with the weights in force at this step (SDXL-Lightning eqs. 25-26); else D sees them at t_next.
+        `paired`: real and fake of a row share t* and noise (the held paired accuracy)."""
+        t, t_next = b["t"], b["t_next"]
+        xt_in = self.schedule.scale_input(b["x_t"], self.schedule.sigma(t.cpu()))
+        if not self.stage.uses_renoise:
+            sigma = self.schedule.sigma(t_next.cpu())
+            t_hat = t_next.clamp(min=0).to(torch.float32)
+            return (self.schedule.scale_input(b["target"], sigma), self.schedule.scale_input(x_next, sigma),
+                    t_hat, xt_in)
         g = gen or self.gen
-        idx = torch.multinomial(self.renoise_p, n, replacement=True, generator=g)
-        t_star = self.renoise_t[idx].to(self.device)
-        shape = (n,) + tuple(self._shape)
-        return t_star, torch.randn(shape, generator=g).to(self.device), torch.randn(shape, generator=g).to(self.device)
+        n = x_next.shape[0]
+        w = torch.tensor(self.stage.renoise_weights_at(self.step), dtype=torch.float64)
+        t_star = self.renoise_t[torch.multinomial(w / w.sum(), n, replacement=True, generator=g)]
+        shape = (n,) + tuple(x_next.shape[1:])
+        n_real = torch.randn(shape, generator=g).to(self.device)
+        n_fake = n_real if paired else torch.randn(shape, generator=g).to(self.device)
+        sigma = self.schedule.sigma(t_star)
+        x0_real = self.schedule.jump_x0(b["x_t"], b["target"], t, t_next)
+        x0_fake = self.schedule.jump_x0(b["x_t"], x_next, t, t_next)
+        real = self.schedule.scale_input(self.schedule.renoise(x0_real, n_real, t_star), sigma)
+        fake = self.schedule.scale_input(self.schedule.renoise(x0_fake, n_fake, t_star), sigma)
+        return real, fake, t_star.to(self.device, torch.float32), xt_in
 
     def _dcall(self, x_hat, t_hat, cond: Conditioning, xt_in, t, k: int = 1, frozen: bool = False):
         """D's logits. `frozen` (the student's update) calls the module, not the engine: the engine's
@@ -496,9 +525,10 @@ class StageLoop:
         return d(x_hat, t_hat, pe, po, ti)
 
     # -- one micro-step of each kind ---------------------------------------------------------------------------
-    def micro_step(self, phase: Phase, b: dict) -> dict[str, float]:
+    def micro_step(self, phase: Phase, b: dict, d_batches: list[dict] | None = None) -> dict[str, float]:
+        """One micro-batch of `phase`. Adversarial: `disc_steps` D updates (on `d_batches`, the extra
+        micro-batches beyond `b`, then on `b`), then the student against the updated D."""
         cond = self.cond(b)
-        self._shape = b["x_t"].shape[1:]
         if phase.name == "conversion":
             target = student_mod.implied_x0(self.schedule, unet_denoiser(self.teacher, cond), b["x_t"], b["t"])
             _, x0 = self.student_step(b, cond, "sample")
@@ -512,58 +542,96 @@ class StageLoop:
             self.student.backward(loss)
             self.student.step()
             return {"loss": loss.item()}
-        # adversarial: D update on a detached fake, then the student against the updated D
+        out: dict[str, float] = {}
+        for db in list(d_batches or []):
+            with torch.no_grad():
+                x_db, _ = self.student_step(db, self.cond(db))
+            self._d_update(db, self.cond(db), x_db)
         x_next, _ = self.student_step(b, cond)
-        n = x_next.shape[0]
-        t_star, n_real, n_fake = self._draw_renoise(n)
-        real_in, real_t = self.disc_inputs(b["target"], b["t_next"], t_star, n_real)
-        fake_in, fake_t = self.disc_inputs(x_next, b["t_next"], t_star, n_fake)
-        xt_in = self.schedule.scale_input(b["x_t"], self.schedule.sigma(b["t"].cpu()))
-        logits = self._dcall(torch.cat([real_in, fake_in.detach()]), torch.cat([real_t, fake_t]), cond, xt_in,
-                             b["t"], k=2)
-        d_real, d_fake = logits[:n], logits[n:]
-        d_loss = nonsaturating_d_loss(d_real, d_fake)
-        self.disc.backward(d_loss)
-        self.disc.step()
+        fake_in, fake_t, xt_in = self._d_update(b, cond, x_next, out)
+        # the student against the updated D (D's parameters frozen for this backward)
         d_params = [p for p in self.disc.module.parameters() if p.requires_grad]
         for p in d_params:
             p.requires_grad_(False)
         try:
             g_logits = self._dcall(fake_in, fake_t, cond, xt_in, b["t"], frozen=True)
             g_loss = nonsaturating_g_loss(g_logits)
-            self.student.backward(g_loss)
+            loss = g_loss
+            if self.stage.mse_weight:
+                mse = torch.nn.functional.mse_loss(x_next, b["target"])
+                loss = g_loss + self.stage.mse_weight * mse
+                out["mse"] = mse.item()
+            self.student.backward(loss)
             self.student.step()
         finally:
             for p in d_params:
                 p.requires_grad_(True)
-        return {"loss": g_loss.item(), "d_loss": d_loss.item(), "d_real": d_real.mean().item(),
-                "d_fake": d_fake.mean().item()}
+        out["loss"] = g_loss.item()
+        return out
+
+    def _d_update(self, b: dict, cond: Conditioning, x_next: torch.Tensor, out: dict | None = None):
+        """One discriminator update on a detached fake; returns the fake's D inputs (not detached)."""
+        real_in, fake_in, t_hat, xt_in = self.d_inputs(b, x_next)
+        n = x_next.shape[0]
+        logits = self._dcall(torch.cat([real_in, fake_in.detach()]), torch.cat([t_hat, t_hat]), cond, xt_in,
+                             b["t"], k=2)
+        d_real, d_fake = logits[:n], logits[n:]
+        d_loss = nonsaturating_d_loss(d_real, d_fake)
+        self.disc.backward(d_loss)
+        self.disc.step()
+        if out is not None:
+            out.update(d_loss=d_loss.item(), d_real=d_real.mean().item(), d_fake=d_fake.mean().item())
+        return fake_in, t_hat, xt_in
 
     @torch.no_grad()
-    def evaluate(self, b: dict, seed: int = 1234) -> dict[str, float]:
-        """Held-batch metrics: the student's MSE to the teacher and, with a discriminator, its mean
-        logits on real (teacher) and fake (student) predictions and its accuracy."""
-        cond = self.cond(b)
-        self._shape = b["x_t"].shape[1:]
-        x_next, x0 = self.student_step(b, cond)
-        out = {"held_mse": torch.nn.functional.mse_loss(x_next, b["target"]).item()}
+    def evaluate(self, held: dict, seed: int = 1234, chunk: int = 64) -> dict[str, float]:
+        """Held-row metrics (rows never trained on), in chunks of `chunk` rows: the student's MSE to the
+        teacher (`held_mse`) and, with a discriminator, its **paired accuracy** P(D(real_i) > D(fake_i))
+        (the same x_t, caption, t* and re-noising noise for both of a pair) and ROC AUC, each per
+        timestep stratum (`held_d_pacc_t<t>`: logit offsets between strata would pull a pooled AUC
+        toward 0.5) and averaged over strata (`held_d_pacc`, `held_d_auc`), plus D's mean logits."""
+        g = torch.Generator().manual_seed(seed)
+        n = held["x_t"].shape[0]
+        sq, real, fake, ts = [], [], [], []
+        for i in range(0, n, chunk):
+            b = {k: v[i:i + chunk] for k, v in held.items()}
+            cond = self.cond(b)
+            x_next, _ = self.student_step(b, cond)
+            sq.append((x_next - b["target"]).pow(2).flatten(1).mean(1))
+            if self.disc is None:
+                continue
+            real_in, fake_in, t_hat, xt_in = self.d_inputs(b, x_next, g, paired=True)
+            m = x_next.shape[0]
+            logits = self._dcall(torch.cat([real_in, fake_in]), torch.cat([t_hat, t_hat]), cond, xt_in, b["t"],
+                                 k=2, frozen=True)
+            real.append(logits[:m].flatten().cpu())
+            fake.append(logits[m:].flatten().cpu())
+            ts.append(b["t"].cpu())
+        out = {"held_mse": torch.cat(sq).mean().item()}
         if self.disc is None:
             return out
-        g = torch.Generator().manual_seed(seed)
-        n = x_next.shape[0]
-        t_star, n_real, n_fake = self._draw_renoise(n, g)
-        real_in, real_t = self.disc_inputs(b["target"], b["t_next"], t_star, n_real)
-        fake_in, fake_t = self.disc_inputs(x_next, b["t_next"], t_star, n_fake)
-        xt_in = self.schedule.scale_input(b["x_t"], self.schedule.sigma(b["t"].cpu()))
-        logits = self._dcall(torch.cat([real_in, fake_in]), torch.cat([real_t, fake_t]), cond, xt_in, b["t"], k=2)
-        r, f = logits[:n].flatten(), logits[n:].flatten()
-        # ranking: the fraction of (real, fake) pairs D orders correctly (ROC AUC; ties count half),
-        # which unlike the accuracy at logit 0 does not depend on where D's logits happen to sit
+        r, f, t = torch.cat(real), torch.cat(fake), torch.cat(ts)
+        out.update(discriminator_scores(r, f, t))
+        return out
+
+
+def discriminator_scores(real: torch.Tensor, fake: torch.Tensor, strata: torch.Tensor) -> dict[str, float]:
+    """Paired accuracy P(real_i > fake_i) and ROC AUC (ties count half) per stratum and their means
+    over strata, and the mean logits. `real`, `fake`: logits of the same rows; `strata`: a row's
+    timestep. Shared by the trainer's held evaluation and `benchmarks/discriminator.py`."""
+    out: dict[str, float] = {"held_d_real": real.mean().item(), "held_d_fake": fake.mean().item()}
+    paccs, aucs = [], []
+    for s in sorted(set(strata.tolist())):
+        sel = strata == s
+        r, f = real[sel], fake[sel]
+        pacc = ((r > f).float().mean() + 0.5 * (r == f).float().mean()).item()
         diff = r[:, None] - f[None, :]
         auc = ((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()).item()
-        out.update(held_d_real=r.mean().item(), held_d_fake=f.mean().item(), held_d_auc=auc,
-                   held_d_acc=0.5 * ((r > 0).float().mean() + (f < 0).float().mean()).item())
-        return out
+        out[f"held_d_pacc_t{int(s)}"], out[f"held_d_auc_t{int(s)}"] = pacc, auc
+        paccs.append(pacc)
+        aucs.append(auc)
+    out["held_d_pacc"], out["held_d_auc"] = float(np.mean(paccs)), float(np.mean(aucs))
+    return out
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -670,16 +738,18 @@ def plot_curves(history: list[dict], path: str, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("loss", "d_loss", "d_real", "d_fake", "held_mse", "held_d_real", "held_d_fake")
-            if any(k in h for h in history)]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    keys = [k for k in ("loss", "mse", "d_loss", "d_real", "d_fake", "held_mse", "held_d_real", "held_d_fake",
+                        "held_d_pacc") if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for k in keys:
         pts = [(h["step"], h[k]) for h in history if k in h]
-        ax = axes[1] if k.startswith(("d_", "held_d")) else axes[0]
+        ax = axes[2] if k == "held_d_pacc" else axes[1] if k.startswith(("d_", "held_d")) else axes[0]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 30 else None)
     axes[0].set_yscale("log" if all(h.get("loss", 1) > 0 for h in history) else "linear")
     axes[0].set_title("losses")
     axes[1].set_title("discriminator logits")
+    axes[2].axhline(0.5, color="grey", lw=0.5, ls="--")
+    axes[2].set_title("held: D's paired accuracy (0.5 = chance)")
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
@@ -763,11 +833,15 @@ def train_loop_per_worker(config: dict) -> None:
     storage = RunStorage.from_config(cfg)
     sdir = cfg.stage_dir(key)
     train_rel = f"{sdir}/{RUN_NAME}"
-    teacher_dir = fetch_teacher(config["teacher_source"], cfg)
-    schedule = schedule_of(teacher_dir)
-    teacher = load_unet(str(teacher_dir)).to(device)
+    init_dir = fetch_teacher(config["init_source"], cfg)
+    schedule = schedule_of(fetch_teacher(config["teacher_source"], cfg))
+    init_unet = load_unet(str(init_dir)).to(device)
+    disc_unet = None
+    if stage.loss == "adversarial" and config["disc_source"] != config["init_source"]:
+        disc_unet = load_unet(str(fetch_teacher(config["disc_source"], cfg))).to(device).requires_grad_(False)
     engines = DeepSpeedEngines(cfg.train, world)
-    loop = StageLoop(cfg, stage, schedule, teacher, engines, device, seed=cfg.train.seed * 7919 + rank)
+    loop = StageLoop(cfg, stage, schedule, init_unet, engines, device, seed=cfg.train.seed * 7919 + rank,
+                     disc_unet=disc_unet)
     total = loop.total
     ckpt_at = checkpoint_steps(stage, cfg.train.checkpoint_every)
     max_steps = config.get("max_steps") or total
@@ -805,10 +879,9 @@ def train_loop_per_worker(config: dict) -> None:
                             seed=cfg.train.seed * 7919 + rank)
     held = None
     held_shard = ray.train.get_dataset_shard("held") if config.get("has_held") else None
-    if held_shard is not None:
-        for hb in held_shard.iter_torch_batches(batch_size=config.get("held_rows", 16), drop_last=False):
-            held = loop.batch_to(hb)
-            break
+    if held_shard is not None:  # every rank evaluates the same held rows (all of them)
+        parts = [loop.batch_to(hb) for hb in held_shard.iter_torch_batches(batch_size=256, drop_last=False)]
+        held = {k: torch.cat([h[k] for h in parts]) for k in TRAIN_COLUMNS} if parts else None
 
     # -- observability ------------------------------------------------------------------------------------------
     writer, tb_local = None, None
@@ -828,9 +901,11 @@ def train_loop_per_worker(config: dict) -> None:
         for ev in loop.transition(step, lambda: loop.batch_to(next(batches))):
             log(ev)
         phase = phase_at(loop.phases, step)
+        extra_d = stage.disc_steps - 1 if phase.adversarial else 0
         for _ in range(cfg.train.grad_accum):
+            d_batches = [loop.batch_to(next(batches)) for _ in range(extra_d)]
             b = loop.batch_to(next(batches))
-            for k, v in loop.micro_step(phase, b).items():
+            for k, v in loop.micro_step(phase, b, d_batches).items():
                 acc.setdefault(k, []).append(v)
         step += 1
         n_window += 1
@@ -851,13 +926,15 @@ def train_loop_per_worker(config: dict) -> None:
                        resumed_from=resumed_from if resumed_from is not None else -1)
         if loop.conversion_init is not None and phase.name == "conversion":
             metrics.update({f"conversion_init_{k}": v for k, v in loop.conversion_init.items()})
-        if held is not None and (is_ckpt or step == end):
+        if loop.disc_counts is not None:
+            metrics.update(d_params_optimised=loop.disc_counts[0], d_params_total=loop.disc_counts[1])
+        if held is not None and (is_ckpt or step % cfg.train.held_every == 0):
             metrics.update(_all_mean(loop.evaluate(held), world))
         acc, t_window, n_window = {}, now, 0
         history.append(metrics)
         log(f"step {step}/{total} {phase.name:13s} " + " ".join(
-            f"{k}={metrics[k]:.4g}" for k in ("loss", "d_loss", "d_real", "d_fake", "held_mse", "held_d_real",
-                                              "held_d_fake", "held_d_auc", "held_d_acc") if k in metrics)
+            f"{k}={metrics[k]:.4g}" for k in ("loss", "mse", "d_loss", "d_real", "d_fake", "held_mse", "held_d_pacc",
+                                              "held_d_auc") if k in metrics)
             + f" {metrics['samples_per_s']:.1f} samples/s")
         if writer is not None:
             for k, v in metrics.items():
@@ -926,17 +1003,18 @@ def step_name(cfg: RunConfig, key) -> str:
     return "train-" + cfg.stage_dir(key).split("/", 1)[1]
 
 
-def make_trainer(cfg: RunConfig, key, *, held_rows: int = 16, max_steps: int | None = None,
+def make_trainer(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps: int | None = None,
                  storage: RunStorage | None = None, extra_config: dict | None = None):
     """The TorchTrainer of one stage (not started)."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .trajectories import teacher_source
+    from .trajectories import disc_source, student_init_source, teacher_source
 
     storage = storage or RunStorage.from_config(cfg)
     idx, stage = cfg.stage(key)
     plan_phases(stage)  # config errors before any worker starts
+    held_rows = cfg.train.held_rows if held_rows is None else held_rows
     import ray
 
     per_worker = worker_cpus(cfg, ray.cluster_resources().get("CPU", 0))
@@ -946,6 +1024,8 @@ def make_trainer(cfg: RunConfig, key, *, held_rows: int = 16, max_steps: int | N
         datasets["held"] = held_ds
     loop_config = {"run": cfg.model_dump(mode="json"), "stage": idx,
                    "teacher_source": teacher_source(cfg, key, storage),
+                   "init_source": student_init_source(cfg, key, storage),
+                   "disc_source": disc_source(cfg, key, storage),
                    "held_rows": held_rows, "has_held": held_ds is not None, "max_steps": max_steps,
                    "n_rows": n_rows, "cpus_per_worker": per_worker, **(extra_config or {})}
     return TorchTrainer(
@@ -1016,7 +1096,7 @@ def export_stage(cfg: RunConfig, key, checkpoint_path: str, storage: RunStorage 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def train_stage(cfg: RunConfig, key, *, held_rows: int = 16, max_steps: int | None = None,
+def train_stage(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps: int | None = None,
                 export: bool = True, extra_config: dict | None = None, restart: bool = False,
                 log=print) -> dict:
     """Train (or resume) stage `key`, export its student to `model/` and commit the step's manifest.
@@ -1072,10 +1152,18 @@ def claim_train_dir(cfg: RunConfig, key, storage: RunStorage, *, restart: bool =
 def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
     """What a stage's training depends on (its manifest's inputs): the stage, the train section, the
     model, and the trajectories it reads."""
+    from .trajectories import student_init_source, teacher_fingerprint
+
     _, stage = cfg.stage(key)
     traj = storage.read_manifest("trajectories-" + cfg.stage_dir(key).split("/", 1)[1]) or {}
-    return {"stage": stage.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-            "model": cfg.model.model_dump(mode="json"), "trajectories": traj.get("inputs_hash")}
+    out = {"stage": stage.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+           "model": cfg.model.model_dump(mode="json"), "trajectories": traj.get("inputs_hash")}
+    if cfg.student_init_of(key) != cfg.teacher_of(key):  # a student that starts from another stage's student
+        try:
+            out["student_init"] = teacher_fingerprint(student_init_source(cfg, key, storage), cfg)
+        except FileNotFoundError:
+            out["student_init"] = None
+    return out
 
 
 def run_train_stage(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:

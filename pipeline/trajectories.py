@@ -86,6 +86,24 @@ def teacher_source(cfg: RunConfig, key, storage: RunStorage | None = None) -> st
     return storage.url(cfg.stage_dir(j), "model")
 
 
+def student_init_source(cfg: RunConfig, key, storage: RunStorage | None = None) -> str:
+    """Where the UNet stage `key`'s student starts from lives: the previous (or `student_init`) stage's
+    exported student, or the base model for the first stage. Unless the teacher is skip-level this is
+    the teacher."""
+    j = cfg.student_init_of(key)
+    if j is None:
+        return cfg.model.source
+    storage = storage or RunStorage.from_config(cfg)
+    return storage.url(cfg.stage_dir(j), "model")
+
+
+def disc_source(cfg: RunConfig, key, storage: RunStorage | None = None) -> str:
+    """The UNet whose encoder initialises stage `key`'s discriminator: the base model (`disc_init:
+    base`, the paper) or the stage's teacher."""
+    _, stage = cfg.stage(key)
+    return cfg.model.source if stage.disc_init == "base" else teacher_source(cfg, key, storage)
+
+
 def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
     """Sizes and versions (mtime or ETag) of the teacher's UNet and scheduler files: a re-exported
     teacher invalidates the stage's trajectories."""

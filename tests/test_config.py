@@ -69,6 +69,49 @@ def test_other_semantic_errors():
     assert "data.path" in _err(["data.kind=parquet"])
 
 
+def test_recipe_keys_are_checked():
+    assert "stages.1.student_init" in _err(["stages.1.student_init=1step"])  # not an earlier stage
+    assert "renoise_stable_weights" in _err(["stages.2.renoise_stable_weights=[5,1,1,1]"])  # needs its step
+    assert "renoise_stable_weights" in _err(["stages.2.renoise_stable_weights=[5,1]", "stages.2.renoise_stable_step=3"])
+    assert "stages.1.full_lr" in _err(["stages.1.full_lr=1e-7"])  # no LoRA to merge
+    assert "stages.0.disc_lr" in _err(["stages.0.disc_lr=1e-3"])  # an mse stage has no D
+    assert "stages.1.disc_backbone" in _err(["stages.1.disc_backbone=vit"])
+    cfg = load_config("smoke", ["stages.2.renoise_weights=[1,1,1,1]", "stages.2.renoise_stable_weights=[5,1,1,1]",
+                                "stages.2.renoise_stable_step=3", "stages.1.renoise=true"])
+    st = cfg.stages[2]
+    assert st.renoise_weights_at(2) == [1, 1, 1, 1] and st.renoise_weights_at(3) == [5, 1, 1, 1]
+    assert st.uses_renoise and cfg.stages[1].uses_renoise  # 1-step by default, 4-step when asked
+    assert not load_config("smoke").stages[1].uses_renoise
+
+
+def test_sdxl_configs_carry_the_papers_recipe():
+    """LoRA through the conditional and the unconditional objective, then the full UNet on the
+    unconditional one at its own lower lr; D from the base model, trained whole; 2- and 1-step students
+    at {250, 500, 750, 1000} with x0 re-noising weighted 1:1:1:1 then 5:1:1:1; the skip-level 1-step
+    stage starts from the previous (2-step) student."""
+    from pipeline.train import phase_at, plan_phases, student_mode_at
+
+    for name in ("sdxl_lightning", "sdxl_lightning_8gpu"):
+        cfg = load_config(name)
+        for i, st in enumerate(cfg.stages):
+            if st.loss != "adversarial":
+                continue
+            assert st.disc_init == "base" and st.disc_backbone == "trained" and st.betas == (0.0, 0.99)
+            phases = plan_phases(st)
+            if st.lora is not None:
+                assert st.lr == 1e-6 and st.full_lr == 5e-7
+                merge = st.lora.steps
+                assert phase_at(phases, merge - 1).name == "unconditional"  # LoRA saw both objectives
+                assert student_mode_at(st, merge) == "full" and phase_at(phases, merge).name == "unconditional"
+            else:
+                assert st.lr == 5e-7
+            if st.student_steps <= 2:
+                assert st.multi_timestep and st.uses_renoise
+                assert st.renoise_weights == [1, 1, 1, 1] and st.renoise_stable_weights == [5, 1, 1, 1]
+        one = cfg.stage("1step")[0]
+        assert cfg.teacher_of(one) == cfg.stage("4step")[0] and cfg.student_init_of(one) == cfg.stage("2step")[0]
+
+
 def test_bad_override_syntax_and_files(tmp_path):
     assert "KEY=VALUE" in _err(["train.workers"])
     assert "stages.9" in _err(["stages.9.lr=1"])

@@ -23,6 +23,9 @@ def test_skip_level_teacher_dependency():
     cfg = load_config("sdxl_lightning")
     steps = {s.name: s.deps for s in build_steps(cfg)}
     assert steps["traj-5"] == ["encode", "train-3"]  # 1-step stage taught by the 4-step student
+    # ... and its student starts from the 2-step student (the paper): training waits for that one too
+    assert cfg.student_init_of(5) == 4 and steps["train-5"] == ["traj-5", "train-4"]
+    assert steps["train-4"] == ["traj-4"]  # an ordinary stage starts from its teacher
 
 
 def test_until_and_only():

@@ -38,7 +38,10 @@ def test_head_handles_small_and_large_maps():
         h = Head(16, 8, size)
         assert h(torch.randn(3, 16, size, size)).shape == (3,)
     convs = [m for m in Head(16, 8, 32).blocks if isinstance(m, torch.nn.Conv2d)]
-    assert len(convs) == 5 and all(c.kernel_size == (4, 4) and c.stride == (2, 2) for c in convs)
+    # 32 -> 16 -> 8 -> 4 -> 2 by 4x4 stride-2 convs (the logit averages the 2x2 map)
+    assert len(convs) == 4 and all(c.kernel_size == (4, 4) and c.stride == (2, 2) for c in convs)
+    small = [m for m in Head(16, 8, 2).blocks if isinstance(m, torch.nn.Conv2d)]  # the toy's 2x2 mid block
+    assert len(small) == 1 and small[0].kernel_size == (3, 3) and small[0].stride == (1, 1)
 
 
 def test_conditional_sees_x_t_unconditional_does_not(unet, tiny_pipeline):
@@ -95,3 +98,77 @@ def test_renoise_from(tiny_pipeline):
     # variances add: sigma_from^2 + extra^2 = sigma_to^2; no noise when already at t_to
     torch.testing.assert_close(s.renoise_from(x, n, torch.tensor([250, 750, 750]), torch.tensor([750, 750, 250])),
                                torch.stack([x[0] + (s.sigma(750) ** 2 - s.sigma(250) ** 2) ** 0.5 * n[0], x[1], x[2]]))
+
+
+def _smoke_adversarial_loop(tiny_pipeline, **stage_changes):
+    """Stage 2 of the smoke config (8 -> 4, adversarial) as the trainer builds it: `StageLoop` with a
+    frozen UNet (the trainer freezes its init UNet and builds D from the base model's), plain engines."""
+    import copy
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline import zoo
+    from pipeline.config import CONFIG_DIR, from_dict
+    from pipeline.train import TRAIN_COLUMNS, PlainEngines, StageLoop
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from traj_helpers import make_trajectories
+
+    data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    data["stages"][1].update(stage_changes)
+    cfg = from_dict(data)
+    _, stage = cfg.stage(2)
+    base = copy.deepcopy(tiny_pipeline.unet).requires_grad_(False)  # as the worker loads it
+    loop = StageLoop(cfg, stage, zoo.schedule_of(tiny_pipeline), copy.deepcopy(tiny_pipeline.unet),
+                     PlainEngines(cfg.train), "cpu", seed=0, disc_unet=base)
+    rows = make_trajectories(tiny_pipeline, stage, n_ids=8, seed=3)
+    return loop, loop.batch_to({k: torch.as_tensor(rows[k]) for k in TRAIN_COLUMNS}), base
+
+
+@pytest.mark.parametrize("kind", ["trained", "frozen", "cnn"])
+def test_discriminator_as_the_trainer_builds_it_trains_what_it_should(tiny_pipeline, kind):
+    """Built through `StageLoop` from a frozen UNet, exactly as in training: with the paper's trained
+    backbone every D parameter is in D's optimizer and one D step moves the backbone's weights away
+    from the base model's (a copy of a frozen teacher had left all 226 backbone tensors frozen: only
+    the head trained). The 'frozen' ablation trains the head only; 'cnn' trains all of a plain CNN."""
+    from pipeline.train import phase_at
+
+    loop, b, base = _smoke_adversarial_loop(tiny_pipeline, disc_backbone=kind)
+    events = loop.transition(0)
+    d = loop.disc.module
+    in_opt = {id(p) for g in loop.disc.optimizer.param_groups for p in g["params"]}
+    head = {id(p) for p in d.head.parameters()}
+    backbone = list(d.backbone.named_parameters())
+    if kind == "frozen":
+        assert in_opt == head
+    else:
+        assert in_opt == {id(p) for p in d.parameters()}
+    opt, total = loop.disc_counts
+    assert (opt == total) == (kind != "frozen") and f"{opt:,} of {total:,} parameters train" in events[-1]
+    before = {n: p.detach().clone() for n, p in backbone}
+    if kind != "cnn":  # the backbone starts as the base model's encoder
+        assert all(torch.equal(v, base.get_parameter(n)) for n, v in before.items())
+    loop.micro_step(phase_at(loop.phases, 0), b)
+    moved = [n for n, p in backbone if not torch.equal(p, before[n])]
+    if kind == "frozen":
+        assert moved == []
+    else:
+        assert len(moved) == len(backbone), sorted(set(before) - set(moved))[:5]
+    assert all(not p.requires_grad for p in base.parameters())  # the base model itself is untouched
+    assert all(torch.equal(p, tiny_pipeline.unet.get_parameter(n)) for n, p in base.named_parameters())
+
+
+def test_head_on_a_2x2_map_keeps_what_the_features_carry():
+    """The toy's mid block is 2x2: the head keeps the positions (3x3 conv) so GroupNorm groups hold
+    >= 16 values; a feature's mean over a group must still reach the logit (a GroupNorm over 4 values
+    of a 1x1 map erased each group's mean and scale)."""
+    torch.manual_seed(0)
+    h = Head(128, 64, 2)
+    norms = [m for m in h.blocks if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 1 and 64 // norms[0].num_groups * 4 >= 16
+    x = torch.randn(4, 128, 2, 2)
+    assert (h(x) - h(x + 1.0)).abs().max() > 1e-4  # a shift of every feature changes the logit
+    one = Head(64, 64, 1)
+    assert [m for m in one.blocks if isinstance(m, torch.nn.GroupNorm)][0].num_groups == 4

@@ -1,0 +1,314 @@
+"""The discriminator probe: can each discriminator tell the teacher's rollout from the student's step,
+and does the trainer's alternating game keep it informative while the student moves toward its teacher?
+
+Reads one adversarial stage's trajectories from a finished run root (`traj/` Parquet) and the models
+the trainer would use (the stage's init student, the base model for D), in one process, through the
+trainer's own `StageLoop` with plain torch Adam: the same D inputs (`StageLoop.d_inputs`: x0
+re-noising where the stage has it), the same updates, the same held metrics. Held rows are the
+trainer's held split (whole source ids by a hash of the id), at least --held rows.
+
+(a) D alone, `--d-steps` updates against the frozen student, per arm:
+    trained   the paper's D: the base model's UNet encoder copy, trained whole with its head
+    frozen    the same with the backbone frozen (only the head trains: padistill before the fix)
+    cnn       a small plain CNN on the latents
+    control   the trained arm against a positive control: fake = the teacher's target blurred by a
+              Gaussian whose strength matches the measured real/fake distance (any working D separates it)
+  reporting the held paired accuracy P(D(real_i) > D(fake_i)) (same x_t, caption, t*, noise) and AUC
+  per timestep stratum.
+(b) the trainer's game (`--game`: one or more `name:key=value,...` stage overrides, e.g.
+    `paper:` or `k4:disc_steps=4`): `--game-steps` alternating steps, logging every `--every` steps the
+    held paired accuracy and the student's held MSE to its teacher.
+
+    python benchmarks/discriminator.py --run runs/toy_digits --stage 2
+    python benchmarks/discriminator.py --run runs/toy_digits --stage 2 --arms '' --game paper: --game k4:disc_steps=4
+
+Prints tables; writes benchmarks/results/discriminator.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import sys
+import time
+import zlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.results_io import write_result  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def load_rows(cfg, key, held_rows: int):
+    """(train, held) dicts of tensors: a stage's trajectories split as the trainer splits them."""
+    import pyarrow.dataset as pads
+    import torch
+
+    from pipeline.storage import RunStorage
+    from pipeline.train import TRAIN_COLUMNS
+
+    storage = RunStorage.from_config(cfg)
+    table = pads.dataset(storage.path(cfg.stage_dir(key), "traj"), filesystem=storage.arrow_fs,
+                         format="parquet").to_table(columns=["id"] + TRAIN_COLUMNS)
+    n = table.num_rows
+    modulus = max(2, n // held_rows)
+    held = [zlib.crc32(str(i).encode()) % modulus == 0 for i in table.column("id").to_pylist()]
+
+    def cols(mask):
+        sub = table.filter(mask)
+        out = {}
+        for k in TRAIN_COLUMNS:
+            col = sub.column(k).combine_chunks()
+            if k in ("t", "t_next"):
+                out[k] = torch.as_tensor(col.to_numpy()).long()
+            else:
+                out[k] = torch.as_tensor(__import__("numpy").stack(col.to_numpy(zero_copy_only=False)).astype("float32"))
+        return out
+
+    import pyarrow as pa
+
+    return cols(pa.array([not h for h in held])), cols(pa.array(held))
+
+
+def reshape_like(rows: dict, shape_of: dict) -> dict:
+    return rows
+
+
+def make_loop(cfg, key, overrides: dict, seed: int):
+    import torch
+
+    from pipeline import zoo
+    from pipeline.config import from_dict
+    from pipeline.storage import RunStorage
+    from pipeline.trajectories import disc_source, student_init_source, teacher_source
+    from pipeline.train import PlainEngines, StageLoop
+
+    data = cfg.model_dump(mode="json")
+    idx, _ = cfg.stage(key)
+    data["stages"][idx - 1].update(overrides)
+    cfg = from_dict(data)
+    _, stage = cfg.stage(key)
+    storage = RunStorage.from_config(cfg)
+    init = zoo.load_unet(str(zoo.resolve_source(student_init_source(cfg, key, storage))))
+    disc = zoo.load_unet(str(zoo.resolve_source(disc_source(cfg, key, storage)))).requires_grad_(False)
+    sched = zoo.schedule_of(zoo.resolve_source(teacher_source(cfg, key, storage)))
+    torch.manual_seed(seed)
+    return StageLoop(cfg, stage, sched, init, PlainEngines(cfg.train), "cpu", seed=seed, disc_unet=disc)
+
+
+def batches(rows: dict, bs: int, seed: int):
+    import torch
+
+    n = len(rows["t"])
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n - bs + 1, bs):
+            yield {k: v[order[i:i + bs]] for k, v in rows.items()}
+
+
+def student_outputs(loop, rows: dict, chunk: int = 128):
+    import torch
+
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(rows["t"]), chunk):
+            b = {k: v[i:i + chunk] for k, v in rows.items()}
+            outs.append(loop.student_step(b, loop.cond(b))[0])
+    return torch.cat(outs)
+
+
+def blur(x, sigma: float):
+    import torch
+
+    r = max(1, int(3 * sigma + 0.5))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).to(x)
+    c = x.shape[1]
+    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (r, r, 0, 0), mode="reflect"),
+                                   k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 0, r, r), mode="reflect"),
+                                      k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def matched_blur(target, fake) -> tuple[float, float]:
+    """The blur sigma whose RMS change of the target is closest to the real/fake RMS distance."""
+    import torch
+
+    want = (target - fake).pow(2).mean().sqrt().item()
+    best = min((abs((target - blur(target, s)).pow(2).mean().sqrt().item() - want), s)
+               for s in torch.linspace(0.3, 3.0, 28).tolist())
+    return best[1], want
+
+
+def d_alone(cfg, key, train, held, arm: str, steps: int, bs: int, seed: int, control_sigma: float | None):
+    """Train D alone against fixed fakes (the frozen student's, or the blurred-target control)."""
+    import torch
+
+    from pipeline.train import Phase, discriminator_scores
+
+    kind = "trained" if arm == "control" else arm
+    loop = make_loop(cfg, key, {"disc_backbone": kind}, seed)
+    cond_phase = next(p for p in loop.phases if p.name == "conditional")
+    loop.transition(cond_phase.start)
+
+    def fakes(rows):
+        return blur(rows["target"], control_sigma) if arm == "control" else student_outputs(loop, rows)
+
+    train = dict(train, fake=fakes(train))
+    held = dict(held, fake=fakes(held))
+    it = batches(train, bs, seed)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        b = next(it)
+        loop._d_update(b, loop.cond(b), b["fake"])
+    wall = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(1234)
+    real, fake, ts = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(held["t"]), 128):
+            b = {k: v[i:i + 128] for k, v in held.items()}
+            cond = loop.cond(b)
+            r_in, f_in, t_hat, xt_in = loop.d_inputs(b, b["fake"], g, paired=True)
+            m = len(b["t"])
+            lg = loop._dcall(torch.cat([r_in, f_in]), torch.cat([t_hat, t_hat]), cond, xt_in, b["t"], k=2, frozen=True)
+            real.append(lg[:m])
+            fake.append(lg[m:])
+            ts.append(b["t"])
+    scores = discriminator_scores(torch.cat(real), torch.cat(fake), torch.cat(ts))
+    opt, total = loop.disc_counts
+    return {"arm": arm, "steps": steps, "wall_s": wall, "d_params_optimised": opt, "d_params_total": total,
+            **{k.replace("held_d_", ""): v for k, v in scores.items()}}
+
+
+def game(cfg, key, train, held, name: str, overrides: dict, steps: int, every: int, bs: int, seed: int):
+    """The trainer's alternating loop from the stage's first adversarial step (MSE warm-up and the x0
+    conversion, if the stage has them, are skipped: this probes the game, not the chain)."""
+    from pipeline.train import phase_at
+
+    loop = make_loop(cfg, key, overrides, seed)
+    start = next(p for p in loop.phases if p.adversarial).start
+    it = batches(train, bs, seed)
+    curve = []
+    t0 = time.perf_counter()
+    for s in range(start, start + steps + 1):
+        loop.transition(min(s, loop.total - 1))
+        if (s - start) % every == 0:
+            ev = loop.evaluate(held)
+            curve.append({"step": s - start, "held_mse": ev["held_mse"], "pacc": ev.get("held_d_pacc"),
+                          "auc": ev.get("held_d_auc"), "wall_s": time.perf_counter() - t0,
+                          **{k.replace("held_d_", ""): v for k, v in ev.items() if k.startswith("held_d_pacc_t")}})
+            print(f"  game {name} step {s - start:4d}: held MSE {ev['held_mse']:.5f}  paired acc "
+                  f"{ev.get('held_d_pacc', float('nan')):.3f}  AUC {ev.get('held_d_auc', float('nan')):.3f}", flush=True)
+        if s == start + steps:
+            break
+        phase = phase_at(loop.phases, min(s, loop.total - 1))
+        extra = [next(it) for _ in range(loop.stage.disc_steps - 1)]
+        loop.micro_step(phase, next(it), extra)
+    return {"name": name, "overrides": overrides, "curve": curve}
+
+
+def parse_game(spec: str) -> tuple[str, dict]:
+    import yaml
+
+    name, _, rest = spec.partition(":")
+    kv = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        kv[k.strip()] = yaml.safe_load(v)
+    return name, kv
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Discriminator probe: `{res['run_root']}` stage {res['stage']}\n",
+             f"{res['train_rows']} training rows, {res['held_rows']} held rows; D alone for {res['d_steps']} "
+             f"updates at batch {res['batch']}; positive control: target blurred by sigma "
+             f"{res.get('control_sigma', 0):.2f} px (latent) to the real/fake RMS distance "
+             f"{res.get('real_fake_rms', 0):.4f}.\n"]
+    if res["arms"]:
+        strata = sorted({k for a in res["arms"] for k in a if k.startswith("pacc_t")}, key=lambda k: int(k[6:]))
+        lines += ["## (a) D alone: held paired accuracy per stratum (AUC in brackets)\n",
+                  "| arm | params trained | " + " | ".join(f"t={k[6:]}" for k in strata) + " | mean |",
+                  "| --- | ---: |" + " ---: |" * (len(strata) + 1)]
+        for a in res["arms"]:
+            cells = [f"{a[k]:.3f} ({a['auc_t' + k[6:]]:.3f})" for k in strata]
+            lines.append(f"| {a['arm']} | {a['d_params_optimised']:,} / {a['d_params_total']:,} | "
+                         + " | ".join(cells) + f" | {a['pacc']:.3f} ({a['auc']:.3f}) |")
+        lines.append("")
+    for gm in res["games"]:
+        lines += [f"## (b) game `{gm['name']}` {gm['overrides']}\n", "| step | held MSE | paired acc | AUC |",
+                  "| ---: | ---: | ---: | ---: |"]
+        lines += [f"| {c['step']} | {c['held_mse']:.5f} | {c['pacc']:.3f} | {c['auc']:.3f} |" for c in gm["curve"]]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="toy_digits", help="the run's config (default toy_digits)")
+    p.add_argument("--run", default=None, help="its run root (default: the config's)")
+    p.add_argument("--stage", default="2", help="an adversarial stage with finished trajectories (default 2)")
+    p.add_argument("--held", type=int, default=512, help="at least this many held rows (default 512)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--d-steps", type=int, default=300, help="D-alone updates per arm (default 300)")
+    p.add_argument("--arms", default="trained,frozen,cnn,control", help="comma-separated; '' for none")
+    p.add_argument("--game", action="append", default=[], metavar="NAME:K=V,...",
+                   help="a game to run with these stage overrides (repeatable); 'paper:' for the config as is")
+    p.add_argument("--game-steps", type=int, default=200)
+    p.add_argument("--every", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS / "discriminator"), help="output path without extension")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from pipeline.config import load_config
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cfg = load_config(args.config, [f"run_root={args.run}"] if args.run else [])
+    _, stage = cfg.stage(args.stage)
+    if stage.loss != "adversarial":
+        raise SystemExit(f"stage {args.stage}: not an adversarial stage")
+    # twice the trainer's hash modulus picks about --held rows; take enough
+    train, held = load_rows(cfg, args.stage, 2 * args.held)
+    k = 2
+    while len(held["t"]) < args.held and k < 64:
+        k *= 2
+        train, held = load_rows(cfg, args.stage, k * args.held)
+    print(f"{cfg.stage_dir(args.stage)}: {len(train['t'])} training rows, {len(held['t'])} held rows")
+    res = {"run_root": cfg.run_root, "stage": args.stage, "train_rows": len(train["t"]), "held_rows": len(held["t"]),
+           "d_steps": args.d_steps, "batch": args.batch, "arms": [], "games": []}
+    arms = [a for a in args.arms.split(",") if a]
+    if arms:
+        probe = make_loop(cfg, args.stage, {}, args.seed)
+        probe.transition(0)
+        sigma, rms = matched_blur(held["target"], student_outputs(probe, held))
+        res.update(control_sigma=sigma, real_fake_rms=rms)
+        del probe
+        for arm in arms:
+            r = d_alone(cfg, args.stage, train, held, arm, args.d_steps, args.batch, args.seed, sigma)
+            print(f"  D alone, {arm:8s}: paired acc {r['pacc']:.3f}  AUC {r['auc']:.3f}  "
+                  f"({r['d_params_optimised']:,} of {r['d_params_total']:,} parameters trained, {r['wall_s']:.0f} s)",
+                  flush=True)
+            res["arms"].append(r)
+    for spec in args.game:
+        name, ov = parse_game(spec)
+        res["games"].append(game(cfg, args.stage, train, held, name, ov, args.game_steps, args.every, args.batch,
+                                 args.seed))
+    md = markdown(res)
+    print("\n" + md)
+    res.update(cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
+               time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    write_result(args.out + ".json", res)
+    Path(args.out + ".md").write_text(md)
+    print(f"wrote {args.out}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
