@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install test demo bench teacher clean
+.PHONY: install test demo bench bench-teacher bench-comparison bench-probe bench-ablations teacher clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,21 @@ test: install
 demo: install
 	$(BIN)/padistill distill --config toy_digits $(DEMO_ARGS)
 
-bench: install
+# The benchmark in parts, each well under 90 minutes on 2 cores; finished runs are reused.
+bench: bench-teacher bench-comparison bench-probe bench-ablations
+
+bench-teacher: install
 	$(BIN)/python benchmarks/toy_teacher.py
-	$(BIN)/python benchmarks/distill.py $(BENCH_ARGS)
+
+bench-comparison: install
+	$(BIN)/python benchmarks/distill.py --part comparison $(BENCH_ARGS)
+
+bench-probe: install
+	$(BIN)/python benchmarks/discriminator.py --run runs/bench/toy_digits-s0 --stage 2 \
+		--game "recipe:" --game "base:lr=1e-6,disc_steps=1"
+
+bench-ablations: install
+	$(BIN)/python benchmarks/distill.py --part ablations $(BENCH_ARGS)
 
 teacher: install
 	$(BIN)/padistill toy-teacher

@@ -31,6 +31,7 @@ import argparse
 import copy
 import os
 import platform
+import re
 import sys
 import time
 import zlib
@@ -45,7 +46,13 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def load_rows(cfg, key, held_rows: int):
-    """(train, held) dicts of tensors: a stage's trajectories split as the trainer splits them."""
+    """(train, held) dicts of tensors: a stage's trajectories split as the trainer splits them (whole
+    source ids by a hash of the id, `pipeline.train._held_filter`), with at least `held_rows` held rows
+    (the hash modulus is lowered until there are)."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
     import pyarrow.dataset as pads
     import torch
 
@@ -53,30 +60,30 @@ def load_rows(cfg, key, held_rows: int):
     from pipeline.train import TRAIN_COLUMNS
 
     storage = RunStorage.from_config(cfg)
-    table = pads.dataset(storage.path(cfg.stage_dir(key), "traj"), filesystem=storage.arrow_fs,
-                         format="parquet").to_table(columns=["id"] + TRAIN_COLUMNS)
+    ds = pads.dataset(storage.path(cfg.stage_dir(key), "traj"), filesystem=storage.arrow_fs, format="parquet")
+    shapes = {f.name: json.loads(f.metadata[b"ARROW:extension:metadata"]) for f in ds.schema
+              if f.metadata and b"ARROW:extension:metadata" in f.metadata}
+    table = ds.to_table(columns=["id"] + TRAIN_COLUMNS)
     n = table.num_rows
+    crc = np.array([zlib.crc32(str(i).encode()) for i in table.column("id").to_pylist()])
     modulus = max(2, n // held_rows)
-    held = [zlib.crc32(str(i).encode()) % modulus == 0 for i in table.column("id").to_pylist()]
+    while modulus > 2 and int((crc % modulus == 0).sum()) < held_rows:
+        modulus -= 1
+    held = crc % modulus == 0
 
     def cols(mask):
-        sub = table.filter(mask)
+        sub = table.filter(pa.array(mask))
         out = {}
         for k in TRAIN_COLUMNS:
             col = sub.column(k).combine_chunks()
             if k in ("t", "t_next"):
-                out[k] = torch.as_tensor(col.to_numpy()).long()
+                out[k] = torch.as_tensor(col.to_numpy().astype(np.int64))
             else:
-                out[k] = torch.as_tensor(__import__("numpy").stack(col.to_numpy(zero_copy_only=False)).astype("float32"))
+                flat = col.storage.values.to_numpy() if hasattr(col, "storage") else col.values.to_numpy()
+                out[k] = torch.as_tensor(flat.astype(np.float32)).reshape(len(sub), *shapes[k])
         return out
 
-    import pyarrow as pa
-
-    return cols(pa.array([not h for h in held])), cols(pa.array(held))
-
-
-def reshape_like(rows: dict, shape_of: dict) -> dict:
-    return rows
+    return cols(~held), cols(held)
 
 
 def make_loop(cfg, key, overrides: dict, seed: int):
@@ -130,9 +137,9 @@ def blur(x, sigma: float):
     k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
     k = (k / k.sum()).to(x)
     c = x.shape[1]
-    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (r, r, 0, 0), mode="reflect"),
+    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (r, r, 0, 0), mode="replicate"),
                                    k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 0, r, r), mode="reflect"),
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 0, r, r), mode="replicate"),
                                       k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
@@ -142,18 +149,19 @@ def matched_blur(target, fake) -> tuple[float, float]:
 
     want = (target - fake).pow(2).mean().sqrt().item()
     best = min((abs((target - blur(target, s)).pow(2).mean().sqrt().item() - want), s)
-               for s in torch.linspace(0.3, 3.0, 28).tolist())
+               for s in torch.linspace(0.05, 2.0, 40).tolist())
     return best[1], want
 
 
-def d_alone(cfg, key, train, held, arm: str, steps: int, bs: int, seed: int, control_sigma: float | None):
+def d_alone(cfg, key, train, held, arm: str, steps: int, bs: int, seed: int, control_sigma: float | None,
+            overrides: dict | None = None):
     """Train D alone against fixed fakes (the frozen student's, or the blurred-target control)."""
     import torch
 
-    from pipeline.train import Phase, discriminator_scores
+    from pipeline.train import discriminator_scores
 
     kind = "trained" if arm == "control" else arm
-    loop = make_loop(cfg, key, {"disc_backbone": kind}, seed)
+    loop = make_loop(cfg, key, {**(overrides or {}), "disc_backbone": kind}, seed)
     cond_phase = next(p for p in loop.phases if p.name == "conditional")
     loop.transition(cond_phase.start)
 
@@ -186,15 +194,39 @@ def d_alone(cfg, key, train, held, arm: str, steps: int, bs: int, seed: int, con
             **{k.replace("held_d_", ""): v for k, v in scores.items()}}
 
 
-def game(cfg, key, train, held, name: str, overrides: dict, steps: int, every: int, bs: int, seed: int):
+def toy_fd(cfg, loop, samples_per_digit: int) -> dict:
+    """FD and prompt accuracy of the loop's current student at its step count (the toy evaluation's
+    fixed noise, `samples_per_digit` x 10 digits)."""
+    from pipeline import zoo
+    from pipeline.metrics import sample_digits, score
+
+    pipe = zoo.load_pipeline(cfg.model.source)
+    n = loop.stage.student_steps
+    ref = None  # FD to real digits (the report's FD)
+    imgs = sample_digits(pipe, n, 0.0, samples_per_digit, unet=loop.student.module,
+                         prediction_type=loop.student_ptype)
+    sc = score(imgs.images, imgs.labels, reference_images=ref)
+    return {"fd": sc["fd"], "prompt_accuracy": sc["prompt_accuracy"]}
+
+
+def game(cfg, key, train, held, name: str, overrides: dict, steps: int, every: int, bs: int, seed: int,
+         fd_samples: int = 0):
     """The trainer's alternating loop from the stage's first adversarial step (MSE warm-up and the x0
-    conversion, if the stage has them, are skipped: this probes the game, not the chain)."""
+    conversion, if the stage has them, are skipped: this probes the game, not the chain). With
+    `fd_samples`, the student's toy FD and accuracy before and after."""
     from pipeline.train import phase_at
 
     loop = make_loop(cfg, key, overrides, seed)
-    start = next(p for p in loop.phases if p.adversarial).start
+    start = next(p for p in loop.phases if p.adversarial or p.name == "mse").start
+    warm = next((p for p in loop.phases if p.name == "disc_warmup"), None)
+    if warm is not None:  # D's warm-up steps come on top: `steps` counts the student's updates
+        steps += warm.end - warm.start
     it = batches(train, bs, seed)
     curve = []
+    fd = {}
+    if fd_samples:
+        loop.transition(start)
+        fd["before"] = toy_fd(cfg, loop, fd_samples)
     t0 = time.perf_counter()
     for s in range(start, start + steps + 1):
         loop.transition(min(s, loop.total - 1))
@@ -209,8 +241,12 @@ def game(cfg, key, train, held, name: str, overrides: dict, steps: int, every: i
             break
         phase = phase_at(loop.phases, min(s, loop.total - 1))
         extra = [next(it) for _ in range(loop.stage.disc_steps - 1)]
-        loop.micro_step(phase, next(it), extra)
-    return {"name": name, "overrides": overrides, "curve": curve}
+        loop.micro_step(phase, next(it), extra if phase.adversarial else None)
+    if fd_samples:
+        fd["after"] = toy_fd(cfg, loop, fd_samples)
+        print(f"  game {name}: FD {fd['before']['fd']:.3f} -> {fd['after']['fd']:.3f}, accuracy "
+              f"{fd['before']['prompt_accuracy']:.3f} -> {fd['after']['prompt_accuracy']:.3f}", flush=True)
+    return {"name": name, "overrides": overrides, "curve": curve, "fd": fd}
 
 
 def parse_game(spec: str) -> tuple[str, dict]:
@@ -218,7 +254,7 @@ def parse_game(spec: str) -> tuple[str, dict]:
 
     name, _, rest = spec.partition(":")
     kv = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas outside [lists]
         k, _, v = item.partition("=")
         kv[k.strip()] = yaml.safe_load(v)
     return name, kv
@@ -227,7 +263,7 @@ def parse_game(spec: str) -> tuple[str, dict]:
 def markdown(res: dict) -> str:
     lines = [f"# Discriminator probe: `{res['run_root']}` stage {res['stage']}\n",
              f"{res['train_rows']} training rows, {res['held_rows']} held rows; D alone for {res['d_steps']} "
-             f"updates at batch {res['batch']}; positive control: target blurred by sigma "
+             f"updates at batch {res['batch']} (stage overrides {res.get('arm_overrides') or 'none'}); positive control: target blurred by sigma "
              f"{res.get('control_sigma', 0):.2f} px (latent) to the real/fake RMS distance "
              f"{res.get('real_fake_rms', 0):.4f}.\n"]
     if res["arms"]:
@@ -243,7 +279,12 @@ def markdown(res: dict) -> str:
     for gm in res["games"]:
         lines += [f"## (b) game `{gm['name']}` {gm['overrides']}\n", "| step | held MSE | paired acc | AUC |",
                   "| ---: | ---: | ---: | ---: |"]
-        lines += [f"| {c['step']} | {c['held_mse']:.5f} | {c['pacc']:.3f} | {c['auc']:.3f} |" for c in gm["curve"]]
+        lines += [f"| {c['step']} | {c['held_mse']:.5f} | " + (f"{c['pacc']:.3f} | {c['auc']:.3f} |"
+                  if c["pacc"] is not None else "– | – |") for c in gm["curve"]]
+        if gm.get("fd"):
+            b, a = gm["fd"]["before"], gm["fd"]["after"]
+            lines.append(f"\nFD {b['fd']:.3f} -> {a['fd']:.3f}, accuracy {b['prompt_accuracy']:.3f} -> "
+                         f"{a['prompt_accuracy']:.3f} ({res.get('fd_samples', 0) * 10} samples)")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -257,10 +298,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--d-steps", type=int, default=300, help="D-alone updates per arm (default 300)")
     p.add_argument("--arms", default="trained,frozen,cnn,control", help="comma-separated; '' for none")
+    p.add_argument("--arm-set", default="", metavar="K=V,...", help="stage overrides for every D-alone arm "
+                   "(e.g. disc_lr=1e-4)")
     p.add_argument("--game", action="append", default=[], metavar="NAME:K=V,...",
                    help="a game to run with these stage overrides (repeatable); 'paper:' for the config as is")
     p.add_argument("--game-steps", type=int, default=200)
     p.add_argument("--every", type=int, default=25)
+    p.add_argument("--fd-samples", type=int, default=50,
+                   help="games: toy FD/accuracy before and after on this many samples per digit (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "discriminator"), help="output path without extension")
     args = p.parse_args(argv)
@@ -274,15 +319,10 @@ def main(argv=None) -> int:
     _, stage = cfg.stage(args.stage)
     if stage.loss != "adversarial":
         raise SystemExit(f"stage {args.stage}: not an adversarial stage")
-    # twice the trainer's hash modulus picks about --held rows; take enough
-    train, held = load_rows(cfg, args.stage, 2 * args.held)
-    k = 2
-    while len(held["t"]) < args.held and k < 64:
-        k *= 2
-        train, held = load_rows(cfg, args.stage, k * args.held)
+    train, held = load_rows(cfg, args.stage, args.held)
     print(f"{cfg.stage_dir(args.stage)}: {len(train['t'])} training rows, {len(held['t'])} held rows")
     res = {"run_root": cfg.run_root, "stage": args.stage, "train_rows": len(train["t"]), "held_rows": len(held["t"]),
-           "d_steps": args.d_steps, "batch": args.batch, "arms": [], "games": []}
+           "d_steps": args.d_steps, "arm_overrides": parse_game(":" + args.arm_set)[1], "batch": args.batch, "fd_samples": args.fd_samples, "arms": [], "games": []}
     arms = [a for a in args.arms.split(",") if a]
     if arms:
         probe = make_loop(cfg, args.stage, {}, args.seed)
@@ -291,7 +331,8 @@ def main(argv=None) -> int:
         res.update(control_sigma=sigma, real_fake_rms=rms)
         del probe
         for arm in arms:
-            r = d_alone(cfg, args.stage, train, held, arm, args.d_steps, args.batch, args.seed, sigma)
+            r = d_alone(cfg, args.stage, train, held, arm, args.d_steps, args.batch, args.seed, sigma,
+                        parse_game(":" + args.arm_set)[1])
             print(f"  D alone, {arm:8s}: paired acc {r['pacc']:.3f}  AUC {r['auc']:.3f}  "
                   f"({r['d_params_optimised']:,} of {r['d_params_total']:,} parameters trained, {r['wall_s']:.0f} s)",
                   flush=True)
@@ -299,7 +340,7 @@ def main(argv=None) -> int:
     for spec in args.game:
         name, ov = parse_game(spec)
         res["games"].append(game(cfg, args.stage, train, held, name, ov, args.game_steps, args.every, args.batch,
-                                 args.seed))
+                                 args.seed, args.fd_samples))
     md = markdown(res)
     print("\n" + md)
     res.update(cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),

@@ -1,19 +1,26 @@
-"""The toy benchmark of the method: distill the shipped toy teacher 32 -> 8 -> 4 -> 2 -> 1 with
-progressive adversarial distillation (configs/toy_digits.yaml) and with the MSE-only progressive
-baseline (configs/toy_digits_mse.yaml), then check the quality and speed targets:
+"""The toy benchmark of the method, in parts that each finish in well under 90 minutes on 2 cores and
+reuse finished runs (every run is `padistill distill`: finished DAG steps are skipped):
 
-- every student beats the teacher sampled at the student's own step count on FD, and is at least as
-  accurate (the guided teacher is at 0.990-0.996 over 500 samples at every step count);
-- the 4-step student's FD is at most 1.25x the 32-step teacher's (SDXL-Lightning's 4-step: 1.21x FID);
-- the 1-step student's FD is at most 2x the 32-step teacher's;
-- the adversarial 1-step student's FD is at least 30% lower than the MSE baseline's 1-step;
-- the 4-step student samples at least 80% of the ideal 16x faster than the 32-step teacher with CFG.
+    python benchmarks/distill.py --part comparison   # adversarial (toy_digits) vs MSE-only
+                                                     # (toy_digits_mse), 3 training seeds each
+    python benchmarks/distill.py --part ablations    # the paper's open questions, seed 0, same budget
+    python benchmarks/distill.py --part report       # tables and targets from whatever has finished
 
-    python benchmarks/distill.py                       # both runs (finished steps are skipped)
-    python benchmarks/distill.py --set train.workers=2 # overrides go to both configs
+Fair by construction: both arms train every stage for the same number of student updates (150; the
+1-step stage 100 x0-conversion steps first in both) on the same trajectories' data, learning rates from
+the same sweep (`benchmarks/discriminator.py` games, recorded in the configs), 3 training seeds
+(`train.seed`) each; mean and spread (min-max) are reported, and a difference inside the spread is
+called that. Run roots: `runs/bench/<config>-s<seed>` and `runs/bench/ablation-<name>`; the seed-
+and arm-independent steps (encode, the first stage's trajectories, the base teacher's evaluation
+samples) are copied from the first finished run instead of being recomputed (their manifests' input
+hashes decide: anything that differs is recomputed).
 
-Each run is `padistill distill` (the same DAG, run roots from the configs, so a finished `make demo`
-is reused). Writes benchmarks/results/distill.json and distill.md.
+Targets (DESIGN "The toy benchmarks"): every adversarial student's FD below the guided teacher's at its
+step count, with accuracy >= teacher - 0.01 (500 samples resolve accuracy to about +-1 point); the
+4-step FD <= 1.25x and the 1-step FD <= 2x the 32-step teacher's; adversarial vs MSE-only at 1 and 2
+steps; every adversarial stage moves its student's FD by more than the seed spread, toward better.
+
+Writes benchmarks/results/distill.json and distill.md.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,83 +39,239 @@ sys.path.insert(0, str(REPO))
 from benchmarks.results_io import write_result  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
+BENCH_ROOT = "runs/bench"
+ARMS = {"adversarial": "toy_digits", "mse": "toy_digits_mse"}
+ADV_STAGES = (2, 3, 4)  # the adversarial stages of toy_digits (1-based)
+
+# Each ablation: config overrides on the adversarial arm (same stages, same student updates).
+ABLATIONS: dict[str, list[str]] = {
+    "conditional only": [o for i in ADV_STAGES for o in (f"stages.{i - 1}.conditional_steps=150",
+                                                         f"stages.{i - 1}.unconditional_steps=0")],
+    "no re-noising (1, 2 steps)": ["stages.2.renoise=false", "stages.3.renoise=false"],
+    "D backbone frozen": [f"stages.{i - 1}.disc_backbone=frozen" for i in ADV_STAGES],
+    "D plain CNN": [f"stages.{i - 1}.disc_backbone=cnn" for i in ADV_STAGES],
+    "MSE + adversarial": [f"stages.{i - 1}.mse_weight=1.0" for i in ADV_STAGES],
+}
+SHARED = ("encoded", "stages/1-8step/traj", "eval/teacher")
+SHARED_MANIFESTS = ("encode", "trajectories-1-8step")
 
 
-def run_config(name: str, overrides: list[str]) -> dict:
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def share_prefix(donor: Path, root: Path) -> None:
+    """Copy the seed- and arm-independent outputs of a finished run into a new run root."""
+    if not donor.exists() or donor.resolve() == root.resolve():
+        return
+    for rel in SHARED:
+        if (donor / rel).exists() and not (root / rel).exists():
+            shutil.copytree(donor / rel, root / rel)
+    for m in SHARED_MANIFESTS:
+        src, dst = donor / "_manifest" / f"{m}.json", root / "_manifest" / f"{m}.json"
+        if src.exists() and not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+
+
+def run(config: str, root: str, overrides: list[str], donor: str | None) -> dict:
     from pipeline.config import load_config
     from pipeline.dag import run_dag
     from pipeline.report import collect
     from pipeline.storage import RunStorage
 
-    cfg = load_config(name, overrides)
+    cfg = load_config(config, [f"run_root={root}", *overrides])
+    if donor:
+        share_prefix(Path(donor), Path(root))
     t0 = time.time()
+    print(f"\n=== {config} {' '.join(overrides)} -> {root}", flush=True)
     run_dag(cfg)
-    storage = RunStorage.from_config(cfg)
-    return {"config": name, "run_root": storage.url(), "wall_s_this_invocation": time.time() - t0,
-            "evals": collect(cfg, storage)}
+    return {"config": config, "overrides": overrides, "run_root": root,
+            "wall_s_this_invocation": time.time() - t0, "evals": collect(cfg, RunStorage.from_config(cfg))}
+
+
+def finished(config: str, root: str, overrides: list[str]) -> dict | None:
+    from pipeline.config import load_config
+    from pipeline.report import collect
+    from pipeline.storage import RunStorage
+
+    cfg = load_config(config, [f"run_root={root}", *overrides])
+    evals = collect(cfg, RunStorage.from_config(cfg))
+    return {"config": config, "overrides": overrides, "run_root": root, "evals": evals} \
+        if len(evals) == len(cfg.stages) else None
+
+
+# ---- statistics -----------------------------------------------------------------------------------------
+def stat(values: list[float]) -> dict:
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "n": len(v),
+            "values": [float(x) for x in v]}
+
+
+def fmt(s: dict, d: int = 3) -> str:
+    if s["n"] == 1:
+        return f"{s['mean']:.{d}f}"
+    return f"{s['mean']:.{d}f} [{s['min']:.{d}f}, {s['max']:.{d}f}]"
+
+
+def per_steps(runs: list[dict], model: str, key: str) -> dict[int, dict]:
+    """steps -> stat of metric `key` of `model` (student, student_start, teacher_same_steps) over runs."""
+    out: dict[int, list[float]] = {}
+    for r in runs:
+        for e in r["evals"]:
+            if model in e:
+                out.setdefault(e["student_steps"], []).append(e[model][key])
+    return {n: stat(v) for n, v in sorted(out.items(), reverse=True)}
+
+
+def disjoint(a: dict, b: dict) -> bool:
+    """Two seed ranges that do not overlap: a difference beyond the seed spread."""
+    return a["max"] < b["min"] or b["max"] < a["min"]
 
 
 def targets(adv: list[dict], mse: list[dict]) -> list[dict]:
-    by = {e["student_steps"]: e for e in adv}
-    t32 = adv[0]["teacher_32"]["fd"]
     out = []
 
-    def add(name, value, limit, ok):
-        out.append({"target": name, "value": value, "limit": limit, "met": bool(ok)})
+    def add(name, value, limit, ok, note=""):
+        out.append({"target": name, "value": value, "limit": limit, "met": bool(ok), "note": note})
 
-    for e in adv:
-        n, s, t = e["student_steps"], e["student"], e["teacher_same_steps"]
-        add(f"{n}-step student FD < teacher at {n} steps", s["fd"], t["fd"], s["fd"] < t["fd"])
-        add(f"{n}-step student accuracy >= teacher at {n} steps", s["prompt_accuracy"], t["prompt_accuracy"],
-            s["prompt_accuracy"] >= t["prompt_accuracy"])
-    if 4 in by:
-        add("4-step student FD <= 1.25x teacher-32 FD", by[4]["student"]["fd"], 1.25 * t32,
-            by[4]["student"]["fd"] <= 1.25 * t32)
-        sp = by[4]["speed"]
-        add("4-step sampling speedup >= 0.8x ideal 16x", sp["speedup"], 0.8 * sp["ideal_speedup"],
-            sp["speedup"] >= 0.8 * sp["ideal_speedup"])
-    if 1 in by:
-        add("1-step student FD <= 2x teacher-32 FD", by[1]["student"]["fd"], 2 * t32, by[1]["student"]["fd"] <= 2 * t32)
-        m1 = {e["student_steps"]: e for e in mse}.get(1)
-        if m1:
-            add("adversarial 1-step FD <= 0.7x MSE baseline 1-step FD", by[1]["student"]["fd"],
-                0.7 * m1["student"]["fd"], by[1]["student"]["fd"] <= 0.7 * m1["student"]["fd"])
+    if not adv:
+        return out
+    fd, acc = per_steps(adv, "student", "fd"), per_steps(adv, "student", "prompt_accuracy")
+    tfd, tacc = per_steps(adv, "teacher_same_steps", "fd"), per_steps(adv, "teacher_same_steps", "prompt_accuracy")
+    t32 = adv[0]["evals"][0]["teacher_32"]["fd"]
+    for n in fd:
+        add(f"{n}-step FD < teacher's at {n} steps (mean)", fd[n]["mean"], tfd[n]["mean"], fd[n]["mean"] < tfd[n]["mean"])
+        add(f"{n}-step accuracy >= teacher's - 0.01 (mean)", acc[n]["mean"], tacc[n]["mean"] - 0.01,
+            acc[n]["mean"] >= tacc[n]["mean"] - 0.01)
+    if 4 in fd:
+        add("4-step FD <= 1.25x teacher-32 (mean)", fd[4]["mean"], 1.25 * t32, fd[4]["mean"] <= 1.25 * t32)
+    if 1 in fd:
+        add("1-step FD <= 2x teacher-32 (mean)", fd[1]["mean"], 2 * t32, fd[1]["mean"] <= 2 * t32)
+    mfd = per_steps(mse, "student", "fd")
+    for n in (2, 1):
+        if n in fd and n in mfd:
+            better = fd[n]["mean"] < mfd[n]["mean"]
+            note = "beyond the seed spread" if disjoint(fd[n], mfd[n]) else "inside the seed spread"
+            add(f"adversarial {n}-step FD < MSE-only's (mean)", fd[n]["mean"], mfd[n]["mean"], better, note)
+    start = per_steps(adv, "student_start", "fd")
+    for n in fd:
+        if n in start and n < 8:  # the adversarial stages
+            moved = start[n]["mean"] - fd[n]["mean"]
+            spread = max(fd[n]["max"] - fd[n]["min"], start[n]["max"] - start[n]["min"])
+            add(f"{n}-step stage moves FD toward better by more than the seed spread", moved, spread,
+                moved > spread, f"start {fmt(start[n])} -> {fmt(fd[n])}")
     return out
 
 
-def markdown(runs: dict, checks: list[dict]) -> str:
-    from pipeline.report import table
+def comparison_table(arms: dict[str, list[dict]]) -> str:
+    lines = ["| model | steps | FD ↓ mean [min, max] | accuracy ↑ | FD to teacher-32 ↓ | diversity | seeds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    any_runs = next((r for r in arms.values() if r), None)
+    if not any_runs:
+        return "(no finished runs)"
+    ref = any_runs[0]["evals"]
+    lines.append(f"| teacher (CFG) | 32 | {ref[0]['teacher_32']['fd']:.3f} | "
+                 f"{ref[0]['teacher_32']['prompt_accuracy']:.3f} | 0 | {ref[0]['teacher_32']['diversity']:.3f} | |")
+    for e in ref:
+        n = e["student_steps"]
+        t = e["teacher_same_steps"]
+        lines.append(f"| teacher (CFG) | {n} | {t['fd']:.3f} | {t['prompt_accuracy']:.3f} | "
+                     f"{t['fd_to_reference']:.3f} | {t['diversity']:.3f} | |")
+        for arm, runs in arms.items():
+            if not runs:
+                continue
+            for model, label in (("student_start", f"{arm}: start of stage"), ("student", f"**{arm}**")):
+                ss = {k: per_steps(runs, model, k).get(n) for k in ("fd", "prompt_accuracy", "fd_to_reference",
+                                                                     "diversity")}
+                if ss["fd"] is None:
+                    continue
+                lines.append(f"| {label} | {n} | {fmt(ss['fd'])} | {fmt(ss['prompt_accuracy'])} | "
+                             f"{fmt(ss['fd_to_reference'])} | {fmt(ss['diversity'])} | {ss['fd']['n']} |")
+    return "\n".join(lines)
 
-    lines = ["# Toy benchmark: progressive adversarial distillation vs MSE-only\n",
-             "Shipped toy teacher (guidance 2.0); digits 0-9 x samples_per_prompt samples, each with its own "
-             "fixed noise, the same for every model. "
-             "FD: Fréchet distance to real digits in the digit classifier's feature space.\n"]
-    for name, r in runs.items():
-        lines += [f"## {name} (`{r['run_root']}`)\n", table(r["evals"]) if r["evals"] else "(no evaluations)", ""]
-    lines += ["## Targets\n", "| target | value | limit | met |", "| --- | ---: | ---: | :---: |"]
-    lines += [f"| {c['target']} | {c['value']:.4f} | {c['limit']:.4f} | {'yes' if c['met'] else '**no**'} |"
-              for c in checks]
+
+def ablation_table(base: dict | None, abl: dict[str, dict]) -> str:
+    rows = ([("paper recipe (toy_digits, seed 0)", base)] if base else []) + list(abl.items())
+    if not rows:
+        return "(no finished ablations)"
+    steps = [e["student_steps"] for e in rows[0][1]["evals"]]
+    lines = ["| run | " + " | ".join(f"{n}-step FD / acc / div / FD-to-teacher" for n in steps) + " |",
+             "| --- |" + " ---: |" * len(steps)]
+    for name, r in rows:
+        by = {e["student_steps"]: e["student"] for e in r["evals"]}
+        lines.append(f"| {name} | " + " | ".join(
+            f"{by[n]['fd']:.3f} / {by[n]['prompt_accuracy']:.3f} / {by[n]['diversity']:.3f} / "
+            f"{by[n]['fd_to_reference']:.3f}" if n in by else "–" for n in steps) + " |")
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    lines = ["# Toy benchmark: progressive adversarial distillation vs MSE-only, and ablations\n",
+             "Shipped toy teacher (guidance 2.0); 500 samples per model (digits 0-9 x 50, each with its own "
+             "fixed noise, the same for every model). FD: Fréchet distance to real digits in the digit "
+             "classifier's feature space; 'start of stage': the student the stage started from, sampled at "
+             "the stage's step count. Spread: [min, max] over training seeds.\n",
+             "## Adversarial vs MSE-only (same student updates per stage)\n",
+             comparison_table(result["comparison"]), "",
+             "## Ablations (seed 0, same student updates)\n", ablation_table(result.get("ablation_base"),
+                                                                              result["ablations"]), "",
+             "## Targets\n", "| target | value | limit | met | note |", "| --- | ---: | ---: | :---: | --- |"]
+    lines += [f"| {c['target']} | {c['value']:.4f} | {c['limit']:.4f} | {'yes' if c['met'] else '**no**'} | "
+              f"{c['note']} |" for c in result["targets"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="toy_digits", help="the adversarial run (default toy_digits)")
-    p.add_argument("--baseline", default="toy_digits_mse", help="the MSE-only run (default toy_digits_mse)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override applied to both runs")
+    p.add_argument("--part", choices=("comparison", "ablations", "report"), default="comparison")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds of the comparison (default 0,1,2)")
+    p.add_argument("--arms", default="adversarial,mse", help="comparison arms to run (default both)")
+    p.add_argument("--only", default=None, help="ablations: run only these (comma-separated names or slugs)")
+    p.add_argument("--root", default=BENCH_ROOT, help=f"where the run roots go (default {BENCH_ROOT})")
     p.add_argument("--out", default=str(RESULTS / "distill"), help="output path without extension")
     args = p.parse_args(argv)
 
     import torch
 
-    runs = {args.config: run_config(args.config, args.overrides),
-            args.baseline: run_config(args.baseline, args.overrides)}
-    checks = targets(runs[args.config]["evals"], runs[args.baseline]["evals"])
-    md = markdown(runs, checks)
+    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
+    root = Path(args.root)
+
+    def donor() -> str | None:
+        """A run root whose shared steps have finished (the first run of a part computes them)."""
+        cands = [root / f"{c}-s{s}" for s in seeds for c in ARMS.values()] + sorted(root.glob("ablation-*"))
+        return next((str(c) for c in cands if (c / "_manifest" / "trajectories-1-8step.json").exists()), None)
+
+    def arm_runs(arm: str, do_run: bool) -> list[dict]:
+        out = []
+        for s in seeds:
+            r_root, ov = str(root / f"{ARMS[arm]}-s{s}"), [f"train.seed={s}"]
+            r = run(ARMS[arm], r_root, ov, donor()) if do_run else finished(ARMS[arm], r_root, ov)
+            if r is not None:
+                out.append(r)
+        return out
+
+    wanted = set(args.arms.split(","))
+    comparison = {arm: arm_runs(arm, args.part == "comparison" and arm in wanted) for arm in ARMS}
+    ablations = {}
+    only = None if args.only is None else {x.strip() for x in args.only.split(",")}
+    for name, ov in ABLATIONS.items():
+        r_root = str(root / f"ablation-{slug(name)}")
+        if args.part == "ablations" and (only is None or name in only or slug(name) in only):
+            ablations[name] = run(ARMS["adversarial"], r_root, ov + ["train.seed=0"], donor())
+        else:
+            r = finished(ARMS["adversarial"], r_root, ov + ["train.seed=0"])
+            if r is not None:
+                ablations[name] = r
+    base = next((r for r in comparison["adversarial"] if r["run_root"].endswith("-s0")), None)
+    result = {"comparison": comparison, "ablations": ablations, "ablation_base": base,
+              "targets": targets(comparison["adversarial"], comparison["mse"]), "seeds": seeds,
+              "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    md = markdown(result)
     print("\n" + md)
-    result = {"runs": runs, "targets": checks, "cpus": os.cpu_count(), "torch": torch.__version__,
-              "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_result(args.out + ".json", result)
     Path(args.out + ".md").write_text(md)
     print(f"wrote {args.out}.md")

@@ -135,6 +135,8 @@ class StageConfig(_Strict):
     disc_backbone: Literal["trained", "frozen", "cnn"] = Field("trained", description=(
         "trained: the UNet encoder copy trains whole with its head (the paper); frozen: only the head trains "
         "(an ablation); cnn: a small plain CNN on the latents instead of the UNet encoder (an ablation)"))
+    disc_warmup_steps: int = Field(0, ge=0, description="steps that train the conditional discriminator alone "
+                                   "(the student frozen) before the conditional phase (not in the paper; default 0)")
     disc_steps: int = Field(1, ge=1, description="discriminator updates per student update in the adversarial "
                             "phases (each on its own micro-batch)")
     disc_betas: Optional[tuple[float, float]] = Field(None, description="D's Adam betas (default betas)")
@@ -179,8 +181,9 @@ class StageConfig(_Strict):
             for k in ("disc_lr", "disc_betas", "renoise", "renoise_stable_weights"):
                 if getattr(self, k) is not None:
                     raise ValueError(f"{k}: is for adversarial stages (this stage's loss is mse)")
-            if self.mse_weight:
-                raise ValueError("mse_weight: is for adversarial stages (this stage's loss is mse)")
+            if self.mse_weight or self.disc_warmup_steps:
+                raise ValueError(f"{'mse_weight' if self.mse_weight else 'disc_warmup_steps'}: is for adversarial "
+                                 "stages (this stage's loss is mse)")
         if self.name is None:
             self.name = f"{self.student_steps}step"
         return self

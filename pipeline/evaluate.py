@@ -1,5 +1,6 @@
 """Evaluation of one stage: its student at its own step count, the base teacher at 32 steps and at the
-student's step count, all with the same fixed prompts and seeds, scored by the toy metrics
+student's step count (on the toy also the student the stage started from, at the student's step count
+and without CFG: what the stage had to improve on), all with the same fixed prompts and seeds, scored by the toy metrics
 (`pipeline.metrics`) on the toy, or on a non-toy run by the paper's FID-Whole, FID-Patch and CLIP
 score (`pipeline.real_metrics`: the first `evaluate.prompts` captions of the data source, their real
 images as the FID reference, weights from paths in `evaluate`), plus the wall-clock sampling speedup
@@ -26,6 +27,11 @@ from .config import RunConfig
 from .storage import RunStorage
 
 TEACHER_DIR = "eval/teacher"
+
+
+# 2: toy evaluations also score the stage's starting student at the student's step count, without CFG
+# ("student_start": what the stage had to improve on)
+ROWS_VERSION = 2
 
 
 def step_name(cfg: RunConfig, key) -> str:
@@ -205,7 +211,8 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
     step = step_name(cfg, key)
     inputs = {"model": train_manifest["inputs_hash"], "model_finished_at": train_manifest["finished_at"],
               "evaluate": cfg.evaluate.model_dump(mode="json"), "teacher": cfg.model.source,
-              "noise_version": NOISE_VERSION, "data": cfg.data.model_dump(mode="json")}
+              "noise_version": NOISE_VERSION, "data": cfg.data.model_dump(mode="json"),
+              "rows": ROWS_VERSION}
     if not force and storage.is_finished(step, inputs):
         log(f"padistill evaluate: stage {idx} is up to date")
         return storage.read_manifest(step)
@@ -218,6 +225,8 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         pred = schedule_of(student).prediction_type
         N, K, seed = stage.student_steps, cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
         prompts = None if toy else real_prompts(cfg, latent_shape(teacher))
+        j = cfg.student_init_of(key)  # the student this stage started from: its run-root folder, or the base model
+        start_rel = f"{cfg.stage_dir(j)}/model" if j is not None else None
         n = 10 * K if toy else len(prompts.captions)
         log(f"padistill evaluate: stage {idx} ({stage.name}): student at {N} steps, teacher at 32 and {N} "
             f"steps (guidance {g:g}), {n} samples each")
@@ -225,7 +234,11 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         tN, _ = teacher_samples(cfg, storage, teacher, N, g, prompts)
         if toy:
             s = sample_digits(student, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size, prediction_type=pred)
+            start = load_pipeline(storage.get_dir(start_rel, f"{work}/start")) if start_rel else teacher
+            s0 = sample_digits(start, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size,
+                               prediction_type=schedule_of(start).prediction_type)
             scores = {"student": score(s.images, labels, reference_images=t32),
+                      "student_start": score(s0.images, labels, reference_images=t32),
                       "teacher_same_steps": score(tN, labels, reference_images=t32),
                       "teacher_32": score(t32, labels, reference_images=t32)}
             shown = torch.arange(10) * K  # digits 0-9 at seed index 0

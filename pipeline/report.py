@@ -44,6 +44,8 @@ def table(evals: list[dict]) -> str:
     for e in evals:
         n = e["student_steps"]
         row("teacher", n, e["teacher_same_steps"])
+        if "student_start" in e:  # the stage's starting student at n steps: what training had to improve on
+            row(f"start of {e['name']}", n, e["student_start"])
         sp = e["speed"]
         row(f"**student {e['name']}**", n, e["student"], f"{sp['speedup']:.1f}x (ideal {sp['ideal_speedup']:.0f}x)")
     return "\n".join(lines)

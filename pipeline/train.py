@@ -17,8 +17,10 @@ Phases of a stage (steps counted from 0, one step = `grad_accum` micro-batches p
                    UNet's last features, so the MSE starts near the target instead of at epsilon
     mse            (`mse_steps`) MSE of the student's one step vs the teacher's n steps: the whole of
                    a loss-mse stage, or an adversarial stage's warm-up at `mse_lr` (default `lr`; the
-                   optimizer restarts at `lr` after it). The warm-up is not in the paper: on the toy the
-                   discriminator separates too weakly to move the student far (configs/toy_digits.yaml)
+                   optimizer restarts at `lr` after it). Not in the paper, off by default
+    disc_warmup    (adversarial: `disc_warmup_steps`) the conditional discriminator trains alone against
+                   the student as it is, so that the student's first adversarial gradients come from a D
+                   that already separates (not in the paper; docs/method.md has the measurements)
     conditional    (adversarial: `conditional_steps`) non-saturating GAN, alternating D / student
                    updates, conditional D(x_t, x_{t-ns}, t, c)
     unconditional  (adversarial: `unconditional_steps`) the same with D'(x_{t-ns}, c): the backbone
@@ -74,13 +76,14 @@ CACHE_MB = float(os.environ.get("PADISTILL_TRAIN_CACHE_MB", "2048"))  # keep a w
 # ---- phases ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Phase:
-    name: str  # conversion | mse | conditional | unconditional
+    name: str  # conversion | mse | disc_warmup | conditional | unconditional
     start: int
     end: int  # exclusive
 
     @property
     def adversarial(self) -> bool:
-        return self.name in ("conditional", "unconditional")
+        """A phase with a discriminator (the D warm-up trains D only)."""
+        return self.name in ("disc_warmup", "conditional", "unconditional")
 
 
 def plan_phases(stage: StageConfig) -> list[Phase]:
@@ -105,6 +108,10 @@ def plan_phases(stage: StageConfig) -> list[Phase]:
         add("mse", stage.mse_steps)
     else:
         add("mse", stage.mse_steps)  # the optional warm-up
+        if stage.disc_warmup_steps and not stage.conditional_steps:
+            raise ConfigError(f"{where}: disc_warmup_steps trains the conditional discriminator before its phase; "
+                              "set conditional_steps")
+        add("disc_warmup", stage.disc_warmup_steps)
         add("conditional", stage.conditional_steps)
         add("unconditional", stage.unconditional_steps)
     if s == 0:
@@ -130,6 +137,8 @@ def student_mode_at(stage: StageConfig, step: int) -> str:
 
 
 def disc_mode_at(phase: Phase) -> str | None:
+    if phase.name == "disc_warmup":
+        return "conditional"
     return phase.name if phase.adversarial else None
 
 
@@ -413,6 +422,7 @@ class StageLoop:
         d = Discriminator(self.disc_unet, conditional=(mode == "conditional"), backbone_kind=self.stage.disc_backbone)
         if backbone_state is not None:
             d.backbone.load_state_dict(backbone_state)
+        d = d.to(self.device)
         if self.cfg.train.gradient_checkpointing and self.stage.disc_backbone != "cnn":
             checkpoint_activations(d)
         d.train()
@@ -547,6 +557,11 @@ class StageLoop:
             with torch.no_grad():
                 x_db, _ = self.student_step(db, self.cond(db))
             self._d_update(db, self.cond(db), x_db)
+        if phase.name == "disc_warmup":  # D only, against the student as it is
+            with torch.no_grad():
+                x_next, _ = self.student_step(b, cond)
+            self._d_update(b, cond, x_next, out)
+            return out
         x_next, _ = self.student_step(b, cond)
         fake_in, fake_t, xt_in = self._d_update(b, cond, x_next, out)
         # the student against the updated D (D's parameters frozen for this backward)
@@ -838,7 +853,8 @@ def train_loop_per_worker(config: dict) -> None:
     init_unet = load_unet(str(init_dir)).to(device)
     disc_unet = None
     if stage.loss == "adversarial" and config["disc_source"] != config["init_source"]:
-        disc_unet = load_unet(str(fetch_teacher(config["disc_source"], cfg))).to(device).requires_grad_(False)
+        # kept on the CPU: only its encoder is copied into D (`build_disc` moves D to the device)
+        disc_unet = load_unet(str(fetch_teacher(config["disc_source"], cfg))).requires_grad_(False)
     engines = DeepSpeedEngines(cfg.train, world)
     loop = StageLoop(cfg, stage, schedule, init_unet, engines, device, seed=cfg.train.seed * 7919 + rank,
                      disc_unet=disc_unet)

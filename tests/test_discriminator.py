@@ -172,3 +172,19 @@ def test_head_on_a_2x2_map_keeps_what_the_features_carry():
     assert (h(x) - h(x + 1.0)).abs().max() > 1e-4  # a shift of every feature changes the logit
     one = Head(64, 64, 1)
     assert [m for m in one.blocks if isinstance(m, torch.nn.GroupNorm)][0].num_groups == 4
+
+
+def test_paired_accuracy_reads_through_per_row_offsets():
+    """A conditional D's logit moves with x_t, caption and t* far more than with real vs fake: the paired
+    accuracy (same row) sees a small consistent margin that the unpaired AUC cannot, per stratum."""
+    from pipeline.train import discriminator_scores
+
+    g = torch.Generator().manual_seed(0)
+    offset = 10 * torch.randn(400, generator=g)
+    strata = torch.tensor([249, 499, 749, 999]).repeat(100)
+    real, fake = offset + 0.1, offset.clone()
+    fake[strata == 999] += 0.2  # in one stratum D is fooled on every pair
+    s = discriminator_scores(real, fake, strata)
+    assert s["held_d_pacc_t249"] == s["held_d_pacc_t749"] == 1.0 and s["held_d_pacc_t999"] == 0.0
+    assert s["held_d_pacc"] == pytest.approx(0.75)
+    assert all(abs(s[f"held_d_auc_t{t}"] - 0.5) < 0.1 for t in (249, 499, 749, 999))

@@ -56,6 +56,8 @@ def test_smoke_dag_local_exports_load_and_rerun_skips(ray_local, tmp_path):
         assert img.size == (32, 32)
         metrics = json.loads((tmp_path / "run" / cfg.stage_dir(k) / "eval" / "metrics.json").read_text())
         assert metrics["student_steps"] == st.student_steps and metrics["speed"]["speedup"] > 1
+        # the student the stage started from, scored at the same step count: what training had to improve on
+        assert set(metrics["student_start"]) == set(metrics["student"])
 
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| **student 1step** | 1 |" in report and "Wall time per DAG step" in report

@@ -47,6 +47,17 @@ def test_forward_diffusion_is_pure_noise_at_T():
     assert torch.allclose(s.scale_input(x[:1], s.sigma(999)), eps[:1] * s.sigma(999) / (s.sigma(999) ** 2 + 1) ** 0.5)
 
 
+def test_jump_x0_inverts_the_euler_step():
+    """The x0 the discriminator re-noises (SDXL-Lightning eqs. 25-26): the x0 of the one Euler step from
+    x_t to x_next. A student's Euler step gives back its own x0; at t_next = CLEAN it is x_next."""
+    s = Schedule.from_scheduler_config(sdxl_scheduler().config)
+    x0, x = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8) * 5
+    t, t_next = torch.tensor([999, 749, 499]), torch.tensor([499, 249, CLEAN])
+    x_next = s.euler_step(x, x0, s.sigma(t), s.sigma(t_next))
+    torch.testing.assert_close(s.jump_x0(x, x_next, t, t_next), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s.jump_x0(x, x_next, t, t_next)[2], x_next[2])
+
+
 def test_prediction_conversions_roundtrip():
     s = Schedule.from_scheduler_config(sdxl_scheduler().config)
     x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)

@@ -10,7 +10,7 @@ import torch
 from pipeline import student
 from pipeline.config import ConfigError, StageConfig
 from pipeline.schedule import unet_denoiser
-from pipeline.train import checkpoint_steps, plan_phases, student_mode_at
+from pipeline.train import checkpoint_steps, disc_mode_at, phase_at, plan_phases, student_mode_at
 
 
 def test_lora_targets_skip_io_convs_and_time_embeddings(tiny_pipeline):
@@ -62,6 +62,49 @@ def test_phase_plan():
         StageConfig(teacher_steps=8, student_steps=4, loss="mse", mse_steps=3, mse_lr=1e-3)
     with pytest.raises(ConfigError, match="no training steps"):
         plan_phases(StageConfig(teacher_steps=8, student_steps=4, loss="mse"))
+    dw = _stage(disc_warmup_steps=2)  # D alone before the conditional phase, with the conditional D
+    assert [(p.name, p.start, p.end) for p in plan_phases(dw)] == [
+        ("conversion", 0, 3), ("disc_warmup", 3, 5), ("conditional", 5, 10), ("unconditional", 10, 12)]
+    assert [disc_mode_at(phase_at(plan_phases(dw), s)) for s in (2, 3, 5, 10)] == \
+        [None, "conditional", "conditional", "unconditional"]
+
+
+def test_disc_warmup_trains_d_only(tiny_pipeline):
+    """The discriminator's warm-up updates D and leaves the student's weights alone; the conditional
+    phase after it keeps that D (no rebuild) and moves the student."""
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline import zoo
+    from pipeline.config import CONFIG_DIR, from_dict
+    from pipeline.train import TRAIN_COLUMNS, PlainEngines, StageLoop
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from traj_helpers import make_trajectories
+
+    data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    data["stages"][1].update(disc_warmup_steps=1, lr=1e-4, disc_lr=1e-3)
+    cfg = from_dict(data)
+    _, stage = cfg.stage(2)
+    loop = StageLoop(cfg, stage, zoo.schedule_of(tiny_pipeline), copy.deepcopy(tiny_pipeline.unet),
+                     PlainEngines(cfg.train), "cpu")
+    rows = make_trajectories(tiny_pipeline, stage, n_ids=8, seed=4)
+    b = loop.batch_to({k: torch.as_tensor(rows[k]) for k in TRAIN_COLUMNS})
+
+    def weights(m):
+        return {k: v.clone() for k, v in m.state_dict().items()}
+
+    loop.transition(0)
+    s0, d0, disc = weights(loop.student.module), weights(loop.disc.module), loop.disc
+    out = loop.micro_step(phase_at(loop.phases, 0), b)
+    assert "d_loss" in out and "loss" not in out
+    assert all(torch.equal(v, loop.student.module.state_dict()[k]) for k, v in s0.items())
+    assert any(not torch.equal(v, loop.disc.module.state_dict()[k]) for k, v in d0.items())
+    assert loop.transition(1) == [] and loop.disc is disc  # the same D goes on into the conditional phase
+    loop.micro_step(phase_at(loop.phases, 1), b)
+    assert any(not torch.equal(v, loop.student.module.state_dict()[k]) for k, v in s0.items())
 
 
 def test_conversion_starts_from_least_squares_conv_out(tiny_pipeline):
