@@ -79,18 +79,18 @@ def pick_pair(row_id: str, draw: int, seed: int, pairs: list[StagePair]) -> Stag
 def teacher_source(cfg: RunConfig, key, storage: RunStorage | None = None) -> str:
     """Where stage `key`'s teacher lives: the previous (or `teacher_stage`) student's exported
     pipeline folder under the run root, or `model.source` (the base model) for the first stage."""
-    j = cfg.teacher_of(key)
-    if j is None:
-        return cfg.model.source
-    storage = storage or RunStorage.from_config(cfg)
-    return storage.url(cfg.stage_dir(j), "model")
+    return _model_of(cfg, cfg.teacher_of(key), storage)
 
 
 def student_init_source(cfg: RunConfig, key, storage: RunStorage | None = None) -> str:
     """Where the UNet stage `key`'s student starts from lives: the previous (or `student_init`) stage's
     exported student, or the base model for the first stage. Unless the teacher is skip-level this is
     the teacher."""
-    j = cfg.student_init_of(key)
+    return _model_of(cfg, cfg.student_init_of(key), storage)
+
+
+def _model_of(cfg: RunConfig, j: int | None, storage: RunStorage | None) -> str:
+    """Stage `j`'s exported student under the run root; the base model for None."""
     if j is None:
         return cfg.model.source
     storage = storage or RunStorage.from_config(cfg)

@@ -102,7 +102,9 @@ def test_rows_schema_and_targets_equal_direct_rollout(ray_local, encoded_root):
                                            encoded["pooled_embeds"][e])
         assert (pair.t, pair.t_next) == (c["t"][r], c["t_next"][r])
         np.testing.assert_allclose(c["x_t"][r], x_t, atol=1e-5, rtol=0)
-        np.testing.assert_allclose(c["target"][r], target, atol=1e-5, rtol=0)
+        # targets reach |x| ~ 30 in Euler space after several UNet calls; float32 results differ in the last
+        # bits with the batch a row is computed in (seen: 1.1e-5 at 27.4, a relative 4.8e-6)
+        np.testing.assert_allclose(c["target"][r], target, atol=1e-5, rtol=2e-5)
     r = rows[-1]  # pure noise at t = T: x_t carries no latent
     noise = tj.draw_noise(tj.draw_seed(c["id"][r], int(c["draw"][r]), 0)[0], (4, 8, 8)).numpy()
     np.testing.assert_allclose(c["x_t"][r], noise * schedule.init_noise_sigma(), rtol=1e-6)
