@@ -28,7 +28,6 @@ Prints tables; writes benchmarks/results/discriminator.json and .md.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import re
@@ -40,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.results_io import write_result  # noqa: E402
+from benchmarks.results_io import write_report  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -79,7 +78,8 @@ def load_rows(cfg, key, held_rows: int):
             if k in ("t", "t_next"):
                 out[k] = torch.as_tensor(col.to_numpy().astype(np.int64))
             else:
-                flat = col.storage.values.to_numpy() if hasattr(col, "storage") else col.values.to_numpy()
+                # Ray's tensor extension type when Ray registered it in this process, else its storage list
+                flat = (col.storage if hasattr(col, "storage") else col).values.to_numpy()
                 out[k] = torch.as_tensor(flat.astype(np.float32)).reshape(len(sub), *shapes[k])
         return out
 
@@ -92,7 +92,7 @@ def make_loop(cfg, key, overrides: dict, seed: int):
     from pipeline import zoo
     from pipeline.config import from_dict
     from pipeline.storage import RunStorage
-    from pipeline.trajectories import disc_source, student_init_source, teacher_source
+    from pipeline.trajectories import disc_source, student_init_source
     from pipeline.train import PlainEngines, StageLoop
 
     data = cfg.model_dump(mode="json")
@@ -101,9 +101,10 @@ def make_loop(cfg, key, overrides: dict, seed: int):
     cfg = from_dict(data)
     _, stage = cfg.stage(key)
     storage = RunStorage.from_config(cfg)
-    init = zoo.load_unet(str(zoo.resolve_source(student_init_source(cfg, key, storage))))
+    init_dir = zoo.resolve_source(student_init_source(cfg, key, storage))
+    init = zoo.load_unet(str(init_dir))
     disc = zoo.load_unet(str(zoo.resolve_source(disc_source(cfg, key, storage)))).requires_grad_(False)
-    sched = zoo.schedule_of(zoo.resolve_source(teacher_source(cfg, key, storage)))
+    sched = zoo.schedule_of(init_dir)  # as the trainer: the student's starting UNet's schedule
     torch.manual_seed(seed)
     return StageLoop(cfg, stage, sched, init, PlainEngines(cfg.train), "cpu", seed=seed, disc_unet=disc)
 
@@ -202,10 +203,9 @@ def toy_fd(cfg, loop, samples_per_digit: int) -> dict:
 
     pipe = zoo.load_pipeline(cfg.model.source)
     n = loop.stage.student_steps
-    ref = None  # FD to real digits (the report's FD)
     imgs = sample_digits(pipe, n, 0.0, samples_per_digit, unet=loop.student.module,
                          prediction_type=loop.student_ptype)
-    sc = score(imgs.images, imgs.labels, reference_images=ref)
+    sc = score(imgs.images, imgs.labels)  # FD to real digits, the report's FD
     return {"fd": sc["fd"], "prompt_accuracy": sc["prompt_accuracy"]}
 
 
@@ -341,13 +341,9 @@ def main(argv=None) -> int:
         name, ov = parse_game(spec)
         res["games"].append(game(cfg, args.stage, train, held, name, ov, args.game_steps, args.every, args.batch,
                                  args.seed, args.fd_samples))
-    md = markdown(res)
-    print("\n" + md)
     res.update(cpus=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
                time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    write_result(args.out + ".json", res)
-    Path(args.out + ".md").write_text(md)
-    print(f"wrote {args.out}.md")
+    write_report(args.out, res, markdown(res))
     return 0
 
 

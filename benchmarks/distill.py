@@ -36,22 +36,62 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.results_io import write_result  # noqa: E402
+from benchmarks.results_io import write_report  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 BENCH_ROOT = "runs/bench"
 ARMS = {"adversarial": "toy_digits", "mse": "toy_digits_mse"}
-ADV_STAGES = (2, 3, 4)  # the adversarial stages of toy_digits (1-based)
 
-# Each ablation: config overrides on the adversarial arm (same stages, same student updates).
-ABLATIONS: dict[str, list[str]] = {
-    "conditional only": [o for i in ADV_STAGES for o in (f"stages.{i - 1}.conditional_steps=150",
-                                                         f"stages.{i - 1}.unconditional_steps=0")],
-    "no re-noising (1, 2 steps)": ["stages.2.renoise=false", "stages.3.renoise=false"],
-    "D backbone frozen": [f"stages.{i - 1}.disc_backbone=frozen" for i in ADV_STAGES],
-    "D plain CNN": [f"stages.{i - 1}.disc_backbone=cnn" for i in ADV_STAGES],
-    "MSE + adversarial": [f"stages.{i - 1}.mse_weight=1.0" for i in ADV_STAGES],
-}
+
+def ablations() -> dict[str, list[str]]:
+    """Each ablation: config overrides on the adversarial arm, derived from its adversarial stages (same
+    stages, same student updates)."""
+    from pipeline.config import load_config
+
+    stages = [(i, st) for i, st in enumerate(load_config(ARMS["adversarial"]).stages) if st.loss == "adversarial"]
+
+    def each(key_value: str, only=lambda st: True) -> list[str]:
+        return [f"stages.{i}.{key_value}" for i, st in stages if only(st)]
+
+    return {
+        "conditional only": [o for i, st in stages for o in (
+            f"stages.{i}.conditional_steps={st.conditional_steps + st.unconditional_steps}",
+            f"stages.{i}.unconditional_steps=0")],
+        "no re-noising (1, 2 steps)": each("renoise=false", lambda st: st.uses_renoise),
+        "D backbone frozen": each("disc_backbone=frozen"),
+        "D plain CNN": each("disc_backbone=cnn"),
+        "MSE + adversarial": each("mse_weight=1.0"),
+    }
+
+
+def student_updates(stage) -> int:
+    """A stage's student updates: every phase but the discriminator's warm-up (D only)."""
+    from pipeline.train import plan_phases
+
+    return sum(p.end - p.start for p in plan_phases(stage) if p.name != "disc_warmup")
+
+
+def check_fair(adv, mse) -> None:
+    """The arms (run configs) must differ in their loss only: the same chain (teachers, student starts,
+    timesteps, prediction types) and the same student updates per stage. Raises on a config edit that
+    breaks it."""
+    from pipeline.config import ConfigError
+
+    if len(adv.stages) != len(mse.stages):
+        raise ConfigError(f"{adv.name} and {mse.name}: different numbers of stages")
+    for k, (a, m) in enumerate(zip(adv.stages, mse.stages), start=1):
+        same = {"steps": (a.teacher_steps, a.student_steps) == (m.teacher_steps, m.student_steps),
+                "teacher": adv.teacher_of(k) == mse.teacher_of(k),
+                "student start": adv.student_init_of(k) == mse.student_init_of(k),
+                "timesteps": a.multi_timestep == m.multi_timestep,
+                "prediction type": a.prediction_type == m.prediction_type,
+                "student updates": student_updates(a) == student_updates(m)}
+        broken = [name for name, ok in same.items() if not ok]
+        if broken:
+            raise ConfigError(f"stage {k}: the comparison's arms differ in {', '.join(broken)} "
+                              f"({student_updates(a)} vs {student_updates(m)} student updates)")
+
+
 SHARED = ("encoded", "stages/1-8step/traj", "eval/teacher")
 SHARED_MANIFESTS = ("encode", "trajectories-1-8step")
 
@@ -253,11 +293,14 @@ def main(argv=None) -> int:
                 out.append(r)
         return out
 
+    from pipeline.config import load_config
+
+    check_fair(load_config(ARMS["adversarial"]), load_config(ARMS["mse"]))
     wanted = set(args.arms.split(","))
     comparison = {arm: arm_runs(arm, args.part == "comparison" and arm in wanted) for arm in ARMS}
     ablations = {}
     only = None if args.only is None else {x.strip() for x in args.only.split(",")}
-    for name, ov in ABLATIONS.items():
+    for name, ov in ablations().items():
         r_root = str(root / f"ablation-{slug(name)}")
         if args.part == "ablations" and (only is None or name in only or slug(name) in only):
             ablations[name] = run(ARMS["adversarial"], r_root, ov + ["train.seed=0"], donor())
@@ -270,11 +313,7 @@ def main(argv=None) -> int:
               "targets": targets(comparison["adversarial"], comparison["mse"]), "seeds": seeds,
               "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    md = markdown(result)
-    print("\n" + md)
-    write_result(args.out + ".json", result)
-    Path(args.out + ".md").write_text(md)
-    print(f"wrote {args.out}.md")
+    write_report(args.out, result, markdown(result))
     return 0
 
 

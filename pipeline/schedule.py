@@ -159,15 +159,6 @@ class Schedule:
         t = torch.as_tensor(t, dtype=torch.long)
         return x0 + self._b(self.sigma(t).to(x0.device), x0) * noise
 
-    def renoise_from(self, x: torch.Tensor, noise: torch.Tensor, t_from, t_to) -> torch.Tensor:
-        """Move a sample at timestep(s) `t_from` (CLEAN for x0) up to the noisier `t_to` (>= t_from) by
-        adding independent noise: x + sqrt(sigma_to**2 - sigma_from**2) * noise (Euler space). From a
-        clean sample this is `renoise`. Used to re-noise predictions before a discriminator."""
-        s_from = self.sigma(torch.as_tensor(t_from, dtype=torch.long)).to(x.device)
-        s_to = self.sigma(torch.as_tensor(t_to, dtype=torch.long)).to(x.device)
-        extra = (s_to ** 2 - s_from ** 2).clamp(min=0) ** 0.5
-        return x + self._b(extra, x) * noise
-
     # ---- sampling ----------------------------------------------------------------------------------
     def step(self, denoise: Denoiser, x: torch.Tensor, t, t_next, prediction_type: str | None = None):
         """Evaluate the model at timestep(s) t and take one Euler step to t_next. Returns (x_next, x0)."""

@@ -43,7 +43,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import os
 import posixpath
 import shutil
@@ -60,7 +59,7 @@ import torch
 from . import student as student_mod
 from .config import ConfigError, RunConfig, StageConfig, from_dict
 from .discriminator import Discriminator, nonsaturating_d_loss, nonsaturating_g_loss
-from .schedule import CLEAN, Conditioning, Schedule, unet_denoiser
+from .schedule import Conditioning, Schedule, unet_denoiser
 from .storage import RunStorage, hash_json
 
 TRAIN_COLUMNS = ["t", "t_next", "x_t", "target", "prompt_embeds", "pooled_embeds"]
@@ -298,8 +297,8 @@ class StageLoop:
     def __init__(self, cfg: RunConfig, stage: StageConfig, schedule: Schedule, init_unet, engines,
                  device, seed: int = 0, disc_unet=None):
         self.cfg, self.stage, self.schedule, self.engines = cfg, stage, schedule, engines
-        self.teacher = init_unet.requires_grad_(False).eval()
-        self.disc_unet = disc_unet if disc_unet is not None else self.teacher
+        self.init_unet = init_unet.requires_grad_(False).eval()
+        self.disc_unet = disc_unet if disc_unet is not None else self.init_unet
         self.step = 0  # the stage step the models were last brought to (`transition`)
         self.device = torch.device(device)
         self.phases = plan_phases(stage)
@@ -322,7 +321,7 @@ class StageLoop:
     def _student_module(self, mode: str):
         import copy
 
-        unet = copy.deepcopy(self.teacher).requires_grad_(True).train()
+        unet = copy.deepcopy(self.init_unet).requires_grad_(True).train()
         if mode == "lora":
             student_mod.add_lora(unet, self.stage.lora.rank, self.stage.lora.alpha)
         return unet
@@ -377,7 +376,7 @@ class StageLoop:
         gram = rhs = None
         err = torch.zeros(2, dtype=torch.float64)  # [sum sq err before, sum sq target]
         conds = [self.cond(b) for b in batches]
-        targets = [student_mod.implied_x0(self.schedule, unet_denoiser(self.teacher, c), b["x_t"], b["t"])
+        targets = [student_mod.implied_x0(self.schedule, unet_denoiser(self.init_unet, c), b["x_t"], b["t"])
                    for b, c in zip(batches, conds)]
         try:
             for b, cond, target in zip(batches, conds, targets):
@@ -540,7 +539,7 @@ class StageLoop:
         micro-batches beyond `b`, then on `b`), then the student against the updated D."""
         cond = self.cond(b)
         if phase.name == "conversion":
-            target = student_mod.implied_x0(self.schedule, unet_denoiser(self.teacher, cond), b["x_t"], b["t"])
+            target = student_mod.implied_x0(self.schedule, unet_denoiser(self.init_unet, cond), b["x_t"], b["t"])
             _, x0 = self.student_step(b, cond, "sample")
             loss = torch.nn.functional.mse_loss(x0, target)
             self.student.backward(loss)
@@ -553,10 +552,11 @@ class StageLoop:
             self.student.step()
             return {"loss": loss.item()}
         out: dict[str, float] = {}
-        for db in list(d_batches or []):
+        for db in d_batches or []:
+            db_cond = self.cond(db)
             with torch.no_grad():
-                x_db, _ = self.student_step(db, self.cond(db))
-            self._d_update(db, self.cond(db), x_db)
+                x_db, _ = self.student_step(db, db_cond)
+            self._d_update(db, db_cond, x_db)
         if phase.name == "disc_warmup":  # D only, against the student as it is
             with torch.no_grad():
                 x_next, _ = self.student_step(b, cond)
@@ -849,7 +849,7 @@ def train_loop_per_worker(config: dict) -> None:
     sdir = cfg.stage_dir(key)
     train_rel = f"{sdir}/{RUN_NAME}"
     init_dir = fetch_teacher(config["init_source"], cfg)
-    schedule = schedule_of(fetch_teacher(config["teacher_source"], cfg))
+    schedule = schedule_of(init_dir)  # the student's schedule and prediction type are its starting UNet's
     init_unet = load_unet(str(init_dir)).to(device)
     disc_unet = None
     if stage.loss == "adversarial" and config["disc_source"] != config["init_source"]:
@@ -1025,7 +1025,7 @@ def make_trainer(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .trajectories import disc_source, student_init_source, teacher_source
+    from .trajectories import disc_source, student_init_source
 
     storage = storage or RunStorage.from_config(cfg)
     idx, stage = cfg.stage(key)
@@ -1039,10 +1039,9 @@ def make_trainer(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps
     if held_ds is not None:
         datasets["held"] = held_ds
     loop_config = {"run": cfg.model_dump(mode="json"), "stage": idx,
-                   "teacher_source": teacher_source(cfg, key, storage),
                    "init_source": student_init_source(cfg, key, storage),
                    "disc_source": disc_source(cfg, key, storage),
-                   "held_rows": held_rows, "has_held": held_ds is not None, "max_steps": max_steps,
+                   "has_held": held_ds is not None, "max_steps": max_steps,
                    "n_rows": n_rows, "cpus_per_worker": per_worker, **(extra_config or {})}
     return TorchTrainer(
         train_loop_per_worker,

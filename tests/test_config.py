@@ -134,3 +134,21 @@ def test_resolved_config_roundtrips(tmp_path):
     p = tmp_path / "resolved.yaml"
     p.write_text(cfg.to_yaml())
     assert load_config(str(p)) == cfg
+
+
+def test_toy_comparison_arms_are_budget_matched():
+    """benchmarks/distill.py compares the adversarial and MSE-only toy configs: they must differ in their
+    loss only (same chain, same student updates per stage); an edit to one arm's budget is refused."""
+    import sys
+
+    sys.path.insert(0, str(CONFIG_DIR.parent))
+    from benchmarks.distill import check_fair, student_updates
+
+    adv, mse = load_config("toy_digits"), load_config("toy_digits_mse")
+    check_fair(adv, mse)
+    assert [student_updates(st) for st in adv.stages] == [150, 150, 150, 250]  # 1-step: conversion + 150
+    with pytest.raises(ConfigError, match="stage 3: .*student updates"):
+        check_fair(load_config("toy_digits", ["stages.2.conditional_steps=120"]), mse)
+    with pytest.raises(ConfigError, match="stage 4: .*teacher"):
+        check_fair(adv, load_config("toy_digits_mse", ["stages.3.teacher_stage=null", "stages.3.teacher_steps=2",
+                                                       "stages.3.multi_timestep=false"]))

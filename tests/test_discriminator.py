@@ -88,18 +88,6 @@ def test_nonsaturating_losses():
     assert nonsaturating_g_loss(r) < nonsaturating_g_loss(f)
 
 
-def test_renoise_from(tiny_pipeline):
-    from pipeline import zoo
-    from pipeline.schedule import CLEAN
-
-    s = zoo.schedule_of(tiny_pipeline)
-    x, n = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
-    torch.testing.assert_close(s.renoise_from(x, n, CLEAN, 500), s.renoise(x, n, 500))
-    # variances add: sigma_from^2 + extra^2 = sigma_to^2; no noise when already at t_to
-    torch.testing.assert_close(s.renoise_from(x, n, torch.tensor([250, 750, 750]), torch.tensor([750, 750, 250])),
-                               torch.stack([x[0] + (s.sigma(750) ** 2 - s.sigma(250) ** 2) ** 0.5 * n[0], x[1], x[2]]))
-
-
 def _smoke_adversarial_loop(tiny_pipeline, **stage_changes):
     """Stage 2 of the smoke config (8 -> 4, adversarial) as the trainer builds it: `StageLoop` with a
     frozen UNet (the trainer freezes its init UNet and builds D from the base model's), plain engines."""

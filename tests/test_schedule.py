@@ -56,6 +56,10 @@ def test_jump_x0_inverts_the_euler_step():
     x_next = s.euler_step(x, x0, s.sigma(t), s.sigma(t_next))
     torch.testing.assert_close(s.jump_x0(x, x_next, t, t_next), x0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(s.jump_x0(x, x_next, t, t_next)[2], x_next[2])
+    # ... and D sees that x0 forward-diffused to t*: variances add, no pure-noise special case at T
+    n = torch.randn(3, 4, 8, 8)
+    t_star = torch.tensor([10, 500, 999])
+    torch.testing.assert_close(s.renoise(x0, n, t_star), x0 + s.sigma(t_star).view(-1, 1, 1, 1) * n)
 
 
 def test_prediction_conversions_roundtrip():

@@ -165,7 +165,10 @@ def test_discriminator_trains_whole_under_zero3(x0_adv_run, tiny_source):
     hist = storage.read_json(f"{cfg.stage_dir(3)}/train/history.json")
     adv = [h for h in hist if h["phase"] in ("conditional", "unconditional")]
     assert adv and all(h["d_params_optimised"] == h["d_params_total"] > 0 for h in adv)
-    ckpt = storage.path(cfg.stage_dir(3), "train", "checkpoint_0000020")  # end of the unconditional phase
+    from pipeline.train import plan_phases
+
+    last = plan_phases(cfg.stage(3)[1])[-1].end  # the end of the unconditional phase
+    ckpt = storage.path(cfg.stage_dir(3), "train", f"checkpoint_{last:07d}")
     sd = get_fp32_state_dict_from_zero_checkpoint(os.path.join(ckpt, "disc", "ds"), tag="ds")
     base = zoo.load_unet(tiny_source).state_dict()
     backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
