@@ -64,6 +64,12 @@ class Head(nn.Module):
         return self.proj(self.blocks(h)).mean(dim=(1, 2, 3))
 
 
+def latent_size(unet_config) -> int:
+    """The UNet's latent side (its config's `sample_size`, an int or a pair)."""
+    s = unet_config.sample_size
+    return s if isinstance(s, int) else int(s[0])
+
+
 class Backbone(nn.Module):
     """The UNet's encoder half, copied from a UNet2DConditionModel (weights included)."""
 
@@ -90,8 +96,7 @@ class Backbone(nn.Module):
         self.requires_grad_(True)
         self.out_channels = int(cfg.block_out_channels[-1])
         n_down = sum(1 for b in unet.down_blocks if getattr(b, "downsamplers", None))
-        sample = cfg.sample_size if isinstance(cfg.sample_size, int) else int(cfg.sample_size[0])
-        self.feature_size = max(sample // 2 ** n_down, 1)
+        self.feature_size = max(latent_size(cfg) // 2 ** n_down, 1)
 
     def forward(self, x, t, prompt_embeds, pooled, time_ids):
         dtype = self.conv_in.weight.dtype
@@ -157,10 +162,9 @@ def make_backbone(unet, kind: str = "trained") -> nn.Module:
     copy with its weights frozen: only the head trains) or 'cnn' (a small plain CNN)."""
     cfg = unet.config
     if kind == "cnn":
-        sample = cfg.sample_size if isinstance(cfg.sample_size, int) else int(cfg.sample_size[0])
         pooled = int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim) \
             if cfg.addition_embed_type == "text_time" else int(cfg.cross_attention_dim)
-        return PlainCNN(int(cfg.in_channels), sample, pooled)
+        return PlainCNN(int(cfg.in_channels), latent_size(cfg), pooled)
     bb = Backbone(unet)
     if kind == "frozen":
         bb.requires_grad_(False)
