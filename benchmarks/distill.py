@@ -298,18 +298,18 @@ def main(argv=None) -> int:
     check_fair(load_config(ARMS["adversarial"]), load_config(ARMS["mse"]))
     wanted = set(args.arms.split(","))
     comparison = {arm: arm_runs(arm, args.part == "comparison" and arm in wanted) for arm in ARMS}
-    ablations = {}
+    abl_runs = {}
     only = None if args.only is None else {x.strip() for x in args.only.split(",")}
     for name, ov in ablations().items():
         r_root = str(root / f"ablation-{slug(name)}")
         if args.part == "ablations" and (only is None or name in only or slug(name) in only):
-            ablations[name] = run(ARMS["adversarial"], r_root, ov + ["train.seed=0"], donor())
+            abl_runs[name] = run(ARMS["adversarial"], r_root, ov + ["train.seed=0"], donor())
         else:
             r = finished(ARMS["adversarial"], r_root, ov + ["train.seed=0"])
             if r is not None:
-                ablations[name] = r
+                abl_runs[name] = r
     base = next((r for r in comparison["adversarial"] if r["run_root"].endswith("-s0")), None)
-    result = {"comparison": comparison, "ablations": ablations, "ablation_base": base,
+    result = {"comparison": comparison, "ablations": abl_runs, "ablation_base": base,
               "targets": targets(comparison["adversarial"], comparison["mse"]), "seeds": seeds,
               "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
