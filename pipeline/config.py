@@ -6,6 +6,7 @@ reason; unknown keys are errors, never ignored."""
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -284,7 +285,9 @@ class RunConfig(_Strict):
             raise ValueError("must not be empty")
         if "://" in v and not v.startswith(("s3://", "file://")):
             raise ValueError(f"{v!r}: only local paths, file:// and s3:// run roots are supported")
-        return v
+        # a relative local root is the caller's: Ray Train workers run in Ray's own folders, where a
+        # relative path would put the stage's history and TensorBoard events (and lose them with the session)
+        return v if "://" in v else os.path.abspath(os.path.expanduser(v))
 
     @model_validator(mode="after")
     def _chain(self):

@@ -172,7 +172,7 @@ tags: [padistill, sdxl-lightning, progressive-adversarial-distillation]
 ---
 # {cfg.name}: {stage.student_steps}-step student (stage {idx}, {stage.name})
 
-Distilled with [padistill](https://github.com/) (progressive adversarial diffusion distillation,
+Distilled with padistill (progressive adversarial diffusion distillation,
 SDXL-Lightning, arXiv 2402.13929) from a {stage.teacher_steps}-step teacher with a `{stage.loss}` loss.
 
 ```python

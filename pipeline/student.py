@@ -151,6 +151,23 @@ def save_lora_file(lora_sd: dict[str, torch.Tensor], folder: str | os.PathLike, 
     return folder / LORA_WEIGHT_NAME
 
 
+def pipeline_components(folder: str | os.PathLike) -> list[str]:
+    """The component folders a diffusers pipeline folder's `model_index.json` lists."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+
+
+def copy_pipeline_components(src: str | os.PathLike, dst: str | os.PathLike, skip: tuple[str, ...] = ()) -> None:
+    """Copy a pipeline folder's `model_index.json` and its components, nothing else: the teacher's own
+    files (its training record, loss curves, model card, LoRA) are not the student's."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True)
+    shutil.copy2(src / "model_index.json", dst / "model_index.json")
+    for name in pipeline_components(src):
+        if name not in skip:
+            shutil.copytree(src / name, dst / name)
+
+
 def export_checkpoint(checkpoint_dir: str | os.PathLike, teacher_folder: str | os.PathLike,
                       out_folder: str | os.PathLike, info: dict | None = None) -> Path:
     """Export a training checkpoint's student as a diffusers pipeline folder: the teacher's folder with
@@ -164,7 +181,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, teacher_folder: str | o
     out = Path(out_folder)
     tmp = out.with_name(out.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(teacher_folder, tmp, ignore=shutil.ignore_patterns("unet", LORA_WEIGHT_NAME, PADISTILL_JSON))
+    copy_pipeline_components(teacher_folder, tmp, skip=("unet",))
     unet, state = student_unet_from_checkpoint(checkpoint_dir, teacher_folder, merge=True)
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     sched_cfg = json.loads((tmp / "scheduler" / "scheduler_config.json").read_text())

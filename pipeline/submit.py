@@ -50,6 +50,8 @@ def submit(address: str, config: str | None, overrides: list[str], *, until: str
     check_shared_root(cfg, allow_local_root)
     if until is not None:
         cfg.stage(until)  # a bad --until fails here, not on the cluster
+    if "://" not in cfg.run_root:  # a local root as the submitter resolved it, not under the job's working dir
+        overrides = [*overrides, f"run_root={cfg.run_root}"]
     entrypoint, _ = entrypoint_for(config, overrides, until)
     runtime_env = {"working_dir": str(PROJECT), "excludes": EXCLUDES,
                    "env_vars": {"HF_HUB_OFFLINE": "1", **(env_vars or {})}}

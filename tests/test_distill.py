@@ -18,7 +18,8 @@ import torch
 from pipeline.config import load_config
 from pipeline.dag import build_steps, run_dag
 from pipeline.storage import RunStorage
-from pipeline.train import latest_checkpoint
+from pipeline.student import LORA_WEIGHT_NAME, pipeline_components
+from pipeline.train import latest_checkpoint, plan_phases
 from procs import kill_session
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,10 +34,11 @@ EXPECTED_SMOKE = {"encode", "report"} | {f"{p}-{k}" for p in ("trajectories", "t
                                           for k in ("1-8step", "2-4step", "3-1step")}
 
 
-def test_smoke_dag_local_exports_load_and_rerun_skips(ray_local, tmp_path):
+def test_smoke_dag_local_exports_load_and_rerun_skips(ray_local, tmp_path, monkeypatch):
     from diffusers import StableDiffusionXLPipeline
 
-    cfg = load_config("smoke", [f"run_root={tmp_path / 'run'}"])
+    monkeypatch.chdir(tmp_path)  # a relative run root, as `make demo` uses: Ray Train workers run elsewhere
+    cfg = load_config("smoke", ["run_root=run"])
     first = run_dag(cfg, log=lambda *_: None)
     assert {r["step"] for r in first} == {s.name for s in build_steps(cfg)} and all(r["ran"] for r in first)
     storage = RunStorage.from_config(cfg)
@@ -49,6 +51,10 @@ def test_smoke_dag_local_exports_load_and_rerun_skips(ray_local, tmp_path):
         assert pipe.scheduler.config.timestep_spacing == "trailing"
         assert pipe.scheduler.config.prediction_type == ("sample" if st.prediction_type == "sample" else "epsilon")
         info = json.loads((folder / "padistill.json").read_text())
+        # the pipeline's components and the student's own files, none of the teacher's (training.json, curves)
+        lora = {LORA_WEIGHT_NAME} if info["student_mode"] == "lora" else set()
+        assert {p.name for p in folder.iterdir()} == \
+            {*pipeline_components(folder), "model_index.json", "padistill.json", "README.md", *lora}
         assert info["num_inference_steps"] == st.student_steps and info["guidance_scale"] == 0
         assert "## Evaluation" in (folder / "README.md").read_text()  # the model card carries the metrics
         img = pipe("a handwritten digit seven", num_inference_steps=st.student_steps, guidance_scale=0,
@@ -58,10 +64,16 @@ def test_smoke_dag_local_exports_load_and_rerun_skips(ray_local, tmp_path):
         assert metrics["student_steps"] == st.student_steps and metrics["speed"]["speedup"] > 1
         # the student the stage started from, scored at the same step count: what training had to improve on
         assert set(metrics["student_start"]) == set(metrics["student"])
+        # every output the stage's manifest lists is in the run root (workers once wrote them to Ray's cwd)
+        train_outputs = storage.read_manifest(f"train-{cfg.stage_dir(k).split('/', 1)[1]}")["outputs"]
+        for name in ("history", "loss_curves", "tensorboard"):
+            assert Path(train_outputs[name]).exists(), (name, train_outputs[name])
+        history = json.loads(Path(train_outputs["history"]).read_text())
+        assert history[-1]["step"] == plan_phases(st)[-1].end
 
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| **student 1step** | 1 |" in report and "Wall time per DAG step" in report
-    for png in ("metrics.png", "grid.png", "loss-1.png"):
+    for png in ("metrics.png", "grid.png", *(f"loss-{k}.png" for k in range(1, len(cfg.stages) + 1))):
         assert (tmp_path / "run" / "report" / png).stat().st_size > 1000
 
     second = run_dag(cfg, log=lambda *_: None)  # the same command again: every step is already finished
