@@ -61,6 +61,12 @@ def ablations() -> dict[str, list[str]]:
         "D backbone frozen": each("disc_backbone=frozen"),
         "D plain CNN": each("disc_backbone=cnn"),
         "MSE + adversarial": each("mse_weight=1.0"),
+        # LoRA through both objectives, merged, then the full UNet at half the lr (the paper's 4000 + 1000 of
+        # 5000 steps, 1e-6 -> 5e-7); the 4- and 2-step stages (the 1-step stage's x0 conversion trains conv_out)
+        "LoRA then full (4, 2 steps)": [o for i, st in stages if st.prediction_type != "sample" for o in (
+            f"stages.{i}.lora.rank=8", f"stages.{i}.lora.steps={student_updates(st) * 4 // 5}",
+            f"stages.{i}.full_steps={student_updates(st) - student_updates(st) * 4 // 5}",
+            f"stages.{i}.full_lr={st.lr / 2:g}")],
     }
 
 
@@ -97,7 +103,7 @@ SHARED_MANIFESTS = ("encode", "trajectories-1-8step")
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+    return "-".join(filter(None, "".join(c if c.isalnum() else " " for c in name.lower()).split()))
 
 
 def share_prefix(donor: Path, root: Path) -> None:
@@ -300,6 +306,10 @@ def main(argv=None) -> int:
     comparison = {arm: arm_runs(arm, args.part == "comparison" and arm in wanted) for arm in ARMS}
     abl_runs = {}
     only = None if args.only is None else {x.strip() for x in args.only.split(",")}
+    known = {n for name in ablations() for n in (name, slug(name))}
+    if only is not None and only - known:
+        p.error(f"--only: no ablation named {', '.join(sorted(only - known))}; the ablations: "
+                f"{', '.join(slug(n) for n in ablations())}")
     for name, ov in ablations().items():
         r_root = str(root / f"ablation-{slug(name)}")
         if args.part == "ablations" and (only is None or name in only or slug(name) in only):

@@ -142,10 +142,16 @@ def test_toy_comparison_arms_are_budget_matched():
     import sys
 
     sys.path.insert(0, str(CONFIG_DIR.parent))
-    from benchmarks.distill import check_fair, student_updates
+    from benchmarks.distill import ablations, check_fair, student_updates
+    from pipeline.train import plan_phases
 
     adv, mse = load_config("toy_digits"), load_config("toy_digits_mse")
     check_fair(adv, mse)
+    for name, overrides in ablations().items():  # every ablation: the same chain and budget as the recipe
+        abl = load_config("toy_digits", overrides)
+        check_fair(abl, mse)
+        for st in abl.stages:
+            plan_phases(st)  # the trainer accepts its step counts (LoRA + full = the stage's steps)
     assert [student_updates(st) for st in adv.stages] == [150, 150, 150, 250]  # 1-step: conversion + 150
     with pytest.raises(ConfigError, match="stage 3: .*student updates"):
         check_fair(load_config("toy_digits", ["stages.2.conditional_steps=120"]), mse)
