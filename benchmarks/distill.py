@@ -120,7 +120,33 @@ def share_prefix(donor: Path, root: Path) -> None:
             shutil.copy2(src, dst)
 
 
-def run(config: str, root: str, overrides: list[str], donor: str | None) -> dict:
+def share_first_stage(donor: Path, root: Path, cfg) -> bool:
+    """Copy a finished first stage (its student, evaluation and the next stage's trajectories) from the
+    other arm's run of the same seed: the arms' first stages are the same MSE stage, so both arms then
+    start their second stage from the same 8-step student (a paired comparison, and ~15 minutes less per
+    seed). The manifests' input hashes still decide: anything that differs is recomputed."""
+    first = cfg.stage_dir(1).split("/", 1)[1]
+    if not (donor / "_manifest" / f"eval-{first}.json").exists() or (root / cfg.stage_dir(1) / "model").exists():
+        return False
+    rels = [f"{cfg.stage_dir(1)}/{p.name}" for p in (donor / cfg.stage_dir(1)).iterdir()] + [f"{cfg.stage_dir(2)}/traj"]
+    for rel in rels:
+        if (donor / rel).exists() and not (root / rel).exists():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if (donor / rel).is_dir() else shutil.copy2)(donor / rel, root / rel)
+    (root / "_manifest").mkdir(parents=True, exist_ok=True)
+    for m in (f"train-{first}", f"eval-{first}", f"trajectories-{cfg.stage_dir(2).split('/', 1)[1]}"):
+        if (donor / "_manifest" / f"{m}.json").exists():
+            shutil.copy2(donor / "_manifest" / f"{m}.json", root / "_manifest" / f"{m}.json")
+    return True
+
+
+def same_first_stage(a, b) -> bool:
+    """Two run configs whose first stage is the same computation (its config and everything it reads)."""
+    keep = ("model", "data", "encode", "trajectories", "train", "evaluate")
+    return a.stages[0] == b.stages[0] and all(getattr(a, k) == getattr(b, k) for k in keep)
+
+
+def run(config: str, root: str, overrides: list[str], donor: str | None, stage1_donor: str | None = None) -> dict:
     from pipeline.config import load_config
     from pipeline.dag import run_dag
     from pipeline.report import collect
@@ -129,6 +155,8 @@ def run(config: str, root: str, overrides: list[str], donor: str | None) -> dict
     cfg = load_config(config, [f"run_root={root}", *overrides])
     if donor:
         share_prefix(Path(donor), Path(root))
+    if stage1_donor and share_first_stage(Path(stage1_donor), Path(root), cfg):
+        print(f"first stage shared from {stage1_donor} (the same MSE stage and seed)", flush=True)
     t0 = time.time()
     print(f"\n=== {config} {' '.join(overrides)} -> {root}", flush=True)
     run_dag(cfg)
@@ -290,18 +318,23 @@ def main(argv=None) -> int:
         cands = [root / f"{c}-s{s}" for s in seeds for c in ARMS.values()] + sorted(root.glob("ablation-*"))
         return next((str(c) for c in cands if (c / "_manifest" / "trajectories-1-8step.json").exists()), None)
 
+    from pipeline.config import load_config
+
+    adv_cfg, mse_cfg = load_config(ARMS["adversarial"]), load_config(ARMS["mse"])
+    same_first = same_first_stage(adv_cfg, mse_cfg)
+
     def arm_runs(arm: str, do_run: bool) -> list[dict]:
         out = []
         for s in seeds:
             r_root, ov = str(root / f"{ARMS[arm]}-s{s}"), [f"train.seed={s}"]
-            r = run(ARMS[arm], r_root, ov, donor()) if do_run else finished(ARMS[arm], r_root, ov)
+            other = str(root / f"{ARMS['adversarial' if arm == 'mse' else 'mse']}-s{s}")
+            r = run(ARMS[arm], r_root, ov, donor(), other if same_first else None) if do_run \
+                else finished(ARMS[arm], r_root, ov)
             if r is not None:
                 out.append(r)
         return out
 
-    from pipeline.config import load_config
-
-    check_fair(load_config(ARMS["adversarial"]), load_config(ARMS["mse"]))
+    check_fair(adv_cfg, mse_cfg)
     wanted = set(args.arms.split(","))
     comparison = {arm: arm_runs(arm, args.part == "comparison" and arm in wanted) for arm in ARMS}
     abl_runs = {}
@@ -313,7 +346,9 @@ def main(argv=None) -> int:
     for name, ov in ablations().items():
         r_root = str(root / f"ablation-{slug(name)}")
         if args.part == "ablations" and (only is None or name in only or slug(name) in only):
-            abl_runs[name] = run(ARMS["adversarial"], r_root, ov + ["train.seed=0"], donor())
+            abl_cfg = load_config(ARMS["adversarial"], ov)
+            s0 = str(root / f"{ARMS['adversarial']}-s0") if same_first_stage(adv_cfg, abl_cfg) else None
+            abl_runs[name] = run(ARMS["adversarial"], r_root, ov + ["train.seed=0"], donor(), s0)
         else:
             r = finished(ARMS["adversarial"], r_root, ov + ["train.seed=0"])
             if r is not None:
