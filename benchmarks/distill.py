@@ -3,6 +3,7 @@ reuse finished runs (every run is `padistill distill`: finished DAG steps are sk
 
     python benchmarks/distill.py --part comparison   # adversarial (toy_digits) vs MSE-only
                                                      # (toy_digits_mse), 3 training seeds each
+                                                     # (--seeds 1: one seed, ~50 min)
     python benchmarks/distill.py --part ablations    # the paper's open questions, seed 0, same budget
     python benchmarks/distill.py --part report       # tables and targets from whatever has finished
 
@@ -12,8 +13,10 @@ the same sweep (`benchmarks/discriminator.py` games, recorded in the configs), 3
 (`train.seed`) each; mean and spread (min-max) are reported, and a difference inside the spread is
 called that. Run roots: `runs/bench/<config>-s<seed>` and `runs/bench/ablation-<name>`; the seed-
 and arm-independent steps (encode, the first stage's trajectories, the base teacher's evaluation
-samples) are copied from the first finished run instead of being recomputed (their manifests' input
-hashes decide: anything that differs is recomputed).
+samples) are copied from the first finished run instead of being recomputed, and a run's first stage
+(the same MSE stage in both arms and every ablation) from the other arm's run of the same seed, so the
+arms' adversarial and MSE-only stages start from the same 8-step student (the manifests' input hashes
+decide: anything that differs is recomputed).
 
 Targets (DESIGN "The toy benchmarks"): every adversarial student's FD below the guided teacher's at its
 step count, with accuracy >= teacher - 0.01 (500 samples resolve accuracy to about +-1 point); the
