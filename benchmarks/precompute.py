@@ -23,7 +23,6 @@ Writes benchmarks/results/precompute.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

@@ -21,6 +21,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from pipeline.dag import build_steps
     from pipeline.evaluate import run_evaluate
     from pipeline.report import write_report
     from pipeline.storage import RunStorage
@@ -35,7 +36,7 @@ def run(args) -> int:
     for k in keys:
         run_evaluate(cfg, k, force=args.force)
     if args.report:
-        write_report(cfg)
+        write_report(cfg, [s.name for s in build_steps(cfg)])
     return 0
 
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .config import ConfigError, RunConfig
+from .layout import TIMINGS_DIR
 from .storage import RunStorage
 
-TIMINGS_DIR = "_timings"
 
 
 @dataclass
@@ -66,7 +66,7 @@ def _eval(k):
 def _report(cfg):
     from .report import write_report
 
-    return write_report(cfg)
+    return write_report(cfg, [s.name for s in build_steps(cfg)])
 
 
 def build_steps(cfg: RunConfig) -> list[Step]:

@@ -13,7 +13,6 @@ run's `samples.npz` keeps only the grid's first 10 images)."""
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import tempfile
 import time
@@ -24,10 +23,8 @@ import torch
 
 from . import real_metrics
 from .config import RunConfig
+from .layout import teacher_cache_rel
 from .storage import RunStorage
-
-TEACHER_DIR = "eval/teacher"
-
 
 # 2: toy evaluations also score the stage's starting student at the student's step count, without CFG
 # ("student_start": what the stage had to improve on)
@@ -53,16 +50,6 @@ def _save_npz(storage: RunStorage, rel: str, **arrays) -> None:
 
 def _load_npz(storage: RunStorage, rel: str) -> dict:
     return dict(np.load(io.BytesIO(storage.read_bytes(rel))))
-
-
-def teacher_cache_rel(cfg: RunConfig, steps: int, guidance: float) -> str:
-    """Where the base teacher's samples at `steps` are cached in the run root."""
-    from .metrics import NOISE_VERSION
-
-    if not cfg.data.toy:
-        return f"{TEACHER_DIR}/real-steps-{steps}-g{guidance:g}-p{cfg.evaluate.prompts}-s{cfg.evaluate.seed}.npz"
-    K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
-    return f"{TEACHER_DIR}/steps-{steps}-g{guidance:g}-k{K}-s{seed}-n{NOISE_VERSION}.npz"
 
 
 def teacher_samples(cfg: RunConfig, storage: RunStorage, teacher, steps: int, guidance: float,
@@ -161,7 +148,7 @@ def sampling_speed(teacher, student, student_steps: int, teacher_guidance: float
 def _model_card(cfg: RunConfig, key, metrics: dict) -> str:
     idx, stage = cfg.stage(key)
     s, t = metrics["student"], metrics["teacher_same_steps"]
-    from .report import metrics_of
+    from .metrics import metrics_of
 
     keys = [k for k, _ in metrics_of([metrics])[:4]]
     rows = "\n".join(f"| {m} | {s[m]:.4g} | {t[m]:.4g} | {metrics['teacher_32'][m]:.4g} |" for m in keys)

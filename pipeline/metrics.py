@@ -25,7 +25,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import real_metrics
 from .zoo import ASSETS
+
+# the columns of the metrics tables (report, model card): the toy's, and the paper's for a real-data run
+METRICS = (("fd", "FD ↓"), ("fd_patch", "FD-patch ↓"), ("prompt_accuracy", "accuracy ↑"),
+           ("diversity", "diversity"), ("fd_to_reference", "FD to teacher-32 ↓"))
+REAL_METRICS = tuple(zip(real_metrics.KEYS, ("FID-Whole ↓", "FID-Patch ↓", "CLIP score ↑")))
+
+
+def metrics_of(evals: list[dict]) -> tuple[tuple[str, str], ...]:
+    """The toy metrics, or the paper's for a non-toy run."""
+    return REAL_METRICS if evals and "fid" in evals[0]["student"] else METRICS
 
 CLASSIFIER_FILE = ASSETS / "digit_classifier.safetensors"
 CLASSIFIER_INFO = ASSETS / "digit_classifier.json"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional

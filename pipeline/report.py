@@ -7,19 +7,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from . import real_metrics
 from .config import RunConfig
+from .layout import TIMINGS_DIR, teacher_cache_rel
+from .metrics import REAL_METRICS, metrics_of
 from .storage import RunStorage
-
-METRICS = (("fd", "FD ↓"), ("fd_patch", "FD-patch ↓"), ("prompt_accuracy", "accuracy ↑"),
-           ("diversity", "diversity"), ("fd_to_reference", "FD to teacher-32 ↓"))
-REAL_METRICS = tuple(zip(real_metrics.KEYS, ("FID-Whole ↓", "FID-Patch ↓", "CLIP score ↑")))
-
-
-def metrics_of(evals: list[dict]) -> tuple[tuple[str, str], ...]:
-    """The toy metrics, or the paper's for a non-toy run."""
-    return REAL_METRICS if evals and "fid" in evals[0]["student"] else METRICS
-
 
 def collect(cfg: RunConfig, storage: RunStorage) -> list[dict]:
     out = []
@@ -84,7 +75,6 @@ def grid(cfg: RunConfig, storage: RunStorage, evals: list[dict], path: str) -> N
     import numpy as np
     import torch
 
-    from .evaluate import teacher_cache_rel
     from .metrics import from_uint8
     from .metrics import save_grid
 
@@ -101,19 +91,18 @@ def grid(cfg: RunConfig, storage: RunStorage, evals: list[dict], path: str) -> N
     save_grid(rows, path, labels)
 
 
-def timings(cfg: RunConfig, storage: RunStorage) -> list[tuple[str, float]]:
-    """(step, seconds) in DAG order, for the steps that have run."""
-    from .dag import TIMINGS_DIR, build_steps
-
+def timings(storage: RunStorage, step_order: list[str]) -> list[tuple[str, float]]:
+    """(step, seconds) in `step_order` (the DAG's), for the steps that have run."""
     out = []
-    for s in build_steps(cfg):
-        rel = f"{TIMINGS_DIR}/{s.name}.json"
+    for name in step_order:
+        rel = f"{TIMINGS_DIR}/{name}.json"
         if storage.exists(rel):
-            out.append((s.name, storage.read_json(rel)["seconds"]))
+            out.append((name, storage.read_json(rel)["seconds"]))
     return out
 
 
-def write_report(cfg: RunConfig, log=print) -> dict:
+def write_report(cfg: RunConfig, step_order: list[str], log=print) -> dict:
+    """Write `<root>/report.md`; `step_order`: the DAG's step names in order (for the wall-time table)."""
     storage = RunStorage.from_config(cfg)
     evals = collect(cfg, storage)
     work = Path(tempfile.mkdtemp(prefix="padistill-report-"))
@@ -151,7 +140,7 @@ def write_report(cfg: RunConfig, log=print) -> dict:
     for name, title in images.items():
         storage.write_bytes(f"report/{name}", (work / name).read_bytes())
         parts.append(f"### {title}\n\n![{title}](report/{name})\n")
-    tt = timings(cfg, storage)
+    tt = timings(storage, step_order)
     if tt:
         parts += ["## Wall time per DAG step\n", "| step | seconds |", "| --- | --- |"]
         parts += [f"| {n} | {s:.1f} |" for n, s in tt] + [f"| **total** | {sum(s for _, s in tt):.1f} |", ""]

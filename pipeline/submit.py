@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shlex
 import time
-from pathlib import Path
 
 from .config import CONFIG_DIR, ConfigError, find_config, load_config
 

@@ -95,7 +95,7 @@ def build_tokenizer(max_length: int = 16, words=CAPTION_WORDS):
 # ---- components -----------------------------------------------------------------------------------------
 def build_components(cfg: ToyModelConfig | None = None, seed: int = 0) -> dict:
     """Random-weight miniature SDXL: every class the real SDXL pipeline uses."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = cfg or ToyModelConfig()

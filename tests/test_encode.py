@@ -8,13 +8,10 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
-import torch
 
 from pipeline import encode as enc
 from pipeline.config import load_config

@@ -1,6 +1,5 @@
 """The schedule module's math against diffusers' EulerDiscreteScheduler stepping the same tiny UNet."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -4,7 +4,6 @@ diffusers pipeline that draws the prompted digits, and a short `padistill toy-te
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -19,7 +19,7 @@ import torch
 from pipeline import encode as enc
 from pipeline import trajectories as tj
 from pipeline.config import load_config
-from pipeline.schedule import CLEAN, Conditioning, unet_denoiser
+from pipeline.schedule import Conditioning, unet_denoiser
 from pipeline.storage import RunStorage, table_to_tensors
 from procs import kill_session
 

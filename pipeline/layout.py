@@ -1,0 +1,19 @@
+"""Names in a run root that more than one module reads or writes (the rest live beside their writer):
+the DAG's timings folder and the base teacher's cached evaluation samples."""
+
+from __future__ import annotations
+
+from .config import RunConfig
+
+TIMINGS_DIR = "_timings"  # <root>/_timings/<step>.json: the wall time of each DAG step that ran
+TEACHER_DIR = "eval/teacher"  # the base teacher's evaluation samples, shared by every stage
+
+
+def teacher_cache_rel(cfg: RunConfig, steps: int, guidance: float) -> str:
+    """Where the base teacher's samples at `steps` are cached in the run root."""
+    from .metrics import NOISE_VERSION
+
+    if not cfg.data.toy:
+        return f"{TEACHER_DIR}/real-steps-{steps}-g{guidance:g}-p{cfg.evaluate.prompts}-s{cfg.evaluate.seed}.npz"
+    K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
+    return f"{TEACHER_DIR}/steps-{steps}-g{guidance:g}-k{K}-s{seed}-n{NOISE_VERSION}.npz"
