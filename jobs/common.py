@@ -6,7 +6,8 @@ import argparse
 import sys
 from types import ModuleType
 
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import user_error
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -29,10 +30,14 @@ def not_built(job: str, issue: int) -> int:
 
 
 def run_job(module: ModuleType, args: argparse.Namespace) -> int:
+    """Run a job; a user's mistake (pipeline.errors) prints one line and returns 2, a bug raises."""
     try:
         return int(module.run(args) or 0)
-    except ConfigError as e:
-        print(f"padistill {module.NAME}: {e}", file=sys.stderr)
+    except Exception as e:
+        err = user_error(e)
+        if err is None:
+            raise
+        print(f"padistill {module.NAME}: {err}", file=sys.stderr)
         return 2
 
 

@@ -13,12 +13,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import ConfigError  # noqa: F401  (imported from here by most modules)
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "toy_digits"
-
-
-class ConfigError(ValueError):
-    """A bad run config: the message names the key and the reason."""
 
 
 class _Strict(BaseModel):
@@ -34,12 +32,20 @@ class StorageConfig(_Strict):
     profile: Optional[str] = None  # an AWS profile name (not a secret)
 
 
+def local_abspath(v: str) -> str:
+    """A relative local path made absolute where the config is loaded: Ray workers and Ray Data actors
+    run in Ray's own folders, where a relative path would point elsewhere. URIs and builtins unchanged."""
+    return v if "://" in v or v.startswith("builtin:") else os.path.abspath(os.path.expanduser(v))
+
+
 class ModelConfig(_Strict):
     # builtin:toy_teacher | builtin:tiny_random | a local or s3:// diffusers SDXL folder
     source: str = "builtin:toy_teacher"
     resolution: int = Field(32, gt=0)
     teacher_steps: int = Field(32, ge=1, description="steps the base model samples with (the first teacher)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    _source = field_validator("source")(lambda v: local_abspath(v))
 
 
 class DataConfig(_Strict):
@@ -51,6 +57,8 @@ class DataConfig(_Strict):
     limit: Optional[int] = Field(None, gt=0)
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
+
+    _path = field_validator("path")(lambda v: None if v is None else local_abspath(v))
 
     @property
     def toy(self) -> bool:
@@ -287,7 +295,7 @@ class RunConfig(_Strict):
             raise ValueError(f"{v!r}: only local paths, file:// and s3:// run roots are supported")
         # a relative local root is the caller's: Ray Train workers run in Ray's own folders, where a
         # relative path would put the stage's history and TensorBoard events (and lose them with the session)
-        return v if "://" in v else os.path.abspath(os.path.expanduser(v))
+        return local_abspath(v)
 
     @model_validator(mode="after")
     def _chain(self):

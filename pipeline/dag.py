@@ -120,6 +120,10 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
 
     from .shards import ensure_ray
 
+    if not cfg.model.source.startswith("s3://"):  # a wrong path fails here in one line, not in an actor
+        from .zoo import resolve_source
+
+        resolve_source(cfg.model.source)
     storage = RunStorage.from_config(cfg)
     storage.write_text("config.yaml", cfg.to_yaml())
     steps = select(build_steps(cfg), cfg, until, only)

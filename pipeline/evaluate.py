@@ -23,6 +23,7 @@ import torch
 
 from . import real_metrics
 from .config import RunConfig
+from .errors import MissingInputError
 from .layout import teacher_cache_rel
 from .storage import RunStorage
 
@@ -193,7 +194,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
     sd = cfg.stage_dir(key)
     train_manifest = storage.read_manifest("train-" + sd.split("/", 1)[1])
     if train_manifest is None or not storage.exists(f"{sd}/model/model_index.json"):
-        raise FileNotFoundError(f"{storage.url(sd, 'model')}: stage {idx} has no exported student yet; "
+        raise MissingInputError(f"{storage.url(sd, 'model')}: stage {idx} has no exported student yet; "
                                 f"run `padistill train-stage --stage {idx}` first")
     step = step_name(cfg, key)
     inputs = {"model": train_manifest["inputs_hash"], "model_finished_at": train_manifest["finished_at"],

@@ -9,6 +9,7 @@ other checkpoint on demand (`padistill export --stage K [--checkpoint PATH]`).""
 from __future__ import annotations
 
 from .config import RunConfig
+from .errors import MissingInputError
 from .storage import RunStorage
 
 
@@ -20,7 +21,7 @@ def run_export(cfg: RunConfig, key, checkpoint: str | None = None, log=print) ->
     idx, stage = cfg.stage(key)
     ckpt = checkpoint or latest_checkpoint(cfg, key, storage)
     if ckpt is None:
-        raise FileNotFoundError(f"stage {idx} ({stage.name}) has no checkpoint under "
+        raise MissingInputError(f"stage {idx} ({stage.name}) has no checkpoint under "
                                 f"{storage.url(cfg.stage_dir(key))}: run `padistill train-stage --stage {idx}` first")
     url = export_stage(cfg, key, ckpt, storage)
     log(f"padistill export: stage {idx} ({stage.name}) checkpoint {ckpt} -> {url}")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig
+from .errors import MissingInputError
 
 # Reasons a source row is skipped (the keys of the encode manifest's `skipped`).
 SKIP_MISSING_IMAGE = "missing_image"
@@ -148,9 +149,9 @@ class ParquetImageSource(Source):
             elif self.fs.exists(self.base):
                 paths = [self.base]
             else:
-                raise FileNotFoundError(f"data.path: {self.uri} does not exist")
+                raise MissingInputError(f"data.path: {self.uri} does not exist")
             if not paths:
-                raise FileNotFoundError(f"data.path: no Parquet files under {self.uri}")
+                raise MissingInputError(f"data.path: no Parquet files under {self.uri}")
             out, left = [], self.cfg.data.limit
             for p in paths:
                 n = pq.ParquetFile(p, filesystem=self.arrow_fs).metadata.num_rows

@@ -59,6 +59,7 @@ import torch
 from . import student as student_mod
 from .config import ConfigError, RunConfig, StageConfig, from_dict
 from .discriminator import Discriminator, nonsaturating_d_loss, nonsaturating_g_loss
+from .errors import MissingInputError
 from .schedule import Conditioning, Schedule, unet_denoiser
 from .storage import RunStorage, hash_json
 
@@ -717,7 +718,7 @@ def read_trajectories(cfg: RunConfig, key, storage: RunStorage | None = None, he
     storage = storage or RunStorage.from_config(cfg)
     rel = f"{cfg.stage_dir(key)}/traj"
     if not storage.exists(rel):
-        raise FileNotFoundError(f"{storage.url(rel)}: no trajectories; run `padistill trajectories --stage {key}` first")
+        raise MissingInputError(f"{storage.url(rel)}: no trajectories; run `padistill trajectories --stage {key}` first")
     ds = ray.data.read_parquet(storage.path(rel), filesystem=storage.arrow_fs, file_extensions=["parquet"],
                                ray_remote_args=remote)
     n = ds.count()

@@ -40,6 +40,7 @@ import torch
 from . import encode as encode_mod
 from . import shards
 from .config import RunConfig, StageConfig
+from .errors import MissingInputError
 from .schedule import Conditioning, Schedule, StagePair, unet_denoiser
 from .storage import RunStorage, table_to_tensors, tensors_to_table
 
@@ -115,7 +116,7 @@ def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
     else:
         fs, root = filesystem_for("file://"), str(resolve_source(source, cfg.storage))
     if not fs.exists(f"{root}/model_index.json"):
-        raise FileNotFoundError(f"teacher {source}: not a diffusers pipeline folder (no model_index.json); "
+        raise MissingInputError(f"teacher {source}: not a diffusers pipeline folder (no model_index.json); "
                                 "export the teacher stage first")
     out = {}
     for sub in ("unet", "scheduler"):
@@ -315,7 +316,7 @@ def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> 
     k, stage = cfg.stage(key)
     enc = storage.read_manifest(encode_mod.STEP)
     if enc is None:
-        raise FileNotFoundError(f"{storage.url(encode_mod.OUT)} is not finished (no manifest "
+        raise MissingInputError(f"{storage.url(encode_mod.OUT)} is not finished (no manifest "
                                 f"{storage.manifest_path(encode_mod.STEP)}): run `padistill encode` first")
     step, out = step_name(cfg, k), out_rel(cfg, k)
     inputs = trajectory_inputs(cfg, k, storage, enc)
@@ -376,7 +377,7 @@ def read_trajectories(storage: RunStorage, cfg: RunConfig, key, columns: list[st
     step = step_name(cfg, key)
     m = storage.read_manifest(step)
     if m is None:
-        raise FileNotFoundError(f"{step} is not finished")
+        raise MissingInputError(f"{step} is not finished")
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray.data.extensions  # noqa: F401  registers the tensor type

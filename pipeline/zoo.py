@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import MissingInputError
 from .schedule import Conditioning, Schedule
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -184,7 +185,7 @@ def resolve_source(source: str, storage=None) -> Path:
     if source in BUILTIN:
         path = BUILTIN[source]
         if not (path / "model_index.json").exists():
-            raise FileNotFoundError(f"{source} is not in this checkout ({path} has no model_index.json); "
+            raise MissingInputError(f"{source} is not in this checkout ({path} has no model_index.json); "
                                     "run `padistill toy-teacher` to regenerate it")
         return path
     if source == TINY_RANDOM:
@@ -208,12 +209,12 @@ def resolve_source(source: str, storage=None) -> Path:
             tmp = _staging_dir(_cache_dir() / "s3")
             fs.get(source.rstrip("/") + "/", str(tmp), recursive=True)
             if not (tmp / "model_index.json").exists():
-                raise FileNotFoundError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+                raise MissingInputError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
             tmp.rename(path)
         return path
     path = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
     if not (path / "model_index.json").exists():
-        raise FileNotFoundError(f"model source {source!r} is not a diffusers pipeline folder (no model_index.json)")
+        raise MissingInputError(f"model source {source!r} is not a diffusers pipeline folder (no model_index.json)")
     return path
 
 

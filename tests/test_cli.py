@@ -42,3 +42,46 @@ def test_bad_config_exits_with_named_error(capsys):
     assert main(["config", "--config", "smoke", "--set", "stages.0.student_steps=5"]) == 2
     err = capsys.readouterr().err
     assert "stages.0.student_steps" in err and "does not divide" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["export", "--stage", "2"], "run `padistill train-stage --stage 2` first"),
+    (["evaluate", "--stage", "2"], "run `padistill train-stage --stage 2` first"),
+    (["trajectories", "--stage", "2"], "run `padistill encode` first"),
+    (["distill", "--set", "model.source=no/such/folder"], "is not a diffusers pipeline folder"),
+    (["export", "--stage", "9"], "no such stage"),
+    (["encode", "--set", "run_root=s3://padistill-none/x", "--set", "storage.endpoint_url=http://127.0.0.1:9"],
+     "S3: no credentials found"),
+])
+def test_a_users_mistake_is_one_line_and_exit_2(argv, says, tmp_path, monkeypatch, capsys):
+    """What a new user does wrong (a step before its inputs, a wrong path, a stage that does not exist, S3
+    without credentials) prints one line naming what to do, exit status 2, no traceback."""
+    monkeypatch.chdir(tmp_path)  # a fresh run root: runs/toy_digits under it
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_a_bug_keeps_its_traceback():
+    """Only pipeline.errors (and S3 reachability) are user errors: anything else is raised."""
+    from pipeline.errors import MissingInputError, user_error
+
+    class Wrapped(Exception):  # like ray.exceptions.RayTaskError: the task's error under .cause
+        def __init__(self, cause):
+            super().__init__("remote traceback …")
+            self.cause = cause
+
+    assert user_error(KeyError("x")) is None and user_error(Wrapped(KeyError("x"))) is None
+    inner = MissingInputError("run `padistill encode` first")
+    assert user_error(Wrapped(inner)) is inner
+    try:
+        try:
+            raise inner
+        except MissingInputError as e:
+            raise RuntimeError("while encoding") from e
+    except RuntimeError as outer:
+        assert user_error(outer) is inner
