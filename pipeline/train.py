@@ -758,7 +758,8 @@ def plot_curves(history: list[dict], path: str, title: str = "") -> None:
                         "held_d_pacc") if any(k in h for h in history)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for k in keys:
-        pts = [(h["step"], h[k]) for h in history if k in h]
+        pts = [(0, h[f"start_{k}"]) for h in history[:1] if f"start_{k}" in h] + \
+            [(h["step"], h[k]) for h in history if k in h]  # held_mse from the student before training
         ax = axes[2] if k == "held_d_pacc" else axes[1] if k.startswith(("d_", "held_d")) else axes[0]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 30 else None)
     axes[0].set_yscale("log" if all(h.get("loss", 1) > 0 for h in history) else "linear")
@@ -909,6 +910,11 @@ def train_loop_per_worker(config: dict) -> None:
         os.makedirs(tb_local, exist_ok=True)
         writer = SummaryWriter(tb_local, purge_step=step)
 
+    start_held = None
+    if held is not None and step == 0:  # the student before any update: what the held metrics improve on
+        start_held = {f"start_{k}": v for k, v in _all_mean(loop.evaluate(held), world).items()}
+        log("start: " + " ".join(f"{k}={v:.4g}" for k, v in start_held.items()))
+
     samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * world
     acc: dict[str, list[float]] = {}
     t_window, n_window = time.perf_counter(), 0
@@ -947,6 +953,9 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(d_params_optimised=loop.disc_counts[0], d_params_total=loop.disc_counts[1])
         if held is not None and (is_ckpt or step % cfg.train.held_every == 0):
             metrics.update(_all_mean(loop.evaluate(held), world))
+        if start_held is not None:  # in the first entry of the history
+            metrics.update(start_held)
+            start_held = None
         acc, t_window, n_window = {}, now, 0
         history.append(metrics)
         log(f"step {step}/{total} {phase.name:13s} " + " ".join(

@@ -140,6 +140,7 @@ def test_adversarial_runs_both_phases_and_d_separates(x0_adv_run):
     cfg, storage, summary = x0_adv_run
     hist = storage.read_json(f"{cfg.stage_dir(3)}/train/history.json")
     assert [h["phase"] for h in hist][-1] == "unconditional"
+    assert hist[0]["start_held_mse"] > 0  # the held MSE of the student before its first update
     assert {"conversion", "conditional", "unconditional"} <= {h["phase"] for h in hist}
     adv = [h for h in hist if h["phase"] != "conversion"]
     assert all(k in h for h in adv for k in ("d_loss", "d_real", "d_fake"))
