@@ -8,8 +8,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install test demo bench bench-teacher bench-comparison bench-probe bench-ablations bench-ablations-a \
-	bench-ablations-b bench-report teacher clean
+.PHONY: install test demo bench bench-teacher bench-comparison bench-probe bench-ablations bench-report teacher clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,18 +27,26 @@ test: install
 demo: install
 	$(BIN)/padistill distill --config toy_digits $(DEMO_ARGS)
 
-# The benchmark in parts, each one command well under 90 minutes on 2 cores (the comparison one training
-# seed at a time, both arms; the ablations in two halves); finished runs are reused, and every part rewrites
+# The benchmark in parts, each one command under 90 minutes on 2 cores (the comparison one arm and training
+# seed at a time: the adversarial arm ~65-90 min, the MSE-only arm, which reuses its seed's first stage,
+# ~35 min; the ablations one at a time, ~60-90 min each); finished runs are reused, and every part rewrites
 # benchmarks/results/distill.{json,md} from all the runs finished so far.
-ABLATIONS_A := conditional-only,no-re-noising-1-2-steps,d-backbone-frozen
-ABLATIONS_B := d-plain-cnn,mse-adversarial,lora-then-full-4-2-steps
-bench: bench-teacher bench-seed-0 bench-seed-1 bench-seed-2 bench-probe bench-ablations-a bench-ablations-b
+ABLATIONS := conditional-only no-re-noising-1-2-steps d-backbone-frozen d-plain-cnn mse-adversarial \
+	lora-then-full-4-2-steps
+bench: bench-teacher bench-comparison bench-probe bench-ablations
+.SECONDARY:  # the per-seed and per-ablation parts are commands, not files: nothing to delete
 
 bench-teacher: install
 	$(BIN)/python benchmarks/toy_teacher.py
 
-bench-seed-%: install
-	$(BIN)/python benchmarks/distill.py --part comparison --seeds $* $(BENCH_ARGS)
+bench-seed-%: bench-adv-% bench-mse-%
+	@true
+
+bench-adv-%: install
+	$(BIN)/python benchmarks/distill.py --part comparison --arms adversarial --seeds $* $(BENCH_ARGS)
+
+bench-mse-%: install
+	$(BIN)/python benchmarks/distill.py --part comparison --arms mse --seeds $* $(BENCH_ARGS)
 
 bench-comparison: bench-seed-0 bench-seed-1 bench-seed-2
 
@@ -47,13 +54,10 @@ bench-probe: install
 	$(BIN)/python benchmarks/discriminator.py --run runs/bench/toy_digits-s0 --stage 2 \
 		--game "recipe:" --game "base:lr=1e-6,disc_steps=1"
 
-bench-ablations-a: install
-	$(BIN)/python benchmarks/distill.py --part ablations --only $(ABLATIONS_A) $(BENCH_ARGS)
+bench-ablation-%: install
+	$(BIN)/python benchmarks/distill.py --part ablations --only $* $(BENCH_ARGS)
 
-bench-ablations-b: install
-	$(BIN)/python benchmarks/distill.py --part ablations --only $(ABLATIONS_B) $(BENCH_ARGS)
-
-bench-ablations: bench-ablations-a bench-ablations-b
+bench-ablations: $(addprefix bench-ablation-,$(ABLATIONS))
 
 bench-report: install
 	$(BIN)/python benchmarks/distill.py --part report

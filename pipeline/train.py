@@ -910,10 +910,7 @@ def train_loop_per_worker(config: dict) -> None:
         os.makedirs(tb_local, exist_ok=True)
         writer = SummaryWriter(tb_local, purge_step=step)
 
-    start_held = None
-    if held is not None and step == 0:  # the student before any update: what the held metrics improve on
-        start_held = {f"start_{k}": v for k, v in _all_mean(loop.evaluate(held), world).items()}
-        log("start: " + " ".join(f"{k}={v:.4g}" for k, v in start_held.items()))
+    start_held, want_start = None, held is not None and step == 0
 
     samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * world
     acc: dict[str, list[float]] = {}
@@ -923,6 +920,10 @@ def train_loop_per_worker(config: dict) -> None:
     while step < end:
         for ev in loop.transition(step, lambda: loop.batch_to(next(batches))):
             log(ev)
+        if want_start:  # the student (built by the first transition) before any update: where held metrics start
+            want_start = False
+            start_held = {f"start_{k}": v for k, v in _all_mean(loop.evaluate(held), world).items()}
+            log("start: " + " ".join(f"{k}={v:.4g}" for k, v in start_held.items() if "_t" not in k[6:]))
         phase = phase_at(loop.phases, step)
         extra_d = stage.disc_steps - 1 if phase.adversarial else 0
         for _ in range(cfg.train.grad_accum):
