@@ -3,7 +3,8 @@ reuse finished runs (every run is `padistill distill`: finished DAG steps are sk
 
     python benchmarks/distill.py --part comparison   # adversarial (toy_digits) vs MSE-only
                                                      # (toy_digits_mse), 3 training seeds each
-                                                     # (--seeds 1: one seed, ~50 min)
+                                                     # (--arms adversarial --seeds 1: one arm and
+                                                     # seed, 65-90 min; the MSE arm ~35 min)
     python benchmarks/distill.py --part ablations    # the paper's open questions, seed 0, same budget
     python benchmarks/distill.py --part report       # tables and targets from whatever has finished
 
