@@ -32,7 +32,7 @@ demo: install
 # ~35 min; the ablations one at a time, ~60-90 min each); finished runs are reused, and every part rewrites
 # benchmarks/results/distill.{json,md} from all the runs finished so far.
 ABLATIONS := conditional-only no-re-noising-1-2-steps d-backbone-frozen d-plain-cnn mse-adversarial \
-	lora-then-full-4-2-steps
+	mse-adversarial-at-1-step lora-then-full-4-2-steps
 bench: bench-teacher bench-comparison bench-probe bench-ablations
 .SECONDARY:  # the per-seed and per-ablation parts are commands, not files: nothing to delete
 

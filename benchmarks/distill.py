@@ -14,10 +14,10 @@ the same sweep (`benchmarks/discriminator.py` games, recorded in the configs), 3
 (`train.seed`) each; mean and spread (min-max) are reported, and a difference inside the spread is
 called that. Run roots: `runs/bench/<config>-s<seed>` and `runs/bench/ablation-<name>`; the seed-
 and arm-independent steps (encode, the first stage's trajectories, the base teacher's evaluation
-samples) are copied from the first finished run instead of being recomputed, and a run's first stage
-(the same MSE stage in both arms and every ablation) from the other arm's run of the same seed, so the
-arms' adversarial and MSE-only stages start from the same 8-step student (the manifests' input hashes
-decide: anything that differs is recomputed).
+samples) are copied from the first finished run instead of being recomputed; the MSE-only arm's first
+stage (the same MSE stage) from the adversarial arm's run of the same seed, and an ablation's stages
+before the first one it changes from the seed-0 recipe run, so the compared stages start from the same
+students (the manifests' input hashes decide: anything that differs is recomputed).
 
 Targets (DESIGN "The toy benchmarks"): every adversarial student's FD below the guided teacher's at its
 step count, with accuracy >= teacher - 0.01 (500 samples resolve accuracy to about +-1 point); the
@@ -65,6 +65,7 @@ def ablations() -> dict[str, list[str]]:
         "D backbone frozen": each("disc_backbone=frozen"),
         "D plain CNN": each("disc_backbone=cnn"),
         "MSE + adversarial": each("mse_weight=1.0"),
+        "MSE + adversarial at 1 step": each("mse_weight=1.0", lambda st: st.student_steps == 1),
         # LoRA through both objectives, merged, then the full UNet at half the lr (the paper's 4000 + 1000 of
         # 5000 steps, 1e-6 -> 5e-7); the 4- and 2-step stages (the 1-step stage's x0 conversion trains conv_out)
         "LoRA then full (4, 2 steps)": [o for i, st in stages if st.prediction_type != "sample" for o in (
@@ -124,33 +125,54 @@ def share_prefix(donor: Path, root: Path) -> None:
             shutil.copy2(src, dst)
 
 
-def share_first_stage(donor: Path, root: Path, cfg) -> bool:
-    """Copy a finished first stage (its student, evaluation and the next stage's trajectories) from the
-    other arm's run of the same seed: the arms' first stages are the same MSE stage, so both arms then
-    start their second stage from the same 8-step student (a paired comparison, and ~15 minutes less per
-    seed). The manifests' input hashes still decide: anything that differs is recomputed."""
-    first = cfg.stage_dir(1).split("/", 1)[1]
-    if not (donor / "_manifest" / f"eval-{first}.json").exists() or (root / cfg.stage_dir(1) / "model").exists():
-        return False
-    rels = [f"{cfg.stage_dir(1)}/{p.name}" for p in (donor / cfg.stage_dir(1)).iterdir()] + [f"{cfg.stage_dir(2)}/traj"]
-    for rel in rels:
+def shared_stages(a, b) -> int:
+    """How many leading stages two run configs compute identically (the same stage configs, and every
+    section a stage reads); 0 when a global section differs."""
+    keep = ("model", "data", "encode", "trajectories", "train", "evaluate")
+    if not all(getattr(a, k) == getattr(b, k) for k in keep):
+        return 0
+    n = 0
+    for sa, sb in zip(a.stages, b.stages):
+        if sa != sb:
+            break
+        n += 1
+    return n
+
+
+def share_stages(donor: Path, root: Path, cfg, n: int) -> int:
+    """Copy the first `n` stages (students, checkpoints, evaluations) of a finished run whose first `n`
+    stages are the same computation (`shared_stages`), and the trajectories those students teach:
+    the comparison's MSE-only arm takes its seed's first stage (the same MSE stage) from the adversarial
+    arm, an ablation the stages before the first it changes from the seed-0 recipe run. Both arms then
+    start their differing stages from the same students (a paired comparison, and 15-60 minutes less per
+    run). The manifests' input hashes still decide: anything that differs is recomputed. Returns the
+    number of stages copied."""
+    def key(k: int) -> str:
+        return cfg.stage_dir(k).split("/", 1)[1]
+
+    def copy(rel: str) -> None:
         if (donor / rel).exists() and not (root / rel).exists():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if (donor / rel).is_dir() else shutil.copy2)(donor / rel, root / rel)
-    (root / "_manifest").mkdir(parents=True, exist_ok=True)
-    for m in (f"train-{first}", f"eval-{first}", f"trajectories-{cfg.stage_dir(2).split('/', 1)[1]}"):
-        if (donor / "_manifest" / f"{m}.json").exists():
-            shutil.copy2(donor / "_manifest" / f"{m}.json", root / "_manifest" / f"{m}.json")
-    return True
+
+    done = 0
+    for k in range(1, n + 1):
+        if not (donor / "_manifest" / f"eval-{key(k)}.json").exists():
+            break
+        for p in (donor / cfg.stage_dir(k)).iterdir():
+            copy(f"{cfg.stage_dir(k)}/{p.name}")
+        for m in (f"train-{key(k)}", f"eval-{key(k)}"):
+            copy(f"_manifest/{m}.json")
+        done = k
+    for j in range(2, len(cfg.stages) + 1):  # trajectories taught by a copied student
+        if cfg.teacher_of(j) is not None and cfg.teacher_of(j) <= done:
+            copy(f"{cfg.stage_dir(j)}/traj")
+            copy(f"_manifest/trajectories-{key(j)}.json")
+    return done
 
 
-def same_first_stage(a, b) -> bool:
-    """Two run configs whose first stage is the same computation (its config and everything it reads)."""
-    keep = ("model", "data", "encode", "trajectories", "train", "evaluate")
-    return a.stages[0] == b.stages[0] and all(getattr(a, k) == getattr(b, k) for k in keep)
-
-
-def run(config: str, root: str, overrides: list[str], donor: str | None, stage1_donor: str | None = None) -> dict:
+def run(config: str, root: str, overrides: list[str], donor: str | None,
+        stages_from: tuple[str, int] | None = None) -> dict:
     from pipeline.config import load_config
     from pipeline.dag import run_dag
     from pipeline.report import collect
@@ -159,8 +181,8 @@ def run(config: str, root: str, overrides: list[str], donor: str | None, stage1_
     cfg = load_config(config, [f"run_root={root}", *overrides])
     if donor:
         share_prefix(Path(donor), Path(root))
-    if stage1_donor and share_first_stage(Path(stage1_donor), Path(root), cfg):
-        print(f"first stage shared from {stage1_donor} (the same MSE stage and seed)", flush=True)
+    if stages_from and stages_from[1] and (n := share_stages(Path(stages_from[0]), Path(root), cfg, stages_from[1])):
+        print(f"stages 1-{n} shared from {stages_from[0]} (the same computation)", flush=True)
     t0 = time.time()
     print(f"\n=== {config} {' '.join(overrides)} -> {root}", flush=True)
     run_dag(cfg)
@@ -325,14 +347,14 @@ def main(argv=None) -> int:
     from pipeline.config import load_config
 
     adv_cfg, mse_cfg = load_config(ARMS["adversarial"]), load_config(ARMS["mse"])
-    same_first = same_first_stage(adv_cfg, mse_cfg)
+    same = shared_stages(adv_cfg, mse_cfg)
 
     def arm_runs(arm: str, do_run: bool) -> list[dict]:
         out = []
         for s in seeds:
             r_root, ov = str(root / f"{ARMS[arm]}-s{s}"), [f"train.seed={s}"]
             other = str(root / f"{ARMS['adversarial' if arm == 'mse' else 'mse']}-s{s}")
-            r = run(ARMS[arm], r_root, ov, donor(), other if same_first else None) if do_run \
+            r = run(ARMS[arm], r_root, ov, donor(), (other, same)) if do_run \
                 else finished(ARMS[arm], r_root, ov)
             if r is not None:
                 out.append(r)
@@ -350,8 +372,7 @@ def main(argv=None) -> int:
     for name, ov in ablations().items():
         r_root = str(root / f"ablation-{slug(name)}")
         if args.part == "ablations" and (only is None or name in only or slug(name) in only):
-            abl_cfg = load_config(ARMS["adversarial"], ov)
-            s0 = str(root / f"{ARMS['adversarial']}-s0") if same_first_stage(adv_cfg, abl_cfg) else None
+            s0 = (str(root / f"{ARMS['adversarial']}-s0"), shared_stages(adv_cfg, load_config(ARMS["adversarial"], ov)))
             abl_runs[name] = run(ARMS["adversarial"], r_root, ov + ["train.seed=0"], donor(), s0)
         else:
             r = finished(ARMS["adversarial"], r_root, ov + ["train.seed=0"])
