@@ -145,8 +145,10 @@ def share_stages(donor: Path, root: Path, cfg, n: int) -> int:
     the comparison's MSE-only arm takes its seed's first stage (the same MSE stage) from the adversarial
     arm, an ablation the stages before the first it changes from the seed-0 recipe run. Both arms then
     start their differing stages from the same students (a paired comparison, and 15-60 minutes less per
-    run). The manifests' input hashes still decide: anything that differs is recomputed. Returns the
-    number of stages copied."""
+    run). The manifests' input hashes still decide: anything that differs is recomputed. Today that is
+    every stage after the first: a stage's trajectory manifest hashes its teacher's path, which names
+    the run root, so the copied trajectories of stage 2 on are recomputed and their stages retrained.
+    Returns the number of stages copied."""
     def key(k: int) -> str:
         return cfg.stage_dir(k).split("/", 1)[1]
 
