@@ -132,8 +132,10 @@ def shared_stages(a, b) -> int:
     if not all(getattr(a, k) == getattr(b, k) for k in keep):
         return 0
     n = 0
-    for sa, sb in zip(a.stages, b.stages):
-        if sa != sb:
+    for k, (sa, sb) in enumerate(zip(a.stages, b.stages), start=1):
+        # a stage taught by an earlier student has trajectories whose manifest hashes that teacher's path
+        # (it names the run root): a copy would be recomputed, and its stage retrained
+        if sa != sb or a.teacher_of(k) is not None:
             break
         n += 1
     return n
@@ -142,13 +144,10 @@ def shared_stages(a, b) -> int:
 def share_stages(donor: Path, root: Path, cfg, n: int) -> int:
     """Copy the first `n` stages (students, checkpoints, evaluations) of a finished run whose first `n`
     stages are the same computation (`shared_stages`), and the trajectories those students teach:
-    the comparison's MSE-only arm takes its seed's first stage (the same MSE stage) from the adversarial
-    arm, an ablation the stages before the first it changes from the seed-0 recipe run. Both arms then
-    start their differing stages from the same students (a paired comparison, and 15-60 minutes less per
-    run). The manifests' input hashes still decide: anything that differs is recomputed. Today that is
-    every stage after the first: a stage's trajectory manifest hashes its teacher's path, which names
-    the run root, so the copied trajectories of stage 2 on are recomputed and their stages retrained.
-    Returns the number of stages copied."""
+    the comparison's MSE-only arm and every ablation take their seed's first stage (the same MSE stage)
+    from the adversarial run, so the compared stages start from the same student (a paired comparison,
+    and ~15 minutes less per run). The manifests' input hashes still decide: anything that differs is
+    recomputed. Returns the number of stages copied."""
     def key(k: int) -> str:
         return cfg.stage_dir(k).split("/", 1)[1]
 
@@ -166,10 +165,6 @@ def share_stages(donor: Path, root: Path, cfg, n: int) -> int:
         for m in (f"train-{key(k)}", f"eval-{key(k)}"):
             copy(f"_manifest/{m}.json")
         done = k
-    for j in range(2, len(cfg.stages) + 1):  # trajectories taught by a copied student
-        if cfg.teacher_of(j) is not None and cfg.teacher_of(j) <= done:
-            copy(f"{cfg.stage_dir(j)}/traj")
-            copy(f"_manifest/trajectories-{key(j)}.json")
     return done
 
 

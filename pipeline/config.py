@@ -45,7 +45,7 @@ class ModelConfig(_Strict):
     teacher_steps: int = Field(32, ge=1, description="steps the base model samples with (the first teacher)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
-    _source = field_validator("source")(lambda v: local_abspath(v))
+    _source = field_validator("source")(local_abspath)
 
 
 class DataConfig(_Strict):

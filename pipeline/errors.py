@@ -38,9 +38,9 @@ def user_error(exc: BaseException) -> PadistillError | None:
     """`exc` as a user error, or None for a bug: our own errors (also when raised inside a Ray task or a
     Ray Data actor), and an unreachable S3 endpoint or missing credentials."""
     chain = list(_chain(exc))
-    for e in chain:
-        if isinstance(e, PadistillError):
-            return _unwrapped(e)
+    ours = [e for e in chain if isinstance(e, PadistillError)]
+    if ours:  # the innermost: a RayTaskError subclass of ours would print the remote traceback
+        return ours[-1]
     try:
         from botocore.exceptions import EndpointConnectionError, NoCredentialsError
     except ImportError:  # pragma: no cover - botocore ships with s3fs, a dependency
@@ -53,8 +53,3 @@ def user_error(exc: BaseException) -> PadistillError | None:
             return StorageError(f"S3: {e}; check storage.endpoint_url and that the endpoint is up")
     return None
 
-
-def _unwrapped(e: PadistillError) -> PadistillError:
-    """Our error with its own message (a RayTaskError subclass of it prints the remote traceback)."""
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, PadistillError) else e
