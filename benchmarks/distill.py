@@ -132,10 +132,8 @@ def shared_stages(a, b) -> int:
     if not all(getattr(a, k) == getattr(b, k) for k in keep):
         return 0
     n = 0
-    for k, (sa, sb) in enumerate(zip(a.stages, b.stages), start=1):
-        # a stage taught by an earlier student has trajectories whose manifest hashes that teacher's path
-        # (it names the run root): a copy would be recomputed, and its stage retrained
-        if sa != sb or a.teacher_of(k) is not None:
+    for sa, sb in zip(a.stages, b.stages):
+        if sa != sb:
             break
         n += 1
     return n
@@ -143,10 +141,11 @@ def shared_stages(a, b) -> int:
 
 def share_stages(donor: Path, root: Path, cfg, n: int) -> int:
     """Copy the first `n` stages (students, checkpoints, evaluations) of a finished run whose first `n`
-    stages are the same computation (`shared_stages`), and the trajectories those students teach:
-    the comparison's MSE-only arm and every ablation take their seed's first stage (the same MSE stage)
-    from the adversarial run, so the compared stages start from the same student (a paired comparison,
-    and ~15 minutes less per run). The manifests' input hashes still decide: anything that differs is
+    stages are the same computation (`shared_stages`), with their trajectories: the comparison's MSE-only
+    arm takes its seed's first stage (the same MSE stage) from the adversarial run, and an ablation the
+    recipe run's stages before the first one it changes, so the compared stages start from the same
+    student (a paired comparison, and 15-60 minutes less per run). Trajectory manifests name an earlier
+    stage's teacher relative to the run root, so a copied stage stays finished. The manifests' input hashes still decide: anything that differs is
     recomputed. Returns the number of stages copied."""
     def key(k: int) -> str:
         return cfg.stage_dir(k).split("/", 1)[1]
@@ -162,7 +161,7 @@ def share_stages(donor: Path, root: Path, cfg, n: int) -> int:
             break
         for p in (donor / cfg.stage_dir(k)).iterdir():
             copy(f"{cfg.stage_dir(k)}/{p.name}")
-        for m in (f"train-{key(k)}", f"eval-{key(k)}"):
+        for m in (f"trajectories-{key(k)}", f"train-{key(k)}", f"eval-{key(k)}"):
             copy(f"_manifest/{m}.json")
         done = k
     return done

@@ -299,15 +299,36 @@ def plan_units(encoded_files: list[dict], draws: int, max_rows_per_file: int) ->
     return units
 
 
+def teacher_identity(cfg: RunConfig, key) -> str:
+    """The teacher as the trajectory manifest names it: the base model's source, or an earlier stage's
+    student *relative to the run root* (with its files' sizes and versions beside it), so a run root that
+    is moved or copied, files and mtimes kept, keeps its trajectories."""
+    j = cfg.teacher_of(key)
+    return cfg.model.source if j is None else f"{cfg.stage_dir(j)}/model"
+
+
 def trajectory_inputs(cfg: RunConfig, key, storage: RunStorage, enc_manifest: dict) -> dict:
     k, stage = cfg.stage(key)
     src = teacher_source(cfg, key, storage)
     tc = cfg.trajectories
     return {"encoded": {"inputs_hash": enc_manifest["inputs_hash"], "finished_at": enc_manifest["finished_at"]},
-            "stage_index": k, "stage": stage.model_dump(mode="json"), "teacher": src,
+            "stage_index": k, "stage": stage.model_dump(mode="json"), "teacher": teacher_identity(cfg, k),
             "teacher_files": teacher_fingerprint(src, cfg), "model_dtype": cfg.model.dtype,
             "resolution": cfg.model.resolution, "draws": tc.draws, "seed": tc.seed, "dtype": tc.dtype,
             "max_rows_per_file": tc.max_rows_per_file, "schema_version": SCHEMA_VERSION}
+
+
+def _legacy_finished(manifest: dict | None, inputs: dict) -> bool:
+    """A manifest written before `teacher_identity` (padistill <= 0.1.0 named the teacher by its full URL)
+    whose inputs are otherwise today's. It is kept as written: the later steps' manifests hash its
+    `inputs_hash`, so rewriting it would retrain every stage after it."""
+    if not manifest or "://" in inputs["teacher"] or "/" not in inputs["teacher"]:
+        return False
+    old = dict(manifest.get("inputs") or {})
+    url = str(old.get("teacher", ""))
+    if not url.rstrip("/").endswith("/" + inputs["teacher"]) or shards.inputs_hash(old) != manifest.get("inputs_hash"):
+        return False
+    return {**old, "teacher": inputs["teacher"]} == inputs
 
 
 def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
@@ -321,7 +342,7 @@ def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> 
     step, out = step_name(cfg, k), out_rel(cfg, k)
     inputs = trajectory_inputs(cfg, k, storage, enc)
     ih = shards.inputs_hash(inputs)
-    if not force and storage.is_finished(step, inputs):
+    if not force and (storage.is_finished(step, inputs) or _legacy_finished(storage.read_manifest(step), inputs)):
         log(f"padistill trajectories: {storage.url(out)} is up to date (manifest {storage.manifest_path(step)})")
         return storage.read_manifest(step)
     storage.invalidate(step)

@@ -142,7 +142,7 @@ def test_toy_comparison_arms_are_budget_matched():
     import sys
 
     sys.path.insert(0, str(CONFIG_DIR.parent))
-    from benchmarks.distill import ablations, check_fair, student_updates
+    from benchmarks.distill import ablations, check_fair, shared_stages, student_updates
     from pipeline.train import plan_phases
 
     adv, mse = load_config("toy_digits"), load_config("toy_digits_mse")
@@ -153,6 +153,10 @@ def test_toy_comparison_arms_are_budget_matched():
         for st in abl.stages:
             plan_phases(st)  # the trainer accepts its step counts (LoRA + full = the stage's steps)
     assert [student_updates(st) for st in adv.stages] == [150, 150, 150, 250]  # 1-step: conversion + 150
+    # what the bench copies instead of recomputing: the arms share the MSE first stage, an ablation of the
+    # 1-step stage the three stages before it
+    assert shared_stages(adv, mse) == 1
+    assert shared_stages(adv, load_config("toy_digits", ablations()["MSE + adversarial at 1 step"])) == 3
     with pytest.raises(ConfigError, match="stage 3: .*student updates"):
         check_fair(load_config("toy_digits", ["stages.2.conditional_steps=120"]), mse)
     with pytest.raises(ConfigError, match="stage 4: .*teacher"):

@@ -237,3 +237,38 @@ def test_actor_pool_layout_auto_is_one_single_threaded_actor_per_cpu(ray_local):
     assert pool_layout(1, 0.0, n_units=10) == (1, cpus)
     assert pool_layout(5, 0.0, n_units=3) == (3, max(1, cpus // 3))
     assert pool_layout(4, 1.0, n_units=10) == (4, 1)  # GPU actors take one CPU each
+
+
+def test_a_moved_run_root_keeps_its_later_stages_trajectories(ray_local, encoded_root, tmp_path):
+    """Stage 2's teacher (stage 1's student) is named relative to the run root: a run root copied
+    elsewhere (files and mtimes kept, as `cp -a`, `aws s3 sync` or the distill bench's shared stages do)
+    finds its stage-2 trajectories up to date instead of rolling them out again. A manifest written when
+    the teacher was named by its full path is still accepted, and kept byte for byte (later steps hash
+    its `inputs_hash`)."""
+    from pipeline import zoo
+
+    src = tmp_path / "a" / "run"
+    _copy_encoded(encoded_root, src)
+    cfg = load_config("smoke", [f"run_root={src}"] + OVERRIDES)
+    zoo.save_pipeline(zoo.build_pipeline(seed=1), str(src / cfg.stage_dir(1) / "model"), {})
+    first = tj.run_trajectories(cfg, 2, log=lambda *_: None)
+
+    dst = tmp_path / "b" / "moved"
+    shutil.copytree(src, dst)
+    moved = load_config("smoke", [f"run_root={dst}"] + OVERRIDES)
+    lines = []
+    again = tj.run_trajectories(moved, 2, log=lines.append)
+    assert "up to date" in lines[-1], lines
+    assert again["finished_at"] == first["finished_at"] and again["inputs"]["teacher"] == "stages/1-8step/model"
+
+    # the same run as padistill 0.1.0 wrote it: the teacher named by its full path
+    st = RunStorage.from_config(moved)
+    legacy_inputs = {**first["inputs"], "teacher": str(src / cfg.stage_dir(1) / "model")}
+    legacy = {**first, "inputs": legacy_inputs, "inputs_hash": tj.shards.inputs_hash(legacy_inputs)}
+    st.write_json(st.manifest_path(tj.step_name(moved, 2)), legacy)
+    lines.clear()
+    assert tj.run_trajectories(moved, 2, log=lines.append) == legacy and "up to date" in lines[-1], lines
+    # ... but not when the teacher's files changed
+    os.utime(dst / moved.stage_dir(1) / "model" / "unet" / "config.json", (1, 1))
+    enc_manifest = st.read_manifest(enc.STEP)
+    assert not tj._legacy_finished(legacy, tj.trajectory_inputs(moved, 2, st, enc_manifest))
