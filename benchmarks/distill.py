@@ -45,6 +45,7 @@ from benchmarks.results_io import write_report  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 BENCH_ROOT = "runs/bench"
 ARMS = {"adversarial": "toy_digits", "mse": "toy_digits_mse"}
+DEFAULT_SEEDS = (0, 1, 2)
 
 
 def ablations() -> dict[str, list[str]]:
@@ -334,7 +335,8 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("comparison", "ablations", "report"), default="comparison")
-    p.add_argument("--seeds", default="0,1,2", help="training seeds of the comparison (default 0,1,2)")
+    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
+                   help="training seeds of the comparison to run (default 0,1,2)")
     p.add_argument("--arms", default="adversarial,mse", help="comparison arms to run (default both)")
     p.add_argument("--only", default=None, help="ablations: run only these (comma-separated names or slugs)")
     p.add_argument("--root", default=BENCH_ROOT, help=f"where the run roots go (default {BENCH_ROOT})")
@@ -348,7 +350,7 @@ def main(argv=None) -> int:
 
     def donor() -> str | None:
         """A run root whose shared steps have finished (the first run of a part computes them)."""
-        cands = [root / f"{c}-s{s}" for s in seeds for c in ARMS.values()] + sorted(root.glob("ablation-*"))
+        cands = [root / f"{c}-s{s}" for s in sorted(set(seeds) | set(DEFAULT_SEEDS)) for c in ARMS.values()] + sorted(root.glob("ablation-*"))
         return next((str(c) for c in cands if (c / "_manifest" / "trajectories-1-8step.json").exists()), None)
 
     from pipeline.config import load_config
@@ -357,11 +359,13 @@ def main(argv=None) -> int:
     same = shared_stages(adv_cfg, mse_cfg)
 
     def arm_runs(arm: str, do_run: bool) -> list[dict]:
+        """The arm's runs: those of `--seeds` run (or resumed) when `do_run`, and every other finished
+        seed of the default three read as they are, so each part's report has all runs finished so far."""
         out = []
-        for s in seeds:
+        for s in sorted(set(seeds) | set(DEFAULT_SEEDS)):
             r_root, ov = str(root / f"{ARMS[arm]}-s{s}"), [f"train.seed={s}"]
             other = str(root / f"{ARMS['adversarial' if arm == 'mse' else 'mse']}-s{s}")
-            r = run(ARMS[arm], r_root, ov, donor(), (other, same)) if do_run \
+            r = run(ARMS[arm], r_root, ov, donor(), (other, same)) if do_run and s in seeds \
                 else finished(ARMS[arm], r_root, ov)
             if r is not None:
                 out.append(r)
@@ -387,7 +391,7 @@ def main(argv=None) -> int:
                 abl_runs[name] = r
     base = next((r for r in comparison["adversarial"] if r["run_root"].endswith("-s0")), None)
     result = {"comparison": comparison, "ablations": abl_runs, "ablation_base": base,
-              "targets": targets(comparison["adversarial"], comparison["mse"]), "seeds": seeds,
+              "targets": targets(comparison["adversarial"], comparison["mse"]), "seeds_run": seeds,
               "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_report(args.out, result, markdown(result))
