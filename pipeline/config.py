@@ -232,6 +232,13 @@ class TrainConfig(_Strict):
                            "watch the stage: the student's held MSE to its teacher and D's paired accuracy per "
                            "timestep stratum; 0: none")
     held_every: int = Field(50, gt=0, description="steps between held evaluations (and at every checkpoint)")
+    max_nonfinite: int = Field(5, gt=0, description=(
+        "an update whose loss or gradient is NaN or infinite is skipped and counted (history: "
+        "skipped_student_updates, skipped_disc_updates); this many skipped updates of one model in a row "
+        "stop the stage with an error, its latest checkpoint holding the last finite weights"))
+    d_saturation_window: int = Field(20, gt=0, description=(
+        "micro-steps in a row with both of D's mean logits saturated (sigmoid beyond 0.99 or below 0.01) "
+        "before a warning; every saturated step is counted (history: d_saturated_steps)"))
     seed: int = 0
 
 

@@ -22,7 +22,8 @@ class StorageError(PadistillError, ConnectionError):
 
 
 def _chain(exc: BaseException, limit: int = 20):
-    """`exc` and what it wraps: Ray's task errors (`.cause`), then Python's `__cause__`/`__context__`."""
+    """`exc` and what it wraps: Ray's task errors (`.cause`), Ray Train's worker and controller failures,
+    then Python's `__cause__`/`__context__`."""
     seen: set[int] = set()
     todo = [exc]
     while todo and len(seen) < limit:
@@ -31,7 +32,8 @@ def _chain(exc: BaseException, limit: int = 20):
             continue
         seen.add(id(e))
         yield e
-        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        todo += [getattr(e, "cause", None), getattr(e, "controller_failure", None),
+                 *(getattr(e, "worker_failures", None) or {}).values(), e.__cause__, e.__context__]
 
 
 def user_error(exc: BaseException) -> PadistillError | None:

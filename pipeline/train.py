@@ -43,6 +43,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import posixpath
 import shutil
@@ -60,6 +61,7 @@ from . import student as student_mod
 from .config import ConfigError, RunConfig, StageConfig, from_dict
 from .discriminator import Discriminator, nonsaturating_d_loss, nonsaturating_g_loss
 from .errors import MissingInputError
+from .guard import UpdateWatch, finite_everywhere
 from .schedule import Conditioning, Schedule, unet_denoiser
 from .storage import RunStorage, hash_json
 
@@ -245,11 +247,23 @@ class PlainEngine:
     def backward(self, loss):
         (loss / self.grad_accum).backward()
 
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro + 1) % self.grad_accum == 0
+
     def step(self):
+        """At an accumulation boundary: Adam's step unless a gradient is not finite (then skipped, as
+        DeepSpeed's ZeRO optimizers do; `was_step_applied` says which)."""
         self.micro += 1
+        self._applied = False
         if self.micro % self.grad_accum == 0:
-            self.optimizer.step()
+            grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            self._applied = all(bool(torch.isfinite(g).all()) for g in grads)
+            if self._applied:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+
+    def was_step_applied(self) -> bool:
+        return self._applied
 
 
 class PlainEngines:
@@ -317,6 +331,7 @@ class StageLoop:
         self.conversion_init_batches = 4  # micro-batches per rank for the least-squares conv_out fit
         self.conversion_init: dict[str, float] | None = None
         self._pending_student = None
+        self.watch = UpdateWatch(stage.name, cfg.train.max_nonfinite, cfg.train.d_saturation_window)
 
     # -- building -----------------------------------------------------------------------------------------
     def _student_module(self, mode: str):
@@ -543,14 +558,12 @@ class StageLoop:
             target = student_mod.implied_x0(self.schedule, unet_denoiser(self.init_unet, cond), b["x_t"], b["t"])
             _, x0 = self.student_step(b, cond, "sample")
             loss = torch.nn.functional.mse_loss(x0, target)
-            self.student.backward(loss)
-            self.student.step()
+            self._apply("student", self.student, loss)
             return {"loss": loss.item()}
         if phase.name == "mse":
             x_next, _ = self.student_step(b, cond)
             loss = torch.nn.functional.mse_loss(x_next, b["target"])
-            self.student.backward(loss)
-            self.student.step()
+            self._apply("student", self.student, loss)
             return {"loss": loss.item()}
         out: dict[str, float] = {}
         for db in d_batches or []:
@@ -577,13 +590,24 @@ class StageLoop:
                 mse = torch.nn.functional.mse_loss(x_next, b["target"])
                 loss = g_loss + self.stage.mse_weight * mse
                 out["mse"] = mse.item()
-            self.student.backward(loss)
-            self.student.step()
+            self._apply("student", self.student, loss)
         finally:
             for p in d_params:
                 p.requires_grad_(True)
         out["loss"] = g_loss.item()
         return out
+
+    def _apply(self, who: str, engine, loss: torch.Tensor) -> None:
+        """`engine`'s backward and step on `loss`, unless it is non-finite on some rank (then neither, on
+        every rank); a step DeepSpeed (or PlainEngine) skipped for a non-finite gradient is counted too."""
+        if not finite_everywhere(loss):
+            self.watch.update(who, False, self.step + 1, "non-finite loss")
+            return
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(loss)
+        engine.step()
+        if boundary:
+            self.watch.update(who, engine.was_step_applied(), self.step + 1, "non-finite gradient")
 
     def _d_update(self, b: dict, cond: Conditioning, x_next: torch.Tensor, out: dict | None = None):
         """One discriminator update on a detached fake; returns the fake's D inputs (not detached)."""
@@ -593,10 +617,11 @@ class StageLoop:
                              b["t"], k=2)
         d_real, d_fake = logits[:n], logits[n:]
         d_loss = nonsaturating_d_loss(d_real, d_fake)
-        self.disc.backward(d_loss)
-        self.disc.step()
+        self._apply("disc", self.disc, d_loss)
+        real_mean, fake_mean = d_real.mean().item(), d_fake.mean().item()
+        self.watch.discriminator(real_mean, fake_mean, self.step)
         if out is not None:
-            out.update(d_loss=d_loss.item(), d_real=d_real.mean().item(), d_fake=d_fake.mean().item())
+            out.update(d_loss=d_loss.item(), d_real=real_mean, d_fake=fake_mean)
         return fake_in, t_hat, xt_in
 
     @torch.no_grad()
@@ -731,6 +756,13 @@ def read_trajectories(cfg: RunConfig, key, storage: RunStorage | None = None, he
 
 
 # ---- the Ray Train worker -------------------------------------------------------------------------------
+def _finite_mean(values: list[float]) -> float:
+    """The mean of a window's finite values (a skipped update's loss is counted, not averaged); NaN when
+    none is. Every rank keeps the same keys, so `_all_mean`'s all-reduce stays matched."""
+    good = [v for v in values if math.isfinite(v)]
+    return float(np.mean(good)) if good else float("nan")
+
+
 def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
     import torch.distributed as dist
 
@@ -873,6 +905,7 @@ def train_loop_per_worker(config: dict) -> None:
         ckpt.to_directory(local)
         state = student_mod.read_state(local)
         step, history, resumed_from = int(state["step"]), state.get("history", []), int(state["step"])
+        loop.watch.resume(history[-1] if history else {})
         loop.build_student(state["student_mode"], lr=loop.student_lr_at(step - 1))
         engines.load(loop.student, os.path.join(local, "student", "ds"))
         if state.get("disc_mode"):
@@ -931,6 +964,8 @@ def train_loop_per_worker(config: dict) -> None:
             b = loop.batch_to(next(batches))
             for k, v in loop.micro_step(phase, b, d_batches).items():
                 acc.setdefault(k, []).append(v)
+            while loop.watch.warnings:
+                log(loop.watch.warnings.pop(0))
         step += 1
         n_window += 1
         if step - (resumed_from or 0) == config.get("warmup_steps", 2):
@@ -943,7 +978,8 @@ def train_loop_per_worker(config: dict) -> None:
             continue
         # -- report (every rank, the same steps) --
         now = time.perf_counter()
-        metrics = _all_mean({k: float(np.mean(v)) for k, v in sorted(acc.items())}, world)
+        metrics = _all_mean({k: _finite_mean(v) for k, v in sorted(acc.items())}, world)
+        metrics.update(loop.watch.metrics())
         metrics.update(step=step, phase=phase.name, student_mode=loop.student_mode,
                        samples_per_s=n_window * samples_per_step / max(now - t_window, 1e-9),
                        steady_samples_per_s=(timed_steps * samples_per_step / timed_s) if timed_s else 0.0,

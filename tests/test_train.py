@@ -317,3 +317,42 @@ def test_micro_batches_deal_rows_anew_every_epoch(ray_local):
         assert all(torch.equal(b["target"][:, 0], b["t"].float()) for b in e)  # columns stay together
         assert {frozenset(b["t"].tolist()) for b in e} != {frozenset(b) for b in first}
     assert [b["t"].tolist() for b in epochs[1]] != [b["t"].tolist() for b in epochs[2]]
+
+
+def test_nonfinite_rows_skip_their_updates_and_a_streak_stops_the_stage(ray_local, tiny_pipeline, tiny_source,
+                                                                        tmp_path):
+    """One trajectory row with a NaN target, in the real trainer (Ray Train, 2 workers, ZeRO-2). 32 rows,
+    micro-batch 8 on each worker: an epoch is 2 steps and the NaN row is in exactly one, so half the
+    updates are skipped (on both workers: their gradient reductions stay matched) and the stage still
+    finishes with finite weights. With `max_nonfinite: 1` the first such update stops the stage with a
+    user error that says what to do, and its latest checkpoint holds finite weights."""
+    from safetensors.torch import load_file
+
+    from pipeline.errors import user_error
+    from pipeline.guard import DivergedError
+    from pipeline.train import train_stage
+    from traj_helpers import make_trajectories
+
+    data = smoke_cfg(tmp_path, model={"source": tiny_source}, stage_1={"mse_steps": 6, "lr": 1e-3},
+                     train={"micro_batch": 8, "checkpoint_every": 1000, "log_every": 1, "max_failures": 0})
+    cfg = from_dict(data)
+    storage = RunStorage.from_config(cfg)
+    cols = make_trajectories(tiny_pipeline, cfg.stage(1)[1], n_ids=32, seed=1, resolution=cfg.model.resolution)
+    cols["id"] = list(cols["id"])
+    cols["target"][5, 0, 0, 0] = float("nan")
+    storage.write_table(f"{cfg.stage_dir(1)}/traj/part-00000.parquet", cols)
+
+    summary = train_stage(cfg, 1, held_rows=0, export=False)
+    hist = storage.read_json(f"{cfg.stage_dir(1)}/train/history.json")
+    assert summary["metrics"]["step"] == 6 and hist[-1]["skipped_student_updates"] == 3, hist[-1]
+    # a skipped step's loss was NaN (history says so); the other steps trained on finite losses
+    assert sum(not torch.isfinite(torch.tensor(h["loss"])) for h in hist) == 3
+    weights = load_file(Path(summary["checkpoint"]) / "student" / "unet.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+    data["train"]["max_nonfinite"] = 1
+    with pytest.raises(Exception) as err:
+        train_stage(from_dict(data), 1, held_rows=0, export=False)
+    e = user_error(err.value)
+    assert isinstance(e, DivergedError) and "1 student updates in a row skipped" in str(e), repr(err.value)[-2000:]
+    assert "trajectories for NaNs" in str(e)
