@@ -30,8 +30,17 @@ def not_built(job: str, issue: int) -> int:
 
 
 def run_job(module: ModuleType, args: argparse.Namespace) -> int:
-    """Run a job; a user's mistake (pipeline.errors) prints one line and returns 2, a bug raises."""
+    """Run a job; a user's mistake (pipeline.errors) prints one line and returns 2, a bug raises. A job
+    that writes a run root (`WRITES_RUN_ROOT`) holds the root's lease while it runs: a second run on the
+    same root stops with one line naming the first."""
     try:
+        if getattr(module, "WRITES_RUN_ROOT", False):
+            from pipeline.lease import RunLease
+            from pipeline.storage import RunStorage
+
+            cfg = config_from_args(args)
+            with RunLease(RunStorage.from_config(cfg), module.NAME, cfg.storage.lease_timeout_s):
+                return int(module.run(args) or 0)
         return int(module.run(args) or 0)
     except Exception as e:
         err = user_error(e)

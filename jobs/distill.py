@@ -8,6 +8,7 @@ import sys
 from jobs.common import add_config_args, config_from_args, job_main
 
 NAME = "distill"
+WRITES_RUN_ROOT = True  # holds the run root's lease while it runs (pipeline.lease)
 HELP = ("the whole run as a resumable DAG: encode, per stage trajectories -> train -> export, evaluation, "
         "report; rerunning the same command skips finished steps and resumes the interrupted one")
 

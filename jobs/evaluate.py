@@ -7,6 +7,7 @@ import sys
 from jobs.common import add_config_args, config_from_args, job_main
 
 NAME = "evaluate"
+WRITES_RUN_ROOT = True  # holds the run root's lease while it runs (pipeline.lease)
 HELP = ("sample each stage's student at its step count and the teacher at 32 and at the student's steps "
         "(fixed prompts and seeds), score them (the toy metrics, or on a non-toy run FID-Whole, FID-Patch and CLIP "
         "score from the weights set in evaluate.*), write grids, metrics.json and the model cards")

@@ -7,6 +7,7 @@ import sys
 from jobs.common import add_config_args, config_from_args, job_main
 
 NAME = "export"
+WRITES_RUN_ROOT = True  # holds the run root's lease while it runs (pipeline.lease)
 HELP = ("export a stage's student as a diffusers pipeline folder (<root>/stages/<k>-<name>/model/, with "
         "padistill.json and, for LoRA students, the LoRA file) from its latest or a given checkpoint")
 

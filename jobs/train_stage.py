@@ -12,6 +12,7 @@ import sys
 from jobs.common import add_config_args, config_from_args, job_main
 
 NAME = "train-stage"
+WRITES_RUN_ROOT = True  # holds the run root's lease while it runs (pipeline.lease)
 HELP = "Ray Train + DeepSpeed: train one stage's student from its trajectories"
 SUMMARY_PREFIX = "PADISTILL_TRAIN_SUMMARY "
 

@@ -7,6 +7,7 @@ import sys
 from jobs.common import add_config_args, config_from_args, job_main
 
 NAME = "trajectories"
+WRITES_RUN_ROOT = True  # holds the run root's lease while it runs (pipeline.lease)
 HELP = "Ray Data: teacher rollouts of one stage, as Parquet under <root>/stages/<k>-<name>/traj/"
 
 
