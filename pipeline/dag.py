@@ -152,4 +152,7 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
         log(f"padistill distill: {name} {'done' if r['ran'] else 'already finished, skipped'} "
             f"in {r['seconds']:.1f}s")
         results.append(r)
+    missing = storage.missing_outputs()
+    if missing:  # a step that says it wrote what it did not is a bug, not a user's mistake
+        raise RuntimeError(f"{storage.url()}: manifests list outputs that do not exist: {'; '.join(missing[:20])}")
     return results

@@ -148,4 +148,4 @@ def write_report(cfg: RunConfig, step_order: list[str], log=print) -> dict:
     storage.write_text("report.md", text)
     log(f"padistill report: {storage.url('report.md')}")
     return storage.commit_manifest("report", inputs={"evals": [e.get("stage") for e in evals]},
-                                   outputs={"report": "report.md", "images": sorted(images)})
+                                   outputs={"report": "report.md", "images": [f"report/{n}" for n in sorted(images)]})

@@ -149,6 +149,39 @@ class RunStorage:
         p = self.path(*parts)
         return f"s3://{p}" if self.scheme == "s3" else p
 
+    def rel(self, url: str) -> str:
+        """`url` (a URL or a bare path) relative to the run root when it lies under it, else unchanged:
+        what manifests record, so a moved or copied run root still finds its outputs."""
+        p = url[len("s3://"):] if url.startswith("s3://") else url
+        base = self.base.rstrip("/") + "/"
+        return p[len(base):] if p.startswith(base) else url
+
+    def _located(self, out: str) -> str:
+        """A manifest's output path (relative to the run root, or a URL or absolute path) for `fs`."""
+        if out.startswith("s3://"):
+            return out[len("s3://"):]
+        return out if out.startswith("/") else self.path(out)
+
+    def missing_outputs(self) -> list[str]:
+        """Every output that a finished step's manifest lists and that does not exist (the DAG checks this
+        at the end): a relative path is under the run root; `files` entries are under their `path`."""
+        missing = []
+        for name in self.ls(MANIFEST_DIR):
+            m = self.read_json(f"{MANIFEST_DIR}/{name}") if name.endswith(".json") else {}
+            outs = m.get("outputs") or {}
+            wanted = []
+            for key, v in outs.items():
+                if key == "columns":
+                    continue
+                if isinstance(v, str):
+                    wanted.append(v)
+                elif isinstance(v, list):
+                    wanted += [x for x in v if isinstance(x, str)]
+                    wanted += [posixpath.join(outs.get("path", ""), x["file"]) for x in v
+                               if isinstance(x, dict) and x.get("file")]
+            missing += [f"{name[:-5]}: {w}" for w in wanted if not self.fs.exists(self._located(w))]
+        return missing
+
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 

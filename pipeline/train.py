@@ -1184,10 +1184,10 @@ def train_stage(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps:
         storage.commit_manifest(
             step_name(cfg, key),
             inputs=train_inputs(cfg, key, storage),
-            outputs={"checkpoint": ckpt_path, "model": summary["model"],
-                     "history": storage.url(cfg.stage_dir(key), RUN_NAME, HISTORY_JSON),
-                     "loss_curves": storage.url(cfg.stage_dir(key), RUN_NAME, CURVES_PNG),
-                     "tensorboard": storage.url(cfg.stage_dir(key), RUN_NAME, TB_DIR)},
+            outputs={"checkpoint": storage.rel(ckpt_path), "model": storage.rel(summary["model"]),
+                     "history": f"{cfg.stage_dir(key)}/{RUN_NAME}/{HISTORY_JSON}",
+                     "loss_curves": f"{cfg.stage_dir(key)}/{RUN_NAME}/{CURVES_PNG}",
+                     "tensorboard": f"{cfg.stage_dir(key)}/{RUN_NAME}/{TB_DIR}"},
             steps=metrics.get("step"), final_metrics=metrics)
     return summary
 

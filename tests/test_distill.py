@@ -65,15 +65,22 @@ def test_smoke_dag_local_exports_load_and_rerun_skips(ray_local, tmp_path, monke
         assert set(metrics["student_start"]) == set(metrics["student"])
         # every output the stage's manifest lists is in the run root (workers once wrote them to Ray's cwd)
         train_outputs = storage.read_manifest(f"train-{cfg.stage_dir(k).split('/', 1)[1]}")["outputs"]
-        for name in ("history", "loss_curves", "tensorboard"):
-            assert Path(train_outputs[name]).exists(), (name, train_outputs[name])
-        history = json.loads(Path(train_outputs["history"]).read_text())
+        for name in ("history", "loss_curves", "tensorboard", "model", "checkpoint"):  # relative to the root
+            assert not Path(train_outputs[name]).is_absolute() and (tmp_path / "run" / train_outputs[name]).exists()
+        history = json.loads((tmp_path / "run" / train_outputs["history"]).read_text())
         assert history[-1]["step"] == plan_phases(st)[-1].end
 
     report = (tmp_path / "run" / "report.md").read_text()
     assert "| **student 1step** | 1 |" in report and "Wall time per DAG step" in report
     for png in ("metrics.png", "grid.png", *(f"loss-{k}.png" for k in range(1, len(cfg.stages) + 1))):
         assert (tmp_path / "run" / "report" / png).stat().st_size > 1000
+
+    # the DAG's own end check found every listed output (else run_dag raised); it does see a lost one
+    assert storage.missing_outputs() == []
+    lost = tmp_path / "run" / "report" / "grid.png"
+    lost.rename(lost.with_suffix(".bak"))
+    assert storage.missing_outputs() == ["report: report/grid.png"]
+    lost.with_suffix(".bak").rename(lost)
 
     second = run_dag(cfg, log=lambda *_: None)  # the same command again: every step is already finished
     assert not any(r["ran"] for r in second if r["step"] != "report") and second
