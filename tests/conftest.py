@@ -19,6 +19,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+# what the moto fixture exports as AWS credentials; no file a run writes may contain either
+SENTINEL_KEY_ID = "AKIAPADISTILLSENTNL7Q"
+SENTINEL_SECRET = "padistill+Sentinel/Secret+4f1c9e2ab7d3"
 
 
 def _free_port() -> int:
@@ -49,7 +52,9 @@ def s3_endpoint(tmp_path_factory):
                 proc.kill()
                 raise RuntimeError(f"moto_server did not start on {url}")
             time.sleep(0.1)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    # sentinel credentials (moto accepts any): a test scans what a run wrote for them
+    env = {"AWS_ACCESS_KEY_ID": SENTINEL_KEY_ID, "AWS_SECRET_ACCESS_KEY": SENTINEL_SECRET,
+           "AWS_DEFAULT_REGION": "us-east-1"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import boto3

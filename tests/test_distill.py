@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path
         args += ["--set", s]
     cfg = load_config("smoke", sets)
     storage = RunStorage.from_config(cfg)
+    started = time.time()
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -127,6 +129,25 @@ def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path
     assert resumed and max(resumed) >= 2, resumed
     assert not (tmp_path / "runs").exists()  # nothing on a local disk: the run root is S3 only
     assert storage.read_manifest("trajectories-1-8step")["outputs"]["rows"] == 64
+    _no_credentials_in(storage, [tmp_path / "first.log"], done.stdout + done.stderr, since=started)
+
+
+def _no_credentials_in(storage, local_files, console: str, since: float):
+    """The AWS credentials the run had (the moto fixture's sentinels) appear in nothing it wrote: every
+    object of the run root (configs, manifests, Parquet, checkpoints, model cards, report), its console,
+    and the Ray session logs of its own local Ray."""
+    from conftest import SENTINEL_KEY_ID, SENTINEL_SECRET
+
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == SENTINEL_SECRET
+    ray_logs = [p for d in Path(tempfile.gettempdir(), "ray").glob("session_2*") if d.stat().st_mtime >= since
+                for p in d.rglob("*") if p.is_file() and not p.is_symlink()]
+    objects = storage.fs.find(storage.path(""))
+    assert len(objects) > 50 and ray_logs, (len(objects), len(ray_logs))
+    blobs = [(f"s3://{o}", storage.fs.cat_file(o)) for o in objects]
+    blobs += [(str(p), p.read_bytes()) for p in [*local_files, *ray_logs]] + [("console", console.encode())]
+    for name, data in blobs:
+        for secret in (SENTINEL_KEY_ID, SENTINEL_SECRET):
+            assert secret.encode() not in data, f"{name} holds the credential {secret[:8]}…"
 
 
 def test_submit_to_local_ray_head(tmp_path, monkeypatch):

@@ -210,6 +210,34 @@ def test_s3_chain_stage2_teacher_is_stage1_export(s3_endpoint, tmp_path):
         np.testing.assert_allclose(c["target"][r_], want, atol=1e-5, rtol=0)
         _, _, other = direct_rollout(base, sched, *args)
         assert np.abs(c["target"][r_] - other).max() > 1e-3
+    _check_a_moved_run_root_keeps_its_trajectories(cfg, st, ov)
+
+
+def _check_a_moved_run_root_keeps_its_trajectories(cfg, st, ov):
+    """Stage 2's teacher (stage 1's student) is named relative to the run root: a run root copied
+    elsewhere (object versions kept, as `aws s3 sync`, `cp -a` or the distill bench's shared stages do)
+    finds its stage-2 trajectories up to date instead of rolling them out again. A manifest written when
+    the teacher was named by its full URL is still accepted, and kept as it is (later steps hash its
+    `inputs_hash`), unless the teacher's files changed."""
+    first = st.read_manifest(tj.step_name(cfg, 2))
+    assert first["inputs"]["teacher"] == "stages/1-8step/model"
+    st.fs.copy(st.path(""), "padistill-test/moved-run", recursive=True)
+    moved = load_config("smoke", [o for o in ov if not o.startswith("run_root=")] +
+                        ["run_root=s3://padistill-test/moved-run"])
+    lines = []
+    again = tj.run_trajectories(moved, 2, log=lines.append)  # no Ray: nothing to run
+    assert "up to date" in lines[-1] and again["finished_at"] == first["finished_at"], lines
+
+    mst = RunStorage.from_config(moved)
+    legacy_inputs = {**first["inputs"], "teacher": st.url(cfg.stage_dir(1), "model")}
+    legacy = {**first, "inputs": legacy_inputs, "inputs_hash": tj.shards.inputs_hash(legacy_inputs)}
+    mst.write_json(mst.manifest_path(tj.step_name(moved, 2)), legacy)
+    lines.clear()
+    assert tj.run_trajectories(moved, 2, log=lines.append) == legacy and "up to date" in lines[-1], lines
+    # ... but not once the teacher's files changed (a re-exported stage 1)
+    mst.write_text(f"{moved.stage_dir(1)}/model/unet/config.json",
+                   mst.read_text(f"{moved.stage_dir(1)}/model/unet/config.json") + " ")
+    assert not tj._legacy_finished(legacy, tj.trajectory_inputs(moved, 2, mst, mst.read_manifest(enc.STEP)))
 
 
 def test_plan_units_split_each_file_into_equal_bounded_units():
@@ -238,37 +266,3 @@ def test_actor_pool_layout_auto_is_one_single_threaded_actor_per_cpu(ray_local):
     assert pool_layout(5, 0.0, n_units=3) == (3, max(1, cpus // 3))
     assert pool_layout(4, 1.0, n_units=10) == (4, 1)  # GPU actors take one CPU each
 
-
-def test_a_moved_run_root_keeps_its_later_stages_trajectories(ray_local, encoded_root, tmp_path):
-    """Stage 2's teacher (stage 1's student) is named relative to the run root: a run root copied
-    elsewhere (files and mtimes kept, as `cp -a`, `aws s3 sync` or the distill bench's shared stages do)
-    finds its stage-2 trajectories up to date instead of rolling them out again. A manifest written when
-    the teacher was named by its full path is still accepted, and kept byte for byte (later steps hash
-    its `inputs_hash`)."""
-    from pipeline import zoo
-
-    src = tmp_path / "a" / "run"
-    _copy_encoded(encoded_root, src)
-    cfg = load_config("smoke", [f"run_root={src}"] + OVERRIDES)
-    zoo.save_pipeline(zoo.build_pipeline(seed=1), str(src / cfg.stage_dir(1) / "model"), {})
-    first = tj.run_trajectories(cfg, 2, log=lambda *_: None)
-
-    dst = tmp_path / "b" / "moved"
-    shutil.copytree(src, dst)
-    moved = load_config("smoke", [f"run_root={dst}"] + OVERRIDES)
-    lines = []
-    again = tj.run_trajectories(moved, 2, log=lines.append)
-    assert "up to date" in lines[-1], lines
-    assert again["finished_at"] == first["finished_at"] and again["inputs"]["teacher"] == "stages/1-8step/model"
-
-    # the same run as padistill 0.1.0 wrote it: the teacher named by its full path
-    st = RunStorage.from_config(moved)
-    legacy_inputs = {**first["inputs"], "teacher": str(src / cfg.stage_dir(1) / "model")}
-    legacy = {**first, "inputs": legacy_inputs, "inputs_hash": tj.shards.inputs_hash(legacy_inputs)}
-    st.write_json(st.manifest_path(tj.step_name(moved, 2)), legacy)
-    lines.clear()
-    assert tj.run_trajectories(moved, 2, log=lines.append) == legacy and "up to date" in lines[-1], lines
-    # ... but not when the teacher's files changed
-    os.utime(dst / moved.stage_dir(1) / "model" / "unet" / "config.json", (1, 1))
-    enc_manifest = st.read_manifest(enc.STEP)
-    assert not tj._legacy_finished(legacy, tj.trajectory_inputs(moved, 2, st, enc_manifest))
