@@ -146,8 +146,8 @@ def share_stages(donor: Path, root: Path, cfg, n: int) -> int:
     arm takes its seed's first stage (the same MSE stage) from the adversarial run, and an ablation the
     recipe run's stages before the first one it changes, so the compared stages start from the same
     student (a paired comparison, and 15-60 minutes less per run). Trajectory manifests name an earlier
-    stage's teacher relative to the run root, so a copied stage stays finished. The manifests' input hashes still decide: anything that differs is
-    recomputed. Returns the number of stages copied."""
+    stage's teacher relative to the run root, so a copied stage stays finished; the manifests' input
+    hashes still decide: anything that differs is recomputed. Returns the number of stages copied."""
     def key(k: int) -> str:
         return cfg.stage_dir(k).split("/", 1)[1]
 
@@ -213,6 +213,11 @@ def fmt(s: dict, d: int = 3) -> str:
     return f"{s['mean']:.{d}f} [{s['min']:.{d}f}, {s['max']:.{d}f}]"
 
 
+def seed_of(run: dict) -> int:
+    """The training seed a comparison run was made with (its `train.seed=` override)."""
+    return next(int(o.split("=", 1)[1]) for o in run["overrides"] if o.startswith("train.seed="))
+
+
 def per_steps(runs: list[dict], model: str, key: str) -> dict[int, dict]:
     """steps -> stat of metric `key` of `model` (student, student_start, teacher_same_steps) over runs."""
     out: dict[int, list[float]] = {}
@@ -228,11 +233,14 @@ def per_steps(runs: list[dict], model: str, key: str) -> dict[int, dict]:
 FD_NOISE = 0.1
 
 
-def beyond_noise(a: dict, b: dict) -> tuple[bool, str]:
+def beyond_noise(a: dict, b: dict, seed_spread: float = 0.0) -> tuple[bool, str]:
     """Whether two FD stats differ beyond the seed spread (ranges that do not overlap, 2+ seeds each) and
-    beyond FD_NOISE; the note says which yardstick applied."""
+    beyond FD_NOISE; with one seed on a side, beyond `seed_spread` (the spread the arms showed over the
+    seeds either has finished) and FD_NOISE. The note says which yardstick applied."""
     gap = abs(a["mean"] - b["mean"])
     if min(a["n"], b["n"]) < 2:
+        if seed_spread > FD_NOISE:
+            return gap > seed_spread, f"1 seed: against the {seed_spread:.2f} spread over training seeds"
         return gap > FD_NOISE, f"1 seed: against the evaluation noise {FD_NOISE} only"
     apart = (a["max"] < b["min"] or b["max"] < a["min"]) and gap > FD_NOISE
     return apart, "beyond the seed spread" if apart else "inside the seed spread"
@@ -257,13 +265,20 @@ def targets(adv: list[dict], mse: list[dict]) -> list[dict]:
         add("4-step FD <= 1.25x teacher-32 (mean)", fd[4]["mean"], 1.25 * t32, fd[4]["mean"] <= 1.25 * t32)
     if 1 in fd:
         add("1-step FD <= 2x teacher-32 (mean)", fd[1]["mean"], 2 * t32, fd[1]["mean"] <= 2 * t32)
-    mfd = per_steps(mse, "student", "fd")
+    # the arms compared on the training seeds both have finished (the same seeds in each, never a mean
+    # of two seeds against one)
+    common = sorted({seed_of(r) for r in adv} & {seed_of(r) for r in mse})
+    pfd = per_steps([r for r in adv if seed_of(r) in common], "student", "fd")
+    mfd = per_steps([r for r in mse if seed_of(r) in common], "student", "fd")
     for n in (2, 1):
-        if n in fd and n in mfd:
-            better = fd[n]["mean"] < mfd[n]["mean"]
-            apart, how = beyond_noise(fd[n], mfd[n])
-            add(f"adversarial {n}-step FD < MSE-only's (mean)", fd[n]["mean"], mfd[n]["mean"], better,
-                ("a difference" if apart else "no difference") + f" ({how})")
+        if n in pfd and n in mfd:
+            better = pfd[n]["mean"] < mfd[n]["mean"]
+            all_mse = per_steps(mse, "student", "fd")
+            spread = max(fd[n]["max"] - fd[n]["min"], all_mse[n]["max"] - all_mse[n]["min"])
+            apart, how = beyond_noise(pfd[n], mfd[n], spread)
+            add(f"adversarial {n}-step FD < MSE-only's (mean over the seeds both arms finished)", pfd[n]["mean"],
+                mfd[n]["mean"], better, ("a difference" if apart else "no difference")
+                + f" ({how}; seeds {', '.join(map(str, common))})")
     start = per_steps(adv, "student_start", "fd")
     for n in fd:
         if n in start and n < 8:  # the adversarial stages
@@ -346,11 +361,12 @@ def main(argv=None) -> int:
     import torch
 
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
+    all_seeds = sorted(set(seeds) | set(DEFAULT_SEEDS))  # run `seeds`; report every finished one of these
     root = Path(args.root)
 
     def donor() -> str | None:
         """A run root whose shared steps have finished (the first run of a part computes them)."""
-        cands = [root / f"{c}-s{s}" for s in sorted(set(seeds) | set(DEFAULT_SEEDS)) for c in ARMS.values()] + sorted(root.glob("ablation-*"))
+        cands = [root / f"{c}-s{s}" for s in all_seeds for c in ARMS.values()] + sorted(root.glob("ablation-*"))
         return next((str(c) for c in cands if (c / "_manifest" / "trajectories-1-8step.json").exists()), None)
 
     from pipeline.config import load_config
@@ -362,7 +378,7 @@ def main(argv=None) -> int:
         """The arm's runs: those of `--seeds` run (or resumed) when `do_run`, and every other finished
         seed of the default three read as they are, so each part's report has all runs finished so far."""
         out = []
-        for s in sorted(set(seeds) | set(DEFAULT_SEEDS)):
+        for s in all_seeds:
             r_root, ov = str(root / f"{ARMS[arm]}-s{s}"), [f"train.seed={s}"]
             other = str(root / f"{ARMS['adversarial' if arm == 'mse' else 'mse']}-s{s}")
             r = run(ARMS[arm], r_root, ov, donor(), (other, same)) if do_run and s in seeds \

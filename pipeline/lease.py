@@ -146,7 +146,7 @@ class RunLease:
     """`with RunLease(storage, job, timeout_s):` holds the run root for the block."""
 
     def __init__(self, storage: RunStorage, job: str, timeout_s: float, log=print):
-        self.storage, self.job, self.timeout_s, self.log = storage, job, float(timeout_s), log
+        self.storage, self.timeout_s, self.log = storage, float(timeout_s), log
         self.store = _S3(storage) if storage.scheme == "s3" else _Local(storage)
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "job": job,
                        "ray_job": os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID"),

@@ -237,6 +237,7 @@ class PlainEngine:
         self.padistill_counts = optimised_counts(module, params)
         self.grad_accum = grad_accum
         self.micro = 0
+        self._applied = False
 
     def __call__(self, *a, **k):
         return self.module(*a, **k)
@@ -619,7 +620,7 @@ class StageLoop:
         d_loss = nonsaturating_d_loss(d_real, d_fake)
         self._apply("disc", self.disc, d_loss)
         real_mean, fake_mean = d_real.mean().item(), d_fake.mean().item()
-        self.watch.discriminator(real_mean, fake_mean, self.step)
+        self.watch.discriminator(real_mean, fake_mean, self.step + 1)
         if out is not None:
             out.update(d_loss=d_loss.item(), d_real=real_mean, d_fake=fake_mean)
         return fake_in, t_hat, xt_in

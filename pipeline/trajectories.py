@@ -322,7 +322,7 @@ def _legacy_finished(manifest: dict | None, inputs: dict) -> bool:
     """A manifest written before `teacher_identity` (padistill <= 0.1.0 named the teacher by its full URL)
     whose inputs are otherwise today's. It is kept as written: the later steps' manifests hash its
     `inputs_hash`, so rewriting it would retrain every stage after it."""
-    if not manifest or "://" in inputs["teacher"] or "/" not in inputs["teacher"]:
+    if not manifest:
         return False
     old = dict(manifest.get("inputs") or {})
     url = str(old.get("teacher", ""))
@@ -342,9 +342,10 @@ def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> 
     step, out = step_name(cfg, k), out_rel(cfg, k)
     inputs = trajectory_inputs(cfg, k, storage, enc)
     ih = shards.inputs_hash(inputs)
-    if not force and (storage.is_finished(step, inputs) or _legacy_finished(storage.read_manifest(step), inputs)):
+    prev = storage.read_manifest(step)
+    if not force and (storage.is_finished(step, inputs) or _legacy_finished(prev, inputs)):
         log(f"padistill trajectories: {storage.url(out)} is up to date (manifest {storage.manifest_path(step)})")
-        return storage.read_manifest(step)
+        return prev
     storage.invalidate(step)
     tc = cfg.trajectories
     units = plan_units(enc["outputs"]["files"], tc.draws, tc.max_rows_per_file)

@@ -162,3 +162,26 @@ def test_toy_comparison_arms_are_budget_matched():
     with pytest.raises(ConfigError, match="stage 4: .*teacher"):
         check_fair(adv, load_config("toy_digits_mse", ["stages.3.teacher_stage=null", "stages.3.teacher_steps=2",
                                                        "stages.3.multi_timestep=false"]))
+
+
+def test_the_arm_comparison_uses_only_seeds_both_arms_finished():
+    """benchmarks/distill.py's targets compare the adversarial and MSE-only arms on the same training
+    seeds (never a two-seed mean against one seed), and judge a one-seed gap against the spread the arms
+    showed over seeds, not only the evaluation noise."""
+    import sys
+
+    sys.path.insert(0, str(CONFIG_DIR.parent))
+    from benchmarks.distill import targets
+
+    def run(seed, fd, start):
+        ev = {"student_steps": 2, "student": {"fd": fd, "prompt_accuracy": 0.99},
+              "student_start": {"fd": start, "prompt_accuracy": 0.99},
+              "teacher_same_steps": {"fd": 3.0, "prompt_accuracy": 0.99}, "teacher_32": {"fd": 1.0}}
+        return {"overrides": [f"train.seed={seed}"], "evals": [ev]}
+
+    adv = [run(0, 1.6, 2.0), run(1, 2.5, 2.0)]
+    row = next(t for t in targets(adv, [run(0, 1.4, 2.0)]) if "MSE-only" in t["target"])
+    assert row["value"] == 1.6 and row["limit"] == 1.4  # seed 0 against seed 0, not the mean 2.05
+    assert row["note"].startswith("no difference") and "0.90 spread" in row["note"] and "seeds 0" in row["note"]
+    row = next(t for t in targets(adv[:1], [run(0, 1.4, 2.0)]) if "MSE-only" in t["target"])
+    assert row["note"].startswith("a difference") and "evaluation noise" in row["note"]
