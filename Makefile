@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install test demo bench bench-teacher bench-comparison bench-probe bench-ablations bench-report teacher clean
+.PHONY: install test demo bench bench-teacher teacher-fashion bench-comparison bench-probe bench-ablations bench-report teacher clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,18 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed
+# Fashion-MNIST (the sharp benchmark, data.kind fashion_mnist) comes from Debian's package: installed here when
+# make runs as root or with passwordless sudo, otherwise make stops with the command to run.
+FASHION_PACKAGE := dataset-fashion-mnist
+FASHION_FILE := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+$(FASHION_FILE):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(FASHION_PACKAGE); \
+	elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq $(FASHION_PACKAGE); \
+	else echo "make: Fashion-MNIST is missing: run 'sudo apt-get install -y $(FASHION_PACKAGE)' (Debian/Ubuntu), then make again" >&2; exit 1; fi
+	@test -f $@ || { echo "make: $(FASHION_PACKAGE) did not install $@" >&2; exit 1; }
+
+install: $(VENV)/.installed $(FASHION_FILE)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -64,6 +75,10 @@ bench-report: install
 
 teacher: install
 	$(BIN)/padistill toy-teacher
+
+# The Fashion-MNIST teacher (~2 h on 2 cores); rerunning resumes from runs/toy_fashion_teacher_work.
+teacher-fashion: install
+	$(BIN)/padistill toy-teacher --config toy_fashion --work-dir runs/toy_fashion_teacher_work
 
 clean:
 	rm -rf runs/ .pytest_cache

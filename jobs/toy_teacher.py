@@ -1,4 +1,5 @@
-"""`padistill toy-teacher`: train the embedded toy teacher (miniature SDXL on handwritten digits) and export it."""
+"""`padistill toy-teacher`: train an embedded toy teacher (miniature SDXL on the config's data.kind: handwritten
+digits or Fashion-MNIST) and export it."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from pathlib import Path
 from jobs.common import add_config_args, config_from_args, job_main
 
 NAME = "toy-teacher"
-HELP = "train the embedded toy teacher (miniature SDXL on handwritten digits) and export it"
+HELP = ("train an embedded toy teacher (miniature SDXL on the config's data: digits, or Fashion-MNIST with "
+        "--config toy_fashion) and export it")
 
 
 def add_arguments(p) -> None:
     add_config_args(p)
     p.add_argument("--output", "-o", default=None,
-                   help="pipeline folder to write (default: pipeline/assets/toy_teacher for the full preset, "
-                        "<run_root>/toy_teacher for smoke)")
-    p.add_argument("--work-dir", default=None, help="keep Ray Train storage and checkpoints here (default: temporary)")
+                   help="pipeline folder to write (default for the full preset: pipeline/assets/toy_teacher, or "
+                        "pipeline/assets/toy_fashion_teacher for Fashion-MNIST; <run_root>/toy_teacher for smoke)")
+    p.add_argument("--work-dir", default=None, help="keep Ray Train storage and checkpoints here (default: temporary); "
+                   "rerunning with the same folder reuses its trained VAE and resumes the UNet from its last checkpoint")
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers")
@@ -27,16 +30,21 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from pipeline.toy_teacher import DEFAULT_OUTPUT, ToyTeacherConfig, train_toy_teacher
+    from pipeline.toy_teacher import DEFAULT_OUTPUTS, ToyTeacherConfig, train_toy_teacher
 
     cfg = config_from_args(args)
     sec = cfg.toy_teacher
-    tc = ToyTeacherConfig.smoke() if sec.preset == "smoke" else ToyTeacherConfig()
+    kind = cfg.data.kind
+    if kind not in DEFAULT_OUTPUTS:
+        print(f"padistill {NAME}: data.kind must be one of {sorted(DEFAULT_OUTPUTS)} (the embedded datasets), "
+              f"got {kind!r}", file=sys.stderr)
+        return 2
+    tc = replace(ToyTeacherConfig.smoke(), dataset=kind) if sec.preset == "smoke" else ToyTeacherConfig.full(kind)
     over = {k: v for k, v in dict(vae_steps=args.vae_steps or sec.vae_steps, unet_steps=args.unet_steps or sec.unet_steps,
                                   workers=args.workers or sec.workers,
                                   cpus_per_worker=args.cpus_per_worker or sec.cpus_per_worker).items() if v}
     tc = replace(tc, seed=cfg.train.seed, **over)
-    output = args.output or sec.output or (DEFAULT_OUTPUT if sec.preset == "full"
+    output = args.output or sec.output or (DEFAULT_OUTPUTS[kind] if sec.preset == "full"
                                            else Path(cfg.run_root) / "toy_teacher")
     if "://" in str(output):
         print(f"padistill {NAME}: --output must be a local folder, got {output}", file=sys.stderr)

@@ -52,8 +52,11 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    kind: Literal["toy_digits", "parquet"] = "toy_digits"
-    path: Optional[str] = None  # Parquet folder or file (local or s3://) when kind = parquet
+    # toy_digits | fashion_mnist (the embedded benchmarks, pipeline/data.py) | parquet (your images)
+    kind: Literal["toy_digits", "fashion_mnist", "parquet"] = "toy_digits"
+    # parquet: a Parquet folder or file (local or s3://), required; fashion_mnist: a folder with the four
+    # .gz files of the Debian package dataset-fashion-mnist (default /usr/share/datasets/fashion-mnist)
+    path: Optional[str] = None
     image_column: str = "image"
     caption_column: str = "caption"
     id_column: Optional[str] = None
@@ -66,7 +69,7 @@ class DataConfig(_Strict):
     @property
     def toy(self) -> bool:
         """The embedded toy benchmark: evaluated with the toy metrics (else the paper's FID and CLIP)."""
-        return self.kind == "toy_digits"
+        return self.kind in ("toy_digits", "fashion_mnist")
 
     @model_validator(mode="after")
     def _path_for_parquet(self):
@@ -270,7 +273,8 @@ class ToyTeacherSection(_Strict):
     (full: the shipped teacher; smoke: a ~2-minute run) and a few overrides (None: the preset's)."""
 
     preset: Literal["full", "smoke"] = "full"
-    output: Optional[str] = None  # default: pipeline/assets/toy_teacher (full), <run_root>/toy_teacher (smoke)
+    # default: pipeline/assets/toy_teacher or toy_fashion_teacher (full, by data.kind), <run_root>/toy_teacher (smoke)
+    output: Optional[str] = None
     vae_steps: Optional[int] = Field(None, gt=0)
     unet_steps: Optional[int] = Field(None, gt=0)
     workers: Optional[int] = Field(None, gt=0)

@@ -69,7 +69,8 @@ def teacher_samples(cfg: RunConfig, storage: RunStorage, teacher, steps: int, gu
                                                batch_size=cfg.evaluate.batch_size))
         labels = np.asarray(prompts.captions)
     else:
-        s = sample_digits(teacher, steps, guidance, K, seed, batch_size=cfg.evaluate.batch_size)
+        s = sample_digits(teacher, steps, guidance, K, seed, batch_size=cfg.evaluate.batch_size,
+                          dataset=cfg.data.kind)
         images, labels = s.images, s.labels
     _save_npz(storage, rel, images=images.numpy(), labels=labels)
     return images, labels
@@ -119,9 +120,8 @@ def sampling_speed(teacher, student, student_steps: int, teacher_guidance: float
     precompute and training, and a single short student run could catch a quiet moment that a
     teacher run cannot (measured: "speedups" of 12.5x for the 8-step student, ideal 8x)."""
     from .schedule import unet_denoiser
+    from .data import caption_for  # the timing does not depend on which captions
     from .zoo import encode_prompts, schedule_of
-
-    from .data import caption_for
 
     captions = [caption_for(i % 10) for i in range(batch)]
     cond = encode_prompts(teacher, captions)
@@ -221,14 +221,16 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         t32, labels = teacher_samples(cfg, storage, teacher, 32, g, prompts)
         tN, _ = teacher_samples(cfg, storage, teacher, N, g, prompts)
         if toy:
-            s = sample_digits(student, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size, prediction_type=pred)
+            kind = cfg.data.kind
+            s = sample_digits(student, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size, prediction_type=pred,
+                              dataset=kind)
             start = load_pipeline(storage.get_dir(start_rel, f"{work}/start")) if start_rel else teacher
             s0 = sample_digits(start, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size,
-                               prediction_type=schedule_of(start).prediction_type)
-            scores = {"student": score(s.images, labels, reference_images=t32),
-                      "student_start": score(s0.images, labels, reference_images=t32),
-                      "teacher_same_steps": score(tN, labels, reference_images=t32),
-                      "teacher_32": score(t32, labels, reference_images=t32)}
+                               prediction_type=schedule_of(start).prediction_type, dataset=kind)
+            scores = {"student": score(s.images, labels, reference_images=t32, dataset=kind),
+                      "student_start": score(s0.images, labels, reference_images=t32, dataset=kind),
+                      "teacher_same_steps": score(tN, labels, reference_images=t32, dataset=kind),
+                      "teacher_32": score(t32, labels, reference_images=t32, dataset=kind)}
             shown = torch.arange(10) * K  # digits 0-9 at seed index 0
             rows = [t32[shown], tN[shown], s.images[shown]]
             _save_npz(storage, f"{sd}/eval/samples.npz", images=s.images.numpy(), labels=labels)

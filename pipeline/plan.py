@@ -110,7 +110,8 @@ def build_discriminator(conditional: bool = True, unet_config: dict | None = Non
     (SDXL base by default), built on `device` (meta: no weights, no memory)."""
     from .discriminator import Discriminator
 
-    unet = build_unet(unet_config or SDXL_UNET_CONFIG, device)
+    cfg = {**(unet_config or SDXL_UNET_CONFIG), "sample_size": latent_size}  # D's head is sized for this
+    unet = build_unet(cfg, device)
     with torch.device(device):
         return Discriminator(unet, conditional)
 

@@ -116,9 +116,12 @@ def write_report(cfg: RunConfig, step_order: list[str], log=print) -> dict:
                       f"and the samples; FID-Patch: the same on centre {cfg.evaluate.patch_size} px crops; CLIP "
                       "score: 100 × cosine of each sample's and its prompt's CLIP embeddings.\n")
         else:
-            legend = ("FD: Fréchet distance to real digits in a digit classifier's feature space (FID analogue); "
+            what = "digits" if cfg.data.kind == "toy_digits" else "Fashion-MNIST t10k images"
+            legend = (f"FD: Fréchet distance to real {what} in a classifier's feature space (FID analogue); "
                       "FD-patch: on centre 16×16 patches; accuracy: the classifier agrees with the prompt (CLIP-score "
-                      "analogue); diversity: within-prompt spread relative to real digits.\n")
+                      f"analogue); diversity: within-prompt spread relative to the real {what}; sharpness: "
+                      "high-frequency energy (what a 1-pixel blur removes) relative to the real images (1 = as "
+                      "sharp).\n")
         parts += ["## Metrics\n", "Every student against the teacher sampled with Euler at the student's own step "
                   "count (same prompts, same seeds). " + legend, table(evals), ""]
         plot_metrics(evals, str(work / "metrics.png"))

@@ -7,7 +7,8 @@ rows that were skipped, counted by reason (nothing is dropped silently).
 
 Two kinds (`data.kind` in the config):
 
-- `toy_digits`: scikit-learn's digits exactly as `pipeline.data` defines them (the train split).
+- `toy_digits`, `fashion_mnist`: the embedded datasets exactly as `pipeline.data` defines them (their
+  train split).
 - `parquet`: a folder (or one file) of Parquet with an image-bytes column and a caption column, local
   or `s3://` (the usual layout of LAION / COYO subsets; an image cell may be raw bytes or a
   `{"bytes": …}` struct as Hugging Face datasets write it). Images are decoded with PIL, converted to
@@ -91,25 +92,31 @@ class Source:
         raise NotImplementedError
 
 
-class ToyDigitsSource(Source):
-    kind = "toy_digits"
+class ToySource(Source):
+    """The train split of an embedded dataset (`pipeline.data`)."""
 
     def __init__(self, cfg: RunConfig):
+        self.kind = cfg.data.kind
         self.resolution = cfg.model.resolution
         self.data = cfg.data
         self._digits = None
 
     def _all(self):
         if self._digits is None:
-            from .data import load_digits
+            from .data import toy_dataset
 
-            self._digits = load_digits("train", self.resolution, self.data.holdout_fraction, self.data.seed,
-                                       self.data.limit)
+            self._digits = toy_dataset(self.kind).load("train", self.resolution, self.data.holdout_fraction,
+                                                       self.data.seed, self.data.limit, root=self.data.path)
         return self._digits
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "split": "train", "holdout_fraction": self.data.holdout_fraction,
-                "seed": self.data.seed, "limit": self.data.limit, "resolution": self.resolution}
+        out = {"kind": self.kind, "split": "train", "holdout_fraction": self.data.holdout_fraction,
+               "seed": self.data.seed, "limit": self.data.limit, "resolution": self.resolution}
+        if self.kind != "toy_digits":  # the digits' description stays as before (it is in manifests' hashes)
+            out.pop("holdout_fraction")
+            out.pop("seed")
+        return out
+
 
     def units(self, rows_per_unit: int) -> list[dict]:
         n = len(self._all())
@@ -234,7 +241,7 @@ class ParquetImageSource(Source):
 
 def make_source(cfg: RunConfig) -> Source:
     if cfg.data.toy:
-        return ToyDigitsSource(cfg)
+        return ToySource(cfg)
     if cfg.data.kind == "parquet":
         return ParquetImageSource(cfg)
     raise ValueError(f"data.kind: unknown source {cfg.data.kind!r}")

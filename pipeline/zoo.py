@@ -13,18 +13,19 @@ from pathlib import Path
 
 import torch
 
+from .data import DIGIT_WORDS
 from .errors import MissingInputError
 from .schedule import Conditioning, Schedule
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN = {
-    # The shipped, trained toy teacher (DESIGN: "The toy benchmark").
+    # The shipped, trained toy teachers (DESIGN: "The toy benchmark"): digits, and Fashion-MNIST.
     "builtin:toy_teacher": ASSETS / "toy_teacher",
+    "builtin:toy_fashion_teacher": ASSETS / "toy_fashion_teacher",
 }
 # A tiny pipeline with random weights, built on demand (seed 0): for smoke tests of the plumbing.
 TINY_RANDOM = "builtin:tiny_random"
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTION_WORDS = ("a", "handwritten", "digit") + DIGIT_WORDS
 PADISTILL_JSON = "padistill.json"
 

@@ -85,3 +85,24 @@ def test_sample_digits_is_deterministic_and_digit_major(tiny_pipeline):
     assert s1.images.min() >= -1 and s1.images.max() <= 1
     assert s1.grid_row(1).shape == (10, 3, 32, 32)
     assert torch.equal(s1.grid_row(1)[3], s1.images[3 * 2 + 1])
+
+
+@pytest.mark.parametrize("dataset", ["toy_digits", "fashion_mnist"])
+def test_calibration_spoiled_images_score_worse_than_the_real_floor(dataset):
+    """The metrics must see what this method is about: a 1-pixel blur (FD-patch and sharpness), noise
+    (sharpness), captions that do not match (accuracy), and noise images (everything but diversity)."""
+    rows = {r["name"]: r for r in metrics.calibration(dataset, per_class=50 if dataset == "fashion_mnist" else 18)}
+    floor, blurred, noisy, shuffled, noise = (rows[n] for n in metrics.CALIBRATION_ROWS)
+    assert floor["sharpness"] == pytest.approx(1.0, abs=0.1) and floor["prompt_accuracy"] >= 0.85
+    assert blurred["sharpness"] < 0.6 * floor["sharpness"] and blurred["fd_patch"] > floor["fd_patch"]
+    assert blurred["fd"] > floor["fd"]
+    assert noisy["sharpness"] > 2 * floor["sharpness"]
+    assert shuffled["prompt_accuracy"] < 0.3 and shuffled["fd"] == pytest.approx(floor["fd"])
+    assert noise["fd"] > 10 * floor["fd"] and noise["prompt_accuracy"] < 0.3
+
+
+def test_sharpness_is_relative_to_the_reference_and_falls_with_blur(real):
+    train, _ = real
+    x = train.images[:200]
+    assert metrics.high_frequency_energy(metrics.blur(x, 1.0)) < 0.6 * metrics.high_frequency_energy(x)
+    assert metrics.score(train.images, train.labels)["sharpness"] == pytest.approx(1.0, abs=1e-6)

@@ -98,3 +98,13 @@ def test_plan_flags_and_numbers(capsys):
     full = {m["zero"]: m for m in d["memory"] if m["phase"].startswith("adversarial: full")}
     assert full["ZeRO-3"]["weights"] < full["ZeRO-2"]["weights"]
     assert full["ZeRO-3 + offload"]["optimizer"] == 0 < full["ZeRO-3 + offload"]["cpu"]
+
+
+def test_plan_of_the_default_toy_config_builds_d_at_its_latent_size(capsys):
+    """`padistill plan` with no --config (the toy, 32 px: SDXL's UNet at a 4x4 latent) used to crash:
+    the discriminator's head was sized for SDXL's 128x128 latents but measured on 4x4 ones."""
+    from jobs.cli import main
+
+    assert main(["plan", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["latent_size"] == 4 and d["disc_act"]["saved"] > 0

@@ -107,3 +107,14 @@ def test_toy_teacher_smoke_run_exports_a_loadable_pipeline(ray_local, tmp_path):
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     img = pipe("a handwritten digit seven", num_inference_steps=2, guidance_scale=0).images[0]
     assert img.size == (32, 32)
+    # a rerun on the same work dir (here asked for 5 more UNet steps) reuses the trained VAE and resumes the
+    # UNet from its last checkpoint instead of starting over
+    first = json.loads((tmp_path / "work" / "unet_state" / "history.json").read_text())
+    steps = training["config"]["unet_steps"]
+    rc = main(["toy-teacher", "--config", "smoke", "--output", str(out), "--set", f"run_root={tmp_path / 'run'}",
+               "--work-dir", str(tmp_path / "work"), "--unet-steps", str(steps + 5)])
+    assert rc == 0
+    again = json.loads((out / "training.json").read_text())
+    assert again["vae_reused_from"] == str(tmp_path / "work" / "vae_state")
+    hist = json.loads((tmp_path / "work" / "unet_state" / "history.json").read_text())
+    assert len(hist) == steps + 5 and hist[:steps] == first
