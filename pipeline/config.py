@@ -387,6 +387,8 @@ def _format(err: ValidationError) -> str:
         detail = f" (got {got!r})" if e["type"] not in ("extra_forbidden", "value_error", "missing") and not isinstance(
             got, (dict, list)) else ""
         lines.append(f"  {key or '<root>'}: {msg}{detail}")
+    if len(lines) == 1:  # the usual case: one mistake, one line
+        return "invalid config: " + lines[0].strip()
     return "invalid config:\n" + "\n".join(lines)
 
 

@@ -21,6 +21,10 @@ class StorageError(PadistillError, ConnectionError):
     """The run root's object store cannot be reached or refuses the credentials."""
 
 
+class ClusterError(PadistillError, ConnectionError):
+    """The Ray cluster (its job server) cannot be reached."""
+
+
 def _chain(exc: BaseException, limit: int = 20):
     """`exc` and what it wraps: Ray's task errors (`.cause`), Ray Train's worker and controller failures,
     then Python's `__cause__`/`__context__`."""

@@ -8,6 +8,7 @@ import shlex
 import time
 
 from .config import CONFIG_DIR, ConfigError, find_config, load_config
+from .errors import ClusterError
 
 PROJECT = CONFIG_DIR.parent
 # What the working dir upload leaves out (Ray caps working_dir packages at 500 MiB).
@@ -39,7 +40,11 @@ def check_shared_root(cfg, allow_local: bool) -> None:
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as e:
+        raise ClusterError(f"cannot reach the Ray cluster at {address} ({e}); check --address (the head's dashboard, "
+                           "http://<head>:8265) and that the cluster is up") from None
 
 
 def submit(address: str, config: str | None, overrides: list[str], *, until: str | None = None,

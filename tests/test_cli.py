@@ -52,6 +52,9 @@ def test_bad_config_exits_with_named_error(capsys):
     (["export", "--stage", "9"], "no such stage"),
     (["encode", "--set", "run_root=s3://padistill-none/x", "--set", "storage.endpoint_url=http://127.0.0.1:9"],
      "S3: no credentials found"),
+    (["config", "--set", "data.kindd=parquet"], "invalid config: data.kindd: unknown key"),
+    (["logs", "--address", "http://127.0.0.1:9", "raysubmit_none"], "cannot reach the Ray cluster at http://127.0.0.1:9"),
+    (["status", "--address", "http://127.0.0.1:9", "raysubmit_none"], "cannot reach the Ray cluster"),
 ])
 def test_a_users_mistake_is_one_line_and_exit_2(argv, says, tmp_path, monkeypatch, capsys):
     """What a new user does wrong (a step before its inputs, a wrong path, a stage that does not exist, S3
