@@ -94,8 +94,10 @@ def run(source: str = "builtin:toy_teacher", steps=STEPS, samples_per_digit: int
                  "classifier's 64-d feature space (whole 32x32 images / centre 16x16 patches); prompt_accuracy: the "
                  "classifier agrees with the prompted class; diversity: within-prompt mean pairwise feature distance "
                  "relative to the real images of that class; sharpness: high-frequency energy (what a 1-px blur "
-                 "removes) relative to the real images'; fd_to_reference: Fréchet distance to the teacher's own "
-                 f"{ref_steps}-step samples (same prompts and seeds). Calibration rows: {samples_per_digit} real "
+                 "removes) relative to the real images'; "
+                 + (f"fd_to_reference: Fréchet distance to the teacher's own {ref_steps}-step samples (same prompts "
+                    "and seeds). " if ref_steps else "")
+                 + f"Calibration rows: {samples_per_digit} real "
                  f"images per class that the reference does not hold ({CALIBRATION_SOURCE[dataset]}), then the same "
                  "blurred (Gaussian, sigma 1 px), with Gaussian noise of std 0.2 (images in [-1, 1]), with captions "
                  "shuffled across classes, and uniform noise images.",
@@ -131,7 +133,8 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['steps'] if r['steps'] is not None else '—'} | {r['fd']:.2f} | "
                      f"{r['fd_patch']:.2f} | {r['prompt_accuracy']:.3f} | {r['diversity']:.3f} | "
-                     f"{r.get('sharpness', float('nan')):.3f} | {r.get('fd_to_reference', float('nan')):.2f} |")
+                     f"{r.get('sharpness', float('nan')):.3f} | "
+                     + (f"{r['fd_to_reference']:.2f} |" if "fd_to_reference" in r else "— |"))
     lines += ["", result["notes"], ""]
     return "\n".join(lines)
 

@@ -33,6 +33,10 @@ class StorageConfig(_Strict):
     lease_timeout_s: float = Field(300.0, gt=0, description=(
         "a run root's lease (`_lease.json`, one writer per root) whose heartbeat is older than this is taken "
         "over: its holder crashed on another machine (a dead holder on the same host is taken over at once)"))
+    verify_reads: Literal["checksum", "size"] = Field("checksum", description=(
+        "how committed Parquet units are checked against their markers before they are used (a rerun's "
+        "committed units, the encoded rows a trajectories step reads, the trajectories a stage trains on): "
+        "checksum reads every file back once (SHA-256; minutes per TB of trajectories), size only lists them"))
 
 
 def local_abspath(v: str) -> str:

@@ -118,14 +118,19 @@ def run_encode(cfg: RunConfig, *, force: bool = False, log=print) -> dict:
     source = make_source(cfg)
     inputs = encode_inputs(cfg, source)
     ih = shards.inputs_hash(inputs)
+    verify = cfg.storage.verify_reads
     if not force and storage.is_finished(STEP, inputs):
-        log(f"padistill encode: {storage.url(OUT)} is up to date (manifest {storage.manifest_path(STEP)})")
-        return storage.read_manifest(STEP)
+        manifest = storage.read_manifest(STEP)
+        bad = shards.verify_files(storage, OUT, manifest["outputs"]["files"], verify)
+        if not bad:
+            log(f"padistill encode: {storage.url(OUT)} is up to date (manifest {storage.manifest_path(STEP)})")
+            return manifest
+        log(f"padistill encode: {len(bad)} committed file(s) damaged ({'; '.join(bad.values())}): recomputing them")
     storage.invalidate(STEP)
     units = [{"index": i, **u} for i, u in enumerate(source.units(cfg.encode.max_rows_per_file))]
     if force:
         storage.rm(OUT)
-    done = shards.prepare_output(storage, OUT, ih)
+    done = shards.prepare_output(storage, OUT, ih, verify, log)
     todo = [u for u in units if u["index"] not in done]
     log(f"padistill encode: {len(units)} units, {len(done)} already committed, {len(todo)} to run "
         f"-> {storage.url(OUT)}")

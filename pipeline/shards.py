@@ -5,8 +5,14 @@ Parquet file `part-<unit>.parquet` of at most `max_rows_per_file` rows in the st
 
 1. the actor writes the file's row groups to a local temporary file, then moves it into place
    atomically (a rename on a local root; a single object upload on S3, which appears only complete);
-2. then writes the unit's marker `_shards/<unit>.json` (rows, bytes, the inputs hash): the commit;
+2. then writes the unit's marker `_shards/<unit>.json` (rows, bytes, the file's SHA-256, the inputs
+   hash): the commit;
 3. when every unit has a marker, the driver writes the step's manifest `_manifest/<step>.json` last.
+
+Committed files are verified before use (`verify_files`, `storage.verify_reads`): a rerun recomputes a
+unit whose file is missing, of another size or checksum than its marker says (a truncated upload, a
+bit flip, a deleted object); a reader of a finished step's files (trajectories reading `encoded/`, a
+stage's training reading its trajectories) stops with an error naming the object instead.
 
 A killed run leaves at most some uncommitted units; the rerun reads the markers, runs only the units
 without one (overwriting any file the kill left without its marker) and so ends with exactly the
@@ -23,6 +29,7 @@ a rerun could not know which rows exist without reading them all back.)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -86,8 +93,10 @@ def pool_layout(actors, gpus_per_actor: float, n_units: int) -> tuple[int, int]:
 
 
 # ---- output folder ------------------------------------------------------------------------------------
-def prepare_output(storage: RunStorage, out_rel: str, inputs_hash: str) -> dict[int, dict]:
-    """Make the output folder ready for a (re)run with `inputs_hash`; return the committed markers."""
+def prepare_output(storage: RunStorage, out_rel: str, inputs_hash: str, verify: str = "checksum",
+                   log: Callable[[str], None] = print) -> dict[int, dict]:
+    """Make the output folder ready for a (re)run with `inputs_hash`; return the committed markers whose
+    files verify (the others are logged and run again)."""
     plan_rel = posixpath.join(out_rel, PLAN_FILE)
     plan = storage.read_json(plan_rel) if storage.exists(plan_rel) else None
     if plan is None or plan.get("inputs_hash") != inputs_hash:
@@ -96,6 +105,9 @@ def prepare_output(storage: RunStorage, out_rel: str, inputs_hash: str) -> dict[
         return {}
     markers = read_markers(storage, out_rel)
     done = {i: m for i, m in markers.items() if m.get("inputs_hash") == inputs_hash}
+    for i, problem in verify_files(storage, out_rel, [dict(m, index=i) for i, m in done.items()], verify).items():
+        log(f"  unit {i}: {problem}: recomputing it")
+        del done[i]
     # temporaries a killed run left behind
     for p in storage.fs.find(storage.path(out_rel)):
         if ".tmp-" in posixpath.basename(p):
@@ -116,6 +128,60 @@ def read_markers(storage: RunStorage, out_rel: str) -> dict[int, dict]:
         m = json.loads(blobs[p])
         out[int(m["index"])] = m
     return out
+
+
+# ---- verified reads ---------------------------------------------------------------------------------------
+def sha256_of(f, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    while True:
+        b = f.read(chunk)
+        if not b:
+            return h.hexdigest()
+        h.update(b)
+
+
+def verify_files(storage: RunStorage, out_rel: str, files: list[dict], verify: str = "checksum"
+                 ) -> dict[Any, str]:
+    """Check committed files (`{"file", "bytes", "sha256"?, "index"?}`, as markers and manifests list
+    them) against what is stored: present, the recorded size, and (verify = "checksum") the recorded
+    SHA-256. Returns {index or file name: what is wrong} for the files that fail; one listing of the
+    folder, then one read per file when checksumming."""
+    files = [f for f in files if f.get("file")]
+    if not files:
+        return {}
+    base = storage.path(out_rel)
+    try:
+        listing = {posixpath.basename(e["name"]): e for e in storage.fs.ls(base, detail=True)}
+    except FileNotFoundError:
+        listing = {}
+    bad: dict[Any, str] = {}
+    for f in files:
+        key, url = f.get("index", f["file"]), storage.url(out_rel, f["file"])
+        entry = listing.get(f["file"])
+        if entry is None:
+            bad[key] = f"{url} is missing"
+            continue
+        size = int(entry.get("size") or 0)
+        if size != int(f["bytes"]):
+            bad[key] = f"{url} is {size} bytes, {int(f['bytes'])} when committed"
+            continue
+        if verify == "checksum" and f.get("sha256"):
+            with storage.fs.open(posixpath.join(base, f["file"]), "rb") as fh:
+                if sha256_of(fh) != f["sha256"]:
+                    bad[key] = f"{url} does not match its checksum (sha256) when committed"
+    return bad
+
+
+def check_committed(storage: RunStorage, out_rel: str, files: list[dict], verify: str, fix: str) -> None:
+    """Stop with an error naming every damaged file of a finished step before it is read; `fix` says
+    what to run (the step that made them recomputes just the damaged units)."""
+    from .errors import MissingInputError
+
+    bad = verify_files(storage, out_rel, files, verify)
+    if bad:
+        raise MissingInputError(f"{len(bad)} damaged file(s) in {storage.url(out_rel)}: "
+                                + "; ".join(list(bad.values())[:3]) + ("; …" if len(bad) > 3 else "")
+                                + f"; run {fix} (it recomputes the damaged units)")
 
 
 class ShardWriter:
@@ -158,12 +224,14 @@ class ShardWriter:
 
     def commit(self, **extra) -> dict:
         """Move the file into place (if any rows), then write the unit's marker. Returns the marker."""
-        nbytes, name = 0, None
+        nbytes, name, digest = 0, None, None
         try:
             self._flush()
             if self.writer is not None:
                 self.writer.close()
                 nbytes = os.path.getsize(self.local)
+                with open(self.local, "rb") as fh:
+                    digest = sha256_of(fh)
                 name = part_name(self.index)
                 final = self.storage.path(self.out_rel, name)
                 if self.storage.scheme == "file":
@@ -176,7 +244,7 @@ class ShardWriter:
         finally:
             if os.path.exists(self.local):
                 os.remove(self.local)
-        marker = {"index": self.index, "file": name, "rows": self.rows, "bytes": nbytes, **extra}
+        marker = {"index": self.index, "file": name, "rows": self.rows, "bytes": nbytes, "sha256": digest, **extra}
         self.storage.write_json(marker_rel(self.out_rel, self.index), marker)
         return marker
 
@@ -237,7 +305,8 @@ def summarize(markers: dict[int, dict], n_units: int) -> dict:
     missing = sorted(set(range(n_units)) - set(markers))
     if missing:
         raise RuntimeError(f"{len(missing)} of {n_units} units are not committed (e.g. {missing[:5]})")
-    files = [{"file": markers[i]["file"], "rows": markers[i]["rows"], "bytes": markers[i]["bytes"]}
+    files = [{"file": markers[i]["file"], "rows": markers[i]["rows"], "bytes": markers[i]["bytes"],
+              **({"sha256": markers[i]["sha256"]} if markers[i].get("sha256") else {})}
              for i in range(n_units) if markers[i]["file"]]
     rows = sum(f["rows"] for f in files)
     nbytes = sum(f["bytes"] for f in files)

@@ -741,10 +741,22 @@ def read_trajectories(cfg: RunConfig, key, storage: RunStorage | None = None, he
     # log for minutes (the trainer prints its own progress)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
+    from . import shards
+    from .trajectories import SCHEMA_VERSION, step_name as traj_step
+
     storage = storage or RunStorage.from_config(cfg)
     rel = f"{cfg.stage_dir(key)}/traj"
-    if not storage.exists(rel):
-        raise MissingInputError(f"{storage.url(rel)}: no trajectories; run `padistill trajectories --stage {key}` first")
+    idx, _ = cfg.stage(key)
+    manifest = storage.read_manifest(traj_step(cfg, key))
+    if manifest is None or not storage.exists(rel):
+        raise MissingInputError(f"{storage.url(rel)}: no finished trajectories; run `padistill trajectories --stage "
+                                f"{idx}` first")
+    got = manifest["outputs"].get("schema_version")
+    if got != SCHEMA_VERSION:
+        raise MissingInputError(f"{storage.url(rel)}: trajectories of schema version {got}, this padistill reads "
+                                f"{SCHEMA_VERSION}; run `padistill trajectories --stage {idx}` to recompute them")
+    shards.check_committed(storage, rel, manifest["outputs"]["files"], cfg.storage.verify_reads,
+                           f"`padistill trajectories --stage {idx}`")
     ds = ray.data.read_parquet(storage.path(rel), filesystem=storage.arrow_fs, file_extensions=["parquet"],
                                ray_remote_args=remote)
     n = ds.count()

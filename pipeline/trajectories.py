@@ -343,15 +343,22 @@ def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> 
     inputs = trajectory_inputs(cfg, k, storage, enc)
     ih = shards.inputs_hash(inputs)
     prev = storage.read_manifest(step)
+    verify = cfg.storage.verify_reads
     if not force and (storage.is_finished(step, inputs) or _legacy_finished(prev, inputs)):
-        log(f"padistill trajectories: {storage.url(out)} is up to date (manifest {storage.manifest_path(step)})")
-        return prev
+        bad = shards.verify_files(storage, out, prev["outputs"]["files"], verify)
+        if not bad:
+            log(f"padistill trajectories: {storage.url(out)} is up to date (manifest {storage.manifest_path(step)})")
+            return prev
+        log(f"padistill trajectories: {len(bad)} committed file(s) damaged ({'; '.join(bad.values())}): "
+            "recomputing them")
+    # the encoded rows the units read, before anything here is touched
+    shards.check_committed(storage, encode_mod.OUT, enc["outputs"]["files"], verify, "`padistill encode`")
     storage.invalidate(step)
     tc = cfg.trajectories
     units = plan_units(enc["outputs"]["files"], tc.draws, tc.max_rows_per_file)
     if force:
         storage.rm(out)
-    done = shards.prepare_output(storage, out, ih)
+    done = shards.prepare_output(storage, out, ih, verify, log)
     todo = [u for u in units if u["index"] not in done]
     log(f"padistill trajectories: stage {k} ({stage.name}, teacher {inputs['teacher']}, "
         f"{stage.teacher_steps}->{stage.student_steps} steps, guidance {stage.guidance_scale}): {len(units)} units, "

@@ -186,8 +186,9 @@ def resolve_source(source: str, storage=None) -> Path:
     if source in BUILTIN:
         path = BUILTIN[source]
         if not (path / "model_index.json").exists():
+            how = "padistill toy-teacher --config toy_fashion" if "fashion" in source else "padistill toy-teacher"
             raise MissingInputError(f"{source} is not in this checkout ({path} has no model_index.json); "
-                                    "run `padistill toy-teacher` to regenerate it")
+                                    f"run `{how}` to regenerate it")
         return path
     if source == TINY_RANDOM:
         path = _cache_dir() / "tiny_random"

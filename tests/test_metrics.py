@@ -89,14 +89,17 @@ def test_sample_digits_is_deterministic_and_digit_major(tiny_pipeline):
 
 @pytest.mark.parametrize("dataset", ["toy_digits", "fashion_mnist"])
 def test_calibration_spoiled_images_score_worse_than_the_real_floor(dataset):
-    """The metrics must see what this method is about: a 1-pixel blur (FD-patch and sharpness), noise
-    (sharpness), captions that do not match (accuracy), and noise images (everything but diversity)."""
+    """The metrics must see what this method is about: a 1-pixel blur (FD, FD-patch and sharpness), noise
+    (FD-patch, sharpness), captions that do not match (accuracy), and noise images (everything but
+    diversity). Measured (benchmarks/results/toy_fashion_teacher_calibration.md): on Fashion-MNIST a 1 px
+    blur moves FD 0.65 -> 22.1 and sharpness 1.00 -> 0.06."""
     rows = {r["name"]: r for r in metrics.calibration(dataset, per_class=50 if dataset == "fashion_mnist" else 18)}
     floor, blurred, noisy, shuffled, noise = (rows[n] for n in metrics.CALIBRATION_ROWS)
     assert floor["sharpness"] == pytest.approx(1.0, abs=0.1) and floor["prompt_accuracy"] >= 0.85
     assert blurred["sharpness"] < 0.6 * floor["sharpness"] and blurred["fd_patch"] > floor["fd_patch"]
     assert blurred["fd"] > floor["fd"]
-    assert noisy["sharpness"] > 2 * floor["sharpness"]
+    # noise: FD-patch on both (FD misses it on the digits, whose classifier trained with noise augmentation)
+    assert noisy["fd_patch"] > 1.1 * floor["fd_patch"] and noisy["sharpness"] > floor["sharpness"]
     assert shuffled["prompt_accuracy"] < 0.3 and shuffled["fd"] == pytest.approx(floor["fd"])
     assert noise["fd"] > 10 * floor["fd"] and noise["prompt_accuracy"] < 0.3
 
