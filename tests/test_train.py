@@ -331,7 +331,7 @@ def test_nonfinite_rows_skip_their_updates_and_a_streak_stops_the_stage(ray_loca
     from pipeline.errors import user_error
     from pipeline.guard import DivergedError
     from pipeline.train import train_stage
-    from traj_helpers import make_trajectories
+    from traj_helpers import commit_trajectories, make_trajectories
 
     data = smoke_cfg(tmp_path, model={"source": tiny_source}, stage_1={"mse_steps": 6, "lr": 1e-3},
                      train={"micro_batch": 8, "checkpoint_every": 1000, "log_every": 1, "max_failures": 0})
@@ -340,7 +340,7 @@ def test_nonfinite_rows_skip_their_updates_and_a_streak_stops_the_stage(ray_loca
     cols = make_trajectories(tiny_pipeline, cfg.stage(1)[1], n_ids=32, seed=1, resolution=cfg.model.resolution)
     cols["id"] = list(cols["id"])
     cols["target"][5, 0, 0, 0] = float("nan")
-    storage.write_table(f"{cfg.stage_dir(1)}/traj/part-00000.parquet", cols)
+    commit_trajectories(storage, cfg, 1, cols)
 
     summary = train_stage(cfg, 1, held_rows=0, export=False)
     hist = storage.read_json(f"{cfg.stage_dir(1)}/train/history.json")

@@ -47,9 +47,26 @@ def make_trajectories(pipe, stage, n_ids: int = 32, draws: int = 1, seed: int = 
             "pooled_embeds": cond.pooled.numpy().astype(np.float32)}
 
 
+def commit_trajectories(storage, cfg, key, cols: dict) -> str:
+    """Commit `cols` as stage `key`'s trajectories the way `padistill trajectories` does: one unit
+    through `shards.ShardWriter` (its marker records size and SHA-256), then the step's manifest (the
+    trainer reads only finished, verified trajectories). Returns the file's path."""
+    from pipeline import shards
+    from pipeline.storage import tensors_to_table
+    from pipeline.trajectories import SCHEMA_VERSION, out_rel, step_name
+
+    out = out_rel(cfg, key)
+    storage.rm(out)
+    w = shards.ShardWriter(storage, out, 0)
+    w.write(tensors_to_table({**cols, "id": [str(i) for i in cols["id"]]}))
+    marker = w.commit(inputs_hash="traj_helpers")
+    storage.commit_manifest(step_name(cfg, key), inputs={"rows_sha256": marker["sha256"]},
+                            outputs={"path": out, **shards.summarize({0: marker}, 1), "schema_version": SCHEMA_VERSION})
+    return storage.path(out, marker["file"])
+
+
 def write_trajectories(storage, cfg, key, pipe, **kw) -> str:
-    """Write one Parquet file of trajectories for stage `key` under the run root; returns its path."""
+    """Make and commit trajectories for stage `key` under the run root; returns the file's path."""
     _, stage = cfg.stage(key)
     cols = make_trajectories(pipe, stage, resolution=cfg.model.resolution, **kw)
-    cols["id"] = list(cols["id"])
-    return storage.write_table(f"{cfg.stage_dir(key)}/traj/part-00000.parquet", cols)
+    return commit_trajectories(storage, cfg, key, cols)
