@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.results_io import write_report  # noqa: E402
+from pipeline.metrics import blur  # noqa: E402  the positive control's blur, the metrics' calibration one
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -129,19 +130,6 @@ def student_outputs(loop, rows: dict, chunk: int = 128):
             b = {k: v[i:i + chunk] for k, v in rows.items()}
             outs.append(loop.student_step(b, loop.cond(b))[0])
     return torch.cat(outs)
-
-
-def blur(x, sigma: float):
-    import torch
-
-    r = max(1, int(3 * sigma + 0.5))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
-    k = (k / k.sum()).to(x)
-    c = x.shape[1]
-    x = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (r, r, 0, 0), mode="replicate"),
-                                   k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 0, r, r), mode="replicate"),
-                                      k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
 def matched_blur(target, fake) -> tuple[float, float]:

@@ -12,8 +12,8 @@ and the medians are compared, so machine load shows as each arm's spread.
 
 Beside the training speed it prints the total cost of the stage as configured (its student updates):
 in-loop = updates x (update + rollouts); offline = the same updates without rollouts + one precompute
-pass over the stage's rows (the same rollouts, batched, measured here too), so the claim stays
-honest: offline moves the teacher's work off the training nodes and lets epochs and arms reuse it.
+pass over the stage's rows (the same rollouts through `compute_rows`, batched as the trajectories step
+batches them, timed here too), so the claim stays honest: offline moves the teacher's work off the training nodes and lets epochs and arms reuse it.
 
     .venv/bin/python benchmarks/offline_cost.py --config runs/bench/toy_digits-s0/config.yaml
     .venv/bin/python benchmarks/offline_cost.py --config toy_fashion --stages 1 2 --steps 20 --reps 2
@@ -24,7 +24,6 @@ Writes benchmarks/results/offline_cost.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -43,29 +42,11 @@ from benchmarks.results_io import write_report  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def table_columns(table, columns: list[str]) -> dict[str, np.ndarray]:
-    """Columns of an Arrow table as numpy arrays, Ray Data tensor columns reshaped to their rows' shape."""
-    out = {}
-    for k in columns:
-        col = table.column(k).combine_chunks()
-        meta = table.schema.field(k).metadata or {}
-        if b"ARROW:extension:metadata" in meta or hasattr(col, "storage"):
-            storage = col.storage if hasattr(col, "storage") else col
-            shape = json.loads(meta[b"ARROW:extension:metadata"]) if b"ARROW:extension:metadata" in meta \
-                else json.loads(col.type.__arrow_ext_serialize__())
-            shape = shape["shape"] if isinstance(shape, dict) else shape
-            out[k] = storage.values.to_numpy(zero_copy_only=False).reshape(table.num_rows, *shape)
-        else:
-            out[k] = np.asarray(col.to_pylist() if k == "id" else col.to_numpy(zero_copy_only=False))
-    return out
-
-
 def read_columns(storage, rel: str, columns: list[str]) -> dict[str, np.ndarray]:
-    """Columns of a Parquet folder in the run root as numpy arrays (tensor columns reshaped)."""
-    import pyarrow.dataset as pads
+    """Columns of a Parquet folder in the run root as numpy arrays (tensor columns keep their shape)."""
+    from pipeline.storage import table_to_tensors
 
-    ds = pads.dataset(storage.path(rel), filesystem=storage.arrow_fs, format="parquet")
-    return table_columns(ds.to_table(columns=columns), columns)
+    return table_to_tensors(storage.read_table(rel, columns), columns)
 
 
 def _tensor_batch(cols: dict[str, np.ndarray], idx) -> dict[str, torch.Tensor]:
@@ -84,6 +65,7 @@ def offline_batches(traj: dict[str, np.ndarray], bs: int, seed: int):
 
 def inloop_batches(teacher, enc: dict[str, np.ndarray], bs: int, seed: int, draws: int, clock: list[float]):
     """Micro-batches rolled out by the teacher as they are needed; `clock[0]` accumulates rollout time."""
+    from pipeline.storage import table_to_tensors
     from pipeline.train import TRAIN_COLUMNS
     from pipeline.trajectories import compute_rows
 
@@ -93,7 +75,7 @@ def inloop_batches(teacher, enc: dict[str, np.ndarray], bs: int, seed: int, draw
         items = [(int(r), int(d)) for r, d in zip(rng.choice(n, bs, replace=False), rng.integers(0, draws, bs))]
         t0 = time.perf_counter()
         table = next(compute_rows(teacher, enc, items, seed, bs, out_dtype=np.float32))
-        b = _tensor_batch(table_columns(table, TRAIN_COLUMNS), np.arange(bs))
+        b = _tensor_batch(table_to_tensors(table, TRAIN_COLUMNS), np.arange(bs))
         clock[0] += time.perf_counter() - t0
         yield b
 
@@ -144,8 +126,17 @@ def measure_stage(cfg, key, steps: int, reps: int, warmup: int, seed: int) -> di
     per_update = 1 + (stage.disc_steps - 1 if phase.adversarial else 0)
     samples = steps * bs * per_update
     off, inl = statistics.median(times["offline"]), statistics.median(times["in-loop"])
-    # precompute: the same rollouts, batched as the trajectories step runs them, per row
-    rows_per_s_precompute = samples / statistics.median(rollout)
+    # precompute: the same rollouts as the trajectories step batches them (a window of micro_batch rows per
+    # timestep pair), timed on as many rows as one timed in-loop run rolled out
+    from pipeline.trajectories import compute_rows
+
+    rng = np.random.default_rng(seed + 3)
+    items = [(int(r), int(d)) for r, d in zip(rng.integers(0, len(enc["id"]), samples),
+                                              rng.integers(0, cfg.trajectories.draws, samples))]
+    t0 = time.perf_counter()
+    for _ in compute_rows(teacher, enc, items, seed, bs, out_dtype=np.float32):
+        pass
+    rows_per_s_precompute = samples / (time.perf_counter() - t0)
     updates = sum(p.end - p.start for p in phases)
     n_rows = len(traj["t"])
     offline_total = updates * off / steps + n_rows / rows_per_s_precompute
@@ -154,7 +145,8 @@ def measure_stage(cfg, key, steps: int, reps: int, warmup: int, seed: int) -> di
         "stage": idx, "name": stage.name, "phase": phase.name, "teacher_steps": stage.teacher_steps,
         "guidance_scale": stage.guidance_scale, "micro_batch": bs, "rows_per_update": bs * per_update,
         "steps_timed": steps, "reps": reps,
-        "offline_s": times["offline"], "inloop_s": times["in-loop"], "rollout_s": rollout,
+        "offline_s": times["offline"], "inloop_s": times["in-loop"], "inloop_rollout_s": rollout,
+        "precompute_rows_per_s": rows_per_s_precompute,
         "offline_samples_per_s": samples / off, "inloop_samples_per_s": samples / inl,
         "training_speedup": inl / off,
         "stage_updates": updates, "stage_rows": n_rows,
@@ -170,7 +162,8 @@ def markdown(res: dict) -> str:
         f"Config `{res['config']}`, one process, {res['threads']} torch threads; {res['steps']} student updates "
         f"per timed run, {res['reps']} runs per arm alternating, medians. Samples/s count every micro-batch a "
         "student update consumes (D's extra ones included). Total: the stage's own updates; offline adds one "
-        "precompute pass over the stage's rows at the rollout speed measured here.",
+        "precompute pass over the stage's rows at the precompute speed measured here (`compute_rows` in the "
+        "trajectories step's batching).",
         "",
         "| stage | phase | teacher steps (CFG) | offline samples/s | in-loop samples/s | training speedup | "
         "stage total offline (s) | stage total in-loop (s) | total ratio |",

@@ -30,6 +30,7 @@ RESULTS = REPO / "benchmarks" / "results"
 STEPS = (32, 8, 4, 2, 1)
 COLUMNS = ("fd", "fd_patch", "prompt_accuracy", "diversity", "sharpness", "fd_to_reference")
 DATASET_NAMES = {"toy_digits": "digits", "fashion_mnist": "Fashion-MNIST"}
+DEFAULT_NAMES = {"toy_digits": "toy_teacher", "fashion_mnist": "toy_fashion_teacher"}
 REFERENCE = {"toy_digits": "digits' train split", "fashion_mnist": "Fashion-MNIST t10k photos"}
 CALIBRATION_SOURCE = {"toy_digits": "the held-out digits, 18 per class", "fashion_mnist": "from the train split"}
 
@@ -57,7 +58,7 @@ def run(source: str = "builtin:toy_teacher", steps=STEPS, samples_per_digit: int
     torch.manual_seed(0)
     info = {} if calibration_only else read_info(resolve_source(source))
     dataset = dataset or info.get("dataset", "toy_digits")
-    name = name or ("toy_teacher" if dataset == "toy_digits" else f"toy_{dataset.split('_')[0]}_teacher")
+    name = name or DEFAULT_NAMES[dataset]
     if calibration_only:
         name += "_calibration"
     clf_info = metrics.classifier_info(dataset=dataset)

@@ -30,15 +30,15 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from pipeline.errors import ConfigError
     from pipeline.toy_teacher import DEFAULT_OUTPUTS, ToyTeacherConfig, train_toy_teacher
 
     cfg = config_from_args(args)
     sec = cfg.toy_teacher
     kind = cfg.data.kind
     if kind not in DEFAULT_OUTPUTS:
-        print(f"padistill {NAME}: data.kind must be one of {sorted(DEFAULT_OUTPUTS)} (the embedded datasets), "
-              f"got {kind!r}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"data.kind: a toy teacher learns an embedded dataset ({', '.join(sorted(DEFAULT_OUTPUTS))}), "
+                          f"not {kind!r}")
     tc = replace(ToyTeacherConfig.smoke(), dataset=kind) if sec.preset == "smoke" else ToyTeacherConfig.full(kind)
     over = {k: v for k, v in dict(vae_steps=args.vae_steps or sec.vae_steps, unet_steps=args.unet_steps or sec.unet_steps,
                                   workers=args.workers or sec.workers,
@@ -47,8 +47,7 @@ def run(args) -> int:
     output = args.output or sec.output or (DEFAULT_OUTPUTS[kind] if sec.preset == "full"
                                            else Path(cfg.run_root) / "toy_teacher")
     if "://" in str(output):
-        print(f"padistill {NAME}: --output must be a local folder, got {output}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--output must be a local folder, got {output}")
     summary = train_toy_teacher(output, tc, work_dir=args.work_dir, resolution=cfg.model.resolution,
                                 holdout_fraction=cfg.data.holdout_fraction, data_seed=cfg.data.seed,
                                 ray_address=cfg.ray.address, ray_num_cpus=cfg.ray.num_cpus, vae_from=args.vae_from)

@@ -36,7 +36,8 @@ class StorageConfig(_Strict):
     verify_reads: Literal["checksum", "size"] = Field("checksum", description=(
         "how committed Parquet units are checked against their markers before they are used (a rerun's "
         "committed units, the encoded rows a trajectories step reads, the trajectories a stage trains on): "
-        "checksum reads every file back once (SHA-256; minutes per TB of trajectories), size only lists them"))
+        "checksum reads every file back once per check (SHA-256: a full read of the step's files), size only "
+        "lists them (a same-size corruption then goes unseen)"))
 
 
 def local_abspath(v: str) -> str:

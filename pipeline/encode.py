@@ -121,11 +121,9 @@ def run_encode(cfg: RunConfig, *, force: bool = False, log=print) -> dict:
     verify = cfg.storage.verify_reads
     if not force and storage.is_finished(STEP, inputs):
         manifest = storage.read_manifest(STEP)
-        bad = shards.verify_files(storage, OUT, manifest["outputs"]["files"], verify)
-        if not bad:
+        if shards.intact(storage, OUT, manifest["outputs"]["files"], verify, log, "encode"):
             log(f"padistill encode: {storage.url(OUT)} is up to date (manifest {storage.manifest_path(STEP)})")
             return manifest
-        log(f"padistill encode: {len(bad)} committed file(s) damaged ({'; '.join(bad.values())}): recomputing them")
     storage.invalidate(STEP)
     units = [{"index": i, **u} for i, u in enumerate(source.units(cfg.encode.max_rows_per_file))]
     if force:

@@ -248,14 +248,14 @@ def high_frequency_energy(images: torch.Tensor) -> float:
 
 
 def blur(images: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
-    """A Gaussian blur of `sigma` px (reflect padding): the calibration's 'blurred' images."""
+    """A separable Gaussian blur of `sigma` px (edges replicated): the calibration's 'blurred' images and
+    the discriminator probe's positive control."""
     r = max(1, int(3 * sigma + 0.5))
     k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
-    k = (k / k.sum())
+    k = (k / k.sum()).to(images)
     c = images.shape[1]
-    x = F.pad(images.to(torch.float32), (r, r, r, r), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    x = F.conv2d(F.pad(images, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
 @dataclass
@@ -331,8 +331,8 @@ def calibration_images(dataset: str = "toy_digits", per_class: int = 50, seed: i
 
 def calibration(dataset: str = "toy_digits", per_class: int = 50, seed: int = 0) -> list[dict]:
     """Score real images, and the same images spoiled in known ways, against the reference: each spoiled
-    row must score clearly worse than the floor on the metric that should see it (blur: FD-patch and
-    sharpness; noise: FD and sharpness above 1; shuffled captions: accuracy; pure noise: everything
+    row must score clearly worse than the floor on the metric that should see it (blur: FD, FD-patch and
+    sharpness; noise: FD-patch and sharpness above 1; shuffled captions: accuracy; pure noise: everything
     but diversity). Rows: {"name", **score}."""
     images, labels = calibration_images(dataset, per_class, seed)
     g = torch.Generator().manual_seed(seed)

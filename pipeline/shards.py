@@ -38,6 +38,7 @@ import tempfile
 import uuid
 from typing import Any, Callable
 
+from .errors import MissingInputError
 from .storage import RunStorage, hash_json
 
 MARKER_DIR = "_shards"
@@ -172,11 +173,18 @@ def verify_files(storage: RunStorage, out_rel: str, files: list[dict], verify: s
     return bad
 
 
+def intact(storage: RunStorage, out_rel: str, files: list[dict], verify: str, log: Callable[[str], None],
+           step: str) -> bool:
+    """Whether a finished step's files all verify; when not, say which (its rerun recomputes them)."""
+    bad = verify_files(storage, out_rel, files, verify)
+    if bad:
+        log(f"padistill {step}: {len(bad)} committed file(s) damaged ({'; '.join(bad.values())}): recomputing them")
+    return not bad
+
+
 def check_committed(storage: RunStorage, out_rel: str, files: list[dict], verify: str, fix: str) -> None:
     """Stop with an error naming every damaged file of a finished step before it is read; `fix` says
     what to run (the step that made them recomputes just the damaged units)."""
-    from .errors import MissingInputError
-
     bad = verify_files(storage, out_rel, files, verify)
     if bad:
         raise MissingInputError(f"{len(bad)} damaged file(s) in {storage.url(out_rel)}: "

@@ -99,15 +99,15 @@ class ToySource(Source):
         self.kind = cfg.data.kind
         self.resolution = cfg.model.resolution
         self.data = cfg.data
-        self._digits = None
+        self._rows = None
 
     def _all(self):
-        if self._digits is None:
+        if self._rows is None:
             from .data import toy_dataset
 
-            self._digits = toy_dataset(self.kind).load("train", self.resolution, self.data.holdout_fraction,
+            self._rows = toy_dataset(self.kind).load("train", self.resolution, self.data.holdout_fraction,
                                                        self.data.seed, self.data.limit, root=self.data.path)
-        return self._digits
+        return self._rows
 
     def describe(self) -> dict:
         out = {"kind": self.kind, "split": "train", "holdout_fraction": self.data.holdout_fraction,

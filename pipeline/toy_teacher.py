@@ -44,9 +44,10 @@ def teacher_model_config() -> ToyModelConfig:
 
 def fashion_model_config() -> ToyModelConfig:
     """The Fashion-MNIST teacher's sizes. Latents 8x8 with 8 channels (not 4): on 300-step VAE probes
-    (batch 32, t10k reconstructions) 8 channels reconstructed closer (MSE 0.020 vs 0.029) and sharper
-    (high-frequency energy 0.50 vs 0.47 of the photos') at no cost to the UNet, which sees 8x8 maps
-    either way; 16x16 latents would cost the UNet (and every distillation stage) 4x. A two-level UNet
+    (one seed each, batch 32, t10k reconstructions) 8 channels reconstructed closer (MSE 0.020 vs 0.029;
+    their high-frequency energy, 0.50 vs 0.47 of the photos', is too close for one run to rank) at no cost
+    to the UNet, which sees 8x8 maps either way; 16x16 latents would cost the UNet (and every
+    distillation stage) 4x. A two-level UNet
     (48, 96 channels) keeps a 4x4 mid block, so the discriminator's head has positions to look at."""
     from .data import FASHION
 

@@ -748,7 +748,7 @@ def read_trajectories(cfg: RunConfig, key, storage: RunStorage | None = None, he
     rel = f"{cfg.stage_dir(key)}/traj"
     idx, _ = cfg.stage(key)
     manifest = storage.read_manifest(traj_step(cfg, key))
-    if manifest is None or not storage.exists(rel):
+    if manifest is None:
         raise MissingInputError(f"{storage.url(rel)}: no finished trajectories; run `padistill trajectories --stage "
                                 f"{idx}` first")
     got = manifest["outputs"].get("schema_version")
@@ -1227,10 +1227,10 @@ def claim_train_dir(cfg: RunConfig, key, storage: RunStorage, *, restart: bool =
 def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
     """What a stage's training depends on (its manifest's inputs): the stage, the train section, the
     model, and the trajectories it reads."""
-    from .trajectories import student_init_source, teacher_fingerprint
+    from .trajectories import step_name as traj_step, student_init_source, teacher_fingerprint
 
     _, stage = cfg.stage(key)
-    traj = storage.read_manifest("trajectories-" + cfg.stage_dir(key).split("/", 1)[1]) or {}
+    traj = storage.read_manifest(traj_step(cfg, key)) or {}
     out = {"stage": stage.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
            "model": cfg.model.model_dump(mode="json"), "trajectories": traj.get("inputs_hash")}
     if cfg.student_init_of(key) != cfg.teacher_of(key):  # a student that starts from another stage's student

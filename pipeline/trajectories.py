@@ -345,12 +345,9 @@ def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> 
     prev = storage.read_manifest(step)
     verify = cfg.storage.verify_reads
     if not force and (storage.is_finished(step, inputs) or _legacy_finished(prev, inputs)):
-        bad = shards.verify_files(storage, out, prev["outputs"]["files"], verify)
-        if not bad:
+        if shards.intact(storage, out, prev["outputs"]["files"], verify, log, "trajectories"):
             log(f"padistill trajectories: {storage.url(out)} is up to date (manifest {storage.manifest_path(step)})")
             return prev
-        log(f"padistill trajectories: {len(bad)} committed file(s) damaged ({'; '.join(bad.values())}): "
-            "recomputing them")
     # the encoded rows the units read, before anything here is touched
     shards.check_committed(storage, encode_mod.OUT, enc["outputs"]["files"], verify, "`padistill encode`")
     storage.invalidate(step)

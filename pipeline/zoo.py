@@ -23,6 +23,8 @@ BUILTIN = {
     "builtin:toy_teacher": ASSETS / "toy_teacher",
     "builtin:toy_fashion_teacher": ASSETS / "toy_fashion_teacher",
 }
+REGENERATE = {"builtin:toy_teacher": "padistill toy-teacher",
+              "builtin:toy_fashion_teacher": "padistill toy-teacher --config toy_fashion"}
 # A tiny pipeline with random weights, built on demand (seed 0): for smoke tests of the plumbing.
 TINY_RANDOM = "builtin:tiny_random"
 
@@ -186,9 +188,8 @@ def resolve_source(source: str, storage=None) -> Path:
     if source in BUILTIN:
         path = BUILTIN[source]
         if not (path / "model_index.json").exists():
-            how = "padistill toy-teacher --config toy_fashion" if "fashion" in source else "padistill toy-teacher"
             raise MissingInputError(f"{source} is not in this checkout ({path} has no model_index.json); "
-                                    f"run `{how}` to regenerate it")
+                                    f"run `{REGENERATE[source]}` to regenerate it")
         return path
     if source == TINY_RANDOM:
         path = _cache_dir() / "tiny_random"

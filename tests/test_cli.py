@@ -53,6 +53,8 @@ def test_bad_config_exits_with_named_error(capsys):
     (["encode", "--set", "run_root=s3://padistill-none/x", "--set", "storage.endpoint_url=http://127.0.0.1:9"],
      "S3: no credentials found"),
     (["config", "--set", "data.kindd=parquet"], "invalid config: data.kindd: unknown key"),
+    (["toy-teacher", "--set", "data.kind=parquet", "--set", "data.path=/no/such"],
+     "data.kind: a toy teacher learns an embedded dataset"),
     (["logs", "--address", "http://127.0.0.1:9", "raysubmit_none"], "cannot reach the Ray cluster at http://127.0.0.1:9"),
     (["status", "--address", "http://127.0.0.1:9", "raysubmit_none"], "cannot reach the Ray cluster"),
 ])

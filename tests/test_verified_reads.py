@@ -118,6 +118,6 @@ def test_s3_objects_truncated_flipped_or_deleted_are_found_and_rerun(s3_endpoint
     assert sorted(done) == [0]
     assert len(logs) == 3 and all("recomputing" in line for line in logs), logs
     assert "part-00001.parquet is" in logs[0] and "checksum" in logs[1] and "missing" in logs[2]
+    markers = shards.read_markers(st, out)
     with pytest.raises(MissingInputError, match="3 damaged file"):
-        markers = shards.read_markers(st, out)
         shards.check_committed(st, out, list(markers.values()), "checksum", "`padistill encode`")
