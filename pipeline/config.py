@@ -65,6 +65,9 @@ class DataConfig(_Strict):
     image_column: str = "image"
     caption_column: str = "caption"
     id_column: Optional[str] = None
+    # parquet: images with more pixels are skipped from their header, unread (decompression bombs);
+    # the default is Pillow's own warning threshold
+    max_image_pixels: int = Field(89_478_485, gt=0)
     limit: Optional[int] = Field(None, gt=0)
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0

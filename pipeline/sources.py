@@ -27,14 +27,19 @@ import numpy as np
 import torch
 
 from .config import RunConfig
-from .errors import MissingInputError
+from .errors import ConfigError, MissingInputError
+
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS: above it Pillow warns of a bomb
 
 # Reasons a source row is skipped (the keys of the encode manifest's `skipped`).
 SKIP_MISSING_IMAGE = "missing_image"
 SKIP_UNDECODABLE = "undecodable_image"
 SKIP_TOO_SMALL = "image_too_small"
+SKIP_TOO_LARGE = "image_too_large"  # more pixels than data.max_image_pixels (a decompression bomb, or a scan)
 SKIP_EMPTY_CAPTION = "empty_caption"
-SKIP_REASONS = (SKIP_MISSING_IMAGE, SKIP_UNDECODABLE, SKIP_TOO_SMALL, SKIP_EMPTY_CAPTION)
+SKIP_UNDECODABLE_CAPTION = "undecodable_caption"  # a binary caption cell that is not UTF-8
+SKIP_REASONS = (SKIP_MISSING_IMAGE, SKIP_UNDECODABLE, SKIP_TOO_SMALL, SKIP_TOO_LARGE, SKIP_EMPTY_CAPTION,
+                SKIP_UNDECODABLE_CAPTION)
 
 
 @dataclass
@@ -46,16 +51,27 @@ class Decoded:
     skipped_ids: list[tuple[str, str]] = field(default_factory=list)  # (id, reason), for logs
 
 
-def preprocess_image(data: bytes, resolution: int) -> tuple[np.ndarray | None, str | None]:
+def preprocess_image(data: bytes, resolution: int,
+                     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray | None, str | None]:
     """Decode image bytes, resize (shorter side = resolution, bicubic) and centre-crop.
     Returns (HxWx3 uint8 array, None) or (None, skip reason). Images smaller than the resolution are
-    skipped rather than upsampled."""
-    from PIL import Image
+    skipped rather than upsampled; images of more than `max_pixels` pixels are skipped from their header,
+    before anything is decoded. See `to_rgb` for the colour conversions."""
+    import warnings
+
+    from PIL import Image, ImageOps
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():  # Pillow's bomb warning: the limit below is ours
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        with im:
+            if im.size[0] * im.size[1] > max_pixels:
+                return None, SKIP_TOO_LARGE
             im.load()
-            im = im.convert("RGB")
+            im = to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError:  # Pillow's own limit (2 x Image.MAX_IMAGE_PIXELS), if it is lower
+        return None, SKIP_TOO_LARGE
     except Exception:
         return None, SKIP_UNDECODABLE
     w, h = im.size
@@ -68,6 +84,36 @@ def preprocess_image(data: bytes, resolution: int) -> tuple[np.ndarray | None, s
     left, top = (nw - resolution) // 2, (nh - resolution) // 2
     im = im.crop((left, top, left + resolution, top + resolution))
     return np.asarray(im, dtype=np.uint8), None
+
+
+def to_rgb(im):
+    """An opened PIL image as 8-bit RGB: 16-bit grey (and 32-bit integer "I", read as 16-bit) scaled to
+    8 bits (Pillow's convert clips it to white),
+    transparency composited onto white (not onto the hidden colour of transparent pixels), CMYK, palette
+    and grey converted by Pillow."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.clip(np.asarray(im).astype(np.float64), 0, 65535)  # "I": 16-bit PNGs in older Pillow
+        return Image.fromarray(np.round(a / 257.0).astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def caption_text(cell) -> tuple[str | None, str | None]:
+    """(stripped caption, None) or (None, skip reason) for one caption cell: a string, or bytes from a
+    binary column (UTF-8, else skipped)."""
+    if isinstance(cell, (bytes, bytearray, memoryview)):
+        try:
+            cell = bytes(cell).decode("utf-8")
+        except UnicodeDecodeError:
+            return None, SKIP_UNDECODABLE_CAPTION
+    if cell is None or not str(cell).strip():
+        return None, SKIP_EMPTY_CAPTION
+    return str(cell).strip(), None
 
 
 def _to_model_range(arrays: list[np.ndarray], resolution: int) -> torch.Tensor:
@@ -128,6 +174,33 @@ class ToySource(Source):
         return Decoded(ids=d.ids[s:e], captions=d.captions[s:e], images=d.images[s:e].clone())
 
 
+def check_columns(d, schema, path: str) -> None:
+    """The configured columns exist in `schema` with usable types, else a ConfigError naming the key:
+    images as bytes (binary, or a struct with a `bytes` field as Hugging Face datasets write it),
+    captions as strings or bytes (UTF-8); ids of any type."""
+    import pyarrow as pa
+
+    def is_bytes(t):
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+
+    def is_text(t):
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t) or is_bytes(t)
+
+    for key, col in (("data.image_column", d.image_column), ("data.caption_column", d.caption_column),
+                     ("data.id_column", d.id_column)):
+        if col and col not in schema.names:
+            raise ConfigError(f"{key}: column {col!r} is not in {path} (its columns: {', '.join(schema.names)})")
+    img = schema.field(d.image_column).type
+    if not (is_bytes(img) or (pa.types.is_struct(img) and img.get_field_index("bytes") >= 0
+                              and is_bytes(img.field("bytes").type))):
+        raise ConfigError(f"data.image_column: column {d.image_column!r} of {path} is {img}, not image bytes "
+                          "(binary, or a struct with a 'bytes' field)")
+    cap = schema.field(d.caption_column).type
+    if not is_text(cap):
+        raise ConfigError(f"data.caption_column: column {d.caption_column!r} of {path} is {cap}, not text "
+                          "(string, or UTF-8 bytes)")
+
+
 class ParquetImageSource(Source):
     """Parquet files with image bytes + captions (local or s3://, same endpoint as the run root)."""
 
@@ -161,7 +234,9 @@ class ParquetImageSource(Source):
                 raise MissingInputError(f"data.path: no Parquet files under {self.uri}")
             out, left = [], self.cfg.data.limit
             for p in paths:
-                n = pq.ParquetFile(p, filesystem=self.arrow_fs).metadata.num_rows
+                pf = pq.ParquetFile(p, filesystem=self.arrow_fs)
+                check_columns(self.cfg.data, pf.schema_arrow, p)
+                n = pf.metadata.num_rows
                 if left is not None:
                     n = min(n, left)
                     left -= n
@@ -181,7 +256,7 @@ class ParquetImageSource(Source):
         d = self.cfg.data
         return {"kind": self.kind, "path": self.uri, "files": info, "image_column": d.image_column,
                 "caption_column": d.caption_column, "id_column": d.id_column, "limit": d.limit,
-                "resolution": self.resolution}
+                "max_image_pixels": d.max_image_pixels, "resolution": self.resolution}
 
     def units(self, rows_per_unit: int) -> list[dict]:
         out = []
@@ -199,9 +274,7 @@ class ParquetImageSource(Source):
             pf = self._open[path]
         d = self.cfg.data
         cols = [d.image_column, d.caption_column] + ([d.id_column] if d.id_column else [])
-        missing = [c for c in cols if c not in pf.schema_arrow.names]
-        if missing:
-            raise KeyError(f"data: column(s) {missing} not in {path} (has {pf.schema_arrow.names})")
+        check_columns(d, pf.schema_arrow, path)  # files() checked them; a file replaced since then
         from .shards import read_rows
 
         return read_rows(pf, start, stop, cols)
@@ -221,20 +294,19 @@ class ParquetImageSource(Source):
             rid = str(rid)
             if isinstance(img, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
                 img = img.get("bytes")
-            reason = None
-            if cap is None or not str(cap).strip():
-                reason = SKIP_EMPTY_CAPTION
-            elif img is None or len(img) == 0:
-                reason = SKIP_MISSING_IMAGE
-            else:
-                arr, reason = preprocess_image(img, self.resolution)
+            cap, reason = caption_text(cap)
+            if reason is None:
+                if img is None or len(img) == 0:
+                    reason = SKIP_MISSING_IMAGE
+                else:
+                    arr, reason = preprocess_image(img, self.resolution, d.max_image_pixels)
             if reason:
                 out.skipped[reason] += 1
                 out.skipped_ids.append((rid, reason))
                 continue
             arrays.append(arr)
             out.ids.append(rid)
-            out.captions.append(str(cap).strip())
+            out.captions.append(cap)
         out.images = _to_model_range(arrays, self.resolution)
         return out
 

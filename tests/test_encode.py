@@ -115,20 +115,42 @@ def test_encode_digits_local(ray_local, tmp_path):
     assert sorted(t2.column("id").to_pylist()) == sorted(digits.ids)
 
 
-def test_encode_parquet_bad_rows_counted_by_reason(ray_local, tmp_path):
-    tables, good, expected = bad_rows_source_tables()
+def test_encode_parquet_bad_input_corpus_decoded_or_counted_by_reason(ray_local, tmp_path):
+    """The whole bad-input corpus (tests/bad_inputs.py) through the real job: no actor crashes, each bad
+    row is counted under its reason, each awkward one (16-bit, CMYK, alpha, EXIF-rotated, a caption
+    past CLIP's 77 tokens, UTF-8 bytes) is encoded."""
+    import torch
+
+    from bad_inputs import LONG_CAPTION, binary_caption_cases, cases, expected_skips, table
+
+    rows, brows = cases(), binary_caption_cases()
     (tmp_path / "src").mkdir()
-    write_source(tables, str(tmp_path / "src"))
+    t = table(rows)
+    write_source([t.slice(0, 12), t.slice(12)], str(tmp_path / "src"))
+    pq.write_table(table(brows, pa.binary()), tmp_path / "src" / "part-2.parquet")
     cfg = load_config("smoke", [f"run_root={tmp_path}/run", "data.kind=parquet", f"data.path={tmp_path}/src",
-                                "data.image_column=jpg", "data.id_column=key", "encode.max_rows_per_file=4"])
+                                "data.image_column=jpg", "data.id_column=key", "encode.max_rows_per_file=8"])
     m = enc.run_encode(cfg)
-    assert m["skipped"] == expected
-    assert m["outputs"]["rows"] == len(good) and m["source_rows"] == 10
-    # units never span files: 6 rows -> 4 + 2, 4 rows -> 4
-    assert len(m["outputs"]["files"]) == 3
-    t = RunStorage.from_config(cfg).read_table("encoded")
-    assert set(t.column("id").to_pylist()) == good
-    assert table_to_tensors(t, ["latent"])["latent"].shape == (5, 4, 8, 8)
+    good = {c.id for c in rows + brows if not c.skip}
+    assert m["skipped"] == expected_skips(rows + brows)
+    assert m["outputs"]["rows"] == len(good) and m["source_rows"] == len(rows) + len(brows)
+    # units never span files: 12 rows -> 8 + 4, 8 rows -> 8, 3 rows -> 3
+    assert len(m["outputs"]["files"]) == 4
+    out = RunStorage.from_config(cfg).read_table("encoded")
+    ids = out.column("id").to_pylist()
+    assert set(ids) == good
+    emb = table_to_tensors(out, ["prompt_embeds", "latent"])
+    assert emb["latent"].shape == (len(good), 4, 8, 8) and np.isfinite(emb["latent"]).all()
+    # the long caption is kept whole in the row and encoded as CLIP reads it: its first tokens only
+    i = ids.index("long-caption")
+    assert out.column("caption")[i].as_py() == LONG_CAPTION
+    from pipeline.zoo import load_pipeline
+
+    pipe = load_pipeline(cfg.model.source)
+    assert len(pipe.tokenizer(LONG_CAPTION).input_ids) > 2 * pipe.tokenizer.model_max_length
+    other_tail = LONG_CAPTION + " and then a completely different ending about trousers"
+    ref = enc.encode_batch(pipe, torch.zeros(1, 3, 32, 32), [other_tail], 32)["prompt_embeds"][0]
+    np.testing.assert_allclose(emb["prompt_embeds"][i].astype(np.float32), ref.float().numpy(), atol=2e-3, rtol=2e-3)
 
 
 def test_encode_on_s3(s3_endpoint, tmp_path):
