@@ -273,7 +273,7 @@ def unet_loop(config: dict) -> None:
     pipe = load_pipeline(config["init_dir"])
     sched: Schedule = schedule_of(pipe)
     vae: AutoencoderKL = pipe.vae
-    vae.load_state_dict(torch.load(Path(config["vae_dir"]) / "vae.pt"))
+    vae.load_state_dict(torch.load(Path(config["vae_dir"]) / "vae.pt", weights_only=True))
     vae.eval()
     scaling = config["scaling_factor"]
     data = _train_split(config)
@@ -487,8 +487,8 @@ def export_teacher(output: Path, init_dir: Path, vae_dir: Path, unet_dir: Path, 
     vae_cfg = dict(pipe.vae.config)
     vae_cfg["scaling_factor"] = float(scaling_factor)
     vae = AutoencoderKL.from_config(vae_cfg)
-    vae.load_state_dict(torch.load(Path(vae_dir) / "vae.pt"))
-    pipe.unet.load_state_dict(torch.load(Path(unet_dir) / "unet_ema.pt"))
+    vae.load_state_dict(torch.load(Path(vae_dir) / "vae.pt", weights_only=True))
+    pipe.unet.load_state_dict(torch.load(Path(unet_dir) / "unet_ema.pt", weights_only=True))
     comps = dict(pipe.components)
     comps["vae"] = vae.eval()
     comps.pop("image_encoder", None)

@@ -1,5 +1,6 @@
-"""The modules of `pipeline/` import each other one way: no cycle, counting imports inside functions too
-(a cycle hidden in a function body still ties the modules together and breaks when one is moved)."""
+"""Static checks of the source. The modules of `pipeline/` import each other one way: no cycle, counting
+imports inside functions too (a cycle hidden in a function body still ties the modules together and
+breaks when one is moved). Nothing loads a file with pickle."""
 
 from __future__ import annotations
 
@@ -61,3 +62,36 @@ def test_pipeline_imports_have_no_cycle():
     assert {"train", "dag", "report", "evaluate"} <= set(graph) and graph["dag"]  # the walk sees the imports
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
+
+
+def unsafe_loads(source: str) -> list[int]:
+    """Lines that can run code from a file: `torch.load` without `weights_only=True`, any `pickle` /
+    `dill` / `cloudpickle` load, `numpy.load` with `allow_pickle=True`."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
+        if name == "torch.load" and kw.get("weights_only") != "True":
+            lines.append(node.lineno)
+        elif name.split(".")[0] in ("pickle", "dill", "cloudpickle") and name.split(".")[-1] in ("load", "loads"):
+            lines.append(node.lineno)
+        elif name in ("np.load", "numpy.load") and kw.get("allow_pickle") == "True":
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_unsafe_load_finder_finds_them():
+    assert unsafe_loads("torch.load(p)\ntorch.load(p, weights_only=False)\ntorch.load(p, weights_only=True)\n"
+                        "pickle.loads(b)\nnp.load(f, allow_pickle=True)\nnp.load(f)\n") == [1, 2, 4, 5]
+
+
+def test_nothing_we_ship_unpickles_a_file():
+    """Weights are safetensors or `torch.load(..., weights_only=True)`: a run root on a shared bucket must
+    not be a way to run code on the trainers (issue 16)."""
+    root = PIPELINE.parent
+    files = [p for d in ("pipeline", "jobs", "benchmarks", "tests") for p in (root / d).rglob("*.py")]
+    assert len(files) > 40
+    found = {str(p.relative_to(root)): n for p in files if (n := unsafe_loads(p.read_text()))}
+    assert not found, found
