@@ -21,6 +21,10 @@ class StorageError(PadistillError, ConnectionError):
     """The run root's object store cannot be reached or refuses the credentials."""
 
 
+class UnsafeCheckpointError(PadistillError, ValueError):
+    """A checkpoint in the run root holds objects that would run code when unpickled."""
+
+
 class ClusterError(PadistillError, ConnectionError):
     """The Ray cluster (its job server) cannot be reached."""
 
