@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install test demo bench bench-teacher teacher-fashion bench-comparison bench-probe bench-ablations bench-report teacher clean
+.PHONY: install test reliability-table demo bench bench-teacher teacher-fashion bench-comparison bench-probe bench-ablations bench-report teacher clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ install: $(VENV)/.installed $(FASHION_FILE)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# docs/reliability.md's fault table, from the records the last `make test` left under runs/reliability/
+reliability-table:
+	$(BIN)/python tests/reliability.py
 
 demo: install
 	$(BIN)/padistill distill --config toy_digits $(DEMO_ARGS)

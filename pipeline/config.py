@@ -30,6 +30,9 @@ class StorageConfig(_Strict):
     endpoint_url: Optional[str] = None  # MinIO / moto / other S3-compatible endpoint
     region: Optional[str] = None
     profile: Optional[str] = None  # an AWS profile name (not a secret)
+    max_attempts: int = Field(10, ge=1, description=(
+        "attempts per S3 request (the first plus retries, with exponential backoff) for throttling (503 "
+        "SlowDown), 5xx and dropped connections; both S3 clients (s3fs/botocore and pyarrow) use it"))
     lease_timeout_s: float = Field(300.0, gt=0, description=(
         "a run root's lease (`_lease.json`, one writer per root) whose heartbeat is older than this is taken "
         "over: its holder crashed on another machine (a dead holder on the same host is taken over at once)"))

@@ -63,7 +63,9 @@ def filesystem_for(uri: str, cfg: StorageConfig | None = None):
         client["region_name"] = cfg.region
     if cfg.profile:
         kw["profile"] = cfg.profile
-    return fsspec.filesystem("s3", client_kwargs=client, use_listings_cache=False, **kw)
+    # botocore's standard retry mode: exponential backoff with jitter on throttling, 5xx and connection errors
+    retries = {"retries": {"max_attempts": cfg.max_attempts, "mode": "standard"}}
+    return fsspec.filesystem("s3", client_kwargs=client, config_kwargs=retries, use_listings_cache=False, **kw)
 
 
 def arrow_filesystem_for(uri: str, cfg: StorageConfig | None = None):
@@ -80,6 +82,7 @@ def arrow_filesystem_for(uri: str, cfg: StorageConfig | None = None):
         if cfg.endpoint_url.startswith("http://"):
             kw["scheme"] = "http"
     kw["region"] = cfg.region or "us-east-1"
+    kw["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts)
     return pafs.S3FileSystem(**kw)
 
 

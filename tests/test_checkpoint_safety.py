@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from reliability import record
+
 REPO = Path(__file__).resolve().parent.parent
 
 SCRIPT = r"""
@@ -61,7 +63,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def test_a_deepspeed_checkpoint_resumes_exactly_and_one_that_runs_code_is_refused(tmp_path):
+def test_a_deepspeed_checkpoint_resumes_exactly_and_one_that_runs_code_is_refused(tmp_path, request):
     marker = tmp_path / "ran"
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path), str(marker)], cwd=REPO,
                        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
@@ -74,3 +76,7 @@ def test_a_deepspeed_checkpoint_resumes_exactly_and_one_that_runs_code_is_refuse
         assert msg.startswith("UnsafeCheckpointError: ") and "optim_states.pt: not loaded" in msg, msg
         assert "GLOBAL posix.system" in msg and "weights_only=False" not in msg, msg
     assert not marker.exists()  # the payload never ran
+    record(request, "a stage checkpoint in the run root altered to run code when unpickled (ZeRO-2 and 3)",
+           "refused with one line (`UnsafeCheckpointError`, naming the file and the object): DeepSpeed's "
+           "checkpoints load with `weights_only=True` (DeepSpeed's own engine unpickles anything); untouched "
+           "ones resume bit-exact", injected=2, completed=2)

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from jobs.cli import JOBS, main
+from reliability import record
 
 
 def test_padistill_help_lists_every_job(capsys):
@@ -58,7 +59,7 @@ def test_bad_config_exits_with_named_error(capsys):
     (["logs", "--address", "http://127.0.0.1:9", "raysubmit_none"], "cannot reach the Ray cluster at http://127.0.0.1:9"),
     (["status", "--address", "http://127.0.0.1:9", "raysubmit_none"], "cannot reach the Ray cluster"),
 ])
-def test_a_users_mistake_is_one_line_and_exit_2(argv, says, tmp_path, monkeypatch, capsys):
+def test_a_users_mistake_is_one_line_and_exit_2(argv, says, tmp_path, monkeypatch, capsys, request):
     """What a new user does wrong (a step before its inputs, a wrong path, a stage that does not exist, S3
     without credentials) prints one line naming what to do, exit status 2, no traceback."""
     monkeypatch.chdir(tmp_path)  # a fresh run root: runs/toy_digits under it
@@ -69,6 +70,9 @@ def test_a_users_mistake_is_one_line_and_exit_2(argv, says, tmp_path, monkeypatc
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    record(request, "a user's mistake: a bad config key, a step before its inputs, a wrong path or stage, S3 "
+           "without credentials, an unreachable Ray cluster", "one line naming the key or what to run, exit "
+           "status 2, no traceback (a bug keeps its traceback)", injected=1, completed=0)
 
 
 def test_a_bug_keeps_its_traceback():

@@ -1,6 +1,7 @@
 """`padistill distill` end to end on the smoke config: a local run whose exported folders all load in
 stock diffusers, a rerun that skips every step, a run on S3 (moto) killed mid-stage and rerun to the
-same manifests, and a submission to a Ray head started on 127.0.0.1 that reaches SUCCEEDED."""
+same manifests, and a submission (run root on S3) to a Ray head started on 127.0.0.1 that reaches
+SUCCEEDED; neither S3 run leaves the AWS credentials it ran with in anything it wrote."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pipeline.storage import RunStorage
 from pipeline.student import LORA_WEIGHT_NAME, pipeline_components
 from pipeline.train import latest_checkpoint, plan_phases
 from procs import kill_session
+from reliability import record
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -34,7 +36,7 @@ EXPECTED_SMOKE = {"encode", "report"} | {f"{p}-{k}" for p in ("trajectories", "t
                                           for k in ("1-8step", "2-4step", "3-1step")}
 
 
-def test_smoke_dag_local_exports_load_and_rerun_skips(ray_local, tmp_path, monkeypatch):
+def test_smoke_dag_local_exports_load_and_rerun_skips(ray_local, tmp_path, monkeypatch, request):
     from diffusers import StableDiffusionXLPipeline
 
     monkeypatch.chdir(tmp_path)  # a relative run root, as `make demo` uses: Ray Train workers run elsewhere
@@ -82,6 +84,8 @@ def test_smoke_dag_local_exports_load_and_rerun_skips(ray_local, tmp_path, monke
     lost.rename(lost.with_suffix(".bak"))
     assert storage.missing_outputs() == ["report: report/grid.png"]
     lost.with_suffix(".bak").rename(lost)
+    record(request, "an output a manifest lists is missing", "the DAG's end check raises, naming each missing "
+           "output", injected=1, completed=1)
 
     second = run_dag(cfg, log=lambda *_: None)  # the same command again: every step is already finished
     assert not any(r["ran"] for r in second if r["step"] != "report") and second
@@ -96,7 +100,7 @@ def _env():
     return env
 
 
-def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path):
+def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path, request):
     root = "s3://padistill-test/killed"
     # stage 1 made long enough that the kill lands inside it, after its first checkpoint
     sets = [f"run_root={root}", f"storage.endpoint_url={s3_endpoint}", "stages.0.mse_steps=40"]
@@ -129,7 +133,14 @@ def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path
     assert resumed and max(resumed) >= 2, resumed
     assert not (tmp_path / "runs").exists()  # nothing on a local disk: the run root is S3 only
     assert storage.read_manifest("trajectories-1-8step")["outputs"]["rows"] == 64
-    _no_credentials_in(storage, [tmp_path / "first.log"], done.stdout + done.stderr, since=started)
+    n = _no_credentials_in(storage, [tmp_path / "first.log"], done.stdout + done.stderr, since=started)
+    record(request, "`distill` killed mid-stage (SIGKILL), run root on S3",
+           f"the rerun skips finished steps, resumes the stage (from step {max(resumed)}), ends with the same "
+           "manifests", injected=1, completed=1,
+           rows_lost=64 - storage.read_manifest("trajectories-1-8step")["outputs"]["rows"], duplicates=0)
+    record(request, "the AWS credentials a run on S3 had (sentinel values)",
+           f"in nothing it wrote: {n} files scanned (every object of the run root: configs, manifests, Parquet, "
+           "checkpoints, model cards, report; its console; its Ray session logs)", injected=2, completed=1)
 
 
 def _no_credentials_in(storage, local_files, console: str, since: float):
@@ -148,15 +159,24 @@ def _no_credentials_in(storage, local_files, console: str, since: float):
     for name, data in blobs:
         for secret in (SENTINEL_KEY_ID, SENTINEL_SECRET):
             assert secret.encode() not in data, f"{name} holds the credential {secret[:8]}…"
+    return len(blobs)
 
 
-def test_submit_to_local_ray_head(tmp_path, monkeypatch):
+def test_submit_to_a_ray_head_on_s3_leaks_no_credentials(s3_endpoint, tmp_path, monkeypatch, request):
+    """`padistill submit` to a token-authenticated Ray head whose nodes hold AWS credentials (the moto
+    fixture's sentinels, as an instance role or a Secret would give them), run root on S3 reached through
+    a proxy that throttles (503) or resets every 15th request (tests/faultproxy.py): the job reaches
+    SUCCEEDED with every row once; no file it wrote, no job log, no record of the job on the head (its
+    runtime env, entrypoint, metadata) and no log of the head's Ray session holds the credentials."""
     import secrets
+
+    from faultproxy import FaultProxy
 
     # a head with Ray's token authentication on, as clusters should run: clients read RAY_AUTH_TOKEN
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
     port, dash = _free_port(), _free_port()
+    started = time.time()  # the head's Ray session (its logs, the job's unpacked working dir) is newer
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
                              "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
@@ -168,6 +188,7 @@ def test_submit_to_local_ray_head(tmp_path, monkeypatch):
                             cwd=tmp_path, env=_env(), stdout=open(tmp_path / "head.log", "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
+    proxy = None
     try:
         deadline = time.monotonic() + 180
         while True:  # the dashboard answers once the head is up
@@ -183,9 +204,11 @@ def test_submit_to_local_ray_head(tmp_path, monkeypatch):
                 assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
                 assert time.monotonic() < deadline, "ray head did not come up"
                 time.sleep(0.5)
-        root = tmp_path / "run"
+        root = "s3://padistill-test/submitted"
+        proxy = FaultProxy(s3_endpoint, every=15).start()
+        sets = [f"run_root={root}", f"storage.endpoint_url={proxy.url}"]
         out = subprocess.run([str(BIN / "padistill"), "submit", "--address", address, "--config", "smoke",
-                              "--until", "8step", "--allow-local-root", "--set", f"run_root={root}"],
+                              "--until", "8step", *[a for kv in sets for a in ("--set", kv)]],
                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         job_id = re.search(r"submitted (\S+)", out.stdout).group(1)
@@ -205,11 +228,44 @@ def test_submit_to_local_ray_head(tmp_path, monkeypatch):
         logs = subprocess.run([str(BIN / "padistill"), "logs", "--address", address, job_id],
                               env=_env(), capture_output=True, text=True).stdout
         assert st == "SUCCEEDED", logs[-4000:]
-        storage = RunStorage(str(root))
+        proxy.stop()
+        faults = dict(proxy.counts)
+        assert proxy.faults >= 20 and any(k.startswith("reset") for k in faults) and \
+            any(k.startswith("503 PUT") for k in faults), faults
+        # checked straight on the moto server, not through the proxy
+        cfg = load_config("smoke", [f"run_root={root}", f"storage.endpoint_url={s3_endpoint}"])
+        storage = RunStorage.from_config(cfg)
         assert manifests(storage) == {"encode", "trajectories-1-8step", "train-1-8step", "eval-1-8step", "report"}
-        assert (root / "stages" / "1-8step" / "model" / "model_index.json").exists()
-        assert "| **student 8step** | 8 |" in (root / "report.md").read_text()
+        # the same rows as a clean run: each of the 64 source rows encoded once, rolled out once per draw
+        enc_ids = storage.read_table("encoded", columns=["id"]).column("id").to_pylist()
+        assert len(enc_ids) == len(set(enc_ids)) == cfg.data.limit == 64
+        traj = storage.read_table("stages/1-8step/traj", columns=["id", "draw"])
+        pairs = list(zip(traj.column("id").to_pylist(), traj.column("draw").to_pylist()))
+        assert sorted(pairs) == sorted((i, d) for i in enc_ids for d in range(cfg.trajectories.draws))
+        assert storage.read_manifest("train-1-8step")["steps"] == plan_phases(cfg.stages[0])[-1].end
+        assert storage.exists("stages/1-8step/model/model_index.json")
+        assert "| **student 8step** | 8 |" in storage.read_text("report.md")
+        # what the head keeps of the job: a secret passed through the runtime env would sit here
+        # (asked from a fresh process, which reads this head's token as `padistill status` does)
+        info = subprocess.run([sys.executable, "-c", "import json, sys; from ray.job_submission import "
+                               "JobSubmissionClient as C; print(json.dumps(C(sys.argv[1]).get_job_info(sys.argv[2])"
+                               ".dict(), default=str))", address, job_id],
+                              env=_env(), capture_output=True, text=True, timeout=120).stdout
+        assert "padistill" in info and job_id in info
+        n = _no_credentials_in(storage, [tmp_path / "head.log"], out.stdout + out.stderr + logs + info,
+                               since=started)
+        print(f"fault proxy: {faults}")
+        record(request, f"a submitted job's S3 traffic through a proxy: every 15th request throttled (503) or reset "
+               f"({faults['requests']} requests)", "retried with backoff by both S3 clients (`storage.max_attempts`); "
+               "the job succeeds with every row once", injected=proxy.faults, completed=1,
+               rows_lost=64 - len(set(pairs)), duplicates=len(pairs) - len(set(pairs)))
+        record(request, "the AWS credentials the nodes of a cluster hold, through `padistill submit`",
+               f"in nothing the job wrote: {n} files scanned (the run root's objects, `padistill logs`, the head's "
+               "record of the job with its runtime env, the head's Ray session logs and unpacked working dir)",
+               injected=2, completed=1)
     finally:
+        if proxy is not None:
+            proxy.stop()
         kill_session(head)
 
 

@@ -115,7 +115,7 @@ def test_encode_digits_local(ray_local, tmp_path):
     assert sorted(t2.column("id").to_pylist()) == sorted(digits.ids)
 
 
-def test_encode_parquet_bad_input_corpus_decoded_or_counted_by_reason(ray_local, tmp_path):
+def test_encode_parquet_bad_input_corpus_decoded_or_counted_by_reason(ray_local, tmp_path, request):
     """The whole bad-input corpus (tests/bad_inputs.py) through the real job: no actor crashes, each bad
     row is counted under its reason, each awkward one (16-bit, CMYK, alpha, EXIF-rotated, a caption
     past CLIP's 77 tokens, UTF-8 bytes) is encoded."""
@@ -151,6 +151,13 @@ def test_encode_parquet_bad_input_corpus_decoded_or_counted_by_reason(ray_local,
     other_tail = LONG_CAPTION + " and then a completely different ending about trousers"
     ref = enc.encode_batch(pipe, torch.zeros(1, 3, 32, 32), [other_tail], 32)["prompt_embeds"][0]
     np.testing.assert_allclose(emb["prompt_embeds"][i].astype(np.float32), ref.float().numpy(), atol=2e-3, rtol=2e-3)
+    from reliability import record
+
+    record(request, f"the bad-input corpus through the real `encode` job (Ray Data actors): "
+           f"{sum(1 for c in rows + brows if c.skip)} bad rows, {len(good)} awkward valid ones",
+           f"no actor crashes; the manifest counts {m['skipped']}; the long caption is kept whole and encoded as "
+           "CLIP reads it", injected=len(rows) + len(brows), completed=1,
+           rows_lost=len(good - set(ids)), duplicates=len(ids) - len(set(ids)))
 
 
 def test_encode_on_s3(s3_endpoint, tmp_path):

@@ -20,6 +20,7 @@ from pipeline.storage import RunStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procs import kill_session  # noqa: E402
+from reliability import record
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +29,7 @@ def _job(module: str, root: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", f"jobs.{module}", "--config", "smoke", "--set", f"run_root={root}", *extra]
 
 
-def test_a_second_run_on_a_held_root_refuses_and_takes_over_once_the_first_is_killed(tmp_path):
+def test_a_second_run_on_a_held_root_refuses_and_takes_over_once_the_first_is_killed(tmp_path, request):
     root = tmp_path / "run"
     first = subprocess.Popen(_job("distill", root), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
@@ -55,9 +56,12 @@ def test_a_second_run_on_a_held_root_refuses_and_takes_over_once_the_first_is_ki
     assert f"took over the run root's lease from `padistill distill` on {held['host']} (pid {first.pid}" \
         in third.stdout and "no longer runs on this host" in third.stdout, third.stdout
     assert not (root / LEASE).exists()
+    record(request, "two runs on one run root; then the holder killed (same host)",
+           "the second stops with one line naming the holder (host, pid, Ray job, start, heartbeat age); once "
+           "the holder is killed the next run takes the lease over at once and logs it", injected=2, completed=1)
 
 
-def test_the_s3_lease_is_a_conditional_put_and_a_stale_one_is_taken_over(s3_endpoint):
+def test_the_s3_lease_is_a_conditional_put_and_a_stale_one_is_taken_over(s3_endpoint, request):
     st = RunStorage("s3://padistill-test/lease-run", StorageConfig(endpoint_url=s3_endpoint))
     logs: list[str] = []
     a = RunLease(st, "distill", timeout_s=60, log=logs.append).acquire()
@@ -87,3 +91,7 @@ def test_the_s3_lease_is_a_conditional_put_and_a_stale_one_is_taken_over(s3_endp
     assert b.lost and "lost the run root's lease" in logs[-1]
     b.release()
     assert json.loads(st.read_text(LEASE))["host"] == "node-8"
+    record(request, "a lease holder crashed on another machine (S3); a holder whose lease was taken over",
+           "its lease is taken over once its heartbeat is older than `storage.lease_timeout_s`, logged; the old "
+           "holder's next conditional PUT fails, it reports the loss and leaves the new lease alone",
+           injected=2, completed=1)

@@ -5,6 +5,7 @@ import pytest
 
 from pipeline.config import StorageConfig
 from pipeline.storage import RunStorage, table_to_tensors, tensors_to_table
+from reliability import record
 
 
 def _columns(rng):
@@ -63,3 +64,41 @@ def test_tensors_to_table_accepts_torch():
 
     t = tensors_to_table({"x": torch.arange(24, dtype=torch.float16).reshape(2, 3, 4)})
     assert table_to_tensors(t)["x"].shape == (2, 3, 4)
+
+
+def test_throttling_and_dropped_connections_are_retried(s3_endpoint, tmp_path, request):
+    """Through a proxy that answers every 4th request 503 SlowDown or resets its connection (tests/
+    faultproxy.py): bytes, Parquet (pyarrow), listings, deletes and the lease's conditional PUTs all
+    succeed with `storage.max_attempts`; with a single attempt the same work fails."""
+    from faultproxy import FaultProxy
+    from pipeline.lease import RunLease
+
+    proxy = FaultProxy(s3_endpoint, every=4).start()
+    try:
+        def work(cfg):
+            st = RunStorage(f"s3://padistill-test/{tmp_path.name}-{cfg.max_attempts}", cfg)
+            cols = _columns(np.random.default_rng(1))
+            for i in range(4):
+                st.write_json(f"m/{i}.json", {"i": i})
+                st.write_table(f"t/part-{i}.parquet", cols)
+            with RunLease(st, "test", timeout_s=60, log=lambda *_: None):
+                pass
+            back = [st.read_json(f"m/{i}.json")["i"] for i in range(4)]
+            t = table_to_tensors(st.read_table("t"), ["latent"])["latent"]
+            st.rm("m/0.json")
+            return back, t.shape, sorted(st.ls("m"))
+
+        back, shape, listing = work(StorageConfig(endpoint_url=proxy.url))
+        assert back == [0, 1, 2, 3] and shape == (20, 4, 8, 8) and listing == ["1.json", "2.json", "3.json"]
+        injected = dict(proxy.counts)
+        injected_first = proxy.faults
+        assert proxy.faults >= 10 and any(k.startswith("503 PUT") for k in injected) and \
+            any(k.startswith("reset") for k in injected) and any(k.endswith("GET") for k in injected), injected
+        with pytest.raises(Exception):
+            work(StorageConfig(endpoint_url=proxy.url, max_attempts=1))
+        record(request, "every 4th S3 request throttled (503 SlowDown) or its connection reset",
+               "retried with backoff (`storage.max_attempts`, both S3 clients): bytes, Parquet, listings, deletes "
+               "and the lease's conditional PUTs all succeed; with one attempt the same work fails",
+               injected=injected_first, completed=1, rows_lost=0, duplicates=0)
+    finally:
+        proxy.stop()

@@ -28,6 +28,7 @@ from pipeline.storage import RunStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procs import kill_session  # noqa: E402
+from reliability import record  # noqa: E402
 from traj_helpers import make_trajectories, write_trajectories  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -221,7 +222,7 @@ def test_x0_conversion_tracks_eps_students_x0(x0_adv_run, tiny_pipeline, tiny_so
     assert rel(x0_conv) < 0.85 * rel(x0_raw)
 
 
-def test_kill_after_checkpoint_then_resume_on_s3(s3_endpoint, tiny_pipeline, tiny_source, tmp_path):
+def test_kill_after_checkpoint_then_resume_on_s3(s3_endpoint, tiny_pipeline, tiny_source, tmp_path, request):
     """`python -m jobs.train_stage` with its run root on S3 (moto), its own local Ray, in its own
     session, SIGKILLed with every process of its session once Ray Train has registered a checkpoint;
     the same command again resumes at that checkpoint's step, not at 0, finishes and exports to S3."""
@@ -271,9 +272,13 @@ def test_kill_after_checkpoint_then_resume_on_s3(s3_endpoint, tiny_pipeline, tin
     assert f"resumed from checkpoint at step {step}" in text
     assert storage.read_manifest(step_name(cfg, 1))["steps"] == 40
     assert storage.exists(cfg.stage_dir(1), "model", "unet", "config.json")
+    record(request, "a training stage killed after a checkpoint, run root on S3",
+           f"the rerun resumes from the latest checkpoint (step {step} of 40 here; every rank's ZeRO shard)",
+           injected=1, completed=1)
 
 
-def test_changed_inputs_start_the_stage_over_instead_of_resuming(ray_local, tiny_pipeline, tiny_source, tmp_path):
+def test_changed_inputs_start_the_stage_over_instead_of_resuming(ray_local, tiny_pipeline, tiny_source, tmp_path,
+                                                                 request):
     """Rerunning resumes from the latest checkpoint; checkpoints made from other inputs (here: another
     lr) must not be resumed as this run's. Same inputs still resume."""
     from pipeline.train import train_stage
@@ -293,6 +298,8 @@ def test_changed_inputs_start_the_stage_over_instead_of_resuming(ray_local, tiny
     # --force (restart): same inputs, but the finished checkpoints are discarded
     forced = train_stage(from_dict(data), 1, held_rows=0, export=False, restart=True)
     assert forced["metrics"]["resumed_from"] == -1 and forced["metrics"]["step"] == 4
+    record(request, "a rerun with changed inputs (lr), and one with `--force`",
+           "the stage's old checkpoints are discarded, not resumed as this run's", injected=2, completed=2)
 
 
 def test_micro_batches_deal_rows_anew_every_epoch(ray_local):
@@ -320,7 +327,7 @@ def test_micro_batches_deal_rows_anew_every_epoch(ray_local):
 
 
 def test_nonfinite_rows_skip_their_updates_and_a_streak_stops_the_stage(ray_local, tiny_pipeline, tiny_source,
-                                                                        tmp_path):
+                                                                        tmp_path, request):
     """One trajectory row with a NaN target, in the real trainer (Ray Train, 2 workers, ZeRO-2). 32 rows,
     micro-batch 8 on each worker: an epoch is 2 steps and the NaN row is in exactly one, so half the
     updates are skipped (on both workers: their gradient reductions stay matched) and the stage still
@@ -356,3 +363,7 @@ def test_nonfinite_rows_skip_their_updates_and_a_streak_stops_the_stage(ray_loca
     e = user_error(err.value)
     assert isinstance(e, DivergedError) and "1 student updates in a row skipped" in str(e), repr(err.value)[-2000:]
     assert "trajectories for NaNs" in str(e)
+    record(request, "NaN in a trajectory row's target (the real trainer, 2 workers, ZeRO-2)",
+           f"the {hist[-1]['skipped_student_updates']} updates holding it are skipped on every rank and counted; "
+           "the stage finishes with finite weights; with `train.max_nonfinite: 1` it stops with one line "
+           "(`DivergedError`), its latest checkpoint finite", injected=2, completed=1)
