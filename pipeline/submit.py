@@ -11,8 +11,10 @@ from .config import CONFIG_DIR, ConfigError, find_config, load_config
 from .errors import ClusterError
 
 PROJECT = CONFIG_DIR.parent
-# What the working dir upload leaves out (Ray caps working_dir packages at 500 MiB).
-EXCLUDES = [".venv/", ".git/", "runs/", "**/__pycache__/", ".pytest_cache/", "benchmarks/results/", "*.egg-info/"]
+# What the working dir upload leaves out (Ray caps working_dir packages at 500 MiB): what a job never runs,
+# the tests among it (their fixtures' sentinel credentials would otherwise sit on every node).
+EXCLUDES = [".venv/", ".git/", "runs/", "**/__pycache__/", ".pytest_cache/", "benchmarks/results/", "*.egg-info/",
+            "tests/", "*.whl"]
 
 
 def entrypoint_for(config: str | None, overrides: list[str], until: str | None = None) -> tuple[str, str]:

@@ -154,8 +154,9 @@ def test_encode_parquet_bad_input_corpus_decoded_or_counted_by_reason(ray_local,
     from reliability import record
 
     record(request, f"the bad-input corpus through the real `encode` job (Ray Data actors): "
-           f"{sum(1 for c in rows + brows if c.skip)} bad rows, {len(good)} awkward valid ones",
-           f"no actor crashes; the manifest counts {m['skipped']}; the long caption is kept whole and encoded as "
+           f"{sum(1 for c in rows + brows if c.skip)} bad rows, {len(good)} decodable ones",
+           "no actor crashes; the manifest counts " + ", ".join(f"`{k}` {v}" for k, v in sorted(m["skipped"].items()))
+           + "; the long caption is kept whole and encoded as "
            "CLIP reads it", injected=len(rows) + len(brows), completed=1,
            rows_lost=len(good - set(ids)), duplicates=len(ids) - len(set(ids)))
 

@@ -67,12 +67,14 @@ def test_damaged_units_are_recomputed_and_never_trained_on(ray_local, tmp_path, 
     assert any("3 committed file(s) damaged" in line for line in logs), logs
     m = st.read_manifest(tj.step_name(cfg, 1))
     assert m["units_run"] == 3 and m["outputs"]["rows"] == 128
-    ids, target = _rows(tj.read_trajectories(st, cfg, 1))
+    t = tj.read_trajectories(st, cfg, 1)
+    ids, target = _rows(t)
     assert ids == clean[0]
+    keys = list(zip(t.column("id").to_pylist(), t.column("draw").to_pylist()))  # one row per (id, draw)
     record(request, "committed trajectory units truncated, bit-flipped and deleted (local disk)",
            "training stops with one line naming each damaged object and the command that recomputes it; the "
            "rerun recomputes just those units (3 of 16), the same rows as before", injected=3, completed=1,
-           rows_lost=len(set(clean[0]) - set(ids)), duplicates=len(ids) - len(set(ids)))
+           rows_lost=128 - len(set(keys)), duplicates=len(keys) - len(set(keys)))
     np.testing.assert_allclose(target, clean[1], atol=1e-5, rtol=0)
     assert shards.verify_files(st, f"{cfg.stage_dir(1)}/traj", m["outputs"]["files"]) == {}
 
