@@ -223,9 +223,9 @@ class DeepSpeedEngines:
 
 def weights_only_load(path: str, map_location=None):
     """DeepSpeed's checkpoint engine `load`, without running code from the file: `torch.load` with
-    `weights_only=True`, allowing the four DeepSpeed classes its ZeRO-2/3 checkpoints hold (measured for
-    fp32 and bf16, with and without offload). A checkpoint holding anything else is refused, naming the
-    file and the object (torch's own message would advise `weights_only=False`)."""
+    `weights_only=True`, allowing the three DeepSpeed classes its ZeRO-2/3 checkpoints hold (listed for
+    fp32 and bf16, with and without offload) and fp16's dynamic loss scaler. A checkpoint holding anything
+    else is refused, naming the file and the object (torch's own message would advise `weights_only=False`)."""
     import pickle
 
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
