@@ -59,6 +59,9 @@ class ModelConfig(_Strict):
     _source = field_validator("source")(local_abspath)
 
 
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's Image.MAX_IMAGE_PIXELS: above it Pillow warns of a bomb
+
+
 class DataConfig(_Strict):
     # toy_digits | fashion_mnist (the embedded benchmarks, pipeline/data.py) | parquet (your images)
     kind: Literal["toy_digits", "fashion_mnist", "parquet"] = "toy_digits"
@@ -70,7 +73,7 @@ class DataConfig(_Strict):
     id_column: Optional[str] = None
     # parquet: images with more pixels are skipped from their header, unread (decompression bombs);
     # the default is Pillow's own warning threshold
-    max_image_pixels: int = Field(89_478_485, gt=0)
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, gt=0)
     limit: Optional[int] = Field(None, gt=0)
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0

@@ -133,11 +133,13 @@ def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path
     assert resumed and max(resumed) >= 2, resumed
     assert not (tmp_path / "runs").exists()  # nothing on a local disk: the run root is S3 only
     assert storage.read_manifest("trajectories-1-8step")["outputs"]["rows"] == 64
+    traj = storage.read_table("stages/1-8step/traj", columns=["id", "draw"])
+    keys = list(zip(traj.column("id").to_pylist(), traj.column("draw").to_pylist()))
     n = _no_credentials_in(storage, [tmp_path / "first.log"], done.stdout + done.stderr, since=started)
     record(request, "`distill` killed mid-stage (SIGKILL), run root on S3",
            f"the rerun skips finished steps, resumes the stage (from step {max(resumed)}), ends with the same "
            "manifests", injected=1, completed=1,
-           rows_lost=64 - storage.read_manifest("trajectories-1-8step")["outputs"]["rows"], duplicates=0)
+           rows_lost=64 - len(set(keys)), duplicates=len(keys) - len(set(keys)))
     record(request, "the AWS credentials a run on S3 had (sentinel values)",
            f"in nothing it wrote: {n} files scanned (every object of the run root: configs, manifests, Parquet, "
            "checkpoints, model cards, report; its console; its Ray session logs)", injected=2, completed=1)
@@ -231,7 +233,7 @@ def test_submit_to_a_ray_head_on_s3_leaks_no_credentials(s3_endpoint, tmp_path, 
         proxy.stop()
         faults = dict(proxy.counts)
         assert proxy.faults >= 20 and any(k.startswith("reset") for k in faults) and \
-            any(k.startswith("503 PUT") for k in faults), faults
+            any(k.endswith(" PUT") for k in faults), faults  # writes were hit too
         # checked straight on the moto server, not through the proxy
         cfg = load_config("smoke", [f"run_root={root}", f"storage.endpoint_url={s3_endpoint}"])
         storage = RunStorage.from_config(cfg)

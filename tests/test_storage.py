@@ -99,6 +99,6 @@ def test_throttling_and_dropped_connections_are_retried(s3_endpoint, tmp_path, r
         record(request, "every 4th S3 request throttled (503 SlowDown) or its connection reset",
                "retried with backoff (`storage.max_attempts`, both S3 clients): bytes, Parquet, listings, deletes "
                "and the lease's conditional PUTs all succeed; with one attempt the same work fails",
-               injected=injected_first, completed=1, rows_lost=0, duplicates=0)
+               injected=injected_first, completed=1)
     finally:
         proxy.stop()
