@@ -77,6 +77,7 @@ def main(argv=None) -> int:
 
     import ray
 
+    from pipeline import cluster
     from pipeline import encode as enc
     from pipeline import trajectories as tj
     from pipeline.config import load_config
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
                                     f"trajectories.max_rows_per_file={-(-args.limit * args.draws // args.files)}",
                                     "trajectories.gpus_per_actor=0",
                                     f"ray.num_cpus={args.cpus}"])
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    cluster.init_local(args.cpus, log_to_driver=False)
     quiet = lambda *a, **k: None  # noqa: E731
     enc.run_encode(cfg, log=quiet)
     k, stage = cfg.stage(args.stage)

@@ -33,7 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline import zoo  # noqa: E402
+from pipeline import cluster, zoo  # noqa: E402
 from pipeline.config import CONFIG_DIR, from_dict  # noqa: E402
 from pipeline.storage import RunStorage  # noqa: E402
 from results_io import write_result
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     cfg, cols = fresh_cfg()
     threads = cfg.ray.num_cpus or os.cpu_count()
     # Ray is up for every run, bare ones included (its idle processes are part of the machine's load)
-    ray.init(address="local", num_cpus=threads, include_dashboard=False, log_to_driver=True)
+    cluster.init_local(threads)
     load_before = os.getloadavg()
     bare = [bare_loop(cfg, cols, a.steps, threads)]
     rays = []

@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from pipeline.shards import ensure_ray
+    from pipeline.cluster import ensure_ray
     from pipeline.train import train_stage
 
     cfg = config_from_args(args)

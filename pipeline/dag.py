@@ -118,7 +118,7 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
     """Run the selected steps as Ray tasks, each starting when its dependencies have finished."""
     import ray
 
-    from .shards import ensure_ray
+    from .cluster import ensure_ray
 
     if not cfg.model.source.startswith("s3://"):  # a wrong path fails here in one line, not in an actor
         from .zoo import resolve_source

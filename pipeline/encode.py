@@ -27,7 +27,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from . import shards
+from . import cluster, shards
 from .config import RunConfig
 from .sources import make_source
 from .storage import RunStorage, tensors_to_table
@@ -133,7 +133,7 @@ def run_encode(cfg: RunConfig, *, force: bool = False, log=print) -> dict:
     log(f"padistill encode: {len(units)} units, {len(done)} already committed, {len(todo)} to run "
         f"-> {storage.url(OUT)}")
     t0 = time.perf_counter()
-    shards.ensure_ray(cfg)
+    cluster.ensure_ray(cfg)
     shards.run_units(todo, EncodeWorker, {"cfg_json": cfg.model_dump_json(), "inputs_hash": ih},
                      actors=cfg.encode.actors, gpus_per_actor=cfg.encode.gpus_per_actor,
                      on_marker=lambda m: log(f"  unit {m['index']}: {m['rows']} rows, skipped {m['skipped']}"))

@@ -53,26 +53,6 @@ def marker_rel(out_rel: str, index: int) -> str:
     return posixpath.join(out_rel, MARKER_DIR, f"{index:05d}.json")
 
 
-def ensure_ray(cfg) -> None:
-    """Join the configured Ray cluster, or start a local one sized by `ray.num_cpus`; a no-op when
-    this process is already connected (tests, `ray job submit`)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    kw: dict[str, Any] = {"log_to_driver": True}
-    if cfg.ray.address:
-        kw["address"] = cfg.ray.address
-    elif os.environ.get("RAY_ADDRESS"):  # a driver under `ray job submit`: join that cluster as it is
-        kw["address"] = os.environ["RAY_ADDRESS"]
-    else:  # a local Ray started for this run (never silently joining another cluster on this machine)
-        kw["address"] = "local"
-        kw["include_dashboard"] = False
-        if cfg.ray.num_cpus:
-            kw["num_cpus"] = cfg.ray.num_cpus
-    ray.init(**kw)
-
-
 def pool_layout(actors, gpus_per_actor: float, n_units: int) -> tuple[int, int]:
     """(actor pool size, CPUs = torch threads per actor) for `n_units` units.
 

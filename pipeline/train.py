@@ -47,7 +47,6 @@ import math
 import os
 import posixpath
 import shutil
-import sys
 import tempfile
 import time
 import zlib
@@ -57,6 +56,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from . import cluster
 from . import student as student_mod
 from .config import ConfigError, RunConfig, StageConfig, from_dict
 from .discriminator import Discriminator, nonsaturating_d_loss, nonsaturating_g_loss
@@ -874,27 +874,6 @@ def clear_stale_extension_locks(max_age_s: float = 900.0, log=print) -> list[str
     return removed
 
 
-def _worker_log(prefix: str) -> Callable[..., None]:
-    """A console logger for a Ray Train worker. It writes to stdout itself: Ray Train V2 patches
-    `print` to tee into the (redirected) stdout *and* its logger, so every printed line reached the
-    driver twice."""
-    def log(*a) -> None:
-        sys.stdout.write(" ".join([prefix, *map(str, a)]) + "\n")
-        sys.stdout.flush()
-    return log
-
-
-def _quiet_report_lines() -> None:
-    """Ray Train (2.60) logs every `ray.train.report` of every rank at INFO ("Reporting training
-    result ...", the whole metrics dict) through a logger named by its module's *file path*, outside
-    "ray.train", so `LoggingConfig(log_level=...)` does not reach it."""
-    try:
-        from ray.train.v2._internal.execution import context as ray_train_context
-    except ImportError:  # another Ray layout: its lines stay
-        return
-    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
-
-
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint
@@ -902,7 +881,7 @@ def train_loop_per_worker(config: dict) -> None:
     from .trajectories import fetch_teacher
     from .zoo import load_unet, schedule_of
 
-    _quiet_report_lines()
+    cluster.quiet_report_lines()
     cfg = from_dict(config["run"])
     key = config["stage"]
     idx, stage = cfg.stage(key)
@@ -932,7 +911,7 @@ def train_loop_per_worker(config: dict) -> None:
     total = loop.total
     ckpt_at = checkpoint_steps(stage, cfg.train.checkpoint_every)
     max_steps = config.get("max_steps") or total
-    log = _worker_log(f"[train {idx}-{stage.name}]") if rank == 0 else (lambda *a: None)
+    log = cluster.worker_log(f"[train {idx}-{stage.name}]") if rank == 0 else (lambda *a: None)
 
     # -- resume ---------------------------------------------------------------------------------------------
     step, history, resumed_from = 0, [], None
@@ -1106,7 +1085,7 @@ def step_name(cfg: RunConfig, key) -> str:
 def make_trainer(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps: int | None = None,
                  storage: RunStorage | None = None, extra_config: dict | None = None):
     """The TorchTrainer of one stage (not started)."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .trajectories import disc_source, student_init_source
@@ -1137,11 +1116,7 @@ def make_trainer(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps
                                 storage_filesystem=storage.arrow_fs,
                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                                 checkpoint_config=CheckpointConfig(num_to_keep=None),
-                                # Ray Train's own INFO lines (the controller's worker-group and
-                                # run-snapshot notices: 63 -> 38 lines in a resumed smoke stage) drown
-                                # the stage's progress; warnings and errors still show. The per-report
-                                # dump needs `_quiet_report_lines`.
-                                logging_config=LoggingConfig(log_level="WARNING")),
+                                logging_config=cluster.train_logging_config()),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from . import encode as encode_mod
-from . import shards
+from . import cluster, shards
 from .config import RunConfig, StageConfig
 from .errors import MissingInputError
 from .schedule import Conditioning, Schedule, StagePair, unet_denoiser
@@ -361,7 +361,7 @@ def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> 
         f"{stage.teacher_steps}->{stage.student_steps} steps, guidance {stage.guidance_scale}): {len(units)} units, "
         f"{len(done)} already committed, {len(todo)} to run -> {storage.url(out)}")
     t0 = time.perf_counter()
-    shards.ensure_ray(cfg)
+    cluster.ensure_ray(cfg)
     shards.run_units(todo, TrajectoryWorker,
                      {"cfg_json": cfg.model_dump_json(), "stage_key": str(k), "inputs_hash": ih},
                      actors=tc.actors, gpus_per_actor=tc.gpus_per_actor,

@@ -76,9 +76,10 @@ def ray_local():
     """One local Ray with 2 CPUs for the whole test session."""
     import ray
 
+    from pipeline import cluster
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,  # never join another cluster
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        cluster.init_local(num_cpus=2)  # as every entry point starts one (never joining another cluster)
     yield ray
     ray.shutdown()
 

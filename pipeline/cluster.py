@@ -1,0 +1,91 @@
+"""Starting or joining Ray for a run, and keeping Ray's console to what a user needs to read.
+
+Every padistill entry point (the CLI's steps, the toy teacher, the tests' fixture, the benchmarks) starts
+a local Ray through `init_local`, so they share one set of quieting rules:
+
+- Ray Train V2 patches `print` in its workers to tee into the redirected stdout *and* its logger, so a
+  printed line reached the driver twice: the workers' environment switches the patch off
+  (`RAY_TRAIN_ENABLE_PRINT_PATCH=0`) and `worker_log` writes to stdout itself.
+- Ray Train's own INFO lines (worker-group notices; every `ray.train.report` of every rank, with the whole
+  metrics dict) drown the progress lines: `train_logging_config` and `quiet_report_lines`.
+- Train's detached PlacementGroupCleaner asks the State API every second whether its controller is alive.
+  The State API is served by the dashboard, which a local Ray started here leaves out (memory and CPU on
+  small machines), so every query failed and logged a warning: 3,201 lines in one toy-teacher run. The
+  cleaner exists to free a placement group when its controller dies with the cluster still up; a local
+  cluster dies with its driver. `quiet_worker`, run in every worker process of a local Ray, raises that
+  logger to ERROR, and the autoscaling client's (a local Ray has no autoscaler). On a real cluster (`ray.address`, `ray job submit`) nothing is changed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Ray Train loggers that only speak to a cluster service a local Ray does not run: the State API (the
+# dashboard, left out) and the autoscaler ("Failed to send resource request ... safe to ignore", with a
+# traceback, whenever the 2 cores are busy)
+LOCAL_ONLY_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
+
+
+def quiet_worker() -> None:
+    """`worker_process_setup_hook` of a local Ray without a dashboard (see the module's docstring)."""
+    for name in LOCAL_ONLY_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def local_runtime_env() -> dict:
+    return {"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": f"{__name__}.quiet_worker"}
+
+
+def init_local(num_cpus: int | None = None, log_to_driver: bool = True, **kw: Any) -> None:
+    """Start a local Ray for this process (never silently joining another cluster on this machine)."""
+    import ray
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+             runtime_env=local_runtime_env(), **kw)
+
+
+def ensure_ray(cfg) -> None:
+    """Join the configured Ray cluster, or start a local one sized by `ray.num_cpus`; a no-op when
+    this process is already connected (tests, `ray job submit`)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    elif os.environ.get("RAY_ADDRESS"):  # a driver under `ray job submit`: join that cluster as it is
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        init_local(cfg.ray.num_cpus or None)
+
+
+def train_logging_config():
+    """Ray Train's RunConfig logging: its INFO lines (the controller's worker-group and run-snapshot
+    notices: 63 -> 38 lines in a resumed smoke stage) drown a run's progress; warnings and errors show."""
+    from ray.train import LoggingConfig
+
+    return LoggingConfig(log_level="WARNING")
+
+
+def quiet_report_lines() -> None:
+    """In a Train worker: Ray Train (2.60) logs every `ray.train.report` of every rank at INFO
+    ("Reporting training result ...", the whole metrics dict) through a logger named by its module's
+    *file path*, outside "ray.train", so `train_logging_config` does not reach it."""
+    try:
+        from ray.train.v2._internal.execution import context as ray_train_context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+
+
+def worker_log(prefix: str) -> Callable[..., None]:
+    """A console logger for a Ray Train worker that writes to stdout itself (one line per call, whether
+    or not Train's print patch is on)."""
+    def log(*a) -> None:
+        sys.stdout.write(" ".join([prefix, *map(str, a)]) + "\n")
+        sys.stdout.flush()
+    return log

@@ -1,0 +1,50 @@
+"""A local Ray started by padistill (`pipeline.cluster.init_local`, what the CLI, the toy teacher and this
+suite's fixture use) keeps Ray Train's noise off the console in every worker process it starts: tasks,
+actors, and detached actors like Train's PlacementGroupCleaner, whose State API queries fail without a
+dashboard (3,201 warnings in one toy-teacher run before this)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from pipeline import cluster
+
+
+def test_every_worker_of_a_local_ray_is_quiet(ray_local):
+    names = cluster.LOCAL_ONLY_NOISE  # defined here, the functions travel by value (tests/ is not on workers)
+
+    def _state() -> dict:
+        return {"levels": {n: logging.getLogger(n).getEffectiveLevel() for n in names},
+                "print_patch": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH"),
+                "hub_offline": os.environ.get("HF_HUB_OFFLINE")}
+
+    @ray.remote(num_cpus=0)
+    def _task_state() -> dict:
+        return _state()
+
+    @ray.remote(num_cpus=0)
+    class _Probe:
+        def state(self) -> dict:
+            return _state()
+
+    quiet = {n: logging.ERROR for n in cluster.LOCAL_ONLY_NOISE}
+    expected = {"levels": quiet, "print_patch": "0", "hub_offline": "1"}
+    assert ray.get(_task_state.remote()) == expected
+    probe = _Probe.remote()
+    assert ray.get(probe.state.remote()) == expected
+    # a detached actor, as Train starts its cleaner, gets the same set-up
+    detached = _Probe.options(lifetime="detached", name="padistill-test-probe").remote()
+    try:
+        assert ray.get(detached.state.remote()) == expected
+    finally:
+        ray.kill(detached)
+    # the driver itself is untouched: only Ray's worker processes are quieted
+    assert logging.getLogger(cluster.LOCAL_ONLY_NOISE[0]).level != logging.ERROR
+
+
+def test_worker_log_writes_each_line_once(capfd):
+    cluster.worker_log("[train 1-8step]")("step", 3, "loss", 0.5)
+    assert capfd.readouterr().out == "[train 1-8step] step 3 loss 0.5\n"
