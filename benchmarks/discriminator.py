@@ -187,12 +187,13 @@ def toy_fd(cfg, loop, samples_per_digit: int) -> dict:
     """FD and prompt accuracy of the loop's current student at its step count (the toy evaluation's
     fixed noise, `samples_per_digit` x 10 digits)."""
     from pipeline import zoo
-    from pipeline.metrics import sample_digits, score
+    from pipeline.metrics import score
+    from pipeline.sampling import sample_classes
 
     pipe = zoo.load_pipeline(cfg.model.source)
     n = loop.stage.student_steps
-    imgs = sample_digits(pipe, n, 0.0, samples_per_digit, unet=loop.student.module,
-                         prediction_type=loop.student_ptype)
+    imgs = sample_classes(pipe, n, 0.0, samples_per_digit, unet=loop.student.module,
+                          prediction_type=loop.student_ptype)
     sc = score(imgs.images, imgs.labels)  # FD to real digits, the report's FD
     return {"fd": sc["fd"], "prompt_accuracy": sc["prompt_accuracy"]}
 

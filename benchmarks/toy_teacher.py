@@ -52,7 +52,7 @@ def run(source: str = "builtin:toy_teacher", steps=STEPS, samples_per_digit: int
         grid_seeds: int = 1, dataset: str | None = None, calibration_only: bool = False) -> dict:
     import torch
 
-    from pipeline import metrics
+    from pipeline import images, metrics, sampling
     from pipeline.zoo import load_pipeline, read_info, resolve_source
 
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def run(source: str = "builtin:toy_teacher", steps=STEPS, samples_per_digit: int
     seconds = {}
     for n in (sorted(set(steps) | {ref_steps}, reverse=True) if not calibration_only else []):
         t0 = time.time()
-        samples[n] = metrics.sample_digits(pipe, n, g, samples_per_digit, seed, dataset=dataset)
+        samples[n] = sampling.sample_classes(pipe, n, g, samples_per_digit, seed, dataset=dataset)
         seconds[n] = time.time() - t0
         print(f"[benchmark] sampled {len(samples[n].labels)} images at {n} steps in {seconds[n]:.1f} s", flush=True)
     for n in (steps if not calibration_only else []):
@@ -111,7 +111,7 @@ def run(source: str = "builtin:toy_teacher", steps=STEPS, samples_per_digit: int
             grid_rows.append(samples[n].grid_row(k))
             labels.append(f"{n} step" + ("s" if n > 1 else "") + (f" s{k}" if grid_seeds > 1 else ""))
     if grid_rows:
-        metrics.save_grid(grid_rows, out_dir / f"{name}_grid.png", labels)
+        images.save_grid(grid_rows, out_dir / f"{name}_grid.png", labels)
     print(f"[benchmark] wrote {out_dir / name}.json, .md" + (", _grid.png" if grid_rows else ""), flush=True)
     return result
 

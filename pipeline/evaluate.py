@@ -57,7 +57,8 @@ def teacher_samples(cfg: RunConfig, storage: RunStorage, teacher, steps: int, gu
                     prompts: "RealPrompts | None" = None):
     """The base teacher's fixed-seed samples at `steps` (cached in the run root): toy digits, or the
     images of a non-toy run's evaluation `prompts` (uint8, the sizes of real runs)."""
-    from .metrics import sample_captions, sample_digits, to_uint8_nchw
+    from .images import to_uint8_nchw
+    from .sampling import sample_captions, sample_classes
 
     K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
     rel = teacher_cache_rel(cfg, steps, guidance)
@@ -69,8 +70,8 @@ def teacher_samples(cfg: RunConfig, storage: RunStorage, teacher, steps: int, gu
                                                batch_size=cfg.evaluate.batch_size))
         labels = np.asarray(prompts.captions)
     else:
-        s = sample_digits(teacher, steps, guidance, K, seed, batch_size=cfg.evaluate.batch_size,
-                          dataset=cfg.data.kind)
+        s = sample_classes(teacher, steps, guidance, K, seed, batch_size=cfg.evaluate.batch_size,
+                           dataset=cfg.data.kind)
         images, labels = s.images, s.labels
     _save_npz(storage, rel, images=images.numpy(), labels=labels)
     return images, labels
@@ -89,7 +90,7 @@ class RealPrompts:
 def real_prompts(cfg: RunConfig, latent_shape) -> RealPrompts:
     from collections import Counter
 
-    from .metrics import to_uint8_nchw
+    from .images import to_uint8_nchw
     from .sources import make_source
 
     want = cfg.evaluate.prompts
@@ -182,8 +183,8 @@ Sampling speedup vs the 32-step teacher with CFG (64 UNet evaluations): {metrics
 
 def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
     """Evaluate stage `key` (skipped when its manifest matches); returns the manifest."""
-    from .metrics import (NOISE_VERSION, from_uint8, latent_shape, sample_captions, sample_digits, save_grid,
-                          score, to_uint8_nchw)
+    from .images import from_uint8, save_grid, to_uint8_nchw
+    from .sampling import NOISE_VERSION, latent_shape, sample_captions, sample_classes
     from .zoo import load_pipeline, resolve_source, schedule_of
 
     toy = cfg.data.toy
@@ -221,12 +222,14 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         t32, labels = teacher_samples(cfg, storage, teacher, 32, g, prompts)
         tN, _ = teacher_samples(cfg, storage, teacher, N, g, prompts)
         if toy:
+            from .metrics import score  # the toy metrics: a real run never imports them
+
             kind = cfg.data.kind
-            s = sample_digits(student, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size, prediction_type=pred,
-                              dataset=kind)
+            s = sample_classes(student, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size, prediction_type=pred,
+                               dataset=kind)
             start = load_pipeline(storage.get_dir(start_rel, f"{work}/start")) if start_rel else teacher
-            s0 = sample_digits(start, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size,
-                               prediction_type=schedule_of(start).prediction_type, dataset=kind)
+            s0 = sample_classes(start, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size,
+                                prediction_type=schedule_of(start).prediction_type, dataset=kind)
             scores = {"student": score(s.images, labels, reference_images=t32, dataset=kind),
                       "student_start": score(s0.images, labels, reference_images=t32, dataset=kind),
                       "teacher_same_steps": score(tN, labels, reference_images=t32, dataset=kind),

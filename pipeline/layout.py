@@ -11,7 +11,7 @@ TEACHER_DIR = "eval/teacher"  # the base teacher's evaluation samples, shared by
 
 def teacher_cache_rel(cfg: RunConfig, steps: int, guidance: float) -> str:
     """Where the base teacher's samples at `steps` are cached in the run root."""
-    from .metrics import NOISE_VERSION
+    from .sampling import NOISE_VERSION
 
     if not cfg.data.toy:
         return f"{TEACHER_DIR}/real-steps-{steps}-g{guidance:g}-p{cfg.evaluate.prompts}-s{cfg.evaluate.seed}.npz"

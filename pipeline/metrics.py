@@ -13,8 +13,8 @@ dataset of `pipeline.data` (digits, Fashion-MNIST):
   (1 = as sharp as real, below 1 = blurrier; independent of the classifier);
 - `fd_to_reference`: Fréchet distance to a reference model's samples (a student vs its teacher).
 
-Fixed prompts and seeds (`sample_digits`) make numbers comparable between runs; sampling goes through
-`Schedule.sample` and `unet_denoiser` like everything else in padistill.
+The samples they score come from `pipeline.sampling` (fixed prompts and seeds), which a real run uses
+without this module.
 """
 
 from __future__ import annotations
@@ -47,8 +47,6 @@ CLASSIFIER_INFO = ASSETS / "digit_classifier.json"
 CLASSIFIER_FILES = {"toy_digits": CLASSIFIER_FILE, "fashion_mnist": ASSETS / "fashion_classifier.safetensors"}
 FEATURE_DIM = 64
 PATCH = 16
-DEFAULT_SEED = 1234
-NOISE_VERSION = 2  # fixed_noise's protocol (2: one noise per sample); in caches and evaluation inputs
 
 
 # ---- the classifier --------------------------------------------------------------------------------------
@@ -345,117 +343,3 @@ def calibration(dataset: str = "toy_digits", per_class: int = 50, seed: int = 0)
         CALIBRATION_ROWS[4]: (torch.rand(images.shape, generator=g) * 2 - 1, labels),
     }
     return [{"name": name, **score(x, y, dataset=dataset)} for name, (x, y) in sets.items()]
-
-
-# ---- fixed prompts and seeds --------------------------------------------------------------------------------
-@dataclass
-class DigitSamples:
-    images: torch.Tensor  # [10 * K, 3, R, R] in [-1, 1], digit-major: row d * K + k
-    labels: np.ndarray  # [10 * K]
-    num_steps: int
-    guidance_scale: float
-    seed: int
-
-    def grid_row(self, k: int = 0) -> torch.Tensor:
-        """Digits 0-9 at seed index k: [10, 3, R, R]."""
-        K = len(self.labels) // 10
-        return self.images[torch.arange(10) * K + k]
-
-
-def fixed_noise(samples_per_digit: int, seed: int = DEFAULT_SEED, shape=(4, 8, 8), digits: int = 10) -> torch.Tensor:
-    """Noise [digits * K, *shape], digit-major (row d * K + k), drawn from one generator seeded with
-    `seed`: every sample has its own noise, and every model sampled with the same seed gets the same
-    noise for (digit, k). (Noise shared across digits made the 10 x K samples only K independent
-    draws; the toy FD then moved more between seeds than between models.)"""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((digits * samples_per_digit, *shape), generator=g)
-
-
-@torch.no_grad()
-def sample_captions(pipe, captions: list[str], noise: torch.Tensor, num_steps: int, guidance_scale: float = 0.0,
-                    unet=None, batch_size: int = 200, prediction_type: Optional[str] = None) -> torch.Tensor:
-    """Images [N, 3, R, R] in [-1, 1] of `captions` from `noise` (one latent each) with N trailing Euler
-    steps through `Schedule.sample` (CFG when g > 1), decoded with the pipeline's VAE; `unet` (a student)
-    replaces the pipeline's own UNet when given. Each distinct caption is encoded once."""
-    from .schedule import Conditioning, unet_denoiser
-    from .zoo import encode_prompts, schedule_of
-
-    unet = unet if unet is not None else pipe.unet
-    sched = schedule_of(pipe)
-    vae = pipe.vae
-    res = pipe.default_sample_size * pipe.vae_scale_factor
-    distinct = sorted(set(captions))
-    where = {c: i for i, c in enumerate(distinct)}
-    cond_all = encode_prompts(pipe, distinct, res)
-    out = []
-    for i in range(0, len(captions), batch_size):
-        y = torch.as_tensor([where[c] for c in captions[i:i + batch_size]])
-        cond = Conditioning(cond_all.prompt_embeds[y], cond_all.pooled[y], cond_all.time_ids[y])
-        den = unet_denoiser(unet, cond, guidance_scale)
-        lat = sched.sample(den, noise[i:i + batch_size].to(torch.float32), num_steps, prediction_type)
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        img = vae.decode((lat / vae.config.scaling_factor + shift).to(vae.dtype)).sample
-        out.append(img.float().clamp(-1, 1))
-    return torch.cat(out)
-
-
-def latent_shape(pipe, unet=None) -> tuple[int, int, int]:
-    unet = unet if unet is not None else pipe.unet
-    side = pipe.default_sample_size
-    return (unet.config.in_channels, side, side)
-
-
-def sample_digits(pipe, num_steps: int, guidance_scale: float = 0.0, samples_per_digit: int = 10,
-                  seed: int = DEFAULT_SEED, unet=None, batch_size: int = 200,
-                  prediction_type: Optional[str] = None, dataset: str = "toy_digits") -> DigitSamples:
-    """Sample the dataset's 10 classes x K fixed seeds (`fixed_noise`) with `sample_captions`."""
-    from .data import toy_dataset
-
-    ds = toy_dataset(dataset)
-    labels = np.repeat(np.arange(10), samples_per_digit)
-    noise = fixed_noise(samples_per_digit, seed, latent_shape(pipe, unet))  # class-major
-    images = sample_captions(pipe, [ds.caption_for(int(y)) for y in labels], noise, num_steps, guidance_scale,
-                             unet=unet, batch_size=batch_size, prediction_type=prediction_type)
-    return DigitSamples(images, labels, num_steps, guidance_scale, seed)
-
-
-def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
-    """[N, 3, H, W] in [-1, 1] -> uint8 [N, 3, H, W] (what FID and CLIP score read)."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def from_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> float [N, 3, H, W] in [-1, 1]."""
-    return images.to(torch.float32) / 127.5 - 1.0
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[N, 3, H, W] in [-1, 1] -> [N, H, W, 3] uint8 (images to save)."""
-    return to_uint8_nchw(images).permute(0, 2, 3, 1).numpy()
-
-
-def save_grid(rows: list[torch.Tensor], path, row_labels: Optional[list[str]] = None, scale: int = 3) -> None:
-    """A PNG grid: each entry of `rows` is [C, 3, H, W] (e.g. digits 0-9), upscaled `scale`x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    nr, nc = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(nr, nc, figsize=(nc * 0.9 + (0.9 if row_labels else 0), nr * 0.95), squeeze=False)
-    for i, r in enumerate(rows):
-        imgs = to_uint8(r)
-        for j in range(nc):
-            ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j < len(imgs):
-                ax.imshow(imgs[j], interpolation="nearest")
-            if i == 0:
-                ax.set_title(str(j), fontsize=9)
-            if j == 0 and row_labels:
-                ax.set_ylabel(row_labels[i], fontsize=9)
-    fig.tight_layout(pad=0.2)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=40 * scale)
-    plt.close(fig)

@@ -75,8 +75,7 @@ def grid(cfg: RunConfig, storage: RunStorage, evals: list[dict], path: str) -> N
     import numpy as np
     import torch
 
-    from .metrics import from_uint8
-    from .metrics import save_grid
+    from .images import from_uint8, save_grid
 
     toy = cfg.data.toy
     K = cfg.evaluate.samples_per_prompt

@@ -6,7 +6,6 @@ stale lease of a crashed remote holder taken over, and a holder that notices it 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

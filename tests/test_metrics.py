@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import metrics
+from pipeline import metrics, sampling
 from pipeline.data import load_digits
 
 
@@ -67,18 +67,18 @@ def test_mode_collapse_scores_worse_than_real(real):
 
 
 def test_fixed_noise_is_reproducible_and_distinct_per_sample():
-    a = metrics.fixed_noise(3, seed=5)
-    b = metrics.fixed_noise(3, seed=5)
+    a = sampling.fixed_noise(3, seed=5)
+    b = sampling.fixed_noise(3, seed=5)
     assert torch.equal(a, b) and a.shape == (30, 4, 8, 8)
     # every (digit, k) has its own noise: no two of the 30 rows are equal
     flat = a.reshape(30, -1)
     assert torch.cdist(flat, flat).fill_diagonal_(float("inf")).min() > 1
-    assert not torch.equal(metrics.fixed_noise(3, seed=6), a)
+    assert not torch.equal(sampling.fixed_noise(3, seed=6), a)
 
 
-def test_sample_digits_is_deterministic_and_digit_major(tiny_pipeline):
-    s1 = metrics.sample_digits(tiny_pipeline, 2, guidance_scale=2.0, samples_per_digit=2, seed=3)
-    s2 = metrics.sample_digits(tiny_pipeline, 2, guidance_scale=2.0, samples_per_digit=2, seed=3)
+def test_sample_classes_is_deterministic_and_class_major(tiny_pipeline):
+    s1 = sampling.sample_classes(tiny_pipeline, 2, guidance_scale=2.0, samples_per_digit=2, seed=3)
+    s2 = sampling.sample_classes(tiny_pipeline, 2, guidance_scale=2.0, samples_per_digit=2, seed=3)
     assert s1.images.shape == (20, 3, 32, 32)
     assert list(s1.labels[:4]) == [0, 0, 1, 1]
     assert torch.equal(s1.images, s2.images)

@@ -73,12 +73,12 @@ def test_shipped_teacher_runs_in_stock_diffusers():
 
 
 def test_shipped_teacher_draws_the_prompted_digits():
-    from pipeline import metrics
+    from pipeline import metrics, sampling
     from pipeline.zoo import load_pipeline, read_info
 
     pipe = load_pipeline("builtin:toy_teacher")
     g = read_info(TEACHER)["guidance_scale"]
-    s = metrics.sample_digits(pipe, 32, g, samples_per_digit=2, seed=4321)
+    s = sampling.sample_classes(pipe, 32, g, samples_per_digit=2, seed=4321)
     acc = float((metrics.predict(s.images) == s.labels).mean())
     assert acc >= 0.9, f"prompt accuracy {acc}"
 

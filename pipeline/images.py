@@ -1,0 +1,51 @@
+"""Image conversions (float [-1, 1] <-> uint8) and the PNG grids of a run's samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+def to_uint8_nchw(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] in [-1, 1] -> uint8 [N, 3, H, W] (what FID and CLIP score read)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> float [N, 3, H, W] in [-1, 1]."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] in [-1, 1] -> [N, H, W, 3] uint8 (images to save)."""
+    return to_uint8_nchw(images).permute(0, 2, 3, 1).numpy()
+
+
+def save_grid(rows: list[torch.Tensor], path, row_labels: Optional[list[str]] = None, scale: int = 3) -> None:
+    """A PNG grid: each entry of `rows` is [C, 3, H, W] (e.g. digits 0-9), upscaled `scale`x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nr, nc = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(nr, nc, figsize=(nc * 0.9 + (0.9 if row_labels else 0), nr * 0.95), squeeze=False)
+    for i, r in enumerate(rows):
+        imgs = to_uint8(r)
+        for j in range(nc):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(imgs):
+                ax.imshow(imgs[j], interpolation="nearest")
+            if i == 0:
+                ax.set_title(str(j), fontsize=9)
+            if j == 0 and row_labels:
+                ax.set_ylabel(row_labels[i], fontsize=9)
+    fig.tight_layout(pad=0.2)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=40 * scale)
+    plt.close(fig)

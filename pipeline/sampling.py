@@ -1,0 +1,87 @@
+"""Sampling with fixed prompts and seeds: every model (teacher, student, at any step count) sampled with the
+same seed gets the same noise for the same prompt, so their numbers and grids compare sample for sample.
+Sampling goes through `Schedule.sample` and `unet_denoiser` like everything else in padistill; the toy
+metrics (`pipeline.metrics`) and the real ones (`pipeline.real_metrics`) score what this draws.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+DEFAULT_SEED = 1234
+NOISE_VERSION = 2  # fixed_noise's protocol (2: one noise per sample); in caches and evaluation inputs
+
+
+@dataclass
+class ClassSamples:
+    images: torch.Tensor  # [10 * K, 3, R, R] in [-1, 1], class-major: row c * K + k
+    labels: np.ndarray  # [10 * K]
+    num_steps: int
+    guidance_scale: float
+    seed: int
+
+    def grid_row(self, k: int = 0) -> torch.Tensor:
+        """Classes 0-9 at seed index k: [10, 3, R, R]."""
+        K = len(self.labels) // 10
+        return self.images[torch.arange(10) * K + k]
+
+
+def fixed_noise(samples_per_digit: int, seed: int = DEFAULT_SEED, shape=(4, 8, 8), digits: int = 10) -> torch.Tensor:
+    """Noise [digits * K, *shape], digit-major (row d * K + k), drawn from one generator seeded with
+    `seed`: every sample has its own noise, and every model sampled with the same seed gets the same
+    noise for (digit, k). (Noise shared across digits made the 10 x K samples only K independent
+    draws; the toy FD then moved more between seeds than between models.)"""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((digits * samples_per_digit, *shape), generator=g)
+
+
+@torch.no_grad()
+def sample_captions(pipe, captions: list[str], noise: torch.Tensor, num_steps: int, guidance_scale: float = 0.0,
+                    unet=None, batch_size: int = 200, prediction_type: Optional[str] = None) -> torch.Tensor:
+    """Images [N, 3, R, R] in [-1, 1] of `captions` from `noise` (one latent each) with N trailing Euler
+    steps through `Schedule.sample` (CFG when g > 1), decoded with the pipeline's VAE; `unet` (a student)
+    replaces the pipeline's own UNet when given. Each distinct caption is encoded once."""
+    from .schedule import Conditioning, unet_denoiser
+    from .zoo import encode_prompts, schedule_of
+
+    unet = unet if unet is not None else pipe.unet
+    sched = schedule_of(pipe)
+    vae = pipe.vae
+    res = pipe.default_sample_size * pipe.vae_scale_factor
+    distinct = sorted(set(captions))
+    where = {c: i for i, c in enumerate(distinct)}
+    cond_all = encode_prompts(pipe, distinct, res)
+    out = []
+    for i in range(0, len(captions), batch_size):
+        y = torch.as_tensor([where[c] for c in captions[i:i + batch_size]])
+        cond = Conditioning(cond_all.prompt_embeds[y], cond_all.pooled[y], cond_all.time_ids[y])
+        den = unet_denoiser(unet, cond, guidance_scale)
+        lat = sched.sample(den, noise[i:i + batch_size].to(torch.float32), num_steps, prediction_type)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        img = vae.decode((lat / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+        out.append(img.float().clamp(-1, 1))
+    return torch.cat(out)
+
+
+def latent_shape(pipe, unet=None) -> tuple[int, int, int]:
+    unet = unet if unet is not None else pipe.unet
+    side = pipe.default_sample_size
+    return (unet.config.in_channels, side, side)
+
+
+def sample_classes(pipe, num_steps: int, guidance_scale: float = 0.0, samples_per_digit: int = 10,
+                  seed: int = DEFAULT_SEED, unet=None, batch_size: int = 200,
+                  prediction_type: Optional[str] = None, dataset: str = "toy_digits") -> ClassSamples:
+    """Sample the dataset's 10 classes x K fixed seeds (`fixed_noise`) with `sample_captions`."""
+    from .data import toy_dataset
+
+    ds = toy_dataset(dataset)
+    labels = np.repeat(np.arange(10), samples_per_digit)
+    noise = fixed_noise(samples_per_digit, seed, latent_shape(pipe, unet))  # class-major
+    images = sample_captions(pipe, [ds.caption_for(int(y)) for y in labels], noise, num_steps, guidance_scale,
+                             unet=unet, batch_size=batch_size, prediction_type=prediction_type)
+    return ClassSamples(images, labels, num_steps, guidance_scale, seed)
