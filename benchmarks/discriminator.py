@@ -57,7 +57,7 @@ def load_rows(cfg, key, held_rows: int):
     import torch
 
     from pipeline.storage import RunStorage
-    from pipeline.train import TRAIN_COLUMNS
+    from pipeline.stage_loop import TRAIN_COLUMNS
 
     storage = RunStorage.from_config(cfg)
     ds = pads.dataset(storage.path(cfg.stage_dir(key), "traj"), filesystem=storage.arrow_fs, format="parquet")
@@ -94,7 +94,8 @@ def make_loop(cfg, key, overrides: dict, seed: int):
     from pipeline.config import from_dict
     from pipeline.storage import RunStorage
     from pipeline.trajectories import disc_source, student_init_source
-    from pipeline.train import PlainEngines, StageLoop
+    from pipeline.engines import PlainEngines
+    from pipeline.stage_loop import StageLoop
 
     data = cfg.model_dump(mode="json")
     idx, _ = cfg.stage(key)
@@ -147,7 +148,7 @@ def d_alone(cfg, key, train, held, arm: str, steps: int, bs: int, seed: int, con
     """Train D alone against fixed fakes (the frozen student's, or the blurred-target control)."""
     import torch
 
-    from pipeline.train import discriminator_scores
+    from pipeline.stage_loop import discriminator_scores
 
     kind = "trained" if arm == "control" else arm
     loop = make_loop(cfg, key, {**(overrides or {}), "disc_backbone": kind}, seed)
@@ -203,7 +204,7 @@ def game(cfg, key, train, held, name: str, overrides: dict, steps: int, every: i
     """The trainer's alternating loop from the stage's first adversarial step (MSE warm-up and the x0
     conversion, if the stage has them, are skipped: this probes the game, not the chain). With
     `fd_samples`, the student's toy FD and accuracy before and after."""
-    from pipeline.train import phase_at
+    from pipeline.phases import phase_at
 
     loop = make_loop(cfg, key, overrides, seed)
     start = next(p for p in loop.phases if p.adversarial or p.name == "mse").start

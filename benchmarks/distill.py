@@ -78,7 +78,7 @@ def ablations() -> dict[str, list[str]]:
 
 def student_updates(stage) -> int:
     """A stage's student updates: every phase but the discriminator's warm-up (D only)."""
-    from pipeline.train import plan_phases
+    from pipeline.phases import plan_phases
 
     return sum(p.end - p.start for p in plan_phases(stage) if p.name != "disc_warmup")
 

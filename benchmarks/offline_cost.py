@@ -50,7 +50,7 @@ def read_columns(storage, rel: str, columns: list[str]) -> dict[str, np.ndarray]
 
 
 def _tensor_batch(cols: dict[str, np.ndarray], idx) -> dict[str, torch.Tensor]:
-    from pipeline.train import TRAIN_COLUMNS
+    from pipeline.stage_loop import TRAIN_COLUMNS
 
     return {k: torch.as_tensor(cols[k][idx].astype(np.int64 if k in ("t", "t_next") else np.float32))
             for k in TRAIN_COLUMNS}
@@ -66,7 +66,7 @@ def offline_batches(traj: dict[str, np.ndarray], bs: int, seed: int):
 def inloop_batches(teacher, enc: dict[str, np.ndarray], bs: int, seed: int, draws: int, clock: list[float]):
     """Micro-batches rolled out by the teacher as they are needed; `clock[0]` accumulates rollout time."""
     from pipeline.storage import table_to_tensors
-    from pipeline.train import TRAIN_COLUMNS
+    from pipeline.stage_loop import TRAIN_COLUMNS
     from pipeline.trajectories import compute_rows
 
     rng = np.random.default_rng(seed)
@@ -92,7 +92,7 @@ def run_arm(loop, phase, batches, steps: int, disc_steps: int) -> float:
 
 def measure_stage(cfg, key, steps: int, reps: int, warmup: int, seed: int) -> dict:
     from pipeline.storage import RunStorage
-    from pipeline.train import phase_at, plan_phases
+    from pipeline.phases import phase_at, plan_phases
     from pipeline.trajectories import ENCODED_COLUMNS, Teacher
 
     idx, stage = cfg.stage(key)

@@ -1,5 +1,5 @@
 """Samples/s of the full Ray Train + DeepSpeed stage loop vs a bare single-process torch loop running
-the same student + discriminator updates (`pipeline.train.StageLoop` with plain torch Adam) on the same
+the same student + discriminator updates (`pipeline.stage_loop.StageLoop` with plain torch Adam) on the same
 cores, measured side by side in one run: bare, Ray, bare, Ray, bare (`--reps 2`), medians compared, so
 a change in machine load shows up as the spread of each side's runs.
 
@@ -73,7 +73,9 @@ def synthetic_trajectories(cfg, storage, rows: int, seed: int = 0):
 
 def bare_loop(cfg, cols, steps: int, threads: int, warmup: int = 2) -> dict:
     """The same StageLoop updates in one process, plain torch + Adam, global batch per step."""
-    from pipeline.train import TRAIN_COLUMNS, PlainEngines, StageLoop, phase_at
+    from pipeline.engines import PlainEngines
+    from pipeline.phases import phase_at
+    from pipeline.stage_loop import TRAIN_COLUMNS, StageLoop
 
     torch.set_num_threads(threads)
     _, stage = cfg.stage(1)

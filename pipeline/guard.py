@@ -6,7 +6,7 @@ micro-steps in a row is warned about and counted.
 A skipped update leaves the weights as they were, so every checkpoint holds finite weights and the
 latest one stays the last good one when the stage stops. Gradients: DeepSpeed's ZeRO optimizers (stage
 2 and 3, the only ones padistill configures) skip a step whose gradient norm is not finite and say so in
-`engine.was_step_applied()`; `train.PlainEngine` does the same check itself."""
+`engine.was_step_applied()`; `engines.PlainEngine` does the same check itself."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Names in a run root that more than one module reads or writes (the rest live beside their writer):
-the DAG's timings folder and the base teacher's cached evaluation samples."""
+the DAG's timings folder, the base teacher's cached evaluation samples, a stage's training folder."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from .config import RunConfig
 
 TIMINGS_DIR = "_timings"  # <root>/_timings/<step>.json: the wall time of each DAG step that ran
 TEACHER_DIR = "eval/teacher"  # the base teacher's evaluation samples, shared by every stage
+RUN_NAME = "train"  # Ray Train's run name: a stage's training folder, <root>/<stage_dir>/train/
+CKPT_PREFIX = "checkpoint_"  # its checkpoint folders, checkpoint_<step:07d>
 
 
 def teacher_cache_rel(cfg: RunConfig, steps: int, guidance: float) -> str:

@@ -320,7 +320,7 @@ def zero_memory(trainable: int, frozen: int, gpus: int, zero_stage: int, offload
 # ---- the plan ---------------------------------------------------------------------------------------------
 def stage_steps(st: StageConfig) -> int:
     """Optimizer steps of a stage: the end of the trainer's phase plan."""
-    from .train import plan_phases
+    from .phases import plan_phases
 
     return plan_phases(st)[-1].end
 

@@ -24,7 +24,7 @@ with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 dist.init_process_group("gloo", rank=0, world_size=1)
-from pipeline.train import DeepSpeedEngines
+from pipeline.engines import DeepSpeedEngines
 work, marker = sys.argv[1], sys.argv[2]
 
 class Payload:

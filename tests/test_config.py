@@ -10,7 +10,7 @@ def test_shipped_configs_validate(path):
     cfg = load_config(str(path))
     assert cfg.stages, "a run config distills at least one stage"
     assert cfg.stages[0].teacher_steps == cfg.model.teacher_steps
-    from pipeline.train import plan_phases
+    from pipeline.phases import plan_phases
 
     for st in cfg.stages:  # the trainer's own check of each stage's phase lengths (LoRA/full split included)
         assert plan_phases(st)[-1].end > 0
@@ -89,7 +89,7 @@ def test_sdxl_configs_carry_the_papers_recipe():
     unconditional one at its own lower lr; D from the base model, trained whole; 2- and 1-step students
     at {250, 500, 750, 1000} with x0 re-noising weighted 1:1:1:1 then 5:1:1:1; the skip-level 1-step
     stage starts from the previous (2-step) student."""
-    from pipeline.train import phase_at, plan_phases, student_mode_at
+    from pipeline.phases import phase_at, plan_phases, student_mode_at
 
     for name in ("sdxl_lightning", "sdxl_lightning_8gpu"):
         cfg = load_config(name)
@@ -143,7 +143,7 @@ def test_toy_comparison_arms_are_budget_matched():
 
     sys.path.insert(0, str(CONFIG_DIR.parent))
     from benchmarks.distill import ablations, check_fair, shared_stages, student_updates
-    from pipeline.train import plan_phases
+    from pipeline.phases import plan_phases
 
     adv, mse = load_config("toy_digits"), load_config("toy_digits_mse")
     check_fair(adv, mse)

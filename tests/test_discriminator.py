@@ -101,7 +101,8 @@ def _smoke_adversarial_loop(tiny_pipeline, **stage_changes):
 
     from pipeline import zoo
     from pipeline.config import CONFIG_DIR, from_dict
-    from pipeline.train import TRAIN_COLUMNS, PlainEngines, StageLoop
+    from pipeline.engines import PlainEngines
+    from pipeline.stage_loop import TRAIN_COLUMNS, StageLoop
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from traj_helpers import make_trajectories
@@ -123,7 +124,7 @@ def test_discriminator_as_the_trainer_builds_it_trains_what_it_should(tiny_pipel
     backbone every D parameter is in D's optimizer and one D step moves the backbone's weights away
     from the base model's (a copy of a frozen teacher had left all 226 backbone tensors frozen: only
     the head trained). The 'frozen' ablation trains the head only; 'cnn' trains all of a plain CNN."""
-    from pipeline.train import phase_at
+    from pipeline.phases import phase_at
 
     loop, b, base = _smoke_adversarial_loop(tiny_pipeline, disc_backbone=kind)
     events = loop.transition(0)
@@ -167,7 +168,7 @@ def test_head_on_a_2x2_map_keeps_what_the_features_carry():
 def test_paired_accuracy_reads_through_per_row_offsets():
     """A conditional D's logit moves with x_t, caption and t* far more than with real vs fake: the paired
     accuracy (same row) sees a small consistent margin that the unpaired AUC cannot, per stratum."""
-    from pipeline.train import discriminator_scores
+    from pipeline.stage_loop import discriminator_scores
 
     g = torch.Generator().manual_seed(0)
     offset = 10 * torch.randn(400, generator=g)

@@ -20,7 +20,8 @@ from pipeline.config import load_config
 from pipeline.dag import build_steps, run_dag
 from pipeline.storage import RunStorage
 from pipeline.student import LORA_WEIGHT_NAME, pipeline_components
-from pipeline.train import latest_checkpoint, plan_phases
+from pipeline.phases import plan_phases
+from pipeline.export import latest_checkpoint
 from procs import kill_session
 from reliability import record
 

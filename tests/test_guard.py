@@ -9,7 +9,7 @@ import torch
 
 from pipeline.errors import user_error
 from pipeline.guard import DivergedError, UpdateWatch, saturated
-from pipeline.train import PlainEngine
+from pipeline.engines import PlainEngine
 from reliability import record
 
 

@@ -10,7 +10,7 @@ import torch
 from pipeline import student
 from pipeline.config import ConfigError, StageConfig
 from pipeline.schedule import unet_denoiser
-from pipeline.train import checkpoint_steps, disc_mode_at, phase_at, plan_phases, student_mode_at
+from pipeline.phases import checkpoint_steps, disc_mode_at, phase_at, plan_phases, student_mode_at
 
 
 def test_lora_targets_skip_io_convs_and_time_embeddings(tiny_pipeline):
@@ -79,7 +79,8 @@ def test_disc_warmup_trains_d_only(tiny_pipeline):
 
     from pipeline import zoo
     from pipeline.config import CONFIG_DIR, from_dict
-    from pipeline.train import TRAIN_COLUMNS, PlainEngines, StageLoop
+    from pipeline.engines import PlainEngines
+    from pipeline.stage_loop import TRAIN_COLUMNS, StageLoop
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from traj_helpers import make_trajectories
@@ -120,7 +121,8 @@ def test_conversion_starts_from_least_squares_conv_out(tiny_pipeline):
     from pipeline import zoo
     from pipeline.config import CONFIG_DIR, from_dict
     from pipeline.schedule import Conditioning
-    from pipeline.train import TRAIN_COLUMNS, PlainEngines, StageLoop
+    from pipeline.engines import PlainEngines
+    from pipeline.stage_loop import TRAIN_COLUMNS, StageLoop
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from traj_helpers import make_trajectories
@@ -197,7 +199,9 @@ def test_gradient_checkpointing_gives_the_same_updates(tiny_pipeline):
 
     from pipeline import zoo
     from pipeline.config import CONFIG_DIR, from_dict
-    from pipeline.train import TRAIN_COLUMNS, PlainEngines, StageLoop, phase_at
+    from pipeline.engines import PlainEngines
+    from pipeline.phases import phase_at
+    from pipeline.stage_loop import TRAIN_COLUMNS, StageLoop
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from traj_helpers import make_trajectories

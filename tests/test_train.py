@@ -167,7 +167,7 @@ def test_discriminator_trains_whole_under_zero3(x0_adv_run, tiny_source):
     hist = storage.read_json(f"{cfg.stage_dir(3)}/train/history.json")
     adv = [h for h in hist if h["phase"] in ("conditional", "unconditional")]
     assert adv and all(h["d_params_optimised"] == h["d_params_total"] > 0 for h in adv)
-    from pipeline.train import plan_phases
+    from pipeline.phases import plan_phases
 
     last = plan_phases(cfg.stage(3)[1])[-1].end  # the end of the unconditional phase
     ckpt = storage.path(cfg.stage_dir(3), "train", f"checkpoint_{last:07d}")
@@ -226,7 +226,8 @@ def test_kill_after_checkpoint_then_resume_on_s3(s3_endpoint, tiny_pipeline, tin
     """`python -m jobs.train_stage` with its run root on S3 (moto), its own local Ray, in its own
     session, SIGKILLed with every process of its session once Ray Train has registered a checkpoint;
     the same command again resumes at that checkpoint's step, not at 0, finishes and exports to S3."""
-    from pipeline.train import latest_checkpoint, step_name
+    from pipeline.export import latest_checkpoint
+    from pipeline.train import step_name
 
     data = smoke_cfg("s3://padistill-test/resume-run", model={"source": tiny_source},
                      stage_1={"mse_steps": 40, "lr": 1e-4}, storage={"endpoint_url": s3_endpoint},
@@ -308,7 +309,9 @@ def test_micro_batches_deal_rows_anew_every_epoch(ray_local):
     import numpy as np
     import ray.data
 
-    from pipeline.train import TRAIN_COLUMNS, micro_batches
+    from pipeline.stage_loop import TRAIN_COLUMNS
+
+    from pipeline.train import micro_batches
 
     n, bs = 40, 8
     ds = ray.data.from_items([{"t": i, "t_next": -1, **{k: np.full((2,), float(i), np.float32)
