@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError  # noqa: F401  (imported from here by most modules)
+from .phases import plan_phases
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "toy_digits"
@@ -213,6 +214,7 @@ class StageConfig(_Strict):
             if self.mse_weight or self.disc_warmup_steps:
                 raise ValueError(f"{'mse_weight' if self.mse_weight else 'disc_warmup_steps'}: is for adversarial "
                                  "stages (this stage's loss is mse)")
+        plan_phases(self)  # the trainer's own plan: step counts that make no phases are rejected here
         if self.name is None:
             self.name = f"{self.student_steps}step"
         return self

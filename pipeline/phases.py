@@ -5,9 +5,12 @@ validates a stage's step counts with the same plan."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from .errors import ConfigError
 
-from .config import ConfigError, StageConfig
+if TYPE_CHECKING:
+    from .config import StageConfig
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class Phase:
 
 def plan_phases(stage: StageConfig) -> list[Phase]:
     """The stage's phases in order (and a check that its step counts make sense)."""
-    where = f"stage {stage.name!r}"
+    where = f"stage {stage.name!r}: " if stage.name else ""  # config validation names the key itself
     phases: list[Phase] = []
     s = 0
 
@@ -37,26 +40,26 @@ def plan_phases(stage: StageConfig) -> list[Phase]:
     if stage.prediction_type == "sample":
         add("conversion", stage.conversion_steps)
     elif stage.conversion_steps:
-        raise ConfigError(f"{where}: conversion_steps is for prediction_type 'sample' (the x0 conversion)")
+        raise ConfigError(f"{where}conversion_steps is for prediction_type 'sample' (the x0 conversion)")
     if stage.loss == "mse":
         if stage.conditional_steps or stage.unconditional_steps:
-            raise ConfigError(f"{where}: conditional_steps/unconditional_steps are for adversarial stages")
+            raise ConfigError(f"{where}conditional_steps/unconditional_steps are for adversarial stages")
         add("mse", stage.mse_steps)
     else:
         add("mse", stage.mse_steps)  # the optional warm-up
         if stage.disc_warmup_steps and not stage.conditional_steps:
-            raise ConfigError(f"{where}: disc_warmup_steps trains the conditional discriminator before its phase; "
+            raise ConfigError(f"{where}disc_warmup_steps trains the conditional discriminator before its phase; "
                               "set conditional_steps")
         add("disc_warmup", stage.disc_warmup_steps)
         add("conditional", stage.conditional_steps)
         add("unconditional", stage.unconditional_steps)
     if s == 0:
-        raise ConfigError(f"{where}: no training steps (set mse_steps, or conditional_steps/unconditional_steps)")
+        raise ConfigError(f"{where}no training steps (set mse_steps, or conditional_steps/unconditional_steps)")
     if stage.lora is not None and stage.full_steps and stage.lora.steps + stage.full_steps != s:
-        raise ConfigError(f"{where}: lora.steps ({stage.lora.steps}) + full_steps ({stage.full_steps}) must equal "
+        raise ConfigError(f"{where}lora.steps ({stage.lora.steps}) + full_steps ({stage.full_steps}) must equal "
                           f"the stage's {s} steps (conversion + loss phases)")
     if stage.lora is None and stage.full_steps and stage.full_steps != s:
-        raise ConfigError(f"{where}: full_steps ({stage.full_steps}) must equal the stage's {s} steps "
+        raise ConfigError(f"{where}full_steps ({stage.full_steps}) must equal the stage's {s} steps "
                           "(or be 0) when there is no LoRA phase")
     return phases
 

@@ -54,6 +54,15 @@ def test_impossible_step_count_is_named():
     assert "stages.0.student_steps" in msg and "does not divide" in msg
 
 
+def test_step_counts_the_trainer_cannot_plan_are_named_when_the_config_is_read():
+    """`padistill config` runs the trainer's own phase plan: a stage without steps, or a full/LoRA split
+    that does not add up, is a config error, not a failure on the cluster."""
+    msg = _err(["stages.0.mse_steps=0"])
+    assert "stages.0" in msg and "no training steps" in msg
+    msg = _err(["stages.1.full_steps=7"])
+    assert "stages.1" in msg and "full_steps (7) must equal the stage's" in msg
+
+
 def test_broken_chain_is_named():
     msg = _err(["stages.1.teacher_steps=16", "stages.1.student_steps=4"])
     assert "stages.1.teacher_steps" in msg and "previous stage's student (8 steps)" in msg

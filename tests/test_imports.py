@@ -10,13 +10,24 @@ from pathlib import Path
 PIPELINE = Path(__file__).resolve().parent.parent / "pipeline"
 
 
+def _runtime_nodes(tree: ast.AST):
+    """Every node of `tree` but the bodies of `if TYPE_CHECKING:` (type-only imports never run)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        type_only = isinstance(node, ast.If) and \
+            getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
+        todo.extend(node.orelse if type_only else ast.iter_child_nodes(node))
+
+
 def pipeline_imports() -> dict[str, set[str]]:
-    """module -> the pipeline modules it imports anywhere in its file."""
+    """module -> the pipeline modules it imports anywhere in its file (type-only imports aside)."""
     modules = {p.stem for p in PIPELINE.glob("*.py")}
     graph = {}
     for m in modules:
         deps = set()
-        for node in ast.walk(ast.parse((PIPELINE / f"{m}.py").read_text())):
+        for node in _runtime_nodes(ast.parse((PIPELINE / f"{m}.py").read_text())):
             if isinstance(node, ast.ImportFrom):
                 if node.level == 1:  # from .x import y / from . import x
                     deps |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
@@ -50,6 +61,13 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         if m not in state and (c := visit(m)):
             return c
     return None
+
+
+def test_type_only_imports_are_not_edges(tmp_path):
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .config import X\n"
+                     "def f():\n    from .zoo import y\n")
+    seen = {n.module for n in _runtime_nodes(tree) if isinstance(n, ast.ImportFrom)}
+    assert seen == {"typing", "zoo"}
 
 
 def test_the_cycle_finder_finds_cycles():
