@@ -24,7 +24,7 @@ import torch
 from . import real_metrics
 from .config import RunConfig
 from .errors import MissingInputError
-from .layout import teacher_cache_rel
+from .layout import manifest_step, teacher_cache_rel
 from .storage import RunStorage
 
 # 2: toy evaluations also score the stage's starting student at the student's step count, without CFG
@@ -33,7 +33,8 @@ ROWS_VERSION = 2
 
 
 def step_name(cfg: RunConfig, key) -> str:
-    return "eval-" + cfg.stage_dir(key).split("/", 1)[1]
+    """The manifest step of stage `key`'s evaluation: "eval-<k>-<name>"."""
+    return manifest_step(cfg, key, "eval")
 
 
 def teacher_guidance(cfg: RunConfig, teacher_folder) -> float:
@@ -193,7 +194,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
     storage = RunStorage.from_config(cfg)
     idx, stage = cfg.stage(key)
     sd = cfg.stage_dir(key)
-    train_manifest = storage.read_manifest("train-" + sd.split("/", 1)[1])
+    train_manifest = storage.read_manifest(manifest_step(cfg, key, "train"))
     if train_manifest is None or not storage.exists(f"{sd}/model/model_index.json"):
         raise MissingInputError(f"{storage.url(sd, 'model')}: stage {idx} has no exported student yet; "
                                 f"run `padistill train-stage --stage {idx}` first")

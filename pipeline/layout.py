@@ -11,6 +11,11 @@ RUN_NAME = "train"  # Ray Train's run name: a stage's training folder, <root>/<s
 CKPT_PREFIX = "checkpoint_"  # its checkpoint folders, checkpoint_<step:07d>
 
 
+def manifest_step(cfg: RunConfig, key, kind: str) -> str:
+    """The manifest name of stage `key`'s step `kind` (trajectories | train | eval): "<kind>-<k>-<name>"."""
+    return f"{kind}-" + cfg.stage_dir(key).split("/", 1)[1]
+
+
 def teacher_cache_rel(cfg: RunConfig, steps: int, guidance: float) -> str:
     """Where the base teacher's samples at `steps` are cached in the run root."""
     from .sampling import NOISE_VERSION

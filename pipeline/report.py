@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .config import RunConfig
-from .layout import TIMINGS_DIR, teacher_cache_rel
+from .layout import TIMINGS_DIR, manifest_step, teacher_cache_rel
 from .metrics import REAL_METRICS, metrics_of
 from .storage import RunStorage
 
@@ -130,7 +130,7 @@ def write_report(cfg: RunConfig, step_order: list[str], log=print) -> dict:
         parts.append("No stage has been evaluated yet.\n")
     curves = []
     for k in range(1, len(cfg.stages) + 1):
-        m = storage.read_manifest("train-" + cfg.stage_dir(k).split("/", 1)[1])
+        m = storage.read_manifest(manifest_step(cfg, k, "train"))
         src = (m or {}).get("outputs", {}).get("loss_curves")
         if src:
             rel = src[len(storage.url()) + 1:] if src.startswith(storage.url()) else src

@@ -58,7 +58,7 @@ from .config import ConfigError, RunConfig, from_dict
 from .errors import MissingInputError
 from .engines import DeepSpeedEngines
 from .export import export_stage
-from .layout import CKPT_PREFIX, RUN_NAME
+from .layout import CKPT_PREFIX, RUN_NAME, manifest_step
 from .phases import checkpoint_steps, phase_at, plan_phases
 from .stage_loop import TRAIN_COLUMNS, StageLoop
 from .storage import RunStorage, hash_json
@@ -450,7 +450,7 @@ def worker_cpus(cfg: RunConfig, cluster_cpus: float) -> float:
 
 def step_name(cfg: RunConfig, key) -> str:
     """The manifest step of stage `key`'s training: "train-<k>-<name>"."""
-    return "train-" + cfg.stage_dir(key).split("/", 1)[1]
+    return manifest_step(cfg, key, "train")
 
 
 def make_trainer(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps: int | None = None,

@@ -40,6 +40,7 @@ import torch
 from . import encode as encode_mod
 from . import cluster, shards
 from .config import RunConfig, StageConfig
+from .layout import manifest_step
 from .errors import MissingInputError
 from .schedule import Conditioning, Schedule, StagePair, unet_denoiser
 from .storage import RunStorage, table_to_tensors, tensors_to_table
@@ -52,7 +53,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def step_name(cfg: RunConfig, key) -> str:
     """The manifest step of stage `key`'s trajectories: "trajectories-<k>-<name>"."""
-    return "trajectories-" + cfg.stage_dir(key).split("/", 1)[1]
+    return manifest_step(cfg, key, "trajectories")
 
 
 def out_rel(cfg: RunConfig, key) -> str:
