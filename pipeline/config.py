@@ -258,6 +258,10 @@ class TrainConfig(_Strict):
         "an update whose loss or gradient is NaN or infinite is skipped and counted (history: "
         "skipped_student_updates, skipped_disc_updates); this many skipped updates of one model in a row "
         "stop the stage with an error, its latest checkpoint holding the last finite weights"))
+    cache_mb: float = Field(2048, ge=0, description=(
+        "a training worker keeps its shard of the trajectories in memory when its tensors fit under this "
+        "(MiB), and deals the rows into new micro-batches every epoch; above it, every epoch streams again "
+        "in file order (was the environment variable PADISTILL_TRAIN_CACHE_MB)"))
     d_saturation_window: int = Field(20, gt=0, description=(
         "micro-steps in a row with both of D's mean logits saturated (sigmoid beyond 0.99 or below 0.01) "
         "before a warning; every saturated step is counted (history: d_saturated_steps)"))

@@ -67,16 +67,15 @@ HISTORY_JSON = "history.json"
 INPUTS_JSON = "train_inputs.json"  # beside RUN_NAME: the inputs hash its checkpoints were made from
 CURVES_PNG = "loss_curves.png"
 TB_DIR = "tensorboard"
-CACHE_MB = float(os.environ.get("PADISTILL_TRAIN_CACHE_MB", "2048"))  # keep a worker's shard in memory below this
 
 
 
 # ---- data --------------------------------------------------------------------------------------------
 def micro_batches(shard, batch_size: int, epoch_hook: Callable[[int], None] | None = None,
-                  seed: int = 0) -> Iterator[dict]:
+                  seed: int = 0, cache_mb: float = 2048) -> Iterator[dict]:
     """Endless micro-batches of a worker's dataset shard (equal count per rank, drop_last). The first
     epoch is streamed in file order (trajectory files mix timesteps, `trajectories.compute_rows`);
-    when the shard's tensors fit under PADISTILL_TRAIN_CACHE_MB it is kept in memory and every later
+    when the shard's tensors fit under `cache_mb` (`train.cache_mb`) it is kept in memory and every later
     epoch deals its rows into new micro-batches (a permutation from `seed` and the epoch), else every
     epoch streams again."""
     cache: list[dict] | None = []
@@ -86,7 +85,7 @@ def micro_batches(shard, batch_size: int, epoch_hook: Callable[[int], None] | No
         b = {k: b[k] for k in TRAIN_COLUMNS}
         if cache is not None:
             nbytes += sum(v.numel() * v.element_size() for v in b.values())
-            if nbytes <= CACHE_MB * 2 ** 20:
+            if nbytes <= cache_mb * 2 ** 20:
                 cache.append(b)
             else:
                 cache = None
@@ -314,7 +313,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # -- data -------------------------------------------------------------------------------------------------
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.train.micro_batch,
-                            seed=cfg.train.seed * 7919 + rank)
+                            seed=cfg.train.seed * 7919 + rank, cache_mb=cfg.train.cache_mb)
     held = None
     held_shard = ray.train.get_dataset_shard("held") if config.get("has_held") else None
     if held_shard is not None:  # every rank evaluates the same held rows (all of them)

@@ -310,7 +310,6 @@ def test_micro_batches_deal_rows_anew_every_epoch(ray_local):
     import ray.data
 
     from pipeline.stage_loop import TRAIN_COLUMNS
-
     from pipeline.train import micro_batches
 
     n, bs = 40, 8
@@ -327,6 +326,20 @@ def test_micro_batches_deal_rows_anew_every_epoch(ray_local):
         assert all(torch.equal(b["target"][:, 0], b["t"].float()) for b in e)  # columns stay together
         assert {frozenset(b["t"].tolist()) for b in e} != {frozenset(b) for b in first}
     assert [b["t"].tolist() for b in epochs[1]] != [b["t"].tolist() for b in epochs[2]]
+    # a shard over train.cache_mb is not kept: every epoch streams the dataset again, each row still once
+    class Counted:  # the real dataset, counting its passes
+        passes = 0
+
+        def iter_torch_batches(self, **kw):
+            Counted.passes += 1
+            return ds.iter_torch_batches(**kw)
+
+    for cache_mb, passes in ((0, 4), (2048, 1)):  # 3 epochs and the start of a 4th: 4 passes, or 1
+        Counted.passes = 0
+        it = micro_batches(Counted(), bs, seed=3, cache_mb=cache_mb)
+        epochs = [sum((next(it)["t"].tolist() for _ in range(n // bs)), []) for _ in range(3)]
+        next(it)  # into a fourth epoch: the third's pass has ended
+        assert all(sorted(e) == list(range(n)) for e in epochs) and Counted.passes == passes
 
 
 def test_nonfinite_rows_skip_their_updates_and_a_streak_stops_the_stage(ray_local, tiny_pipeline, tiny_source,
