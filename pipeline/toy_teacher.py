@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from . import cluster
 from .schedule import Conditioning, Schedule
 from .zoo import ASSETS, ToyModelConfig
 
@@ -187,8 +188,9 @@ def _log(phase: str, step: int, total: int, loss: float, t0: float, extra: str =
     el = time.time() - t0
     per = el / max(1, step - start)
     eta = per * (total - step)
-    print(f"[toy-teacher {phase}] step {step:5d}/{total}  loss {loss:.4f}  {per:.2f} s/step  "
-          f"elapsed {el / 60:.1f} min  eta {eta / 60:.1f} min {extra}", flush=True)
+    cluster.worker_log(f"[toy-teacher {phase}]")(
+        f"step {step:5d}/{total}  loss {loss:.4f}  {per:.2f} s/step  elapsed {el / 60:.1f} min  eta {eta / 60:.1f} min "
+        f"{extra}".rstrip())
 
 
 def _train_split(config: dict):
@@ -204,6 +206,7 @@ def vae_loop(config: dict) -> None:
 
     tc = config["tc"]
     rank, world = _worker_context()
+    cluster.quiet_report_lines()
     _unnice()
     torch.set_num_threads(max(1, int(tc["cpus_per_worker"])))
     torch.manual_seed(tc["seed"] + 17 * rank)
@@ -248,8 +251,9 @@ def vae_loop(config: dict) -> None:
              "latent_mean": float(lat.mean()), "latent_std": float(lat.std()), "scaling_factor": scaling,
              "seconds": time.time() - t0}
     if rank == 0:
-        print(f"[toy-teacher vae] done: recon mse {final['recon_mse_eval']:.4f}, latent mean "
-              f"{final['latent_mean']:.3f} std {final['latent_std']:.3f} -> scaling_factor {scaling:.4f}", flush=True)
+        cluster.worker_log("[toy-teacher vae]")(
+            f"done: recon mse {final['recon_mse_eval']:.4f}, latent mean {final['latent_mean']:.3f} "
+            f"std {final['latent_std']:.3f} -> scaling_factor {scaling:.4f}")
         d = _save_state({"vae.pt": vae.state_dict(), "history.json": hist, "final.json": final})
         _report(final, d)
     else:
@@ -266,6 +270,7 @@ def unet_loop(config: dict) -> None:
 
     tc = config["tc"]
     rank, world = _worker_context()
+    cluster.quiet_report_lines()
     _unnice()
     torch.set_num_threads(max(1, int(tc["cpus_per_worker"])))
     torch.manual_seed(tc["seed"] + 31 * rank)
@@ -301,7 +306,7 @@ def unet_loop(config: dict) -> None:
         first = len(hist)
         g.manual_seed(tc["seed"] * 1000 + 7 + rank + 7919 * first)  # fresh draws, not a replay
         if rank == 0:
-            print(f"[toy-teacher unet] resuming at step {first}/{steps}", flush=True)
+            cluster.worker_log("[toy-teacher unet]")(f"resuming at step {first}/{steps}")
     for step in range(first, steps):
         for grp in opt.param_groups:
             grp["lr"] = tc["unet_lr"] * lr_at(step, steps, tc["warmup_steps"])
@@ -353,7 +358,8 @@ def _run_phase(loop, config: dict, tc: ToyTeacherConfig, storage: Path, name: st
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         torch_config=TorchConfig(backend="gloo"),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=cluster.train_logging_config()),
     )
     result = trainer.fit()
     if result.error:
@@ -414,9 +420,11 @@ def train_toy_teacher(output: str | os.PathLike = DEFAULT_OUTPUT, tc: ToyTeacher
     work.mkdir(parents=True, exist_ok=True)
     started_ray = False
     if not ray.is_initialized():
-        ray.init(address=ray_address, num_cpus=ray_num_cpus if ray_address is None else None,
-                 include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=True,
+                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        else:
+            cluster.init_local(ray_num_cpus)
         started_ray = True
     try:
         t_start = time.time()
