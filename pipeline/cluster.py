@@ -13,7 +13,8 @@ a local Ray through `init_local`, so they share one set of quieting rules:
   small machines), so every query failed and logged a warning: 3,201 lines in one toy-teacher run. The
   cleaner exists to free a placement group when its controller dies with the cluster still up; a local
   cluster dies with its driver. `quiet_worker`, run in every worker process of a local Ray, raises that
-  logger to ERROR, and the autoscaling client's (a local Ray has no autoscaler). On a real cluster (`ray.address`, `ray job submit`) nothing is changed.
+  logger to ERROR, and the autoscaling client's (a local Ray has no autoscaler). On a real cluster
+  (`ray.address`, `ray job submit`) nothing is changed.
 """
 from __future__ import annotations
 

@@ -421,8 +421,7 @@ def train_toy_teacher(output: str | os.PathLike = DEFAULT_OUTPUT, tc: ToyTeacher
     started_ray = False
     if not ray.is_initialized():
         if ray_address:
-            ray.init(address=ray_address, log_to_driver=True,
-                     runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+            ray.init(address=ray_address, log_to_driver=True, runtime_env={"env_vars": dict(cluster.WORKER_ENV)})
         else:
             cluster.init_local(ray_num_cpus)
         started_ray = True
