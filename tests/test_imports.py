@@ -63,7 +63,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_type_only_imports_are_not_edges(tmp_path):
+def test_type_only_imports_are_not_edges():
     tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .config import X\n"
                      "def f():\n    from .zoo import y\n")
     seen = {n.module for n in _runtime_nodes(tree) if isinstance(n, ast.ImportFrom)}
