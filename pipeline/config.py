@@ -286,6 +286,9 @@ class EvaluateConfig(_Strict):
     clip_model: Optional[str] = Field(None, description="a local transformers CLIP folder (model + processor)")
     patch_size: int = Field(299, gt=0, description="FID-Patch: centre crop in px")
     speed_repeats: int = Field(2, gt=0, description="timed repeats of the sampling-speed comparison (best of)")
+    speed_batch_size: int = Field(16, gt=0, description=(
+        "samples per batch of the sampling-speed comparison (teacher and student alike): its cost is 128 UNet "
+        "passes per sample and repeat, whatever the student"))
 
 
 class ToyTeacherSection(_Strict):

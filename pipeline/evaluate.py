@@ -249,9 +249,9 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
             rows = [from_uint8(x[shown]) for x in (t32, tN, images)]
         metrics = {
             "stage": idx, "name": stage.name, "student_steps": N, "teacher_guidance_scale": g, **scores,
-            # one sampling batch (evaluate.batch_size), not all the samples: at the toy's 500 the
-            # timing alone cost more than the rest of the evaluation
-            "speed": sampling_speed(teacher, student, N, g, batch=min(cfg.evaluate.batch_size, n),
+            # one small batch (evaluate.speed_batch_size), not all the samples: at the Fashion-MNIST
+            # toy's batch of 100 the timing alone cost ~75 s a stage, more than the samples it times
+            "speed": sampling_speed(teacher, student, N, g, batch=min(cfg.evaluate.speed_batch_size, n),
                                     repeats=cfg.evaluate.speed_repeats, prediction_type=pred),
         }
         if not toy:
