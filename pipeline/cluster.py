@@ -21,12 +21,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # Ray Train loggers that only speak to a cluster service a local Ray does not run: the State API (the
 # dashboard, left out) and the autoscaler ("Failed to send resource request ... safe to ignore", with a
 # traceback, whenever the 2 cores are busy)
+# Ray Data's own logging configuration with its console notices off (they go to its log file)
+RAY_DATA_LOGGING = Path(__file__).with_name("assets") / "ray_data_logging.yaml"
 LOCAL_ONLY_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
                     "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
 
@@ -37,8 +41,28 @@ def quiet_worker() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def quiet_libraries() -> None:
+    """Library bars and notices off in a process of a run (a DAG step, a precompute actor, a training
+    worker), where padistill prints its own lines (one per precompute unit, training report or
+    evaluation): diffusers' and transformers' loading bars (evaluation loads three pipelines a stage, two
+    bars each) and notices, and Ray Data's progress bars (they count the same units, redrawn as text lines
+    in a log file). Ray Data's console notices are off on a local Ray (`RAY_DATA_LOGGING`)."""
+    import diffusers
+    import ray.data
+    import transformers
+
+    for lib in (diffusers.utils.logging, transformers.utils.logging):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # DeepSpeed's ZeRO calls it on every step: a notice for DeepSpeed's authors, printed per step
+    warnings.filterwarnings("ignore", message=r"`torch.distributed.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+
+
 def local_runtime_env() -> dict:
-    return {"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": f"{__name__}.quiet_worker"}
+    env = {**WORKER_ENV, "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING)}
+    return {"env_vars": env, "worker_process_setup_hook": f"{__name__}.quiet_worker"}
 
 
 def init_local(num_cpus: int | None = None, log_to_driver: bool = True, **kw: Any) -> None:

@@ -118,7 +118,7 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
     """Run the selected steps as Ray tasks, each starting when its dependencies have finished."""
     import ray
 
-    from .cluster import ensure_ray
+    from . import cluster
 
     if not cfg.model.source.startswith("s3://"):  # a wrong path fails here in one line, not in an actor
         from .zoo import resolve_source
@@ -131,10 +131,11 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
         from . import real_metrics
 
         real_metrics.check(cfg.evaluate, cfg.model.resolution)  # before hours of training, not after
-    ensure_ray(cfg)
+    cluster.ensure_ray(cfg)
 
     @ray.remote(num_cpus=0, max_retries=0)
     def run_step(step: Step, cfg_json: str, *deps):
+        cluster.quiet_libraries()
         return _timed(step, RunConfig.model_validate_json(cfg_json))
 
     refs: dict[str, "ray.ObjectRef"] = {}

@@ -65,6 +65,7 @@ class EncodeWorker:
 
     def __init__(self, cfg_json: str, inputs_hash: str, threads: int = 1):
         torch.set_num_threads(threads)
+        cluster.quiet_libraries()
         from .zoo import load_pipeline
 
         self.cfg = RunConfig.model_validate_json(cfg_json)

@@ -119,7 +119,7 @@ def student_unet_from_checkpoint(checkpoint_dir: str | os.PathLike, teacher_fold
 
     ckpt = Path(checkpoint_dir)
     state = read_state(ckpt)
-    unet = UNet2DConditionModel.from_pretrained(teacher_folder, subfolder="unet", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(teacher_folder, subfolder="unet", dtype=torch.float32)
     if state["student_mode"] == "lora":
         add_lora(unet, state["lora"]["rank"], state["lora"]["alpha"])
         load_lora_state_dict(unet, load_file(str(ckpt / "student" / "lora.safetensors")))

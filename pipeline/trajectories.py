@@ -247,6 +247,7 @@ class TrajectoryWorker:
 
     def __init__(self, cfg_json: str, stage_key: str, inputs_hash: str, threads: int = 1):
         torch.set_num_threads(threads)
+        cluster.quiet_libraries()
         self.cfg = RunConfig.model_validate_json(cfg_json)
         self.key, self.inputs_hash = stage_key, inputs_hash
         self.storage = RunStorage.from_config(self.cfg)

@@ -226,7 +226,7 @@ def load_pipeline(source: str, storage=None, dtype=torch.float32, device="cpu"):
     from diffusers import StableDiffusionXLPipeline
 
     path = resolve_source(source, storage)
-    pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype, add_watermarker=False)
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, add_watermarker=False)
     return pipe.to(device)
 
 
@@ -234,7 +234,7 @@ def load_unet(source: str, storage=None, dtype=torch.float32, subfolder: str = "
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel.from_pretrained(resolve_source(source, storage), subfolder=subfolder,
-                                                torch_dtype=dtype)
+                                                dtype=dtype)
 
 
 def schedule_of(pipe_or_folder) -> Schedule:

@@ -45,6 +45,43 @@ def test_every_worker_of_a_local_ray_is_quiet(ray_local):
     assert logging.getLogger(cluster.LOCAL_ONLY_NOISE[0]).level != logging.ERROR
 
 
+def test_ray_data_notices_stay_off_the_console_of_a_local_ray(ray_local):
+    """Ray Data reconfigures its logger on every execution in a worker; the configuration file the local
+    Ray's workers get keeps its console at ERROR and its log file on."""
+
+    @ray.remote(num_cpus=0)
+    def _ray_data_handlers() -> dict:
+        import ray.data  # noqa: F401  (configures the logger on import)
+        from ray.data._internal.logging import configure_logging
+
+        configure_logging()  # what each dataset execution in a worker does again
+        return {type(h).__name__: h.level for h in logging.getLogger("ray.data").handlers}
+
+    handlers = ray.get(_ray_data_handlers.remote())
+    assert handlers == {"SessionFileHandler": logging.NOTSET, "PlainRayHandler": logging.ERROR}
+
+
+def test_quiet_libraries_turns_the_loading_and_progress_bars_off():
+    import diffusers
+    import ray.data
+    import transformers
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.enable_progress_bars
+    try:
+        cluster.quiet_libraries()
+        assert not diffusers.utils.logging.is_progress_bar_enabled()
+        assert not transformers.utils.logging.is_progress_bar_enabled()
+        assert not ctx.enable_progress_bars
+        assert transformers.utils.logging.get_verbosity() == logging.ERROR
+    finally:
+        ctx.enable_progress_bars = before
+        diffusers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.enable_progress_bar()
+        diffusers.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+
+
 def test_worker_log_writes_each_line_once(capfd):
     cluster.worker_log("[train 1-8step]")("step", 3, "loss", 0.5)
     assert capfd.readouterr().out == "[train 1-8step] step 3 loss 0.5\n"
