@@ -193,10 +193,11 @@ def toy_fd(cfg, loop, samples_per_digit: int) -> dict:
 
     pipe = zoo.load_pipeline(cfg.model.source)
     n = loop.stage.student_steps
+    kind = cfg.data.kind
     imgs = sample_classes(pipe, n, 0.0, samples_per_digit, unet=loop.student.module,
-                          prediction_type=loop.student_ptype)
-    sc = score(imgs.images, imgs.labels)  # FD to real digits, the report's FD
-    return {"fd": sc["fd"], "prompt_accuracy": sc["prompt_accuracy"]}
+                          prediction_type=loop.student_ptype, dataset=kind)
+    sc = score(imgs.images, imgs.labels, dataset=kind)  # FD to the real images, the report's FD
+    return {k: sc[k] for k in ("fd", "fd_patch", "prompt_accuracy", "sharpness") if k in sc}
 
 
 def game(cfg, key, train, held, name: str, overrides: dict, steps: int, every: int, bs: int, seed: int,
