@@ -24,8 +24,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return to_uint8_nchw(images).permute(0, 2, 3, 1).numpy()
 
 
-def save_grid(rows: list[torch.Tensor], path, row_labels: Optional[list[str]] = None, scale: int = 3) -> None:
-    """A PNG grid: each entry of `rows` is [C, 3, H, W] (e.g. digits 0-9), upscaled `scale`x."""
+def save_grid(rows: list[torch.Tensor], path, row_labels: Optional[list[str]] = None, scale: int = 3,
+              col_labels: Optional[list[str]] = None) -> None:
+    """A PNG grid: each entry of `rows` is [C, 3, H, W] (e.g. digits 0-9), upscaled `scale`x; columns
+    titled by `col_labels` (default their index)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,7 +44,7 @@ def save_grid(rows: list[torch.Tensor], path, row_labels: Optional[list[str]] = 
             if j < len(imgs):
                 ax.imshow(imgs[j], interpolation="nearest")
             if i == 0:
-                ax.set_title(str(j), fontsize=9)
+                ax.set_title(col_labels[j] if col_labels else str(j), fontsize=9)
             if j == 0 and row_labels:
                 ax.set_ylabel(row_labels[i], fontsize=9)
     fig.tight_layout(pad=0.2)

@@ -1,0 +1,106 @@
+"""Finished toy runs side by side: one PNG and one table, the teacher against each run's students at every
+step count, on the same prompts and seeds (every run samples its evaluation from the same fixed noise).
+
+    python benchmarks/compare_runs.py runs/toy_fashion runs/toy_fashion_mse --out benchmarks/results/toy_fashion_demo
+
+The runs must share their evaluation settings and base teacher (else their samples are not comparable);
+each contributes the stages it finished. Rows of the PNG: the teacher at 32 steps, then per step count the
+teacher (with its CFG), each run's student; columns: the first sample of each class. The table: the
+report's toy metrics per model. Writes <out>.png, <out>.md and <out>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.results_io import write_report  # noqa: E402
+
+COLUMNS = ("fd", "fd_patch", "prompt_accuracy", "diversity", "sharpness")
+
+
+def load_run(root: Path) -> dict:
+    """A finished run's config, and per finished stage its metrics and the student's evaluation samples."""
+    import numpy as np
+
+    from pipeline.config import load_config
+
+    cfg = load_config(str(root / "config.yaml"))
+    if not cfg.data.toy:
+        raise SystemExit(f"{root}: not a toy run (data.kind {cfg.data.kind}); this compares toy runs only")
+    stages = {}
+    for i, st in enumerate(cfg.stages, start=1):
+        sd = root / cfg.stage_dir(i)
+        m, s = sd / "eval" / "metrics.json", sd / "eval" / "samples.npz"
+        if m.exists() and s.exists():
+            stages[st.student_steps] = {"metrics": json.loads(m.read_text()), "images": np.load(s)["images"]}
+    if not stages:
+        raise SystemExit(f"{root}: no evaluated stage yet (run `padistill distill --config {root}/config.yaml`)")
+    return {"name": cfg.name, "cfg": cfg, "stages": stages}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="finished run roots (local folders)")
+    p.add_argument("--out", required=True, help="output path without extension")
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from pipeline.data import DATASETS
+    from pipeline.evaluate import teacher_guidance
+    from pipeline.images import save_grid
+    from pipeline.layout import teacher_cache_rel
+    from pipeline.zoo import resolve_source
+
+    runs = [load_run(Path(r)) for r in args.runs]
+    base = runs[0]["cfg"]
+    for r in runs[1:]:
+        c = r["cfg"]
+        if (c.evaluate, c.model.source, c.data.kind) != (base.evaluate, base.model.source, base.data.kind):
+            raise SystemExit(f"{r['name']}: its evaluation settings or base teacher differ from {runs[0]['name']}'s; "
+                             "their samples are not comparable")
+    K = base.evaluate.samples_per_prompt
+    shown = np.arange(10) * K  # each class's first fixed seed
+    g = teacher_guidance(base, resolve_source(base.model.source))
+
+    def teacher(steps: int):
+        path = Path(args.runs[0]) / teacher_cache_rel(base, steps, g)
+        return torch.from_numpy(np.load(path)["images"][shown]) if path.exists() else None
+
+    rows, labels, table = [teacher(32)], ["teacher 32"], []
+    any_stage = next(iter(runs[0]["stages"].values()))["metrics"]
+    table.append({"model": "teacher", "steps": 32, **{k: any_stage["teacher_32"][k] for k in COLUMNS}})
+    for n in sorted({n for r in runs for n in r["stages"]}, reverse=True):
+        t = teacher(n)
+        if t is not None:
+            rows.append(t)
+            labels.append(f"teacher {n}")
+        first = next(r for r in runs if n in r["stages"])["stages"][n]["metrics"]
+        table.append({"model": "teacher", "steps": n, **{k: first["teacher_same_steps"][k] for k in COLUMNS}})
+        for r in runs:
+            if n in r["stages"]:
+                st = r["stages"][n]
+                rows.append(torch.from_numpy(st["images"][shown]))
+                labels.append(f"{r['name']} {n}")
+                table.append({"model": r["name"], "steps": n, **{k: st["metrics"]["student"][k] for k in COLUMNS}})
+    save_grid(rows, f"{args.out}.png", labels, col_labels=list(DATASETS[base.data.kind].names))
+    n_samples = 10 * K
+    md = [f"Samples per model: {n_samples} (the same fixed noise for every model); teacher rows with CFG "
+          f"(guidance {g:g}), students without. Grid: `{Path(args.out).name}.png`.", "",
+          "| model | steps | " + " | ".join(COLUMNS) + " |", "|---|---:|" + "---:|" * len(COLUMNS)]
+    md += [f"| {row['model']} | {row['steps']} | " + " | ".join(f"{row[k]:.3f}" for k in COLUMNS) + " |" for row in table]
+    write_report(args.out, {"runs": args.runs, "samples_per_model": n_samples, "rows": table}, "\n".join(md) + "\n")
+    print(f"wrote {args.out}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
