@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install test reliability-table demo bench bench-teacher teacher-fashion bench-comparison bench-probe bench-ablations bench-report teacher clean
+.PHONY: install test reliability-table demo demo-mse demo-compare bench bench-teacher teacher-fashion bench-comparison bench-probe bench-ablations bench-report teacher clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,15 @@ reliability-table:
 	$(BIN)/python tests/reliability.py
 
 demo: install
-	$(BIN)/padistill distill --config toy_digits $(DEMO_ARGS)
+	$(BIN)/padistill distill --config toy_fashion $(DEMO_ARGS)
+
+# the demo's MSE-only baseline (same chain and updates), then both side by side in one PNG and table
+demo-mse: install
+	$(BIN)/padistill distill --config toy_fashion_mse $(DEMO_ARGS)
+
+demo-compare: demo demo-mse
+	$(BIN)/python benchmarks/compare_runs.py runs/toy_fashion runs/toy_fashion_mse \
+		--labels adversarial,MSE-only --out benchmarks/results/toy_fashion_demo
 
 # The benchmark in parts, each one command under 90 minutes on 2 cores (the comparison one arm and training
 # seed at a time: the adversarial arm ~65-90 min, the MSE-only arm, which reuses its seed's first stage,

@@ -49,6 +49,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="finished run roots (local folders)")
     p.add_argument("--out", required=True, help="output path without extension")
+    p.add_argument("--labels", default=None, help="comma-separated short names of the runs (default: their "
+                   "config names), for the PNG's rows and the table")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -61,6 +63,12 @@ def main(argv=None) -> int:
     from pipeline.zoo import resolve_source
 
     runs = [load_run(Path(r)) for r in args.runs]
+    if args.labels is not None:
+        labels = [x.strip() for x in args.labels.split(",")]
+        if len(labels) != len(runs):
+            p.error(f"--labels: {len(labels)} names for {len(runs)} runs")
+        for r, name in zip(runs, labels):
+            r["name"] = name
     base = runs[0]["cfg"]
     for r in runs[1:]:
         c = r["cfg"]

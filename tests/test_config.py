@@ -173,6 +173,23 @@ def test_toy_comparison_arms_are_budget_matched():
                                                        "stages.3.multi_timestep=false"]))
 
 
+def test_the_fashion_demo_and_its_mse_baseline_are_a_fair_pair():
+    """`make demo`'s config (toy_fashion) and its MSE-only baseline differ in the loss only: the same chain,
+    the same student updates per stage (60; the 1-step stage after the same 40-step x0 conversion), and the
+    same data, precompute, training and evaluation settings."""
+    import sys
+
+    sys.path.insert(0, str(CONFIG_DIR.parent))
+    from benchmarks.distill import check_fair, shared_stages, student_updates
+
+    adv, mse = load_config("toy_fashion"), load_config("toy_fashion_mse")
+    check_fair(adv, mse)
+    assert [student_updates(st) for st in adv.stages] == [60, 60, 60, 100]
+    assert shared_stages(adv, mse) == 1
+    for section in ("model", "data", "trajectories", "train", "evaluate"):
+        assert getattr(adv, section) == getattr(mse, section), section
+
+
 def test_the_arm_comparison_uses_only_seeds_both_arms_finished():
     """benchmarks/distill.py's targets compare the adversarial and MSE-only arms on the same training
     seeds (never a two-seed mean against one seed), and judge a one-seed gap against the spread the arms
