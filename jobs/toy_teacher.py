@@ -3,11 +3,11 @@ digits or Fashion-MNIST) and export it."""
 
 from __future__ import annotations
 
+import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
-from jobs.common import add_config_args, config_from_args, job_main
+from jobs.common import add_config_args, job_main
 
 NAME = "toy-teacher"
 HELP = ("train an embedded toy teacher (miniature SDXL on the config's data: digits, or Fashion-MNIST with "
@@ -30,24 +30,15 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from pipeline.errors import ConfigError
-    from pipeline.toy_teacher import DEFAULT_OUTPUTS, ToyTeacherConfig, train_toy_teacher
+    from pipeline.config import load_config
+    from pipeline.toy_teacher import from_run_config, train_toy_teacher
 
-    cfg = config_from_args(args)
-    sec = cfg.toy_teacher
-    kind = cfg.data.kind
-    if kind not in DEFAULT_OUTPUTS:
-        raise ConfigError(f"data.kind: a toy teacher learns an embedded dataset ({', '.join(sorted(DEFAULT_OUTPUTS))}), "
-                          f"not {kind!r}")
-    tc = replace(ToyTeacherConfig.smoke(), dataset=kind) if sec.preset == "smoke" else ToyTeacherConfig.full(kind)
-    over = {k: v for k, v in dict(vae_steps=args.vae_steps or sec.vae_steps, unet_steps=args.unet_steps or sec.unet_steps,
-                                  workers=args.workers or sec.workers,
-                                  cpus_per_worker=args.cpus_per_worker or sec.cpus_per_worker).items() if v}
-    tc = replace(tc, seed=cfg.train.seed, **over)
-    output = args.output or sec.output or (DEFAULT_OUTPUTS[kind] if sec.preset == "full"
-                                           else Path(cfg.run_root) / "toy_teacher")
-    if "://" in str(output):
-        raise ConfigError(f"--output must be a local folder, got {output}")
+    flags = {"output": args.output, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
+             "workers": args.workers, "cpus_per_worker": args.cpus_per_worker}
+    # the flags are the toy_teacher section's keys, and win over it (a JSON string keeps a path a string)
+    cfg = load_config(args.config, [*args.overrides, *(f"toy_teacher.{k}={json.dumps(v)}"
+                                                       for k, v in flags.items() if v is not None)])
+    tc, output = from_run_config(cfg)
     summary = train_toy_teacher(output, tc, work_dir=args.work_dir, resolution=cfg.model.resolution,
                                 holdout_fraction=cfg.data.holdout_fraction, data_seed=cfg.data.seed,
                                 ray_address=cfg.ray.address, ray_num_cpus=cfg.ray.num_cpus, vae_from=args.vae_from)

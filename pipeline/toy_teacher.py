@@ -101,6 +101,29 @@ class ToyTeacherConfig:
         return asdict(self)
 
 
+def from_run_config(cfg) -> tuple[ToyTeacherConfig, Path]:
+    """The teacher to train and the folder it goes to, from a run config: the `toy_teacher` section's
+    preset for `data.kind`, then the section's overrides (None keeps the preset's), `train.seed`. The one
+    place these settings meet (`padistill toy-teacher` turns its flags into `toy_teacher.*` overrides)."""
+    from dataclasses import replace
+
+    from .errors import ConfigError
+
+    sec, kind = cfg.toy_teacher, cfg.data.kind
+    if kind not in DEFAULT_OUTPUTS:
+        raise ConfigError(f"data.kind: a toy teacher learns an embedded dataset ({', '.join(sorted(DEFAULT_OUTPUTS))}), "
+                          f"not {kind!r}")
+    tc = replace(ToyTeacherConfig.smoke(), dataset=kind) if sec.preset == "smoke" else ToyTeacherConfig.full(kind)
+    over = {k: getattr(sec, k) for k in ("vae_steps", "unet_steps", "workers", "cpus_per_worker")
+            if getattr(sec, k) is not None}
+    tc = replace(tc, seed=cfg.train.seed, **over)
+    if sec.output:
+        if "://" in sec.output:
+            raise ConfigError(f"toy_teacher.output (--output): a local folder, got {sec.output}")
+        return tc, Path(sec.output)
+    return tc, DEFAULT_OUTPUTS[kind] if sec.preset == "full" else Path(cfg.run_root) / "toy_teacher"
+
+
 # ---- helpers shared by the workers ---------------------------------------------------------------------
 def lr_at(step: int, total: int, warmup: int) -> float:
     """Multiplier of the base learning rate: linear warm-up, then cosine decay to 0."""

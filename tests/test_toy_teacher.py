@@ -131,3 +131,22 @@ def test_toy_teacher_smoke_run_exports_a_loadable_pipeline(ray_local, tmp_path):
     assert again["vae_reused_from"] == str(tmp_path / "work" / "vae_state")
     hist = json.loads((tmp_path / "work" / "unet_state" / "history.json").read_text())
     assert len(hist) == steps + 5 and hist[:steps] == first
+
+
+def test_toy_teacher_settings_meet_in_one_place(tmp_path):
+    """The preset (by data.kind), the config's toy_teacher section and the job's flags (which become
+    toy_teacher.* overrides) are merged by pipeline.toy_teacher.from_run_config alone."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.toy_teacher import DEFAULT_OUTPUTS, ToyTeacherConfig, from_run_config
+
+    tc, out = from_run_config(load_config("toy_fashion"))
+    assert tc == ToyTeacherConfig.full("fashion_mnist") and out == DEFAULT_OUTPUTS["fashion_mnist"]
+    path = tmp_path / "a: b" / "teacher"  # a path YAML would read as a mapping, passed as the job passes it
+    tc, out = from_run_config(load_config("smoke", ["toy_teacher.unet_steps=7", "train.seed=3",
+                                                    f'toy_teacher.output="{path}"']))
+    assert (tc.unet_steps, tc.seed, tc.vae_steps) == (7, 3, ToyTeacherConfig.smoke().vae_steps)
+    assert out == path and tc.dataset == "toy_digits"
+    with pytest.raises(ConfigError, match="toy_teacher.output"):
+        from_run_config(load_config("smoke", ["toy_teacher.output=s3://bucket/teacher"]))
+    with pytest.raises(ConfigError, match="data.kind"):
+        from_run_config(load_config("smoke", ["data.kind=parquet", "data.path=/nowhere"]))
