@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install test reliability-table demo demo-mse demo-compare bench bench-teacher teacher-fashion bench-comparison bench-probe bench-ablations bench-report teacher clean
+.PHONY: install test reliability-table demo demo-mse demo-compare bench bench-teacher teacher-fashion bench-comparison bench-probe bench-ablations bench-report bench-fashion-report teacher clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,16 @@ bench-comparison: bench-seed-0 bench-seed-1 bench-seed-2
 bench-probe: install
 	$(BIN)/python benchmarks/discriminator.py --run runs/bench/toy_digits-s0 --stage 2 \
 		--game "recipe:" --game "base:lr=1e-6,disc_steps=1"
+
+# the sharp benchmark: the demo's configs at 500 samples a model, one arm and training seed at a time
+bench-fashion-adv-%: install
+	$(BIN)/python benchmarks/distill.py --benchmark fashion --part comparison --arms adversarial --seeds $* $(BENCH_ARGS)
+
+bench-fashion-mse-%: install
+	$(BIN)/python benchmarks/distill.py --benchmark fashion --part comparison --arms mse --seeds $* $(BENCH_ARGS)
+
+bench-fashion-report: install
+	$(BIN)/python benchmarks/distill.py --benchmark fashion --part report
 
 bench-ablation-%: install
 	$(BIN)/python benchmarks/distill.py --part ablations --only $* $(BENCH_ARGS)

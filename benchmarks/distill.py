@@ -7,6 +7,9 @@ reuse finished runs (every run is `padistill distill`: finished DAG steps are sk
                                                      # seed, 65-90 min; the MSE arm ~35 min)
     python benchmarks/distill.py --part ablations    # the paper's open questions, seed 0, same budget
     python benchmarks/distill.py --part report       # tables and targets from whatever has finished
+    python benchmarks/distill.py --benchmark fashion --arms adversarial --seeds 0   # the sharp benchmark:
+                                                     # the demo's configs (toy_fashion, toy_fashion_mse)
+                                                     # at 500 samples; no ablations defined for it yet
 
 Fair by construction: both arms train every stage for the same number of student updates (150; the
 1-step stage 100 x0-conversion steps first in both) on the same trajectories' data, learning rates from
@@ -43,8 +46,17 @@ sys.path.insert(0, str(REPO))
 from benchmarks.results_io import write_report  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-BENCH_ROOT = "runs/bench"
-ARMS = {"adversarial": "toy_digits", "mse": "toy_digits_mse"}
+# The benchmarks: the two arms' configs, overrides for every run of the benchmark, default root and output.
+# Fashion-MNIST (the sharp benchmark) runs the demo's configs with the benchmark's 500 samples a model; its
+# ablations are not defined yet (its recipe already mixes in the MSE, so the digits' list does not apply).
+BENCHMARKS = {
+    "digits": {"arms": {"adversarial": "toy_digits", "mse": "toy_digits_mse"}, "set": [],
+               "root": "runs/bench", "out": "distill"},
+    "fashion": {"arms": {"adversarial": "toy_fashion", "mse": "toy_fashion_mse"},
+                "set": ["evaluate.samples_per_prompt=50"], "root": "runs/bench_fashion", "out": "distill_fashion"},
+}
+BENCH_ROOT = BENCHMARKS["digits"]["root"]
+ARMS = BENCHMARKS["digits"]["arms"]  # the ablations' arms
 DEFAULT_SEEDS = (0, 1, 2)
 
 
@@ -289,30 +301,36 @@ def targets(adv: list[dict], mse: list[dict]) -> list[dict]:
     return out
 
 
+# the comparison's columns, each shown where the runs have it (FD-patch and sharpness: runs since the
+# metrics were made per dataset)
+COLUMNS = (("fd", "FD ↓ mean [min, max]"), ("fd_patch", "FD-patch ↓"), ("prompt_accuracy", "accuracy ↑"),
+           ("sharpness", "sharpness"), ("fd_to_reference", "FD to teacher-32 ↓"), ("diversity", "diversity"))
+
+
 def comparison_table(arms: dict[str, list[dict]]) -> str:
-    lines = ["| model | steps | FD ↓ mean [min, max] | accuracy ↑ | FD to teacher-32 ↓ | diversity | seeds |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     any_runs = next((r for r in arms.values() if r), None)
     if not any_runs:
         return "(no finished runs)"
     ref = any_runs[0]["evals"]
-    lines.append(f"| teacher (CFG) | 32 | {ref[0]['teacher_32']['fd']:.3f} | "
-                 f"{ref[0]['teacher_32']['prompt_accuracy']:.3f} | 0 | {ref[0]['teacher_32']['diversity']:.3f} | |")
+    cols = [(k, name) for k, name in COLUMNS if all(k in e["teacher_32"] for r in arms.values() for x in r
+                                                     for e in x["evals"])]
+    lines = ["| model | steps | " + " | ".join(name for _, name in cols) + " | seeds |",
+             "| --- | ---: |" + " ---: |" * len(cols) + " ---: |"]
+    t32 = ref[0]["teacher_32"]
+    lines.append("| teacher (CFG) | 32 | " + " | ".join("0" if k == "fd_to_reference" else f"{t32[k]:.3f}"
+                                                        for k, _ in cols) + " | |")
     for e in ref:
         n = e["student_steps"]
         t = e["teacher_same_steps"]
-        lines.append(f"| teacher (CFG) | {n} | {t['fd']:.3f} | {t['prompt_accuracy']:.3f} | "
-                     f"{t['fd_to_reference']:.3f} | {t['diversity']:.3f} | |")
+        lines.append(f"| teacher (CFG) | {n} | " + " | ".join(f"{t[k]:.3f}" for k, _ in cols) + " | |")
         for arm, runs in arms.items():
             if not runs:
                 continue
             for model, label in (("student_start", f"{arm}: start of stage"), ("student", f"**{arm}**")):
-                ss = {k: per_steps(runs, model, k).get(n) for k in ("fd", "prompt_accuracy", "fd_to_reference",
-                                                                     "diversity")}
+                ss = {k: per_steps(runs, model, k).get(n) for k, _ in cols}
                 if ss["fd"] is None:
                     continue
-                lines.append(f"| {label} | {n} | {fmt(ss['fd'])} | {fmt(ss['prompt_accuracy'])} | "
-                             f"{fmt(ss['fd_to_reference'])} | {fmt(ss['diversity'])} | {ss['fd']['n']} |")
+                lines.append(f"| {label} | {n} | " + " | ".join(fmt(ss[k]) for k, _ in cols) + f" | {ss['fd']['n']} |")
     return "\n".join(lines)
 
 
@@ -331,11 +349,21 @@ def ablation_table(base: dict | None, abl: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+HEADERS = {
+    "digits": "Shipped toy teacher (guidance 2.0); 500 samples per model (digits 0-9 x 50, each with its own "
+              "fixed noise, the same for every model). FD: Fréchet distance to real digits in the digit "
+              "classifier's feature space",
+    "fashion": "Shipped Fashion-MNIST toy teacher (guidance 2.0); 500 samples per model (10 classes x 50, each "
+               "with its own fixed noise, the same for every model). FD and FD-patch: Fréchet distance to the "
+               "t10k photos in the Fashion-MNIST classifier's feature space; sharpness: high-frequency energy "
+               "relative to the real photos (1 = as sharp)",
+}
+
+
 def markdown(result: dict) -> str:
-    lines = ["# Toy benchmark: progressive adversarial distillation vs MSE-only, and ablations\n",
-             "Shipped toy teacher (guidance 2.0); 500 samples per model (digits 0-9 x 50, each with its own "
-             "fixed noise, the same for every model). FD: Fréchet distance to real digits in the digit "
-             "classifier's feature space; 'start of stage': the student the stage started from, sampled at "
+    bench = result.get("benchmark", "digits")
+    lines = [f"# Toy benchmark ({bench}): progressive adversarial distillation vs MSE-only, and ablations\n",
+             HEADERS[bench] + "; 'start of stage': the student the stage started from, sampled at "
              "the stage's step count. Spread: [min, max] over training seeds.\n",
              "## Adversarial vs MSE-only (same student updates per stage)\n",
              comparison_table(result["comparison"]), "",
@@ -350,13 +378,23 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("comparison", "ablations", "report"), default="comparison")
+    p.add_argument("--benchmark", choices=tuple(BENCHMARKS), default="digits",
+                   help="digits (default) or fashion: the demo's configs at 500 samples a model")
     p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
                    help="training seeds of the comparison to run (default 0,1,2)")
     p.add_argument("--arms", default="adversarial,mse", help="comparison arms to run (default both)")
     p.add_argument("--only", default=None, help="ablations: run only these (comma-separated names or slugs)")
-    p.add_argument("--root", default=BENCH_ROOT, help=f"where the run roots go (default {BENCH_ROOT})")
-    p.add_argument("--out", default=str(RESULTS / "distill"), help="output path without extension")
+    p.add_argument("--root", default=None, help="where the run roots go (default runs/bench, or "
+                   "runs/bench_fashion)")
+    p.add_argument("--out", default=None, help="output path without extension (default "
+                   "benchmarks/results/distill, or distill_fashion)")
     args = p.parse_args(argv)
+    bench = BENCHMARKS[args.benchmark]
+    arms, bench_set = bench["arms"], bench["set"]
+    if args.benchmark != "digits" and args.part == "ablations":
+        p.error(f"--part ablations: none defined for the {args.benchmark} benchmark yet")
+    args.root = args.root or bench["root"]
+    args.out = args.out or str(RESULTS / bench["out"])
 
     import torch
 
@@ -366,12 +404,12 @@ def main(argv=None) -> int:
 
     def donor() -> str | None:
         """A run root whose shared steps have finished (the first run of a part computes them)."""
-        cands = [root / f"{c}-s{s}" for s in all_seeds for c in ARMS.values()] + sorted(root.glob("ablation-*"))
+        cands = [root / f"{c}-s{s}" for s in all_seeds for c in arms.values()] + sorted(root.glob("ablation-*"))
         return next((str(c) for c in cands if (c / "_manifest" / "trajectories-1-8step.json").exists()), None)
 
     from pipeline.config import load_config
 
-    adv_cfg, mse_cfg = load_config(ARMS["adversarial"]), load_config(ARMS["mse"])
+    adv_cfg, mse_cfg = load_config(arms["adversarial"], bench_set), load_config(arms["mse"], bench_set)
     same = shared_stages(adv_cfg, mse_cfg)
 
     def arm_runs(arm: str, do_run: bool) -> list[dict]:
@@ -379,24 +417,24 @@ def main(argv=None) -> int:
         seed of the default three read as they are, so each part's report has all runs finished so far."""
         out = []
         for s in all_seeds:
-            r_root, ov = str(root / f"{ARMS[arm]}-s{s}"), [f"train.seed={s}"]
-            other = str(root / f"{ARMS['adversarial' if arm == 'mse' else 'mse']}-s{s}")
-            r = run(ARMS[arm], r_root, ov, donor(), (other, same)) if do_run and s in seeds \
-                else finished(ARMS[arm], r_root, ov)
+            r_root, ov = str(root / f"{arms[arm]}-s{s}"), [*bench_set, f"train.seed={s}"]
+            other = str(root / f"{arms['adversarial' if arm == 'mse' else 'mse']}-s{s}")
+            r = run(arms[arm], r_root, ov, donor(), (other, same)) if do_run and s in seeds \
+                else finished(arms[arm], r_root, ov)
             if r is not None:
                 out.append(r)
         return out
 
     check_fair(adv_cfg, mse_cfg)
     wanted = set(args.arms.split(","))
-    comparison = {arm: arm_runs(arm, args.part == "comparison" and arm in wanted) for arm in ARMS}
+    comparison = {arm: arm_runs(arm, args.part == "comparison" and arm in wanted) for arm in arms}
     abl_runs = {}
     only = None if args.only is None else {x.strip() for x in args.only.split(",")}
     known = {n for name in ablations() for n in (name, slug(name))}
     if only is not None and only - known:
         p.error(f"--only: no ablation named {', '.join(sorted(only - known))}; the ablations: "
                 f"{', '.join(slug(n) for n in ablations())}")
-    for name, ov in ablations().items():
+    for name, ov in (ablations() if args.benchmark == "digits" else {}).items():
         r_root = str(root / f"ablation-{slug(name)}")
         if args.part == "ablations" and (only is None or name in only or slug(name) in only):
             s0 = (str(root / f"{ARMS['adversarial']}-s0"), shared_stages(adv_cfg, load_config(ARMS["adversarial"], ov)))
@@ -406,7 +444,7 @@ def main(argv=None) -> int:
             if r is not None:
                 abl_runs[name] = r
     base = next((r for r in comparison["adversarial"] if r["run_root"].endswith("-s0")), None)
-    result = {"comparison": comparison, "ablations": abl_runs, "ablation_base": base,
+    result = {"benchmark": args.benchmark, "comparison": comparison, "ablations": abl_runs, "ablation_base": base,
               "targets": targets(comparison["adversarial"], comparison["mse"]), "seeds_run": seeds,
               "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

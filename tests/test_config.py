@@ -188,6 +188,14 @@ def test_the_fashion_demo_and_its_mse_baseline_are_a_fair_pair():
     assert shared_stages(adv, mse) == 1
     for section in ("model", "data", "trajectories", "train", "evaluate"):
         assert getattr(adv, section) == getattr(mse, section), section
+    # the sharp benchmark runs these two configs, at 500 samples a model
+    from benchmarks.distill import BENCHMARKS
+
+    bench = BENCHMARKS["fashion"]
+    adv_b, mse_b = (load_config(bench["arms"][a], bench["set"]) for a in ("adversarial", "mse"))
+    assert (adv_b.name, mse_b.name) == ("toy_fashion", "toy_fashion_mse")
+    check_fair(adv_b, mse_b)
+    assert 10 * adv_b.evaluate.samples_per_prompt == 500 == 10 * mse_b.evaluate.samples_per_prompt
 
 
 def test_the_arm_comparison_uses_only_seeds_both_arms_finished():
