@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -22,27 +21,24 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.results_io import write_report  # noqa: E402
 
-COLUMNS = ("fd", "fd_patch", "prompt_accuracy", "diversity", "sharpness")
-
-
 def load_run(root: Path) -> dict:
-    """A finished run's config, and per finished stage its metrics and the student's evaluation samples."""
+    """A finished run's config, and per evaluated stage (by step count) its metrics (the report's
+    `collect`) and the student's evaluation samples."""
     import numpy as np
 
     from pipeline.config import load_config
+    from pipeline.report import collect
+    from pipeline.storage import RunStorage
 
-    cfg = load_config(str(root / "config.yaml"))
+    cfg = load_config(str(root / "config.yaml"), [f"run_root={root}"])
     if not cfg.data.toy:
         raise SystemExit(f"{root}: not a toy run (data.kind {cfg.data.kind}); this compares toy runs only")
-    stages = {}
-    for i, st in enumerate(cfg.stages, start=1):
-        sd = root / cfg.stage_dir(i)
-        m, s = sd / "eval" / "metrics.json", sd / "eval" / "samples.npz"
-        if m.exists() and s.exists():
-            stages[st.student_steps] = {"metrics": json.loads(m.read_text()), "images": np.load(s)["images"]}
+    storage = RunStorage.from_config(cfg)
+    stages = {e["student_steps"]: {"metrics": e, "images": np.load(io.BytesIO(storage.read_bytes(
+        f"{cfg.stage_dir(e['stage'])}/eval/samples.npz")))["images"]} for e in collect(cfg, storage)}
     if not stages:
         raise SystemExit(f"{root}: no evaluated stage yet (run `padistill distill --config {root}/config.yaml`)")
-    return {"name": cfg.name, "cfg": cfg, "stages": stages}
+    return {"name": cfg.name, "cfg": cfg, "storage": storage, "stages": stages}
 
 
 def main(argv=None) -> int:
@@ -60,6 +56,7 @@ def main(argv=None) -> int:
     from pipeline.evaluate import teacher_guidance
     from pipeline.images import save_grid
     from pipeline.layout import teacher_cache_rel
+    from pipeline.metrics import METRICS  # the report's columns
     from pipeline.zoo import resolve_source
 
     runs = [load_run(Path(r)) for r in args.runs]
@@ -79,32 +76,37 @@ def main(argv=None) -> int:
     shown = np.arange(10) * K  # each class's first fixed seed
     g = teacher_guidance(base, resolve_source(base.model.source))
 
-    def teacher(steps: int):
-        path = Path(args.runs[0]) / teacher_cache_rel(base, steps, g)
-        return torch.from_numpy(np.load(path)["images"][shown]) if path.exists() else None
+    def teacher(steps: int):  # the base teacher's samples, cached in the first run root by its evaluation
+        storage, rel = runs[0]["storage"], teacher_cache_rel(base, steps, g)
+        return torch.from_numpy(np.load(io.BytesIO(storage.read_bytes(rel)))["images"][shown]) \
+            if storage.exists(rel) else None
 
-    rows, labels, table = [teacher(32)], ["teacher 32"], []
+    keys = [k for k, _ in METRICS]
+    rows, labels, table = [], [], []
+    if (t := teacher(32)) is not None:
+        rows.append(t)
+        labels.append("teacher 32")
     any_stage = next(iter(runs[0]["stages"].values()))["metrics"]
-    table.append({"model": "teacher", "steps": 32, **{k: any_stage["teacher_32"][k] for k in COLUMNS}})
+    table.append({"model": "teacher", "steps": 32, **{k: any_stage["teacher_32"][k] for k in keys}})
     for n in sorted({n for r in runs for n in r["stages"]}, reverse=True):
         t = teacher(n)
         if t is not None:
             rows.append(t)
             labels.append(f"teacher {n}")
         first = next(r for r in runs if n in r["stages"])["stages"][n]["metrics"]
-        table.append({"model": "teacher", "steps": n, **{k: first["teacher_same_steps"][k] for k in COLUMNS}})
+        table.append({"model": "teacher", "steps": n, **{k: first["teacher_same_steps"][k] for k in keys}})
         for r in runs:
             if n in r["stages"]:
                 st = r["stages"][n]
                 rows.append(torch.from_numpy(st["images"][shown]))
                 labels.append(f"{r['name']} {n}")
-                table.append({"model": r["name"], "steps": n, **{k: st["metrics"]["student"][k] for k in COLUMNS}})
+                table.append({"model": r["name"], "steps": n, **{k: st["metrics"]["student"][k] for k in keys}})
     save_grid(rows, f"{args.out}.png", labels, col_labels=list(DATASETS[base.data.kind].names))
     n_samples = 10 * K
     md = [f"Samples per model: {n_samples} (the same fixed noise for every model); teacher rows with CFG "
           f"(guidance {g:g}), students without. Grid: `{Path(args.out).name}.png`.", "",
-          "| model | steps | " + " | ".join(COLUMNS) + " |", "|---|---:|" + "---:|" * len(COLUMNS)]
-    md += [f"| {row['model']} | {row['steps']} | " + " | ".join(f"{row[k]:.3f}" for k in COLUMNS) + " |" for row in table]
+          "| model | steps | " + " | ".join(h for _, h in METRICS) + " |", "|---|---:|" + "---:|" * len(METRICS)]
+    md += [f"| {row['model']} | {row['steps']} | " + " | ".join(f"{row[k]:.3f}" for k in keys) + " |" for row in table]
     write_report(args.out, {"runs": args.runs, "samples_per_model": n_samples, "rows": table}, "\n".join(md) + "\n")
     print(f"wrote {args.out}.png")
     return 0

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Ray Data's own logging configuration with its console notices off (they go to its log file)
+RAY_DATA_LOGGING = Path(__file__).with_name("assets") / "ray_data_logging.yaml"
 # Ray Train loggers that only speak to a cluster service a local Ray does not run: the State API (the
 # dashboard, left out) and the autoscaler ("Failed to send resource request ... safe to ignore", with a
 # traceback, whenever the 2 cores are busy)
-# Ray Data's own logging configuration with its console notices off (they go to its log file)
-RAY_DATA_LOGGING = Path(__file__).with_name("assets") / "ray_data_logging.yaml"
 LOCAL_ONLY_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
                     "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
 

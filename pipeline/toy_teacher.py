@@ -23,13 +23,14 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from . import cluster
+from .errors import ConfigError
 from .schedule import Conditioning, Schedule
 from .zoo import ASSETS, ToyModelConfig
 
@@ -105,10 +106,6 @@ def from_run_config(cfg) -> tuple[ToyTeacherConfig, Path]:
     """The teacher to train and the folder it goes to, from a run config: the `toy_teacher` section's
     preset for `data.kind`, then the section's overrides (None keeps the preset's), `train.seed`. The one
     place these settings meet (`padistill toy-teacher` turns its flags into `toy_teacher.*` overrides)."""
-    from dataclasses import replace
-
-    from .errors import ConfigError
-
     sec, kind = cfg.toy_teacher, cfg.data.kind
     if kind not in DEFAULT_OUTPUTS:
         raise ConfigError(f"data.kind: a toy teacher learns an embedded dataset ({', '.join(sorted(DEFAULT_OUTPUTS))}), "

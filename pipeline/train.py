@@ -132,8 +132,8 @@ def read_trajectories(cfg: RunConfig, key, storage: RunStorage | None = None, he
 
     remote = {} if data_cpus is None else {"num_cpus": data_cpus}
     # the shards stream for the whole stage: Ray Data's progress bars would redraw under the training
-    # log for minutes (the trainer prints its own progress)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # log for minutes (the trainer prints its own progress); also where `padistill train-stage` reads them
+    cluster.quiet_libraries()
 
     from . import shards
     from .trajectories import SCHEMA_VERSION, step_name as traj_step
