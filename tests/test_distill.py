@@ -1,6 +1,6 @@
 """`padistill distill` end to end on the smoke config: a local run whose exported folders all load in
-stock diffusers, a rerun that skips every step, a run on S3 (moto) killed mid-stage and rerun to the
-same manifests, and a submission (run root on S3) to a Ray head started on 127.0.0.1 that reaches
+stock diffusers, a rerun that skips every step, a run on S3 (moto) killed mid-stage, its stage resumed
+by `padistill train-stage` and the DAG rerun to the same manifests, and a submission (run root on S3) to a Ray head started on 127.0.0.1 that reaches
 SUCCEEDED; neither S3 run leaves the AWS credentials it ran with in anything it wrote."""
 
 from __future__ import annotations
@@ -102,17 +102,21 @@ def _env():
 
 
 def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path, request):
+    """`distill` on S3 SIGKILLed (its whole session) inside stage 1, once Ray Train has registered a
+    checkpoint; `padistill train-stage` then resumes that stage from exactly that checkpoint (every rank's
+    ZeRO shard) and exports it; `distill` again skips every finished step (the resumed training too) and
+    ends with the manifests of an unbroken run. The run's AWS credentials are in nothing it wrote."""
     root = "s3://padistill-test/killed"
-    # stage 1 made long enough that the kill lands inside it, after its first checkpoint
-    sets = [f"run_root={root}", f"storage.endpoint_url={s3_endpoint}", "stages.0.mse_steps=40"]
-    args = [sys.executable, "-m", "jobs.distill", "--config", "smoke", "--until", "4step"]
-    for s in sets:
-        args += ["--set", s]
+    # stage 1 long enough that the kill lands inside it, after its first checkpoint (step 8 of 40)
+    sets = [f"run_root={root}", f"storage.endpoint_url={s3_endpoint}", "stages.0.mse_steps=40",
+            "train.checkpoint_every=8"]
+    over = [a for kv in sets for a in ("--set", kv)]
+    distill = [sys.executable, "-m", "jobs.distill", "--config", "smoke", "--until", "8step", *over]
     cfg = load_config("smoke", sets)
     storage = RunStorage.from_config(cfg)
     started = time.time()
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(distill, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     deadline = time.monotonic() + 600
     try:  # wait on the real signal: stage 1's first checkpoint registered by Ray Train on S3
@@ -123,27 +127,39 @@ def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path
     finally:
         kill_session(proc)
     assert not storage.is_finished("train-1-8step")  # killed mid-stage
-    done = subprocess.run(args, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    expected = {"encode", "report"} | {f"{p}-{k}" for p in ("trajectories", "train", "eval")
-                                        for k in ("1-8step", "2-4step")}
-    assert manifests(storage) == expected
+    killed_at = int(Path(latest_checkpoint(cfg, 1, storage)).name.split("_")[1])
+    assert 0 < killed_at < 40, "the kill came after the stage ended; make it longer"
+
+    # the stage alone, as a user reruns one stage: it resumes from the killed run's latest checkpoint
+    stage = subprocess.run([str(BIN / "padistill"), "train-stage", "--config", "smoke", "--stage", "1", *over],
+                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert stage.returncode == 0, stage.stdout[-3000:] + stage.stderr[-3000:]
+    line = [ln for ln in stage.stdout.splitlines() if ln.startswith("PADISTILL_TRAIN_SUMMARY ")][-1]
+    summary = json.loads(line.split(" ", 1)[1])
+    assert summary["metrics"]["resumed_from"] == killed_at and summary["metrics"]["step"] == 40, summary["metrics"]
+    assert f"resumed from checkpoint at step {killed_at}" in stage.stdout + stage.stderr
     assert storage.read_manifest("train-1-8step")["steps"] == 40
-    # the rerun resumed stage 1 from the killed run's checkpoint, not from step 0
-    resumed = {int(x) for x in re.findall(r"resumed from checkpoint at step (\d+)", done.stdout + done.stderr)}
-    assert resumed and max(resumed) >= 2, resumed
+    assert storage.exists(cfg.stage_dir(1), "model", "unet", "config.json")
+    trained_at = storage.read_manifest("train-1-8step")["finished_at"]
+
+    # the DAG again: encode, trajectories and the resumed training are finished; evaluation and report run
+    done = subprocess.run(distill, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert manifests(storage) == {"encode", "trajectories-1-8step", "train-1-8step", "eval-1-8step", "report"}
+    assert storage.read_manifest("train-1-8step")["finished_at"] == trained_at  # skipped, not trained again
     assert not (tmp_path / "runs").exists()  # nothing on a local disk: the run root is S3 only
     assert storage.read_manifest("trajectories-1-8step")["outputs"]["rows"] == 64
     traj = storage.read_table("stages/1-8step/traj", columns=["id", "draw"])
     keys = list(zip(traj.column("id").to_pylist(), traj.column("draw").to_pylist()))
-    n = _no_credentials_in(storage, [tmp_path / "first.log"], done.stdout + done.stderr, since=started)
+    n = _no_credentials_in(storage, [tmp_path / "first.log"],
+                           stage.stdout + stage.stderr + done.stdout + done.stderr, since=started)
     record(request, "`distill` killed mid-stage (SIGKILL), run root on S3",
-           f"the rerun skips finished steps, resumes the stage (from step {max(resumed)}), ends with the same "
-           "manifests", injected=1, completed=1,
-           rows_lost=64 - len(set(keys)), duplicates=len(keys) - len(set(keys)))
+           f"`train-stage` resumes the stage from its latest checkpoint (step {killed_at} of 40, every rank's ZeRO "
+           "shard); `distill` again skips every finished step and ends with the same manifests", injected=1,
+           completed=1, rows_lost=64 - len(set(keys)), duplicates=len(keys) - len(set(keys)))
     record(request, "the AWS credentials a run on S3 had (sentinel values)",
            f"in nothing it wrote: {n} files scanned (every object of the run root: configs, manifests, Parquet, "
-           "checkpoints, model cards, report; its console; its Ray session logs)", injected=2, completed=1)
+           "checkpoints, model cards, report; its consoles; its Ray session logs)", injected=2, completed=1)
 
 
 def _no_credentials_in(storage, local_files, console: str, since: float):

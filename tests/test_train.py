@@ -4,8 +4,8 @@ config with a tiny random teacher and trajectories made by `traj_helpers` in the
 Runs are shared between assertions (Ray/DeepSpeed start-up dominates on 2 busy cores):
 - `mse_lora_run`: stage 1 (32 -> 8, MSE) with a LoRA phase then the full UNet, ZeRO-2;
 - `x0_adv_run`:   stage 3 (-> 1 step, x0 conversion, conditional then unconditional D), ZeRO-3;
-- the kill/resume test drives `python -m jobs.train_stage` in a subprocess with its own local Ray and its
-  run root on S3 (moto), and SIGKILLs its whole session.
+- a stage killed after a checkpoint and resumed by `padistill train-stage` (run root on S3) is in
+  test_distill.py's killed-run test, which kills a real `distill`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,6 @@ from pipeline.config import CONFIG_DIR, from_dict
 from pipeline.storage import RunStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procs import kill_session  # noqa: E402
 from reliability import record  # noqa: E402
 from traj_helpers import make_trajectories, write_trajectories  # noqa: E402
 
@@ -222,67 +219,13 @@ def test_x0_conversion_tracks_eps_students_x0(x0_adv_run, tiny_pipeline, tiny_so
     assert rel(x0_conv) < 0.85 * rel(x0_raw)
 
 
-def test_kill_after_checkpoint_then_resume_on_s3(s3_endpoint, tiny_pipeline, tiny_source, tmp_path, request):
-    """`python -m jobs.train_stage` with its run root on S3 (moto), its own local Ray, in its own
-    session, SIGKILLed with every process of its session once Ray Train has registered a checkpoint;
-    the same command again resumes at that checkpoint's step, not at 0, finishes and exports to S3."""
-    from pipeline.export import latest_checkpoint
-    from pipeline.train import step_name
-
-    data = smoke_cfg("s3://padistill-test/resume-run", model={"source": tiny_source},
-                     stage_1={"mse_steps": 40, "lr": 1e-4}, storage={"endpoint_url": s3_endpoint},
-                     train={"checkpoint_every": 4, "log_every": 4}, ray={"num_cpus": 2})
-    cfg = from_dict(data)
-    storage = RunStorage.from_config(cfg)
-    write_trajectories(storage, cfg, 1, tiny_pipeline, n_ids=16, seed=5)
-    cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(data))
-    cmd = [sys.executable, "-m", "jobs.train_stage", "--config", str(cfg_path), "--stage", "1", "--held-rows", "0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PADISTILL_CACHE": str(tmp_path / "cache")}  # AWS test creds too
-    env["RAY_ADDRESS"] = "local"  # a new local Ray, never a cluster already running (this session's, others')
-    snapshot = f"{cfg.stage_dir(1)}/train/checkpoint_manager_snapshot.json"
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 420
-        try:
-            while True:  # poll for the real signal: Ray Train has registered a checkpoint
-                if storage.exists(snapshot) and latest_checkpoint(cfg, 1, storage):
-                    break
-                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint registered in time"
-                time.sleep(0.2)
-        finally:
-            kill_session(proc)
-    ckpt = latest_checkpoint(cfg, 1, storage)
-    step = int(Path(ckpt).name.split("_")[1])
-    assert 0 < step < 40, "the kill came after the run ended; make the run longer"
-    with open(tmp_path / "second.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=600)
-        finally:
-            kill_session(proc)  # the job's local Ray, should anything of it outlive the driver
-    text = (tmp_path / "second.log").read_text()
-    assert rc == 0, text[-4000:]
-    line = [ln for ln in text.splitlines() if ln.startswith("PADISTILL_TRAIN_SUMMARY ")][-1]
-    summary = json.loads(line.split(" ", 1)[1])
-    print(f"killed after the checkpoint at step {step}; the rerun resumed from "
-          f"{summary['metrics']['resumed_from']} and ended at {summary['metrics']['step']}")
-    assert summary["metrics"]["step"] == 40
-    assert summary["metrics"]["resumed_from"] == step
-    assert f"resumed from checkpoint at step {step}" in text
-    assert storage.read_manifest(step_name(cfg, 1))["steps"] == 40
-    assert storage.exists(cfg.stage_dir(1), "model", "unet", "config.json")
-    record(request, "a training stage killed after a checkpoint, run root on S3",
-           f"the rerun resumes from the latest checkpoint (step {step} of 40 here; every rank's ZeRO shard)",
-           injected=1, completed=1)
-
-
 def test_changed_inputs_start_the_stage_over_instead_of_resuming(ray_local, tiny_pipeline, tiny_source, tmp_path,
                                                                  request):
     """Rerunning resumes from the latest checkpoint; checkpoints made from other inputs (here: another
-    lr) must not be resumed as this run's. Same inputs still resume."""
-    from pipeline.train import train_stage
+    lr), or any with `--force` (restart), are discarded by `claim_train_dir`, which `train_stage` calls
+    first, so the stage starts over. One real resume, then the claims on that same folder."""
+    from pipeline.export import latest_checkpoint
+    from pipeline.train import claim_train_dir, train_stage
 
     data = smoke_cfg(tmp_path, model={"source": tiny_source}, stage_1={"mse_steps": 4, "lr": 1e-3},
                      train={"micro_batch": 8, "checkpoint_every": 2, "log_every": 2})
@@ -293,14 +236,25 @@ def test_changed_inputs_start_the_stage_over_instead_of_resuming(ray_local, tiny
     assert first["metrics"]["step"] == 2 and first["metrics"]["resumed_from"] == -1
     same = train_stage(cfg, 1, held_rows=0, export=False)
     assert same["metrics"]["resumed_from"] == 2 and same["metrics"]["step"] == 4
+    kept = latest_checkpoint(cfg, 1, storage)
+    assert kept is not None and kept.endswith("checkpoint_0000004")
+
+    said = []
+    claim_train_dir(cfg, 1, storage, log=said.append)  # same inputs: nothing discarded
+    assert latest_checkpoint(cfg, 1, storage) == kept and said == []
     data["stages"][0]["lr"] = 5e-4
-    changed = train_stage(from_dict(data), 1, held_rows=0, export=False)
-    assert changed["metrics"]["resumed_from"] == -1 and changed["metrics"]["step"] == 4
-    # --force (restart): same inputs, but the finished checkpoints are discarded
-    forced = train_stage(from_dict(data), 1, held_rows=0, export=False, restart=True)
-    assert forced["metrics"]["resumed_from"] == -1 and forced["metrics"]["step"] == 4
+    changed = from_dict(data)
+    claim_train_dir(changed, 1, storage, log=said.append)
+    assert latest_checkpoint(changed, 1, storage) is None and not storage.exists(cfg.stage_dir(1), "train")
+    assert "settings changed" in said[-1]
+    storage.write_text(f"{cfg.stage_dir(1)}/train/marker", "a checkpoint folder of the changed inputs")
+    claim_train_dir(changed, 1, storage, log=said.append)  # the changed inputs are now this folder's own
+    assert storage.exists(cfg.stage_dir(1), "train", "marker")
+    claim_train_dir(changed, 1, storage, restart=True, log=said.append)  # --force: discarded all the same
+    assert not storage.exists(cfg.stage_dir(1), "train") and "--force" in said[-1]
     record(request, "a rerun with changed inputs (lr), and one with `--force`",
-           "the stage's old checkpoints are discarded, not resumed as this run's", injected=2, completed=2)
+           "the claim that starts every stage discards the old checkpoints: the stage starts over, never resuming "
+           "them as this run's (a rerun with the same inputs resumes)", injected=2, completed=0)
 
 
 def test_micro_batches_deal_rows_anew_every_epoch(ray_local):
