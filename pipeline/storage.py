@@ -192,7 +192,8 @@ class RunStorage:
         p = self.path(*parts)
         if not self.fs.exists(p):
             return []
-        return sorted(posixpath.relpath(x, p) for x in self.fs.ls(p, detail=False))
+        # the children's names (relpath would resolve s3's bucket/key paths against the process's working dir)
+        return sorted(posixpath.basename(x.rstrip("/")) for x in self.fs.ls(p, detail=False))
 
     def rm(self, *parts: str) -> None:
         p = self.path(*parts)

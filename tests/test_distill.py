@@ -1,7 +1,8 @@
 """`padistill distill` end to end on the smoke config: a local run whose exported folders all load in
 stock diffusers, a rerun that skips every step, a run on S3 (moto) killed mid-stage, its stage resumed
-by `padistill train-stage` and the DAG rerun to the same manifests, and a submission (run root on S3) to a Ray head started on 127.0.0.1 that reaches
-SUCCEEDED; neither S3 run leaves the AWS credentials it ran with in anything it wrote."""
+by `padistill train-stage` and the DAG rerun to the same manifests, and a submission (run root on S3)
+to a three-node Ray cluster started on 127.0.0.1 that reaches SUCCEEDED with its work spread over the
+nodes; neither S3 run leaves the AWS credentials it ran with in anything it wrote."""
 
 from __future__ import annotations
 
@@ -181,12 +182,25 @@ def _no_credentials_in(storage, local_files, console: str, since: float):
     return len(blobs)
 
 
-def test_submit_to_a_ray_head_on_s3_leaks_no_credentials(s3_endpoint, tmp_path, monkeypatch, request):
-    """`padistill submit` to a token-authenticated Ray head whose nodes hold AWS credentials (the moto
-    fixture's sentinels, as an instance role or a Secret would give them), run root on S3 reached through
-    a proxy that throttles (503) or resets every 15th request (tests/faultproxy.py): the job reaches
-    SUCCEEDED with every row once; no file it wrote, no job log, no record of the job on the head (its
-    runtime env, entrypoint, metadata) and no log of the head's Ray session holds the credentials."""
+WATCH_ACTORS = """import json, sys, time
+from ray.util.state import list_actors
+seen = set()
+while True:  # every (class, node) an actor of the cluster had, one JSON line a poll
+    seen |= {(a.class_name, a.node_id) for a in list_actors(address=sys.argv[1], detail=True, limit=10000,
+                                                            raise_on_missing_output=False) if a.node_id}
+    print(json.dumps(sorted(seen)), flush=True)
+    time.sleep(1)
+"""
+
+
+def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, tmp_path, monkeypatch, request):
+    """`padistill submit` to a token-authenticated Ray cluster of three nodes on this machine (a head and
+    two `ray start` workers, one CPU each, S3 the only storage they share) whose nodes hold AWS
+    credentials (the moto fixture's sentinels, as an instance role or a Secret would give them), run root
+    on S3 reached through a proxy that throttles (503) or resets every 15th request
+    (tests/faultproxy.py): the job reaches SUCCEEDED with every row once; its training workers and its
+    precompute actors ran on several nodes; no file it wrote, no job log, no record of the job on the head
+    (its runtime env, entrypoint, metadata) and no log of the cluster's Ray session holds the credentials."""
     import secrets
 
     from faultproxy import FaultProxy
@@ -196,16 +210,17 @@ def test_submit_to_a_ray_head_on_s3_leaks_no_credentials(s3_endpoint, tmp_path, 
     monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
     port, dash = _free_port(), _free_port()
     started = time.time()  # the head's Ray session (its logs, the job's unpacked working dir) is newer
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
-                             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
-                             # the session's Ray (ray_local) already holds the default agent ports
-                             f"--dashboard-agent-listen-port={_free_port()}",
-                             f"--dashboard-agent-grpc-port={_free_port()}",
-                             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                             f"--ray-client-server-port={_free_port()}"],
-                            cwd=tmp_path, env=_env(), stdout=open(tmp_path / "head.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def node(name: str, *args: str) -> subprocess.Popen:  # the session's Ray (ray_local) holds the default ports
+        return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                                 f'--resources={{"{name}": 1}}', f"--dashboard-agent-listen-port={_free_port()}",
+                                 f"--dashboard-agent-grpc-port={_free_port()}",
+                                 f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                                 *args], cwd=tmp_path, env=_env(), stdout=open(tmp_path / f"{name}.log", "w"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    nodes = [node("node0", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                  "--include-dashboard=true", f"--ray-client-server-port={_free_port()}")]
     address = f"http://127.0.0.1:{dash}"
     proxy = None
     try:
@@ -220,12 +235,32 @@ def test_submit_to_a_ray_head_on_s3_leaks_no_credentials(s3_endpoint, tmp_path, 
             except urllib.error.HTTPError:  # it answers (401 where Ray's token auth is on): it is up
                 break
             except Exception:
-                assert head.poll() is None, (tmp_path / "head.log").read_text()[-2000:]
+                assert nodes[0].poll() is None, (tmp_path / "node0.log").read_text()[-2000:]
                 assert time.monotonic() < deadline, "ray head did not come up"
                 time.sleep(0.5)
+        for i in (1, 2):  # one at a time: two raylets starting together on one IP raced for a port
+            nodes.append(node(f"node{i}", f"--address=127.0.0.1:{port}", f"--node-manager-port={_free_port()}",
+                              f"--object-manager-port={_free_port()}"))
+            # the state API (as `ray list nodes` reads it), until this node is alive
+            state = subprocess.run([sys.executable, "-c", "import sys, time; from ray.util.state import list_nodes\n"
+                                    "end = time.monotonic() + 180\n"
+                                    "while len([n for n in list_nodes(address=sys.argv[1]) if n.state == 'ALIVE']) < "
+                                    "int(sys.argv[2]):\n"
+                                    "    assert time.monotonic() < end, list_nodes(address=sys.argv[1])\n"
+                                    "    time.sleep(0.5)\n", address, str(i + 1)], env=_env(), capture_output=True,
+                                   text=True, timeout=300)
+            assert state.returncode == 0, state.stderr[-2000:] + (tmp_path / f"node{i}.log").read_text()[-2000:]
         root = "s3://padistill-test/submitted"
         proxy = FaultProxy(s3_endpoint, every=15).start()
-        sets = [f"run_root={root}", f"storage.endpoint_url={proxy.url}"]
+        # two precompute actors over two files, two training workers: each takes a node's one CPU
+        sets = [f"run_root={root}", f"storage.endpoint_url={proxy.url}", "encode.actors=2",
+                "encode.max_rows_per_file=32", "trajectories.actors=2", "trajectories.max_rows_per_file=32",
+                "train.workers=2", "evaluate.samples_per_prompt=1"]
+        # where the job's actors run, from the head's state API while the job runs (the records of a pool's
+        # actors do not all outlive the job)
+        watcher = subprocess.Popen([sys.executable, "-c", WATCH_ACTORS, address], env=_env(), stderr=open(
+            tmp_path / "actors.err", "w"), stdout=open(tmp_path / "actors.jsonl", "w"), start_new_session=True)
+        nodes.append(watcher)  # killed with the cluster, whatever happens
         out = subprocess.run([str(BIN / "padistill"), "submit", "--address", address, "--config", "smoke",
                               "--until", "8step", *[a for kv in sets for a in ("--set", kv)]],
                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
@@ -264,6 +299,20 @@ def test_submit_to_a_ray_head_on_s3_leaks_no_credentials(s3_endpoint, tmp_path, 
         assert storage.read_manifest("train-1-8step")["steps"] == plan_phases(cfg.stages[0])[-1].end
         assert storage.exists("stages/1-8step/model/model_index.json")
         assert "| **student 8step** | 8 |" in storage.read_text("report.md")
+        watcher.terminate()
+        watcher.wait(timeout=60)
+        seen = (tmp_path / "actors.jsonl").read_text().split("\n")[:-1]  # whole lines only
+        assert seen, (tmp_path / "actors.err").read_text()[-2000:]
+
+        def ran_on(fragment):
+            return {node_id for name, node_id in json.loads(seen[-1]) if fragment in name}
+
+        assert len(ran_on("RayTrainWorker")) >= 2, seen[-1]  # training workers on different nodes
+        assert len(ran_on("EncodeWorker") | ran_on("TrajectoryWorker")) >= 2, seen[-1]  # precompute spread too
+        # nothing of the run on a node's disk: the job's unpacked working dir holds no run root
+        local = [p for d in Path(tempfile.gettempdir(), "ray").glob("session_2*") if d.stat().st_mtime >= started
+                 for p in (d / "runtime_resources").rglob("*") if p.name in ("runs", "stages", "_manifest")]
+        assert not local, local
         # what the head keeps of the job: a secret passed through the runtime env would sit here
         # (asked from a fresh process, which reads this head's token as `padistill status` does)
         info = subprocess.run([sys.executable, "-c", "import json, sys; from ray.job_submission import "
@@ -271,8 +320,8 @@ def test_submit_to_a_ray_head_on_s3_leaks_no_credentials(s3_endpoint, tmp_path, 
                                ".dict(), default=str))", address, job_id],
                               env=_env(), capture_output=True, text=True, timeout=120).stdout
         assert "padistill" in info and job_id in info
-        n = _no_credentials_in(storage, [tmp_path / "head.log"], out.stdout + out.stderr + logs + info,
-                               since=started)
+        n = _no_credentials_in(storage, [tmp_path / f"node{i}.log" for i in range(3)],
+                               out.stdout + out.stderr + logs + info, since=started)
         print(f"fault proxy: {faults}")
         record(request, f"a submitted job's S3 traffic through a proxy: every 15th request throttled (503) or reset "
                f"({faults['requests']} requests)", "retried with backoff by both S3 clients (`storage.max_attempts`); "
@@ -285,7 +334,8 @@ def test_submit_to_a_ray_head_on_s3_leaks_no_credentials(s3_endpoint, tmp_path, 
     finally:
         if proxy is not None:
             proxy.stop()
-        kill_session(head)
+        for proc in nodes:
+            kill_session(proc)
 
 
 def _free_port() -> int:

@@ -47,6 +47,18 @@ def test_read_folder_of_files(store):
     assert store.ls("traj") == ["part-0.parquet", "part-1.parquet"]
 
 
+def test_listing_needs_no_working_directory(store, tmp_path, monkeypatch):
+    """A Ray job's working dir can vanish under its driver (on one machine, every node's runtime env
+    agent unpacks the job's package into one shared session folder, replacing it): listing the run
+    root must not ask the process for its working directory."""
+    store.write_text("_manifest/encode.json", "{}")
+    gone = tmp_path / "cwd"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert store.ls("_manifest") == ["encode.json"] and store.missing_outputs() == []
+
+
 def test_step_without_manifest_is_unfinished(store):
     store.write_table("encoded/part-0.parquet", _columns(np.random.default_rng(2)))
     assert not store.is_finished("encode")  # outputs alone do not make a finished step
