@@ -15,17 +15,24 @@ a local Ray through `init_local`, so they share one set of quieting rules:
   cluster dies with its driver. `quiet_worker`, run in every worker process of a local Ray, raises that
   logger to ERROR, and the autoscaling client's (a local Ray has no autoscaler). On a real cluster
   (`ray.address`, `ray job submit`) nothing is changed.
+- Library notices for their own authors are off in a local Ray's workers: DeepSpeed's "no accelerator
+  found" (`DS_ACCELERATOR=cpu` where torch sees no GPU) and its "op built" print at `init_distributed`,
+  Ray Data's deprecation of a field Ray Train sets, transformers' torchvision fallback.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# (transformers warns at import, once per process, that it falls back to PIL image processors without
+# torchvision: padistill loads no image processor)
+WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+              "TRANSFORMERS_VERBOSITY": "error"}
 # Ray Data's own logging configuration with its console notices off (they go to its log file)
 RAY_DATA_LOGGING = Path(__file__).with_name("assets") / "ray_data_logging.yaml"
 # Ray Train loggers that only speak to a cluster service a local Ray does not run: the State API (the
@@ -39,6 +46,17 @@ def quiet_worker() -> None:
     """`worker_process_setup_hook` of a local Ray without a dashboard (see the module's docstring)."""
     for name in LOCAL_ONLY_NOISE:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray Train's own DatasetManager sets a field Ray Data deprecated: a notice for Ray's authors, per stage
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions.exclude_resources` is deprecated")
+    # the same cleaner's monitor thread dies with a 30-line traceback when its State API query times out
+    # on busy cores (seen in one smoke run of three); on a local Ray it has nothing to clean anyway
+    previous = threading.excepthook
+
+    def drop_local_cleaner_crash(args) -> None:
+        if args.thread is None or args.thread.name != "PlacementGroupCleanerMonitor":
+            previous(args)
+
+    threading.excepthook = drop_local_cleaner_crash
 
 
 def quiet_libraries() -> None:
@@ -61,7 +79,11 @@ def quiet_libraries() -> None:
 
 
 def local_runtime_env() -> dict:
+    import torch
+
     env = {**WORKER_ENV, "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING)}
+    if not torch.cuda.is_available():  # else DeepSpeed warns in every worker that it found no accelerator
+        env["DS_ACCELERATOR"] = "cpu"
     return {"env_vars": env, "worker_process_setup_hook": f"{__name__}.quiet_worker"}
 
 

@@ -40,6 +40,8 @@ Rerunning resumes from the latest checkpoint (same storage path and run name, Ra
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -263,7 +265,8 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
 
     clear_stale_extension_locks()
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
+    with contextlib.redirect_stdout(io.StringIO()):  # on CPU it prints "…shm_comm_op built successfully"
+        deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
     if not cfg.train.use_gpu:  # fractional CPU workers get one thread each (Ray sets none below 1 CPU)
         torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
     torch.manual_seed(cfg.train.seed * 1009 + rank)

@@ -17,9 +17,22 @@ def test_every_worker_of_a_local_ray_is_quiet(ray_local):
     names = cluster.LOCAL_ONLY_NOISE  # defined here, the functions travel by value (tests/ is not on workers)
 
     def _state() -> dict:
+        import contextlib
+        import io
+        import threading
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):  # Train's cleaner thread crashing, and any other thread
+            for name in ("PlacementGroupCleanerMonitor", "another-thread"):
+                t = threading.Thread(target=lambda: 1 / 0, name=name)
+                t.start()
+                t.join()
         return {"levels": {n: logging.getLogger(n).getEffectiveLevel() for n in names},
                 "print_patch": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH"),
-                "hub_offline": os.environ.get("HF_HUB_OFFLINE")}
+                "hub_offline": os.environ.get("HF_HUB_OFFLINE"),
+                "library_notices": (os.environ.get("DS_ACCELERATOR"), os.environ.get("TRANSFORMERS_VERBOSITY")),
+                "thread_crashes_shown": ["PlacementGroupCleanerMonitor" in err.getvalue(),
+                                         "another-thread" in err.getvalue() and "ZeroDivisionError" in err.getvalue()]}
 
     @ray.remote(num_cpus=0)
     def _task_state() -> dict:
@@ -31,7 +44,8 @@ def test_every_worker_of_a_local_ray_is_quiet(ray_local):
             return _state()
 
     quiet = {n: logging.ERROR for n in cluster.LOCAL_ONLY_NOISE}
-    expected = {"levels": quiet, "print_patch": "0", "hub_offline": "1"}
+    expected = {"levels": quiet, "print_patch": "0", "hub_offline": "1", "library_notices": ("cpu", "error"),
+                "thread_crashes_shown": [False, True]}  # (this machine has no GPU: DeepSpeed told it is CPU)
     assert ray.get(_task_state.remote()) == expected
     probe = _Probe.remote()
     assert ray.get(probe.state.remote()) == expected
