@@ -96,6 +96,13 @@ def prepare_output(storage: RunStorage, out_rel: str, inputs_hash: str, verify: 
     return done
 
 
+def _ray_node() -> str | None:
+    """The Ray node this process runs on (a marker's provenance: which node wrote the unit), if any."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def read_markers(storage: RunStorage, out_rel: str) -> dict[int, dict]:
     mdir = storage.path(out_rel, MARKER_DIR)
     if not storage.fs.exists(mdir):
@@ -232,7 +239,8 @@ class ShardWriter:
         finally:
             if os.path.exists(self.local):
                 os.remove(self.local)
-        marker = {"index": self.index, "file": name, "rows": self.rows, "bytes": nbytes, "sha256": digest, **extra}
+        marker = {"index": self.index, "file": name, "rows": self.rows, "bytes": nbytes, "sha256": digest,
+                  "node": _ray_node(), **extra}
         self.storage.write_json(marker_rel(self.out_rel, self.index), marker)
         return marker
 
