@@ -29,8 +29,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-# (transformers warns at import, once per process, that it falls back to PIL image processors without
-# torchvision: padistill loads no image processor)
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
               "TRANSFORMERS_VERBOSITY": "error"}
 # Ray Data's own logging configuration with its console notices off (they go to its log file)

@@ -183,6 +183,14 @@ def _no_credentials_in(storage, local_files, console: str, since: float):
     return len(blobs)
 
 
+WAIT_NODES = """import json, sys, time
+from ray.util.state import list_nodes
+end = time.monotonic() + 180
+while len(alive := [n.node_id for n in list_nodes(address=sys.argv[1]) if n.state == "ALIVE"]) < int(sys.argv[2]):
+    assert time.monotonic() < end, list_nodes(address=sys.argv[1])
+    time.sleep(0.5)
+print(json.dumps(alive))
+"""
 WATCH_ACTORS = """import json, sys, time
 from ray.util.state import list_actors
 seen = set()
@@ -200,8 +208,9 @@ def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, 
     credentials (the moto fixture's sentinels, as an instance role or a Secret would give them), run root
     on S3 reached through a proxy that throttles (503) or resets every 15th request
     (tests/faultproxy.py): the job reaches SUCCEEDED with every row once; its training workers ran on
-    two nodes, and each precompute unit names the node that wrote it; no file it wrote, no job log, no record of the job on the head
-    (its runtime env, entrypoint, metadata) and no log of the cluster's Ray session holds the credentials."""
+    two nodes, and each precompute unit names the cluster node that wrote it; no file it wrote, no job
+    log, no record of the job on the head (its runtime env, entrypoint, metadata) and no log of the
+    cluster's Ray session holds the credentials."""
     import secrets
 
     from faultproxy import FaultProxy
@@ -242,15 +251,11 @@ def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, 
         for i in (1, 2):  # one at a time: two raylets starting together on one IP raced for a port
             nodes.append(node(f"node{i}", f"--address=127.0.0.1:{port}", f"--node-manager-port={_free_port()}",
                               f"--object-manager-port={_free_port()}"))
-            # the state API (as `ray list nodes` reads it), until this node is alive
-            state = subprocess.run([sys.executable, "-c", "import sys, time; from ray.util.state import list_nodes\n"
-                                    "end = time.monotonic() + 180\n"
-                                    "while len([n for n in list_nodes(address=sys.argv[1]) if n.state == 'ALIVE']) < "
-                                    "int(sys.argv[2]):\n"
-                                    "    assert time.monotonic() < end, list_nodes(address=sys.argv[1])\n"
-                                    "    time.sleep(0.5)\n", address, str(i + 1)], env=_env(), capture_output=True,
-                                   text=True, timeout=300)
+            # the state API (as `ray list nodes` reads it), until this node is alive; prints the alive nodes' ids
+            state = subprocess.run([sys.executable, "-c", WAIT_NODES, address, str(i + 1)], env=_env(),
+                                   capture_output=True, text=True, timeout=300)
             assert state.returncode == 0, state.stderr[-2000:] + (tmp_path / f"node{i}.log").read_text()[-2000:]
+        cluster_nodes = set(json.loads(state.stdout.strip().splitlines()[-1]))
         root = "s3://padistill-test/submitted"
         proxy = FaultProxy(s3_endpoint, every=15).start()
         # two precompute actors over two files, two training workers: each takes a node's one CPU
@@ -314,7 +319,7 @@ def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, 
         # and the State API's list missed one of the two in some runs.)
         wrote = [m["node"] for out in ("encoded", "stages/1-8step/traj")
                  for m in shards.read_markers(storage, out).values()]
-        assert len(wrote) == 4 and set(wrote) <= {node_id for _, node_id in json.loads(seen[-1])}, wrote
+        assert len(cluster_nodes) == 3 and len(wrote) == 4 and set(wrote) <= cluster_nodes, (wrote, cluster_nodes)
         # nothing of the run on a node's disk: the job's unpacked working dir holds no run root
         local = [p for d in Path(tempfile.gettempdir(), "ray").glob("session_2*") if d.stat().st_mtime >= started
                  for p in (d / "runtime_resources").rglob("*") if p.name in ("runs", "stages", "_manifest")]

@@ -13,6 +13,7 @@ under DeepSpeed on two workers, resume steps, manifests, exports."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import sys
@@ -56,10 +57,10 @@ def run_curve(pipe, key: int, changes: dict) -> list[dict]:
     torch.manual_seed(0)  # LoRA and head initialisation
     loop = StageLoop(cfg, stage, zoo.schedule_of(pipe), copy.deepcopy(pipe.unet), PlainEngines(cfg.train), "cpu",
                      seed=key)
-    n = iter(range(10 ** 6))
+    drawn = itertools.count()  # micro-batches in turn, as the trainer's iterator deals them (here unshuffled)
 
     def next_batch():
-        return loop.batch_to(batches[next(n) % len(batches)])
+        return loop.batch_to(batches[next(drawn) % len(batches)])
 
     curve = []
     for step in range(loop.total):
