@@ -100,7 +100,7 @@ def ray_loop(cfg, steps: int) -> dict:
     from pipeline.train import train_stage
 
     t0 = time.perf_counter()
-    summary = train_stage(cfg, 1, held_rows=0, export=False, extra_config={"warmup_steps": 2})
+    summary = train_stage(cfg, 1, held_rows=0, export=False)
     m = summary["metrics"]
     return {"samples_per_s": m["steady_samples_per_s"], "timed_steps": steps - 2,
             "wall_s_including_startup": time.perf_counter() - t0}

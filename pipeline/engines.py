@@ -1,14 +1,15 @@
 """The optimiser engines of a stage: DeepSpeed ZeRO engines (the config from `train`, full state dicts,
 safe checkpoint loads) and plain torch engines with the same interface (CPU benchmarks and the fast
-numerical tests), plus activation checkpointing of a UNet."""
+numerical tests), plus activation checkpointing of a UNet and the clean-up of a killed DeepSpeed op build."""
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any
 
 import torch
-
 
 
 def deepspeed_config(train, lr: float, betas, weight_decay: float, world: int) -> dict:
@@ -179,3 +180,25 @@ def checkpoint_activations(module: torch.nn.Module) -> int:
     if not n:
         raise ValueError(f"train.gradient_checkpointing: {type(module).__name__} has no blocks that support it")
     return n
+
+
+def clear_stale_extension_locks(max_age_s: float = 900.0, log=print) -> list[str]:
+    """Remove torch JIT-extension build locks older than `max_age_s`. DeepSpeed JIT-builds a small
+    op on first use; a process killed mid-build (Ctrl-C, a preempted node) leaves its `lock` file
+    behind and every later run waits on it forever (torch's FileBaton polls for it to vanish). The op
+    builds in about a minute, so a lock a quarter of an hour old is stale."""
+    import glob
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # where torch builds them
+    removed = []
+    for lock in glob.glob(os.path.join(base, "**", "lock"), recursive=True):
+        try:
+            if time.time() - os.path.getmtime(lock) > max_age_s:
+                os.remove(lock)
+                removed.append(lock)
+                log(f"padistill: removed a stale torch extension build lock {lock} (left by a killed build)")
+        except FileNotFoundError:
+            pass
+    return removed

@@ -1,5 +1,6 @@
 """Names in a run root that more than one module reads or writes (the rest live beside their writer):
-the DAG's timings folder, the base teacher's cached evaluation samples, a stage's training folder."""
+the DAG's timings folder, the base teacher's cached evaluation samples, a stage's training folder and
+what it holds."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ TIMINGS_DIR = "_timings"  # <root>/_timings/<step>.json: the wall time of each D
 TEACHER_DIR = "eval/teacher"  # the base teacher's evaluation samples, shared by every stage
 RUN_NAME = "train"  # Ray Train's run name: a stage's training folder, <root>/<stage_dir>/train/
 CKPT_PREFIX = "checkpoint_"  # its checkpoint folders, checkpoint_<step:07d>
+HISTORY_JSON = "history.json"  # beside them: the stage's metrics every log_every steps,
+CURVES_PNG = "loss_curves.png"  # their plot,
+TB_DIR = "tensorboard"  # and its TensorBoard events
 
 
 def manifest_step(cfg: RunConfig, key, kind: str) -> str:

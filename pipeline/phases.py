@@ -1,6 +1,31 @@
 """The phase plan of a stage (pure): which phase, student mode and discriminator mode at which step, and
-the checkpoint steps. The phases are described in `pipeline.train`'s docstring; `padistill config`
-validates a stage's step counts with the same plan."""
+the checkpoint steps; `padistill config` validates a stage's step counts with the same plan.
+
+Phases of a stage (steps counted from 0, one step = `grad_accum` micro-batches per rank):
+
+    conversion     (prediction_type "sample": `conversion_steps`) MSE of the student's x0 ("sample")
+                   prediction against the x0 its initial epsilon weights (the teacher) imply, at
+                   `conversion_lr` (default `lr`; the optimizer restarts at `lr` after it). A full
+                   student first gets `conv_out` refitted by least squares on the first 4 micro-batches
+                   of every rank (`StageLoop.fit_conversion_head`): the best linear read-out of the
+                   UNet's last features, so the MSE starts near the target instead of at epsilon
+    mse            (`mse_steps`) MSE of the student's one step vs the teacher's n steps: the whole of
+                   a loss-mse stage, or an adversarial stage's warm-up at `mse_lr` (default `lr`; the
+                   optimizer restarts at `lr` after it). Not in the paper, off by default
+    disc_warmup    (adversarial: `disc_warmup_steps`) the conditional discriminator trains alone against
+                   the student as it is, so that the student's first adversarial gradients come from a D
+                   that already separates (not in the paper; docs/method.md has the measurements)
+    conditional    (adversarial: `conditional_steps`) non-saturating GAN, alternating D / student
+                   updates, conditional D(x_t, x_{t-ns}, t, c)
+    unconditional  (adversarial: `unconditional_steps`) the same with D'(x_{t-ns}, c): the backbone
+                   continues, the head is new
+
+The student trains a peft LoRA for the first `lora.steps` steps of the stage (conversion included)
+when `lora` is set, is then merged, and continues on the full UNet; `full_steps`, when given with a
+LoRA, must be the remaining steps. For 1- and 2-step students both predictions are re-noised to
+t* in `renoise_timesteps` (drawn with probabilities proportional to `renoise_weights`) before the
+discriminator.
+"""
 
 from __future__ import annotations
 

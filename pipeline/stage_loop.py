@@ -1,7 +1,7 @@
 """The algorithm of one stage: `StageLoop` builds the student (LoRA or full, x0 conversion) and the
 discriminator, and runs one micro-step of each phase (MSE, conversion, discriminator warm-up,
 conditional and unconditional adversarial updates with re-noising); its `evaluate` scores the held rows.
-No Ray, object storage or logging here: the Ray Train worker (`pipeline.train`) and the bare benchmark
+No Ray, object storage or logging here: the Ray Train worker (`pipeline.train_worker`) and the bare benchmark
 loop (benchmarks/train_step.py) drive it with their own engines (`pipeline.engines`)."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 the epsilon -> x0 ("sample" prediction) conversion target, and export of a student's weights (from any
 training checkpoint) as a diffusers pipeline folder plus the LoRA file `pipe.load_lora_weights` accepts.
 
-Checkpoint layout this module reads (written by `pipeline.train`):
+Checkpoint layout this module reads (written by `pipeline.train_worker`):
 
     <checkpoint>/state.json                  step, student_mode ("lora" | "full"), prediction_type, lora
     <checkpoint>/student/lora.safetensors    peft LoRA state dict (student_mode = lora; base = teacher)

@@ -173,7 +173,7 @@ def test_stale_extension_lock_is_removed_and_fresh_one_kept(tmp_path, monkeypatc
 
     from torch.utils.file_baton import FileBaton
 
-    from pipeline.train import clear_stale_extension_locks
+    from pipeline.engines import clear_stale_extension_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     stale, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm", tmp_path / "py311_cpu" / "other_op"

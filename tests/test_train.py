@@ -264,7 +264,7 @@ def test_micro_batches_deal_rows_anew_every_epoch(ray_local):
     import ray.data
 
     from pipeline.stage_loop import TRAIN_COLUMNS
-    from pipeline.train import micro_batches
+    from pipeline.train_data import micro_batches
 
     n, bs = 40, 8
     ds = ray.data.from_items([{"t": i, "t_next": -1, **{k: np.full((2,), float(i), np.float32)

@@ -39,7 +39,7 @@ def _rows(table):
 
 
 def test_damaged_units_are_recomputed_and_never_trained_on(ray_local, tmp_path, request):
-    from pipeline.train import read_trajectories
+    from pipeline.train_data import stage_datasets
 
     root = tmp_path / "run"
     cfg = load_config("smoke", [f"run_root={root}"] + OVERRIDES)
@@ -56,7 +56,7 @@ def test_damaged_units_are_recomputed_and_never_trained_on(ray_local, tmp_path, 
     (traj / "part-00011.parquet").unlink()
     # training reads nothing damaged: it stops naming every damaged object and the step that fixes it
     with pytest.raises(MissingInputError) as e:
-        read_trajectories(cfg, 1, st, 0)
+        stage_datasets(cfg, 1, st, 0)
     msg = str(e.value)
     assert "3 damaged file(s)" in msg and "padistill trajectories --stage 1" in msg
     for name, what in (("part-00003", "bytes"), ("part-00007", "checksum"), ("part-00011", "missing")):
@@ -100,7 +100,7 @@ def test_damaged_units_are_recomputed_and_never_trained_on(ray_local, tmp_path, 
     mpath.write_text(json.dumps(doc))
     with pytest.raises(MissingInputError, match=f"schema version {tj.SCHEMA_VERSION - 1}, this padistill reads "
                                                 f"{tj.SCHEMA_VERSION}"):
-        read_trajectories(cfg, 1, st, 0)
+        stage_datasets(cfg, 1, st, 0)
     record(request, "a damaged `encoded/` unit; trajectories of another schema version",
            "`trajectories` will not read the damaged unit (touches nothing), `encode` recomputes that unit only; "
            "training stops with one line naming both schema versions", injected=2, completed=1)
