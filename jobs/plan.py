@@ -1,6 +1,6 @@
 """`padistill plan`: capacity plan: parameter counts, per-GPU memory under ZeRO, trajectory storage, GPU-hours.
 
-The models are built on the meta device (no weights are read, nothing is downloaded); see pipeline/plan.py."""
+The models are built on the meta device (no weights are read, nothing is downloaded); see pipeline/plan.py and pipeline/meta_models.py."""
 
 from __future__ import annotations
 

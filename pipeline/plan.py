@@ -1,16 +1,6 @@
-"""Capacity plan for a run: the real SDXL UNet and the discriminator built on the meta device (no
-weights, no memory), their parameter counts, per-GPU memory under DeepSpeed ZeRO-2/3, trajectory
-storage per stage, and GPU-hours from a throughput the user supplies.
-
-Everything that can be measured is measured on the meta device:
-- parameter counts: `sum(p.numel())` of the diffusers `UNet2DConditionModel` built from SDXL base's
-  config (`SDXL_UNET_CONFIG`, written out here so nothing is downloaded) and of the discriminator;
-- activations: one meta-device forward with autograd on, summing the bytes of every tensor autograd
-  saves for backward (`torch.autograd.graph.saved_tensors_hooks`), attention counted as a fused
-  (flash / memory-efficient) kernel saves it — q, k, v, output and log-sum-exp, no L×L matrix;
-  with gradient checkpointing (diffusers checkpoints each ResnetBlock2D and BasicTransformerBlock):
-  what is saved outside those units + each unit's input + the largest unit's own saved tensors;
-- FLOPs: `torch.utils.flop_counter.FlopCounterMode` over the same forward.
+"""Capacity plan for a run: parameter counts and activations of the real SDXL UNet and the discriminator
+(measured on the meta device, `pipeline.meta_models`), per-GPU memory under DeepSpeed ZeRO-2/3,
+trajectory storage per stage, and GPU-hours from a throughput the user supplies.
 
 The memory model (bytes per parameter, mixed precision with an fp32 master copy) is the ZeRO paper's:
 bf16/fp16 weights 2 + grads 2 + fp32 master 4 + Adam m, v 8 = 16 bytes per trainable parameter;
@@ -25,259 +15,16 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
-
-import torch
-from torch import nn
+from typing import Optional
 
 from .config import RunConfig, StageConfig
+from .meta_models import (DTYPES, SDXL_TEXT_TOKENS, SDXL_TIME_IDS, SDXL_UNET_CONFIG, VAE_FACTOR, build_discriminator,
+                          build_unet, count_params, discriminator_source, head_blocks, largest_layer, lora_params,
+                          measure_discriminator, measure_unet)
 
 GiB = 1024 ** 3
-
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (diffusers UNet2DConditionModel).
-SDXL_UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "center_input_sample": False,
-    "class_embed_type": None,
-    "class_embeddings_concat": False,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "cross_attention_dim": 2048,
-    "cross_attention_norm": None,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_attention_heads": None,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False,
-    "resnet_time_scale_shift": "default",
-    "sample_size": 128,
-    "time_cond_proj_dim": None,
-    "time_embedding_act_fn": None,
-    "time_embedding_dim": None,
-    "time_embedding_type": "positional",
-    "timestep_post_act": None,
-    "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "upcast_attention": None,
-    "use_linear_projection": True,
-}
-# SDXL's conditioning: CLIP ViT-L (768) + OpenCLIP bigG (1280) hidden states, 77 tokens; pooled bigG 1280.
-SDXL_TEXT_TOKENS = 77
-SDXL_TIME_IDS = 6
-VAE_FACTOR = 8  # SDXL's VAE: 1024 px -> 128 latent
-# LoRA (DESIGN): conv and linear layers except the input/output convs and the time embedding.
-LORA_EXCLUDE = ("conv_in", "conv_out", "time_embedding")
-
-_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-
-
-# ---- models on the meta device --------------------------------------------------------------------------
-def build_unet(config: dict | None = None, device: str = "meta"):
-    """The diffusers UNet2DConditionModel of `config` (SDXL base by default) on `device`."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device(device):
-        return UNet2DConditionModel(**(config or SDXL_UNET_CONFIG))
-
-
-def build_discriminator(conditional: bool = True, unet_config: dict | None = None, latent_size: int = 128,
-                        device: str = "meta") -> nn.Module:
-    """The training code's discriminator (`pipeline.discriminator`) on a UNet of `unet_config`
-    (SDXL base by default), built on `device` (meta: no weights, no memory)."""
-    from .discriminator import Discriminator
-
-    cfg = {**(unet_config or SDXL_UNET_CONFIG), "sample_size": latent_size}  # D's head is sized for this
-    unet = build_unet(cfg, device)
-    with torch.device(device):
-        return Discriminator(unet, conditional)
-
-
-def discriminator_source() -> str:
-    return "pipeline.discriminator (the training code's)"
-
-
-def head_blocks(disc: nn.Module) -> int:
-    return sum(1 for m in disc.head.modules() if isinstance(m, nn.GroupNorm))
-
-
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def lora_params(unet: nn.Module, rank: int, exclude=LORA_EXCLUDE) -> int:
-    """Trainable parameters of a peft LoRA of `rank` on every Linear and Conv2d outside `exclude`
-    (peft: Linear(i, o) -> A (r x i) + B (o x r); Conv2d(i, o, k) -> A conv(i, r, k) + B conv(r, o, 1))."""
-    n = 0
-    for name, m in unet.named_modules():
-        if any(name == e or name.startswith(e + ".") for e in exclude):
-            continue
-        if isinstance(m, nn.Linear):
-            n += rank * (m.in_features + m.out_features)
-        elif isinstance(m, nn.Conv2d):
-            kh, kw = m.kernel_size
-            n += rank * m.in_channels * kh * kw + rank * m.out_channels
-    return n
-
-
-def largest_layer(module: nn.Module) -> int:
-    """Parameters of the largest leaf module (what ZeRO-3 gathers at once)."""
-    return max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
-
-
-# ---- activations and FLOPs, measured on meta --------------------------------------------------------------
-class _FusedAttention(torch.autograd.Function):
-    """Stands in for a fused attention kernel during measurement: output shaped like q, saves what
-    flash / memory-efficient attention saves for backward (q, k, v, out, logsumexp)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):  # pragma: no cover - never run (measurement only)
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-
-
-@contextmanager
-def _fused_attention():
-    import torch.nn.functional as F
-
-    orig = F.scaled_dot_product_attention
-    calls = [0, 0]  # calls, FLOPs (q k^T and attn v: 2 matmuls, 2 FLOPs per multiply-add)
-
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        calls[0] += 1
-        calls[1] += 2 * 2 * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1]
-        return _FusedAttention.apply(q, k, v)
-
-    F.scaled_dot_product_attention = sdpa
-    try:
-        yield calls
-    finally:
-        F.scaled_dot_product_attention = orig
-
-
-def _unit_types():
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
-
-    return (ResnetBlock2D, BasicTransformerBlock)
-
-
-@dataclass
-class Activations:
-    """Bytes saved for backward per sample, and forward FLOPs per sample."""
-
-    saved: int  # no gradient checkpointing
-    saved_ckpt: int  # gradient checkpointing of every ResnetBlock2D / BasicTransformerBlock
-    forward_flops: int
-
-
-def measure(module: nn.Module, inputs: dict, dtype: torch.dtype) -> Activations:
-    """One forward of `module` on meta tensors (batch 1) with autograd recording; see the module doc."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    params = {id(p) for p in module.parameters()}
-    units = [m for m in module.modules() if isinstance(m, _unit_types())]
-    stack: list[int] = []
-    per_unit: dict[int, int] = {}
-    unit_inputs = [0]
-    outside = [0]
-    keep: list[torch.Tensor] = []
-    seen: set[int] = set()
-
-    def pack(t: torch.Tensor):
-        if id(t) in params or (t._base is not None and id(t._base) in params) or id(t) in seen:
-            return t
-        seen.add(id(t))
-        keep.append(t)
-        b = t.numel() * t.element_size()
-        if stack:
-            per_unit[stack[0]] = per_unit.get(stack[0], 0) + b
-        else:
-            outside[0] += b
-        return t
-
-    def pre(m, args, kwargs):
-        if not stack:
-            x = args[0] if args else next(iter(kwargs.values()))
-            unit_inputs[0] += x.numel() * x.element_size()
-        stack.append(id(m))
-
-    def post(m, args, kwargs, out):
-        stack.pop()
-
-    hooks = [u.register_forward_pre_hook(pre, with_kwargs=True) for u in units]
-    hooks += [u.register_forward_hook(post, with_kwargs=True) for u in units]
-    flops = FlopCounterMode(display=False)
-    try:
-        with torch.enable_grad(), _fused_attention() as calls, flops, \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            module(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    if not calls[0] and any("attn" in n for n, _ in module.named_modules()):
-        raise RuntimeError("measurement: attention did not go through F.scaled_dot_product_attention")
-    saved = outside[0] + sum(per_unit.values())
-    ckpt = outside[0] + unit_inputs[0] + max(per_unit.values(), default=0)
-    return Activations(saved=saved, saved_ckpt=ckpt, forward_flops=int(flops.get_total_flops()) + calls[1])
-
-
-def _cond_inputs(unet_config: dict, latent_size: int, dtype: torch.dtype) -> dict:
-    m = dict(device="meta", dtype=dtype)
-    text = unet_config["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * unet_config["addition_time_embed_dim"]
-    return dict(
-        timestep=torch.full((1,), 999.0, device="meta"),
-        encoder_hidden_states=torch.empty(1, SDXL_TEXT_TOKENS, unet_config["cross_attention_dim"], **m),
-        text_embeds=torch.empty(1, text, **m), time_ids=torch.empty(1, SDXL_TIME_IDS, **m),
-        latent=torch.empty(1, unet_config["in_channels"], latent_size, latent_size, **m),
-    )
-
-
-def measure_unet(unet, unet_config: dict, latent_size: int, dtype: torch.dtype) -> Activations:
-    c = _cond_inputs(unet_config, latent_size, dtype)
-    unet = nn.Module.to(unet, dtype)  # (diffusers' own .to() warns about from_pretrained)
-    return measure(unet, dict(sample=c["latent"], timestep=c["timestep"],
-                              encoder_hidden_states=c["encoder_hidden_states"],
-                              added_cond_kwargs={"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}), dtype)
-
-
-def measure_discriminator(disc: nn.Module, unet_config: dict, latent_size: int, dtype: torch.dtype) -> Activations:
-    """One conditional discriminator call: two backbone passes (x_t and x_{t-ns}) plus the head."""
-    c = _cond_inputs(unet_config, latent_size, dtype)
-    disc = nn.Module.to(disc, dtype)
-    inputs = dict(x_hat=c["latent"], t_hat=c["timestep"], prompt_embeds=c["encoder_hidden_states"],
-                  pooled=c["text_embeds"], time_ids=c["time_ids"], x_t=c["latent"], t=c["timestep"])
-    return measure(disc, inputs, dtype)
 
 
 # ---- memory model -----------------------------------------------------------------------------------------
@@ -364,7 +111,7 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
     gpus = gpus or cfg.train.workers
     mb = micro_batch or cfg.train.micro_batch
     precision = cfg.train.precision
-    dtype = _DTYPE[precision]
+    dtype = DTYPES[precision]
     latent = cfg.model.resolution // VAE_FACTOR
     samples = samples or cfg.data.limit or 1_000_000
     rank = next((s.lora.rank for s in cfg.stages if s.lora), 64)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import plan
+from pipeline import meta_models, plan
 from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,14 +21,14 @@ SDXL_UNET_PARAMS = 2_567_463_684
 
 @pytest.fixture(scope="module")
 def unet():
-    return plan.build_unet()
+    return meta_models.build_unet()
 
 
 def test_sdxl_unet_count_on_meta(unet):
     assert all(p.device.type == "meta" for p in unet.parameters())
-    assert plan.count_params(unet) == SDXL_UNET_PARAMS
+    assert meta_models.count_params(unet) == SDXL_UNET_PARAMS
     # the encoder half (what the discriminator copies) and the decoder
-    enc = sum(plan.count_params(getattr(unet, n)) for n in
+    enc = sum(meta_models.count_params(getattr(unet, n)) for n in
               ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block"))
     assert enc == 1_243_367_040
 
@@ -36,16 +36,16 @@ def test_sdxl_unet_count_on_meta(unet):
 def test_lora_rank64_count(unet):
     # rank 64 on every Linear/Conv2d except conv_in, conv_out and the time embedding: the size of the
     # released SDXL-Lightning LoRA files (~394 MB in fp16)
-    assert plan.lora_params(unet, 64) == 197_177_344
+    assert meta_models.lora_params(unet, 64) == 197_177_344
 
 
 def test_discriminator_on_meta():
-    d = plan.build_discriminator(True)
-    u = plan.build_discriminator(False)
+    d = meta_models.build_discriminator(True)
+    u = meta_models.build_discriminator(False)
     assert all(p.device.type == "meta" for p in d.parameters())
-    n_d, n_u = plan.count_params(d), plan.count_params(u)
+    n_d, n_u = meta_models.count_params(d), meta_models.count_params(u)
     assert 1_243_367_040 < n_u < n_d < 1_243_367_040 + 300_000_000
-    assert plan.head_blocks(d) >= 3
+    assert meta_models.head_blocks(d) >= 3
     # the conditional head sees twice the mid-block channels
     first = next(m for m in d.head.modules() if isinstance(m, torch.nn.Conv2d))
     assert first.in_channels == 2 * 1280
