@@ -33,7 +33,6 @@ import platform
 import re
 import sys
 import time
-import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +46,7 @@ RESULTS = REPO / "benchmarks" / "results"
 
 def load_rows(cfg, key, held_rows: int):
     """(train, held) dicts of tensors: a stage's trajectories split as the trainer splits them (whole
-    source ids by a hash of the id, `pipeline.train._held_filter`), with at least `held_rows` held rows
+    source ids by a hash of the id, `pipeline.train_data.held_mask`), with at least `held_rows` held rows
     (the hash modulus is lowered until there are)."""
     import json
 
@@ -58,6 +57,7 @@ def load_rows(cfg, key, held_rows: int):
 
     from pipeline.storage import RunStorage
     from pipeline.stage_loop import TRAIN_COLUMNS
+    from pipeline.train_data import held_mask
 
     storage = RunStorage.from_config(cfg)
     ds = pads.dataset(storage.path(cfg.stage_dir(key), "traj"), filesystem=storage.arrow_fs, format="parquet")
@@ -65,11 +65,12 @@ def load_rows(cfg, key, held_rows: int):
               if f.metadata and b"ARROW:extension:metadata" in f.metadata}
     table = ds.to_table(columns=["id"] + TRAIN_COLUMNS)
     n = table.num_rows
-    crc = np.array([zlib.crc32(str(i).encode()) for i in table.column("id").to_pylist()])
+    ids = table.column("id").to_pylist()
     modulus = max(2, n // held_rows)
-    while modulus > 2 and int((crc % modulus == 0).sum()) < held_rows:
+    held = held_mask(ids, modulus)
+    while modulus > 2 and int(held.sum()) < held_rows:
         modulus -= 1
-    held = crc % modulus == 0
+        held = held_mask(ids, modulus)
 
     def cols(mask):
         sub = table.filter(pa.array(mask))
@@ -93,7 +94,7 @@ def make_loop(cfg, key, overrides: dict, seed: int):
     from pipeline import zoo
     from pipeline.config import from_dict
     from pipeline.storage import RunStorage
-    from pipeline.trajectories import disc_source, student_init_source
+    from pipeline.stage_models import disc_source, student_init_source
     from pipeline.engines import PlainEngines
     from pipeline.stage_loop import StageLoop
 

@@ -46,7 +46,7 @@ def download_checkpoint(storage: RunStorage, path: str, local: str) -> str:
 
 def export_stage(cfg: RunConfig, key, checkpoint_path: str, storage: RunStorage | None = None) -> str:
     """Export a checkpoint's student to `<root>/<stage_dir>/model/` (a diffusers pipeline folder)."""
-    from .trajectories import teacher_source
+    from .stage_models import teacher_source
     from .zoo import resolve_source
 
     storage = storage or RunStorage.from_config(cfg)

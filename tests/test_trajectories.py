@@ -20,6 +20,7 @@ from pipeline import encode as enc
 from pipeline import trajectories as tj
 from pipeline.config import load_config
 from pipeline.schedule import Conditioning, unet_denoiser
+from pipeline.stage_models import teacher_source
 from pipeline.storage import RunStorage, table_to_tensors
 from procs import kill_session
 from reliability import record
@@ -193,7 +194,7 @@ def test_s3_chain_stage2_teacher_is_stage1_export(s3_endpoint, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cfg = load_config("smoke", ov)
     st = RunStorage.from_config(cfg)
-    assert tj.teacher_source(cfg, 2, st) == "s3://padistill-test/traj-run/stages/1-8step/model"
+    assert teacher_source(cfg, 2, st) == "s3://padistill-test/traj-run/stages/1-8step/model"
     enc_t = table_to_tensors(st.read_table("encoded"))
     ids = list(enc_t["id"])
     for k, n_files in ((1, 2), (2, 2)):

@@ -1,0 +1,90 @@
+"""The models of a stage's chain, by where they live: its teacher, the UNet its student starts from, the
+UNet its discriminator is copied from (a previous stage's exported student under the run root, or the
+base model `model.source`), their fingerprints (a re-exported teacher invalidates what was computed
+from it) and a local copy of an s3:// one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .config import RunConfig
+from .errors import MissingInputError
+from .storage import RunStorage
+
+
+def teacher_source(cfg: RunConfig, key, storage: RunStorage | None = None) -> str:
+    """Where stage `key`'s teacher lives: the previous (or `teacher_stage`) student's exported
+    pipeline folder under the run root, or `model.source` (the base model) for the first stage."""
+    return _model_of(cfg, cfg.teacher_of(key), storage)
+
+
+def student_init_source(cfg: RunConfig, key, storage: RunStorage | None = None) -> str:
+    """Where the UNet stage `key`'s student starts from lives: the previous (or `student_init`) stage's
+    exported student, or the base model for the first stage. Unless the teacher is skip-level this is
+    the teacher."""
+    return _model_of(cfg, cfg.student_init_of(key), storage)
+
+
+def _model_of(cfg: RunConfig, j: int | None, storage: RunStorage | None) -> str:
+    """Stage `j`'s exported student under the run root; the base model for None."""
+    if j is None:
+        return cfg.model.source
+    storage = storage or RunStorage.from_config(cfg)
+    return storage.url(cfg.stage_dir(j), "model")
+
+
+def disc_source(cfg: RunConfig, key, storage: RunStorage | None = None) -> str:
+    """The UNet whose encoder initialises stage `key`'s discriminator: the base model (`disc_init:
+    base`, the paper) or the stage's teacher."""
+    _, stage = cfg.stage(key)
+    return cfg.model.source if stage.disc_init == "base" else teacher_source(cfg, key, storage)
+
+
+def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
+    """Sizes and versions (mtime or ETag) of the teacher's UNet and scheduler files: a re-exported
+    teacher invalidates the stage's trajectories."""
+    from .storage import filesystem_for
+    from .zoo import resolve_source
+
+    if source.startswith("s3://"):
+        fs, root = filesystem_for(source, cfg.storage), source[len("s3://"):].rstrip("/")
+    else:
+        fs, root = filesystem_for("file://"), str(resolve_source(source, cfg.storage))
+    if not fs.exists(f"{root}/model_index.json"):
+        raise MissingInputError(f"teacher {source}: not a diffusers pipeline folder (no model_index.json); "
+                                "export the teacher stage first")
+    out = {}
+    for sub in ("unet", "scheduler"):
+        for p, info in sorted(fs.find(f"{root}/{sub}", detail=True).items()):
+            out[p[len(root) + 1:]] = [info.get("size"), str(info.get("ETag") or info.get("mtime") or "")]
+    return out
+
+
+def fetch_teacher(source: str, cfg: RunConfig):
+    """A local folder with the teacher's UNet and scheduler. An s3:// teacher is downloaded (only
+    model_index.json, unet/ and scheduler/) into a cache keyed by its URI *and* its files' versions, so a
+    re-exported teacher at the same URI is fetched again rather than served stale."""
+    from pathlib import Path
+
+    from .storage import filesystem_for
+    from .zoo import _cache_dir, _staging_dir, resolve_source
+
+    if not source.startswith("s3://"):
+        return resolve_source(source, cfg.storage)
+    fp = teacher_fingerprint(source, cfg)
+    key = hashlib.sha256(json.dumps([source, fp], sort_keys=True).encode()).hexdigest()[:16]
+    path = _cache_dir() / "teachers" / key
+    if not (path / "model_index.json").exists():
+        fs, root = filesystem_for(source, cfg.storage), source[len("s3://"):].rstrip("/")
+        tmp = _staging_dir(_cache_dir() / "teachers")
+        for sub in ("unet", "scheduler"):
+            fs.get(f"{root}/{sub}/", str(tmp / sub), recursive=True)
+        fs.get(f"{root}/model_index.json", str(tmp / "model_index.json"))  # last: marks it complete
+        try:
+            tmp.rename(path)
+        except OSError:  # another actor on this node won the race with identical files
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Path(path)
