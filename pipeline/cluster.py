@@ -15,6 +15,14 @@ a local Ray through `init_local`, so they share one set of quieting rules:
   cluster dies with its driver. `quiet_worker`, run in every worker process of a local Ray, raises that
   logger to ERROR, and the autoscaling client's (a local Ray has no autoscaler). On a real cluster
   (`ray.address`, `ray job submit`) nothing is changed.
+- Two of Ray's own lines are dropped from the driver's console (`DRIVER_SKIP`, through Ray's
+  `RAY_DEDUP_LOGS_SKIP_REGEX`, part of its log filter, on unless `RAY_DEDUP_LOGS=0`; they stay in the
+  session's log files): the core worker's error that an actor with restarts has its constructor
+  arguments in the object store, which Ray Data's actor pools and Ray Train's PreemptionWatcher trigger
+  on every precompute step and training stage (ray#53727: a restart after losing them would fail,
+  nothing padistill passes or can change), and the raylet's warning that more worker processes started
+  than the CPU count, which padistill's fractional-CPU workers and actors cause by design on a small
+  machine. `quiet_driver` sets it, before Ray is imported (`jobs/__init__.py`).
 - Library notices for their own authors are off in a local Ray's workers: DeepSpeed's "no accelerator
   found" (`DS_ACCELERATOR=cpu` where torch sees no GPU) and its "op built" print at `init_distributed`,
   Ray Data's deprecation of a field Ray Train sets, transformers' torchvision fallback.
@@ -31,6 +39,9 @@ from typing import Any, Callable
 
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
               "TRANSFORMERS_VERBOSITY": "error"}
+# Ray's lines the driver does not print (see the module's docstring)
+DRIVER_SKIP = (r"has constructor arguments in the object store and max_restarts > 0"
+               r"|PYTHON worker processes have been started on node")
 # Ray Data's own logging configuration with its console notices off (they go to its log file)
 RAY_DATA_LOGGING = Path(__file__).with_name("assets") / "ray_data_logging.yaml"
 # Ray Train loggers that only speak to a cluster service a local Ray does not run: the State API (the
@@ -38,6 +49,12 @@ RAY_DATA_LOGGING = Path(__file__).with_name("assets") / "ray_data_logging.yaml"
 # traceback, whenever the 2 cores are busy)
 LOCAL_ONLY_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
                     "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
+
+
+def quiet_driver() -> None:
+    """Drop `DRIVER_SKIP`'s lines from this driver's console (a skip pattern the user set wins). Ray reads
+    the setting when it is imported: in a process that imported Ray already it has no effect."""
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", DRIVER_SKIP)
 
 
 def quiet_worker() -> None:
