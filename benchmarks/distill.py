@@ -331,8 +331,8 @@ def comparison_table(arms: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def ablation_table(base: dict | None, abl: dict[str, dict]) -> str:
-    rows = ([("paper recipe (toy_digits, seed 0)", base)] if base else []) + list(abl.items())
+def ablation_table(base: dict | None, abl: dict[str, dict], recipe: str = ARMS["adversarial"]) -> str:
+    rows = ([(f"recipe ({recipe}, seed 0)", base)] if base else []) + list(abl.items())
     if not rows:
         return "(no finished ablations)"
     steps = [e["student_steps"] for e in rows[0][1]["evals"]]
@@ -365,8 +365,8 @@ def markdown(result: dict) -> str:
              "the stage's step count. Spread: [min, max] over training seeds.\n",
              "## Adversarial vs MSE-only (same student updates per stage)\n",
              comparison_table(result["comparison"]), "",
-             "## Ablations (seed 0, same student updates)\n", ablation_table(result.get("ablation_base"),
-                                                                              result["ablations"]), "",
+             "## Ablations (seed 0, same student updates)\n", ablation_table(
+                 result.get("ablation_base"), result["ablations"], BENCHMARKS[bench]["arms"]["adversarial"]), "",
              "## Targets\n", "| target | value | limit | met | note |", "| --- | ---: | ---: | :---: | --- |"]
     lines += [f"| {c['target']} | {c['value']:.4f} | {c['limit']:.4f} | {'yes' if c['met'] else '**no**'} | "
               f"{c['note']} |" for c in result["targets"]]
