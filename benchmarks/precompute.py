@@ -35,6 +35,10 @@ from results_io import write_result
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pipeline.cluster import quiet_driver  # noqa: E402
+
+quiet_driver()  # before Ray is imported: Ray's known-harmless lines off the console
+
 
 def bare_loop(cfg, stage: int, out_dir: str, threads: int) -> tuple[int, float]:
     """The same rollouts in this process with no Ray: read encoded/, compute, write one Parquet file."""

@@ -33,10 +33,14 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pipeline.cluster import quiet_driver  # noqa: E402
+
+quiet_driver()  # before Ray is imported: Ray's known-harmless lines off the console
+
 from pipeline import cluster, zoo  # noqa: E402
 from pipeline.config import CONFIG_DIR, from_dict  # noqa: E402
 from pipeline.storage import RunStorage  # noqa: E402
-from results_io import write_result
+from results_io import write_result  # noqa: E402
 
 
 def make_cfg(root: str, steps: int, workers: int, micro: int, kind: str, zero: int):
@@ -98,11 +102,12 @@ def bare_loop(cfg, cols, steps: int, threads: int, warmup: int = 2) -> dict:
 
 def ray_loop(cfg, steps: int) -> dict:
     from pipeline.train import train_stage
+    from pipeline.train_worker import WorkerArgs
 
     t0 = time.perf_counter()
     summary = train_stage(cfg, 1, held_rows=0, export=False)
-    m = summary["metrics"]
-    return {"samples_per_s": m["steady_samples_per_s"], "timed_steps": steps - 2,
+    m = summary["metrics"]  # steady-state: after the worker's warm-up steps, as bare_loop's `warmup`
+    return {"samples_per_s": m["steady_samples_per_s"], "timed_steps": steps - WorkerArgs.warmup_steps,
             "wall_s_including_startup": time.perf_counter() - t0}
 
 

@@ -22,7 +22,8 @@ a local Ray through `init_local`, so they share one set of quieting rules:
   on every precompute step and training stage (ray#53727: a restart after losing them would fail,
   nothing padistill passes or can change), and the raylet's warning that more worker processes started
   than the CPU count, which padistill's fractional-CPU workers and actors cause by design on a small
-  machine. `quiet_driver` sets it, before Ray is imported (`jobs/__init__.py`).
+  machine (a driver joining a cluster through `RAY_ADDRESS` keeps it). `quiet_driver` sets it, before Ray
+  is imported (`jobs/__init__.py`, the benchmarks that start Ray).
 - Library notices for their own authors are off in a local Ray's workers: DeepSpeed's "no accelerator
   found" (`DS_ACCELERATOR=cpu` where torch sees no GPU) and its "op built" print at `init_distributed`,
   Ray Data's deprecation of a field Ray Train sets, transformers' torchvision fallback.
@@ -40,8 +41,8 @@ from typing import Any, Callable
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
               "TRANSFORMERS_VERBOSITY": "error"}
 # Ray's lines the driver does not print (see the module's docstring)
-DRIVER_SKIP = (r"has constructor arguments in the object store and max_restarts > 0"
-               r"|PYTHON worker processes have been started on node")
+DRIVER_SKIP = (r"has constructor arguments in the object store and max_restarts > 0",
+               r"PYTHON worker processes have been started on node")
 # Ray Data's own logging configuration with its console notices off (they go to its log file)
 RAY_DATA_LOGGING = Path(__file__).with_name("assets") / "ray_data_logging.yaml"
 # Ray Train loggers that only speak to a cluster service a local Ray does not run: the State API (the
@@ -53,8 +54,11 @@ LOCAL_ONLY_NOISE = ("ray.train.v2._internal.execution.controller.placement_group
 
 def quiet_driver() -> None:
     """Drop `DRIVER_SKIP`'s lines from this driver's console (a skip pattern the user set wins). Ray reads
-    the setting when it is imported: in a process that imported Ray already it has no effect."""
-    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", DRIVER_SKIP)
+    the setting when it is imported: in a process that imported Ray already it has no effect. A driver
+    that joins a cluster through `RAY_ADDRESS` (`ray job submit`) keeps the worker-count warning: on a
+    real cluster it can mean a runaway of worker processes."""
+    skip = DRIVER_SKIP[:1] if os.environ.get("RAY_ADDRESS") else DRIVER_SKIP
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(skip))
 
 
 def quiet_worker() -> None:

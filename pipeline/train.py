@@ -65,7 +65,7 @@ def make_trainer(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps
     import ray
 
     per_worker = worker_cpus(cfg, ray.cluster_resources().get("CPU", 0))
-    train_ds, held_ds, _ = stage_datasets(cfg, key, storage, held_rows)
+    train_ds, held_ds = stage_datasets(cfg, key, storage, held_rows)
     datasets = {"train": train_ds}
     if held_ds is not None:  # read once here, while the CPUs are free: every worker reads all of it
         datasets["held"] = held_ds.materialize()  # (streamed, two workers took ~25 s for 128 rows on 2 CPUs)
@@ -92,7 +92,8 @@ def train_stage(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps:
                 export: bool = True, restart: bool = False, log=print) -> dict:
     """Train (or resume) stage `key`, export its student to `model/` and commit the step's manifest.
     `restart` discards the stage's checkpoints first (`claim_train_dir`). Returns a summary: final
-    metrics, checkpoint path, model URL, resumed_from."""
+    metrics (`resumed_from` among them: the step it resumed at, -1 for a fresh start), checkpoint path,
+    model URL."""
     storage = RunStorage.from_config(cfg)
     idx, stage = cfg.stage(key)
     claim_train_dir(cfg, key, storage, restart=restart, log=log)

@@ -73,10 +73,10 @@ def _held_filter(modulus: int, keep_held: bool):
 
 def stage_datasets(cfg: RunConfig, key, storage: RunStorage | None = None, held_rows: int = 16,
                    data_cpus: float | None = None):
-    """(train, held, rows): Ray Datasets of a stage's trajectories and its committed row count. Held rows
-    are about `held_rows` whole source ids (`held_mask`), never trained on; `held` is None when
-    `held_rows` is 0 or the stage has fewer than 4x that. `data_cpus`: CPUs per read/filter task (0
-    where the training workers take every CPU, else Ray Data would wait forever)."""
+    """(train, held): Ray Datasets of a stage's trajectories. Held rows are about `held_rows` whole source
+    ids (`held_mask`), never trained on; `held` is None when `held_rows` is 0 or the stage has fewer than
+    4x that. `data_cpus`: CPUs per read/filter task (0 where the training workers take every CPU, else
+    Ray Data would wait forever)."""
     import ray.data
 
     remote = {} if data_cpus is None else {"num_cpus": data_cpus}
@@ -104,8 +104,8 @@ def stage_datasets(cfg: RunConfig, key, storage: RunStorage | None = None, held_
                                ray_remote_args=remote)
     n = int(manifest["outputs"]["rows"])  # committed and checked above (counting the Parquet took ~4 s a stage)
     if held_rows <= 0 or n < 4 * held_rows:
-        return ds.select_columns(TRAIN_COLUMNS), None, n
+        return ds.select_columns(TRAIN_COLUMNS), None
     modulus = max(2, n // held_rows)
     train = ds.map_batches(_held_filter(modulus, False), batch_format="pyarrow", **remote).select_columns(TRAIN_COLUMNS)
     held = ds.map_batches(_held_filter(modulus, True), batch_format="pyarrow", **remote).select_columns(TRAIN_COLUMNS)
-    return train, held, n
+    return train, held

@@ -112,6 +112,10 @@ class StageWorker:
             else (lambda *a: None)
         self.step, self.history, self.resumed_from = 0, [], None
         self.writer, self.tb_local = None, None
+        # the report window (samples/s since the last report) and the steady-state clock (after warm-up)
+        self.samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * self.world
+        self.t_window, self.n_window = time.perf_counter(), 0
+        self.timed_steps, self.timed_s = 0, 0.0
 
     # -- resume ------------------------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -146,7 +150,7 @@ class StageWorker:
                         and int(name[len(CKPT_PREFIX):]) > self.step:
                     self.storage.rm(self.train_rel, name)
 
-    def held_rows(self) -> dict | None:
+    def load_held(self) -> dict | None:
         """The held rows, all of them on every rank (every rank evaluates the same rows)."""
         import ray.train
 
@@ -164,7 +168,7 @@ class StageWorker:
         self.resume()
         batches = micro_batches(ray.train.get_dataset_shard("train"), cfg.train.micro_batch,
                                 seed=cfg.train.seed * 7919 + self.rank, cache_mb=cfg.train.cache_mb)
-        held = self.held_rows()
+        held = self.load_held()
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -177,10 +181,8 @@ class StageWorker:
         start_held, want_start = None, held is not None and self.step == 0
         ckpt_at = checkpoint_steps(stage, cfg.train.checkpoint_every)
         end = min(loop.total, self.args.max_steps or loop.total)
-        self.samples_per_step = cfg.train.micro_batch * cfg.train.grad_accum * self.world
         acc: dict[str, list[float]] = {}
-        self.t_window, self.n_window = time.perf_counter(), 0
-        self.timed_steps, self.timed_s, t_steady = 0, 0.0, time.perf_counter()
+        self.t_window = t_steady = time.perf_counter()
         since = self.resumed_from or 0
         while self.step < end:
             for ev in loop.transition(self.step, lambda: loop.batch_to(next(batches))):
@@ -208,7 +210,7 @@ class StageWorker:
             is_ckpt = self.step in ckpt_at or self.step == end
             if not (is_ckpt or self.step % cfg.train.log_every == 0):
                 continue
-            metrics = self.report_metrics(phase, acc, held if is_ckpt or self.step % cfg.train.held_every == 0 else None)
+            metrics = self.window_metrics(phase, acc, held if is_ckpt or self.step % cfg.train.held_every == 0 else None)
             if start_held is not None:  # in the first entry of the history
                 metrics.update(start_held)
                 start_held = None
@@ -221,8 +223,9 @@ class StageWorker:
                 ray.train.report(metrics)
         self.finish()
 
-    def report_metrics(self, phase, acc: dict[str, list[float]], held: dict | None) -> dict:
-        """The window's metrics, averaged over ranks (every rank calls it at the same steps)."""
+    def window_metrics(self, phase, acc: dict[str, list[float]], held: dict | None) -> dict:
+        """The metrics of the steps since the last report, averaged over ranks (every rank calls it at the
+        same steps); starts the next window."""
         loop, now = self.loop, time.perf_counter()
         metrics = _all_mean({k: _finite_mean(v) for k, v in sorted(acc.items())}, self.world)
         metrics.update(loop.watch.metrics())
