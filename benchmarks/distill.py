@@ -243,9 +243,11 @@ def per_steps(runs: list[dict], model: str, key: str) -> dict[int, dict]:
     return {n: stat(v) for n, v in sorted(out.items(), reverse=True)}
 
 
-# the FD's spread between evaluation seeds at 500 samples, per benchmark (README): the least a difference
-# must exceed to mean anything, also where one training seed gives no seed spread
-FD_NOISE = {"digits": 0.1, "fashion": 0.1}
+# the FD's spread between evaluation seeds at 500 samples, per benchmark (README; Fashion-MNIST:
+# benchmarks/results/fashion_metric_noise.md): the least a difference must exceed to mean anything, also
+# where one training seed gives no seed spread; and on Fashion-MNIST FD-patch's and sharpness's
+FD_NOISE = {"digits": 0.1, "fashion": 0.8}
+FD_PATCH_NOISE, SHARPNESS_NOISE = 1.9, 0.03
 
 
 def beyond_noise(a: dict, b: dict, seed_spread: float = 0.0, noise: float = FD_NOISE["digits"]) -> tuple[bool, str]:
@@ -313,7 +315,8 @@ def targets(adv: list[dict], mse: list[dict], bench: str = "digits") -> list[dic
 
 def central_claim(adv: list[dict], mse: list[dict], seeds: list[int]) -> list[dict]:
     """The paper's claim on the sharp benchmark, on the seeds both arms finished: FD-patch and sharpness at
-    1 and 2 steps."""
+    1 and 2 steps, a difference counted where it exceeds the evaluation noise and the seed ranges do not
+    overlap."""
     out = []
     on = f"seeds {', '.join(map(str, seeds))}"
     patch_a, patch_m = per_steps(adv, "student", "fd_patch"), per_steps(mse, "student", "fd_patch")
@@ -321,16 +324,18 @@ def central_claim(adv: list[dict], mse: list[dict], seeds: list[int]) -> list[di
     for n in (2, 1):
         if n in patch_a and n in patch_m:
             a, m = patch_a[n], patch_m[n]
-            apart = len(seeds) < 2 or a["max"] < m["min"]
+            apart = (len(seeds) < 2 or a["max"] < m["min"]) and m["mean"] - a["mean"] > FD_PATCH_NOISE
             out.append({"target": f"adversarial {n}-step FD-patch <= 0.8x MSE-only's (mean)", "value": a["mean"],
                         "limit": 0.8 * m["mean"], "met": bool(a["mean"] <= 0.8 * m["mean"] and apart),
-                        "note": f"{on}; " + ("1 seed: no seed spread" if len(seeds) < 2 else
-                                             "beyond the seed spread" if apart else "inside the seed spread")})
+                        "note": f"{on}; " + ("a difference" if apart else "no difference") + f" (evaluation noise "
+                                f"{FD_PATCH_NOISE:g}" + (", 1 seed: no seed spread)" if len(seeds) < 2 else
+                                                        ", seed ranges " + ("apart)" if a["max"] < m["min"] else
+                                                                            "overlap)"))})
         if n in sharp_a and n in sharp_m:
             a, m = sharp_a[n], sharp_m[n]
             out.append({"target": f"adversarial {n}-step sharpness within 15% of real (mean)", "value": a["mean"],
                         "limit": 0.85, "met": bool(a["mean"] >= 0.85), "note": on})
-            lower = m["mean"] < a["mean"] and (len(seeds) < 2 or m["max"] < a["min"])
+            lower = a["mean"] - m["mean"] > SHARPNESS_NOISE and (len(seeds) < 2 or m["max"] < a["min"])
             out.append({"target": f"MSE-only {n}-step sharpness below the adversarial's (mean)", "value": m["mean"],
                         "limit": a["mean"], "met": bool(lower),
                         "note": f"{on}; " + ("1 seed: no seed spread" if len(seeds) < 2 else
@@ -391,8 +396,9 @@ HEADERS = {
     "fashion": "Shipped Fashion-MNIST toy teacher (guidance 2.0); 500 samples per model (10 classes x 50, each "
                "with its own fixed noise, the same for every model). FD and FD-patch: Fréchet distance to the "
                "t10k photos in the Fashion-MNIST classifier's feature space; sharpness: high-frequency energy "
-               "relative to the real photos (1 = as sharp). The targets below still judge differences "
-               "against the digits' FD noise (0.1): this benchmark's own is not measured yet",
+               "relative to the real photos (1 = as sharp). Differences are judged against this benchmark's own "
+               "noise between evaluation seeds (FD 0.8, FD-patch 1.9, sharpness 0.03: "
+               "benchmarks/results/fashion_metric_noise.md)",
 }
 
 

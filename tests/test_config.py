@@ -251,4 +251,6 @@ def test_the_sharp_benchmark_judges_the_papers_central_claim():
         "adversarial 2-step FD-patch <= 0.8x MSE-only's (mean)"] is False
     assert claim(sharp_adv, [run(0, 8.0, 0.89), run(1, 9.0, 0.95)])[
         "MSE-only 2-step sharpness below the adversarial's (mean)"] is False
+    # one seed each: 0.79x, but a gap inside FD-patch's evaluation noise (1.9) is no difference
+    assert claim([run(0, 6.0, 0.9)], [run(0, 7.6, 0.7)])["adversarial 2-step FD-patch <= 0.8x MSE-only's (mean)"] is False
     assert not [t for t in targets(sharp_adv, blurry_mse) if "sharpness" in t["target"]]  # digits: no such rows
