@@ -110,6 +110,16 @@ def _log(phase: str, step: int, total: int, loss: float, t0: float, extra: str =
         f"{extra}".rstrip())
 
 
+def _start_worker(tc: dict, seed_stride: int) -> tuple[int, int]:
+    """(rank, world) of a phase's worker, its console, priority, threads and seed set."""
+    rank, world = _worker_context()
+    cluster.quiet_report_lines()
+    _unnice()
+    torch.set_num_threads(max(1, int(tc["cpus_per_worker"])))
+    torch.manual_seed(tc["seed"] + seed_stride * rank)
+    return rank, world
+
+
 def _train_split(config: dict):
     from .data import toy_dataset
 
@@ -122,11 +132,7 @@ def vae_loop(config: dict) -> None:
     from diffusers import AutoencoderKL
 
     tc = config["tc"]
-    rank, world = _worker_context()
-    cluster.quiet_report_lines()
-    _unnice()
-    torch.set_num_threads(max(1, int(tc["cpus_per_worker"])))
-    torch.manual_seed(tc["seed"] + 17 * rank)
+    rank, world = _start_worker(tc, seed_stride=17)
     images = _train_split(config).images
     vae = AutoencoderKL.from_pretrained(config["init_dir"], subfolder="vae")
     vae.train()  # gradients are averaged by hand below when world > 1 (encode/decode bypass forward())
@@ -186,11 +192,7 @@ def unet_loop(config: dict) -> None:
     from .zoo import load_pipeline, schedule_of
 
     tc = config["tc"]
-    rank, world = _worker_context()
-    cluster.quiet_report_lines()
-    _unnice()
-    torch.set_num_threads(max(1, int(tc["cpus_per_worker"])))
-    torch.manual_seed(tc["seed"] + 31 * rank)
+    rank, world = _start_worker(tc, seed_stride=31)
     res = config["resolution"]
     pipe = load_pipeline(config["init_dir"])
     sched: Schedule = schedule_of(pipe)
