@@ -27,10 +27,13 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from pipeline.cluster import ensure_ray
+    from pipeline.storage import RunStorage
     from pipeline.train import train_stage
+    from pipeline.train_data import finished_trajectories
 
     cfg = config_from_args(args)
     cfg.stage(args.stage)  # a clear error for an unknown stage before anything starts
+    finished_trajectories(cfg, args.stage, RunStorage.from_config(cfg))  # and for missing inputs
     ensure_ray(cfg)
     summary = train_stage(cfg, args.stage, held_rows=args.held_rows, export=not args.no_export)
     print(SUMMARY_PREFIX + json.dumps(summary, default=str), flush=True)

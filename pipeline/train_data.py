@@ -71,6 +71,25 @@ def _held_filter(modulus: int, keep_held: bool):
     return fn
 
 
+def finished_trajectories(cfg: RunConfig, key, storage: RunStorage) -> dict:
+    """The manifest of stage `key`'s trajectories, which training reads; a `MissingInputError` naming the
+    command to run when they are not finished or of another schema. Reads one small object: callers check
+    it before starting Ray."""
+    from .trajectories import SCHEMA_VERSION, step_name as traj_step
+
+    rel = f"{cfg.stage_dir(key)}/traj"
+    idx, _ = cfg.stage(key)
+    manifest = storage.read_manifest(traj_step(cfg, key))
+    if manifest is None:
+        raise MissingInputError(f"{storage.url(rel)}: no finished trajectories; run `padistill trajectories --stage "
+                                f"{idx}` first")
+    got = manifest["outputs"].get("schema_version")
+    if got != SCHEMA_VERSION:
+        raise MissingInputError(f"{storage.url(rel)}: trajectories of schema version {got}, this padistill reads "
+                                f"{SCHEMA_VERSION}; run `padistill trajectories --stage {idx}` to recompute them")
+    return manifest
+
+
 def stage_datasets(cfg: RunConfig, key, storage: RunStorage | None = None, held_rows: int = 16,
                    data_cpus: float | None = None):
     """(train, held): Ray Datasets of a stage's trajectories. Held rows are about `held_rows` whole source
@@ -85,19 +104,11 @@ def stage_datasets(cfg: RunConfig, key, storage: RunStorage | None = None, held_
     cluster.quiet_libraries()
 
     from . import shards
-    from .trajectories import SCHEMA_VERSION, step_name as traj_step
 
     storage = storage or RunStorage.from_config(cfg)
     rel = f"{cfg.stage_dir(key)}/traj"
     idx, _ = cfg.stage(key)
-    manifest = storage.read_manifest(traj_step(cfg, key))
-    if manifest is None:
-        raise MissingInputError(f"{storage.url(rel)}: no finished trajectories; run `padistill trajectories --stage "
-                                f"{idx}` first")
-    got = manifest["outputs"].get("schema_version")
-    if got != SCHEMA_VERSION:
-        raise MissingInputError(f"{storage.url(rel)}: trajectories of schema version {got}, this padistill reads "
-                                f"{SCHEMA_VERSION}; run `padistill trajectories --stage {idx}` to recompute them")
+    manifest = finished_trajectories(cfg, key, storage)
     shards.check_committed(storage, rel, manifest["outputs"]["files"], cfg.storage.verify_reads,
                            f"`padistill trajectories --stage {idx}`")
     ds = ray.data.read_parquet(storage.path(rel), filesystem=storage.arrow_fs, file_extensions=["parquet"],

@@ -1,12 +1,16 @@
 """The console script and every job's --help run; jobs also run as `python -m jobs.X`."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from jobs.cli import JOBS, main
 from reliability import record
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_padistill_help_lists_every_job(capsys):
@@ -94,3 +98,16 @@ def test_a_bug_keeps_its_traceback():
             raise RuntimeError("while encoding") from e
     except RuntimeError as outer:
         assert user_error(outer) is inner
+
+
+def test_train_stage_without_trajectories_stops_before_ray_starts(tmp_path):
+    """`padistill train-stage` on a run root without the stage's trajectories prints its one line before
+    starting a local Ray (which took ~7 s and printed Ray's own start-up lines first)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "jobs.train_stage", "--config", "smoke", "--stage", "1",
+                        "--set", f"run_root={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"padistill train-stage: {tmp_path / 'run'}/stages/1-8step/traj: no finished trajectories; run "
+        "`padistill trajectories --stage 1` first"], r.stderr
