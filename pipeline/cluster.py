@@ -13,8 +13,13 @@ a local Ray through `init_local`, so they share one set of quieting rules:
   small machines), so every query failed and logged a warning: 3,201 lines in one toy-teacher run. The
   cleaner exists to free a placement group when its controller dies with the cluster still up; a local
   cluster dies with its driver. `quiet_worker`, run in every worker process of a local Ray, raises that
-  logger to ERROR, and the autoscaling client's (a local Ray has no autoscaler). On a real cluster
-  (`ray.address`, `ray job submit`) nothing is changed.
+  logger to ERROR, and the autoscaling client's (a local Ray has no autoscaler). Without an address the
+  State API reads the last `ray start` cluster's from /tmp/ray/ray_current_cluster, which a local Ray
+  never rewrites: a dead cluster's address made each query wait 40 s for its GCS, and so every `fit`
+  ~11 s after training ended (the cleaner's stop timeout), a live one's answers for the wrong cluster. A
+  local Ray's workers get `RAY_API_SERVER_ADDRESS` pointing nowhere (`NO_API_SERVER`): each query fails
+  at once with the State API's own error, the one the cleaner catches. On a real cluster (`ray.address`,
+  `ray job submit`) nothing is changed.
 - Two of Ray's own lines are dropped from the driver's console (`DRIVER_SKIP`, through Ray's
   `RAY_DEDUP_LOGS_SKIP_REGEX`, part of its log filter, on unless `RAY_DEDUP_LOGS=0`; they stay in the
   session's log files): the core worker's error that an actor with restarts has its constructor
@@ -40,6 +45,9 @@ from typing import Any, Callable
 
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
               "TRANSFORMERS_VERBOSITY": "error"}
+# Where a local Ray's workers find the State API: nowhere (it runs no dashboard), so a query fails at once
+# instead of reading another cluster's address from /tmp/ray/ray_current_cluster (see the module's docstring)
+NO_API_SERVER = "http://127.0.0.1:0"
 # Ray's lines the driver does not print (see the module's docstring)
 DRIVER_SKIP = (r"has constructor arguments in the object store and max_restarts > 0",
                r"PYTHON worker processes have been started on node")
@@ -100,7 +108,7 @@ def quiet_libraries() -> None:
 def local_runtime_env() -> dict:
     import torch
 
-    env = {**WORKER_ENV, "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING)}
+    env = {**WORKER_ENV, "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING), "RAY_API_SERVER_ADDRESS": NO_API_SERVER}
     if not torch.cuda.is_available():  # else DeepSpeed warns in every worker that it found no accelerator
         env["DS_ACCELERATOR"] = "cpu"
     return {"env_vars": env, "worker_process_setup_hook": f"{__name__}.quiet_worker"}

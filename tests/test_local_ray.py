@@ -66,6 +66,44 @@ def test_every_worker_of_a_local_ray_is_quiet(ray_local):
     assert logging.getLogger(cluster.LOCAL_ONLY_NOISE[0]).level != logging.ERROR
 
 
+def test_the_state_api_of_a_local_ray_fails_at_once_instead_of_asking_another_cluster(ray_local):
+    """A local Ray runs no dashboard, so Ray's State API has no server in it; without an address it reads
+    the last `ray start` cluster's from /tmp/ray/ray_current_cluster, a file a local Ray never rewrites.
+    Train's PlacementGroupCleaner asks it each second whether its controller lives: with a dead cluster's
+    address each query waited 40 s for that GCS, holding every `fit` ~11 s after training ended (the
+    cleaner's stop timeout; the smoke run's three stages, and this suite after its `ray start` tests), and
+    a live one answers for the wrong cluster. In a local Ray's workers the query fails at once with the
+    State API's own error, the one the cleaner catches."""
+    from ray._common.utils import get_ray_address_file
+
+    address_file = get_ray_address_file(None)
+    before = Path(address_file).read_text() if os.path.exists(address_file) else None
+
+    @ray.remote(num_cpus=0)
+    def _ask() -> tuple[str, bool, float]:
+        import time
+
+        from ray.util.state import get_actor
+        from ray.util.state.exception import RayStateApiException
+
+        t0 = time.monotonic()
+        try:
+            get_actor("ff" * 16, timeout=5)
+            return "answered", False, time.monotonic() - t0
+        except Exception as e:  # noqa: BLE001  (which error is what this test checks)
+            return type(e).__name__, isinstance(e, RayStateApiException), time.monotonic() - t0
+
+    try:
+        Path(address_file).write_text("127.0.0.1:1")  # a cluster `ray start` left behind, long gone
+        name, state_api_error, took = ray.get(_ask.remote())
+    finally:
+        if before is None:
+            os.remove(address_file)
+        else:
+            Path(address_file).write_text(before)
+    assert state_api_error and took < 5, (name, took)
+
+
 def test_ray_data_notices_stay_off_the_console_of_a_local_ray(ray_local):
     """Ray Data reconfigures its logger on every execution in a worker; the configuration file the local
     Ray's workers get keeps its console at ERROR and its log file on."""
