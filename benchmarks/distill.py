@@ -404,6 +404,7 @@ def markdown(result: dict) -> str:
     lines = [f"# Toy benchmark ({bench}): progressive adversarial distillation vs MSE-only, and ablations\n",
              HEADERS[bench] + "; 'start of stage': the student the stage started from, sampled at "
              "the stage's step count. Spread: [min, max] over training seeds.\n",
+             *([f"Variant: both arms' runs with `{' '.join(result['set'])}` (`--set`).\n"] if result.get("set") else []),
              "## Adversarial vs MSE-only (same student updates per stage)\n",
              comparison_table(result["comparison"]), "",
              "## Ablations (seed 0, same student updates)\n", ablation_table(
@@ -427,9 +428,14 @@ def main(argv=None) -> int:
                    "runs/bench_fashion)")
     p.add_argument("--out", default=None, help="output path without extension (default "
                    "benchmarks/results/distill, or distill_fashion)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run of both arms (repeatable; e.g. stages.0.lr=3e-5): "
+                   "give such a variant its own --root and --out")
     args = p.parse_args(argv)
     bench = BENCHMARKS[args.benchmark]
-    arms, bench_set = bench["arms"], bench["set"]
+    arms, bench_set = bench["arms"], [*bench["set"], *args.set]
+    if args.set and (args.root is None or args.out is None):
+        p.error("--set changes every run: give the variant its own --root and --out")
     if args.benchmark != "digits" and args.part == "ablations":
         p.error(f"--part ablations: none defined for the {args.benchmark} benchmark yet")
     args.root = args.root or bench["root"]
@@ -483,7 +489,7 @@ def main(argv=None) -> int:
             if r is not None:
                 abl_runs[name] = r
     base = next((r for r in comparison["adversarial"] if r["run_root"].endswith("-s0")), None)
-    result = {"benchmark": args.benchmark, "comparison": comparison, "ablations": abl_runs, "ablation_base": base,
+    result = {"benchmark": args.benchmark, "set": args.set, "comparison": comparison, "ablations": abl_runs, "ablation_base": base,
               "targets": targets(comparison["adversarial"], comparison["mse"], args.benchmark), "seeds_run": seeds,
               "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
