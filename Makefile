@@ -84,6 +84,9 @@ bench-fashion-adv-%: install
 bench-fashion-mse-%: install
 	$(BIN)/python benchmarks/distill.py --benchmark fashion --part comparison --arms mse --seeds $* $(BENCH_ARGS)
 
+bench-fashion-ablation-%: install
+	$(BIN)/python benchmarks/distill.py --benchmark fashion --part ablations --only $* $(BENCH_ARGS)
+
 bench-fashion-report: install
 	$(BIN)/python benchmarks/distill.py --benchmark fashion --part report
 

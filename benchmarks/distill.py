@@ -9,7 +9,9 @@ reuse finished runs (every run is `padistill distill`: finished DAG steps are sk
     python benchmarks/distill.py --part report       # tables and targets from whatever has finished
     python benchmarks/distill.py --benchmark fashion --arms adversarial --seeds 0   # the sharp benchmark:
                                                      # the demo's configs (toy_fashion, toy_fashion_mse)
-                                                     # at 500 samples; no ablations defined for it yet
+                                                     # at 500 samples (its ablations: --benchmark
+                                                     # fashion --part ablations; its recipe mixes in
+                                                     # the MSE, so its MSE ablation takes it out)
 
 Fair by construction: both arms train every stage for the same number of student updates (150; the
 1-step stage 100 x0-conversion steps first in both) on the same trajectories' data, learning rates from
@@ -51,8 +53,7 @@ from benchmarks.results_io import write_report  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 # The benchmarks: the two arms' configs, overrides for every run of the benchmark, default root and output.
-# Fashion-MNIST (the sharp benchmark) runs the demo's configs with the benchmark's 500 samples a model; its
-# ablations are not defined yet (its recipe already mixes in the MSE, so the digits' list does not apply).
+# Fashion-MNIST (the sharp benchmark) runs the demo's configs with the benchmark's 500 samples a model.
 BENCHMARKS = {
     "digits": {"arms": {"adversarial": "toy_digits", "mse": "toy_digits_mse"}, "set": [],
                "root": "runs/bench", "out": "distill"},
@@ -63,12 +64,15 @@ ARMS = BENCHMARKS["digits"]["arms"]  # the ablations' arms
 DEFAULT_SEEDS = (0, 1, 2)
 
 
-def ablations() -> dict[str, list[str]]:
-    """Each ablation: config overrides on the adversarial arm, derived from its adversarial stages (same
-    stages, same student updates)."""
+def ablations(config: str = ARMS["adversarial"], extra: list[str] | tuple = ()) -> dict[str, list[str]]:
+    """Each ablation: config overrides on the adversarial arm (`config` with the benchmark's `extra`
+    overrides), derived from its adversarial stages (same stages, same student updates). The MSE term's
+    ablation depends on the recipe: where it is adversarial alone (the digits), the MSE added (at every
+    adversarial stage, or at the 1-step one); where it already mixes in the MSE (Fashion-MNIST's
+    `mse_weight`), the MSE taken out."""
     from pipeline.config import load_config
 
-    stages = [(i, st) for i, st in enumerate(load_config(ARMS["adversarial"]).stages) if st.loss == "adversarial"]
+    stages = [(i, st) for i, st in enumerate(load_config(config, list(extra)).stages) if st.loss == "adversarial"]
 
     def each(key_value: str, only=lambda st: True) -> list[str]:
         return [f"stages.{i}.{key_value}" for i, st in stages if only(st)]
@@ -80,8 +84,9 @@ def ablations() -> dict[str, list[str]]:
         "no re-noising (1, 2 steps)": each("renoise=false", lambda st: st.uses_renoise),
         "D backbone frozen": each("disc_backbone=frozen"),
         "D plain CNN": each("disc_backbone=cnn"),
-        "MSE + adversarial": each("mse_weight=1.0"),
-        "MSE + adversarial at 1 step": each("mse_weight=1.0", lambda st: st.student_steps == 1),
+        **({"adversarial alone (no MSE term)": each("mse_weight=0.0")} if any(st.mse_weight for _, st in stages) else
+           {"MSE + adversarial": each("mse_weight=1.0"),
+            "MSE + adversarial at 1 step": each("mse_weight=1.0", lambda st: st.student_steps == 1)}),
         # LoRA through both objectives, merged, then the full UNet at half the lr (the paper's 4000 + 1000 of
         # 5000 steps, 1e-6 -> 5e-7); the 4- and 2-step stages (the 1-step stage's x0 conversion trains conv_out)
         "LoRA then full (4, 2 steps)": [o for i, st in stages if st.prediction_type != "sample" for o in (
@@ -436,8 +441,6 @@ def main(argv=None) -> int:
     arms, bench_set = bench["arms"], [*bench["set"], *args.set]
     if args.set and (args.root is None or args.out is None):
         p.error("--set changes every run: give the variant its own --root and --out")
-    if args.benchmark != "digits" and args.part == "ablations":
-        p.error(f"--part ablations: none defined for the {args.benchmark} benchmark yet")
     args.root = args.root or bench["root"]
     args.out = args.out or str(RESULTS / bench["out"])
 
@@ -475,17 +478,19 @@ def main(argv=None) -> int:
     comparison = {arm: arm_runs(arm, args.part == "comparison" and arm in wanted) for arm in arms}
     abl_runs = {}
     only = None if args.only is None else {x.strip() for x in args.only.split(",")}
-    known = {n for name in ablations() for n in (name, slug(name))}
+    recipe = arms["adversarial"]
+    abl = ablations(recipe, bench_set)
+    known = {n for name in abl for n in (name, slug(name))}
     if only is not None and only - known:
         p.error(f"--only: no ablation named {', '.join(sorted(only - known))}; the ablations: "
-                f"{', '.join(slug(n) for n in ablations())}")
-    for name, ov in (ablations() if args.benchmark == "digits" else {}).items():
-        r_root = str(root / f"ablation-{slug(name)}")
+                f"{', '.join(slug(n) for n in abl)}")
+    for name, ov in abl.items():
+        r_root, ov = str(root / f"ablation-{slug(name)}"), [*bench_set, *ov, "train.seed=0"]
         if args.part == "ablations" and (only is None or name in only or slug(name) in only):
-            s0 = (str(root / f"{ARMS['adversarial']}-s0"), shared_stages(adv_cfg, load_config(ARMS["adversarial"], ov)))
-            abl_runs[name] = run(ARMS["adversarial"], r_root, ov + ["train.seed=0"], donor(), s0)
+            s0 = (str(root / f"{recipe}-s0"), shared_stages(adv_cfg, load_config(recipe, ov)))
+            abl_runs[name] = run(recipe, r_root, ov, donor(), s0)
         else:
-            r = finished(ARMS["adversarial"], r_root, ov + ["train.seed=0"])
+            r = finished(recipe, r_root, ov)
             if r is not None:
                 abl_runs[name] = r
     base = next((r for r in comparison["adversarial"] if r["run_root"].endswith("-s0")), None)

@@ -181,6 +181,7 @@ def test_the_fashion_demo_and_its_mse_baseline_are_a_fair_pair():
 
     sys.path.insert(0, str(CONFIG_DIR.parent))
     from benchmarks.distill import check_fair, shared_stages, student_updates
+    from pipeline.phases import plan_phases
 
     adv, mse = load_config("toy_fashion"), load_config("toy_fashion_mse")
     check_fair(adv, mse)
@@ -196,6 +197,18 @@ def test_the_fashion_demo_and_its_mse_baseline_are_a_fair_pair():
     assert (adv_b.name, mse_b.name) == ("toy_fashion", "toy_fashion_mse")
     check_fair(adv_b, mse_b)
     assert 10 * adv_b.evaluate.samples_per_prompt == 500 == 10 * mse_b.evaluate.samples_per_prompt
+    # its ablations: the same chain and budget; the recipe mixes in the MSE, so its MSE ablation takes it out
+    from benchmarks.distill import ablations
+
+    abl = ablations("toy_fashion", bench["set"])
+    assert "adversarial alone (no MSE term)" in abl and "MSE + adversarial" not in abl
+    assert {st.mse_weight for st in load_config("toy_fashion", abl["adversarial alone (no MSE term)"]).stages} == {0}
+    for name, overrides in abl.items():
+        a = load_config("toy_fashion", [*bench["set"], *overrides])
+        check_fair(a, mse_b)
+        assert a != adv_b, name  # each changes something
+        for st in a.stages:
+            plan_phases(st)
 
 
 def test_the_arm_comparison_uses_only_seeds_both_arms_finished():
