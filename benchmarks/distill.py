@@ -60,7 +60,7 @@ BENCHMARKS = {
     "fashion": {"arms": {"adversarial": "toy_fashion", "mse": "toy_fashion_mse"},
                 "set": ["evaluate.samples_per_prompt=50"], "root": "runs/bench_fashion", "out": "distill_fashion"},
 }
-ARMS = BENCHMARKS["digits"]["arms"]  # the ablations' arms
+ARMS = BENCHMARKS["digits"]["arms"]  # the digits' arms: what `ablations` and `ablation_table` default to
 DEFAULT_SEEDS = (0, 1, 2)
 
 

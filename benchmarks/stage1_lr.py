@@ -32,11 +32,10 @@ COLUMNS = {"fd_to_reference": "FD to teacher-32 ↓", "fd": "FD ↓", "fd_patch"
 
 def run_one(config: str, root: Path, lr: str, updates: int, samples_per_prompt: int) -> dict:
     """Train and evaluate the first stage at `lr` (or read the finished run); its evaluation metrics."""
-    from pipeline import cluster
-
-    cluster.quiet_driver()
     from pipeline.config import load_config
     from pipeline.dag import run_dag
+    from pipeline.layout import manifest_step
+    from pipeline.report import collect
     from pipeline.storage import RunStorage
 
     run_root = root / f"{updates}-lr{lr}"
@@ -45,11 +44,10 @@ def run_one(config: str, root: Path, lr: str, updates: int, samples_per_prompt: 
     if cfg.stages[0].loss != "mse":
         raise SystemExit(f"{config}: its first stage is not an MSE stage")
     storage = RunStorage.from_config(cfg)
-    key = cfg.stage_dir(1).split("/", 1)[1]
-    if storage.read_manifest(f"eval-{key}") is None:
+    if storage.read_manifest(manifest_step(cfg, 1, "eval")) is None:
         print(f"\n=== stage 1 at lr {lr}, {updates} updates -> {run_root}", flush=True)
         run_dag(cfg, until=cfg.stages[0].name)
-    metrics = storage.read_json(f"{cfg.stage_dir(1)}/eval/metrics.json")
+    metrics = collect(cfg, storage)[0]
     return {"lr": float(lr), "run_root": str(run_root), "student": metrics["student"],
             "start": metrics["student_start"], "teacher_same_steps": metrics["teacher_same_steps"]}
 
@@ -85,6 +83,9 @@ def main(argv=None) -> int:
     p.add_argument("--root", default="runs/stage1_lr", help="where the run roots go")
     p.add_argument("--out", default=None, help="output path without extension")
     args = p.parse_args(argv)
+    from pipeline import cluster
+
+    cluster.quiet_driver()  # before Ray is imported, as every driver
     lrs = [x.strip() for x in args.lrs.split(",") if x.strip()]
     if not lrs:
         p.error("--lrs: no learning rate given")
