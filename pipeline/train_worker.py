@@ -33,6 +33,13 @@ from .storage import RunStorage
 from .train_data import micro_batches
 
 LOGGED = ("loss", "mse", "d_loss", "d_real", "d_fake", "held_mse", "held_d_pacc", "held_d_auc")
+CONSOLE_LINES = 6  # progress lines a stage prints; history.json and TensorBoard keep every logged step
+
+
+def console_every(total: int, log_every: int, lines: int = CONSOLE_LINES) -> int:
+    """Steps between a stage's console progress lines: the smallest multiple of `log_every` (the steps
+    the history records) that prints at most `lines` lines for `total` steps (the last step prints too)."""
+    return log_every * max(1, math.ceil(total / (lines * log_every)))
 
 
 @dataclasses.dataclass
@@ -184,6 +191,7 @@ class StageWorker:
         acc: dict[str, list[float]] = {}
         self.t_window = t_steady = time.perf_counter()
         since = self.resumed_from or 0
+        every = console_every(loop.total, cfg.train.log_every)
         while self.step < end:
             for ev in loop.transition(self.step, lambda: loop.batch_to(next(batches))):
                 self.log(ev)
@@ -216,7 +224,7 @@ class StageWorker:
                 start_held = None
             acc = {}
             self.history.append(metrics)
-            self.show(metrics, phase)
+            self.show(metrics, phase, console=self.step % every == 0 or self.step == end)
             if is_ckpt:
                 self.checkpoint(metrics, phase)
             else:
@@ -243,11 +251,12 @@ class StageWorker:
         self.t_window, self.n_window = now, 0
         return metrics
 
-    def show(self, metrics: dict, phase) -> None:
-        """One progress line (rank 0) and the TensorBoard scalars."""
-        self.log(f"step {self.step}/{self.loop.total} {phase.name:13s} "
-                 + " ".join(f"{k}={metrics[k]:.4g}" for k in LOGGED if k in metrics)
-                 + f" {metrics['samples_per_s']:.1f} samples/s")
+    def show(self, metrics: dict, phase, console: bool = True) -> None:
+        """The TensorBoard scalars, and (`console`) one progress line (rank 0)."""
+        if console:
+            self.log(f"step {self.step}/{self.loop.total} {phase.name:13s} "
+                     + " ".join(f"{k}={metrics[k]:.4g}" for k in LOGGED if k in metrics)
+                     + f" {metrics['samples_per_s']:.1f} samples/s")
         if self.writer is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "step":

@@ -181,3 +181,23 @@ def test_the_driver_drops_rays_known_harmless_lines():
     assert printed() == ["[train 1-8step] step 10/60 mse loss=0.01727 10.8 samples/s", "padistill encode"]
     assert printed(RAY_ADDRESS="127.0.0.1:6379") == [  # nothing connects: Ray's filter is all that runs
         "WARNING", "[train 1-8step] step 10/60 mse loss=0.01727 10.8 samples/s", "padistill encode"]
+
+
+def test_a_stage_prints_a_handful_of_progress_lines_and_logs_every_step_it_records():
+    """The console gets about six progress lines a stage, on steps the history records (multiples of
+    `train.log_every`), and always the last; the history keeps every `log_every` step. The demo's stages
+    (240, 60, 60, 100 steps at log_every 10) print 6, 6, 6 and 5 lines where they printed 24, 6, 6, 10."""
+    from pipeline.config import load_config
+    from pipeline.phases import plan_phases
+    from pipeline.train_worker import console_every
+
+    def lines(total, log_every):
+        every = console_every(total, log_every)
+        assert every % log_every == 0
+        return len([s for s in range(1, total + 1) if s % every == 0 or s == total])
+
+    cfg = load_config("toy_fashion")
+    totals = [plan_phases(st)[-1].end for st in cfg.stages]
+    assert totals == [240, 60, 60, 100]
+    assert [lines(t, cfg.train.log_every) for t in totals] == [6, 6, 6, 5]
+    assert lines(40, 1) == 6 and lines(3, 1) == 3 and lines(10_000, 10) == 6 and lines(7, 10) == 1
