@@ -377,17 +377,21 @@ def comparison_table(arms: dict[str, list[dict]]) -> str:
 
 
 def ablation_table(base: dict | None, abl: dict[str, dict], recipe: str = ARMS["adversarial"]) -> str:
+    """One row per run and step count, in the report's toy metric columns (those every run has), the
+    recipe's run (seed 0) first at each step count."""
+    from pipeline.metrics import METRICS
+
     rows = ([(f"recipe ({recipe}, seed 0)", base)] if base else []) + list(abl.items())
     if not rows:
         return "(no finished ablations)"
-    steps = [e["student_steps"] for e in rows[0][1]["evals"]]
-    lines = ["| run | " + " | ".join(f"{n}-step FD / acc / div / FD-to-teacher" for n in steps) + " |",
-             "| --- |" + " ---: |" * len(steps)]
-    for name, r in rows:
-        by = {e["student_steps"]: e["student"] for e in r["evals"]}
-        lines.append(f"| {name} | " + " | ".join(
-            f"{by[n]['fd']:.3f} / {by[n]['prompt_accuracy']:.3f} / {by[n]['diversity']:.3f} / "
-            f"{by[n]['fd_to_reference']:.3f}" if n in by else "–" for n in steps) + " |")
+    cols = [(k, name) for k, name in METRICS if all(k in e["student"] for _, r in rows for e in r["evals"])]
+    lines = ["| run | steps | " + " | ".join(name for _, name in cols) + " |",
+             "| --- | ---: |" + " ---: |" * len(cols)]
+    for n in [e["student_steps"] for e in rows[0][1]["evals"]]:
+        for name, r in rows:
+            by = {e["student_steps"]: e["student"] for e in r["evals"]}
+            if n in by:
+                lines.append(f"| {name} | {n} | " + " | ".join(f"{by[n][k]:.3f}" for k, _ in cols) + " |")
     return "\n".join(lines)
 
 
