@@ -274,7 +274,7 @@ def run_units(units: list[dict], worker_cls: type, ctor_kwargs: dict, *, actors:
               on_marker: Callable[[dict], None] | None = None) -> list[dict]:
     """Process `units` (JSON-able dicts with an `index`) through a Ray Data actor pool of
     `worker_cls(**ctor_kwargs, threads=…)` laid out by `pool_layout`; each call handles one unit and
-    returns its marker."""
+    returns its marker; `on_marker(marker)` as each unit finishes, when there are several."""
     import ray.data
 
     if not units:
@@ -292,7 +292,7 @@ def run_units(units: list[dict], worker_cls: type, ctor_kwargs: dict, *, actors:
     for row in ds.iter_rows():
         m = json.loads(row["marker"])
         out.append(m)
-        if on_marker:
+        if on_marker and len(units) > 1:  # one unit's line would repeat the step's own summary
             on_marker(m)
     return out
 
