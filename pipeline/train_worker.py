@@ -36,10 +36,13 @@ LOGGED = ("loss", "mse", "d_loss", "d_real", "d_fake", "held_mse", "held_d_pacc"
 CONSOLE_LINES = 6  # progress lines a stage prints; history.json and TensorBoard keep every logged step
 
 
-def console_every(total: int, log_every: int, lines: int = CONSOLE_LINES) -> int:
-    """Steps between a stage's console progress lines: the smallest multiple of `log_every` (the steps
-    the history records) that prints at most `lines` lines for `total` steps (the last step prints too)."""
-    return log_every * max(1, math.ceil(total / (lines * log_every)))
+def console_steps(total: int, log_every: int, end: int | None = None, lines: int = CONSOLE_LINES) -> set[int]:
+    """The steps (up to `end`, default `total`) whose progress line goes to the console: every multiple of
+    the smallest multiple of `log_every` (the steps the history records) that gives at most `lines` lines
+    for `total` steps, and the last step."""
+    end = total if end is None else end
+    every = log_every * max(1, math.ceil(total / (lines * log_every)))
+    return set(range(every, end + 1, every)) | {end}
 
 
 @dataclasses.dataclass
@@ -191,7 +194,7 @@ class StageWorker:
         acc: dict[str, list[float]] = {}
         self.t_window = t_steady = time.perf_counter()
         since = self.resumed_from or 0
-        every = console_every(loop.total, cfg.train.log_every)
+        console_at = console_steps(loop.total, cfg.train.log_every, end)
         while self.step < end:
             for ev in loop.transition(self.step, lambda: loop.batch_to(next(batches))):
                 self.log(ev)
@@ -224,7 +227,7 @@ class StageWorker:
                 start_held = None
             acc = {}
             self.history.append(metrics)
-            self.show(metrics, phase, console=self.step % every == 0 or self.step == end)
+            self.show(metrics, phase, console=self.step in console_at)
             if is_ckpt:
                 self.checkpoint(metrics, phase)
             else:

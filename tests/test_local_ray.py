@@ -189,15 +189,16 @@ def test_a_stage_prints_a_handful_of_progress_lines_and_logs_every_step_it_recor
     (240, 60, 60, 100 steps at log_every 10) print 6, 6, 6 and 5 lines where they printed 24, 6, 6, 10."""
     from pipeline.config import load_config
     from pipeline.phases import plan_phases
-    from pipeline.train_worker import console_every
+    from pipeline.train_worker import console_steps
 
     def lines(total, log_every):
-        every = console_every(total, log_every)
-        assert every % log_every == 0
-        return len([s for s in range(1, total + 1) if s % every == 0 or s == total])
+        at = console_steps(total, log_every)  # the set the worker's loop prints at
+        assert all(s % log_every == 0 or s == total for s in at) and total in at
+        return len(at)
 
     cfg = load_config("toy_fashion")
     totals = [plan_phases(st)[-1].end for st in cfg.stages]
     assert totals == [240, 60, 60, 100]
     assert [lines(t, cfg.train.log_every) for t in totals] == [6, 6, 6, 5]
     assert lines(40, 1) == 6 and lines(3, 1) == 3 and lines(10_000, 10) == 6 and lines(7, 10) == 1
+    assert max(console_steps(240, 10, end=100)) == 100  # a run cut short (max_steps) still prints its last step
