@@ -28,6 +28,9 @@ def add_arguments(p) -> None:
                    help="GPU peak TFLOP/s at the run's precision (default 312: A100 bf16)")
     p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation for the derived throughput "
                                                            "(default 0.35)")
+    p.add_argument("--eval-prompts", type=int, default=None,
+                   help="evaluation images per model for the evaluation GPU-hours (default: evaluate.prompts; "
+                        "the paper's protocol: 10000 COCO prompts)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
 
 
@@ -35,7 +38,7 @@ def run(args) -> int:
     from pipeline import plan
 
     cfg = config_from_args(args)
-    for flag in ("gpus", "micro_batch", "samples"):
+    for flag in ("gpus", "micro_batch", "samples", "eval_prompts"):
         v = getattr(args, flag)
         if v is not None and v <= 0:
             print(f"padistill plan: --{flag.replace('_', '-')} must be positive (got {v})", file=sys.stderr)
@@ -43,7 +46,7 @@ def run(args) -> int:
     p = plan.make_plan(cfg, gpus=args.gpus, micro_batch=args.micro_batch, samples=args.samples,
                        throughput=args.throughput, rollout_throughput=args.rollout_throughput,
                        gpu_memory_gib=args.gpu_memory, peak_tflops=args.peak_tflops, mfu=args.mfu,
-                       config_name=args.config or cfg.name)
+                       eval_prompts=args.eval_prompts, config_name=args.config or cfg.name)
     print(plan.to_json(p) if args.json else plan.render(p))
     return 0
 

@@ -76,6 +76,21 @@ LORA_EXCLUDE = ("conv_in", "conv_out", "time_embedding")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+# The rest of an SDXL pipeline, for the evaluation plan (the models an evaluation actor holds): the VAE
+# (diffusers AutoencoderKL, SDXL base's vae/config.json) and the two text encoders (transformers
+# CLIPTextModel, CLIPTextModelWithProjection: SDXL base's text_encoder/ and text_encoder_2/ configs).
+SDXL_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512], "sample_size": 1024, "scaling_factor": 0.13025,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+SDXL_TEXT_ENCODER_CONFIGS: tuple[dict[str, Any], ...] = (
+    {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+     "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768},
+    {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+     "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280},
+)
+
 
 # ---- models on the meta device --------------------------------------------------------------------------
 def build_unet(config: dict | None = None, device: str = "meta"):
@@ -84,6 +99,41 @@ def build_unet(config: dict | None = None, device: str = "meta"):
 
     with torch.device(device):
         return UNet2DConditionModel(**(config or SDXL_UNET_CONFIG))
+
+
+def build_vae(config: dict | None = None, device: str = "meta"):
+    """The diffusers AutoencoderKL of `config` (SDXL base's by default) on `device`."""
+    from diffusers import AutoencoderKL
+
+    with torch.device(device):
+        return AutoencoderKL(**(config or SDXL_VAE_CONFIG))
+
+
+def text_encoder_params() -> int:
+    """Parameters of SDXL's two text encoders, built on the meta device from their configs."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    n = 0
+    for cls, c in zip((CLIPTextModel, CLIPTextModelWithProjection), SDXL_TEXT_ENCODER_CONFIGS):
+        with torch.device("meta"):
+            n += count_params(cls(CLIPTextConfig(**c)))
+    return n
+
+
+def measure_vae_decode(vae, latent_size: int, dtype: torch.dtype) -> Activations:
+    """One VAE decode (post-quant conv and decoder) of a latent of `latent_size`, batch 1, on meta."""
+    vae = nn.Module.to(vae, dtype)
+    z = torch.zeros(1, vae.config.latent_channels, latent_size, latent_size, device="meta", dtype=dtype)
+    return measure(_Decode(vae), {"z": z}, dtype)
+
+
+class _Decode(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        return self.vae.decode(z).sample
 
 
 def build_discriminator(conditional: bool = True, unet_config: dict | None = None, latent_size: int = 128,

@@ -20,8 +20,8 @@ from typing import Optional
 
 from .config import RunConfig, StageConfig
 from .meta_models import (DTYPES, SDXL_TEXT_TOKENS, SDXL_TIME_IDS, SDXL_UNET_CONFIG, VAE_FACTOR, build_discriminator,
-                          build_unet, count_params, discriminator_source, head_blocks, largest_layer, lora_params,
-                          measure_discriminator, measure_unet)
+                          build_unet, build_vae, count_params, discriminator_source, head_blocks, largest_layer,
+                          lora_params, measure_discriminator, measure_unet, measure_vae_decode, text_encoder_params)
 
 GiB = 1024 ** 3
 _BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -98,6 +98,7 @@ class Plan:
     throughput_source: str = ""
     rollout_throughput: Optional[float] = None
     encoded_bytes: int = 0
+    evaluation: dict = field(default_factory=dict)  # the DAG's evaluation steps: UNet passes, decodes, GPU-h, memory
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,7 +107,7 @@ class Plan:
 def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None = None, samples: int | None = None,
               throughput: float | None = None, rollout_throughput: float | None = None,
               gpu_memory_gib: float = 80.0, peak_tflops: float = 312.0, mfu: float | None = None,
-              unet_config: dict | None = None, config_name: str = "") -> Plan:
+              unet_config: dict | None = None, config_name: str = "", eval_prompts: int | None = None) -> Plan:
     ucfg = copy.deepcopy(unet_config or SDXL_UNET_CONFIG)
     gpus = gpus or cfg.train.workers
     mb = micro_batch or cfg.train.micro_batch
@@ -188,13 +189,54 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
                             epochs=seen / rows if rows else 0.0, train_gpu_hours=gpu_h,
                             train_wall_hours=gpu_h / gpus, rollout_gpu_hours=roll_h))
 
+    evaluation = eval_plan(cfg, n_unet, f_u, latent, dtype, peak_tflops * 1e12 * (mfu if mfu is not None else 0.35),
+                           eval_prompts)
     return Plan(config=config_name or cfg.name, gpus=gpus, micro_batch=mb, grad_accum=cfg.train.grad_accum,
                 precision=precision, samples=samples, latent_size=latent, gpu_memory_gib=gpu_memory_gib,
                 unet_params=n_unet, disc_params_conditional=n_dc, disc_params_unconditional=n_du,
                 disc_head_blocks=n_head_blocks, disc_source=discriminator_source(), lora_rank=rank, lora_params=n_lora,
                 unet_act=asdict(ua), disc_act=asdict(da), memory=memory, storage=storage, compute=compute,
                 throughput=throughput, throughput_source=source, rollout_throughput=rollout_throughput,
-                encoded_bytes=encoded)
+                encoded_bytes=encoded, evaluation=evaluation)
+
+
+def eval_plan(cfg: RunConfig, n_unet: int, unet_flops: float, latent: int, dtype, flops_per_s: float,
+              prompts: int | None = None) -> dict:
+    """What the DAG's evaluation steps sample (`pipeline.evaluate`): per stage the student at its steps
+    without CFG, the teacher at the student's steps with CFG (2 UNet passes a step; cached by step count,
+    so stages with the same count share it) and, once for the run, the teacher at 32 steps with CFG; the
+    toy runs also sample the stage's starting student. Every image is one VAE decode; the speed check
+    adds `speed_repeats` x `speed_batch_size` x (64 teacher + 64 student) passes. `prompts`: images per
+    model (default `evaluate.prompts`, the toy's 10 x `samples_per_prompt`). Feature extraction
+    (Inception, CLIP) and text encoding are not counted (each well under a UNet pass per image)."""
+    ev = cfg.evaluate
+    n = prompts or (10 * ev.samples_per_prompt if cfg.data.toy else ev.prompts)
+    vae = build_vae()
+    f_vae = measure_vae_decode(vae, latent, dtype).forward_flops
+    n_vae, n_text = count_params(vae), text_encoder_params()
+    del vae
+    speed = ev.speed_repeats * ev.speed_batch_size * 128
+    teacher_at = {32}
+    rows = [dict(stage="teacher @ 32 (once)", unet_passes=n * 32 * 2, decodes=n)]
+    for i, st in enumerate(cfg.stages, start=1):
+        N = st.student_steps
+        passes = n * N * (2 if cfg.data.toy else 1) + speed  # the student (and the toy's starting student)
+        decodes = n * (2 if cfg.data.toy else 1)
+        if N not in teacher_at:
+            teacher_at.add(N)
+            passes += n * N * 2
+            decodes += n
+        rows.append(dict(stage=f"{i}-{st.name}", unet_passes=passes, decodes=decodes))
+    for r in rows:
+        r["tflop"] = (r["unet_passes"] * unet_flops + r["decodes"] * f_vae) / 1e12
+        r["gpu_hours"] = r["tflop"] * 1e12 / flops_per_s / 3600.0
+    b = _BYTES[str(dtype).split(".")[-1]]
+    # an actor holds the teacher's and the student's UNets, the VAE and the two text encoders
+    weights = (2 * n_unet + n_vae + n_text) * b
+    return dict(images_per_model=n, unet_forward_tflop=unet_flops / 1e12, vae_decode_tflop=f_vae / 1e12,
+                vae_params=n_vae, text_encoder_params=n_text, weights_gib=weights / GiB, batch_size=ev.batch_size,
+                flops_per_s=flops_per_s, stages=rows,
+                gpu_hours=sum(r["gpu_hours"] for r in rows))
 
 
 # ---- rendering --------------------------------------------------------------------------------------------
@@ -274,6 +316,27 @@ def render(p: Plan) -> str:
     rt = f"{sum(rolls):.1f}" if rolls and all(r is not None for r in rolls) else ""
     L.append(f"| all | | {sum(c['steps'] for c in p.compute):,} | | | {tg:.1f} | {tg / p.gpus:.2f} | {rt} |")
     L.append("")
+    e = p.evaluation
+    if e:
+        L.append(f"### Evaluation: {e['images_per_model']:,} images per model, at {e['flops_per_s'] / 1e12:.3g} "
+                 "TFLOP/s per GPU")
+        L.append("")
+        L.append("| step | UNet passes | VAE decodes | TFLOP | GPU-h |")
+        L.append("|---|---:|---:|---:|---:|")
+        for r in e["stages"]:
+            L.append(f"| {r['stage']} | {r['unet_passes']:,} | {r['decodes']:,} | {r['tflop']:,.0f} | "
+                     f"{r['gpu_hours']:.2f} |")
+        L.append(f"| all | {sum(r['unet_passes'] for r in e['stages']):,} | "
+                 f"{sum(r['decodes'] for r in e['stages']):,} | {sum(r['tflop'] for r in e['stages']):,.0f} | "
+                 f"{e['gpu_hours']:.2f} |")
+        L.append("")
+        L.append(f"Per image: a UNet pass {e['unet_forward_tflop']:.2f} TFLOP, a VAE decode {e['vae_decode_tflop']:.2f} "
+                 "TFLOP (measured on meta); the teacher with CFG (2 passes a step), students without. Not counted: "
+                 "feature extraction and text encoding. Per GPU, an evaluation actor holds the teacher's and the "
+                 f"student's UNets, the VAE ({e['vae_params'] / 1e6:.1f} M) and the text encoders "
+                 f"({e['text_encoder_params'] / 1e6:.1f} M): {e['weights_gib']:.1f} GiB of weights in "
+                 f"{p.precision}, plus one batch's activations (batch {e['batch_size']}; not measured).")
+        L.append("")
     return "\n".join(L)
 
 

@@ -73,6 +73,29 @@ def test_plan_command_prints_the_table():
     for z in ("ZeRO-2", "ZeRO-3", "ZeRO-3 + offload"):
         assert f"| {z} |" in out
     assert "Trajectory storage for 1,000,000 samples" in out and "GPU-hours" in out
+    assert "### Evaluation: 1,000 images per model" in out and "| teacher @ 32 (once) | 64,000 | 1,000 |" in out
+
+
+def test_plan_states_the_evaluation_gpu_hours_of_the_papers_protocol(capsys):
+    """10,000 prompts (the paper's COCO protocol): the teacher at 32 steps with CFG once, and per stage
+    the student without CFG and the teacher at the student's steps with CFG; SDXL's VAE and text encoders
+    built on meta at their published sizes; the GPU-hours follow from the counted FLOPs."""
+    from jobs.cli import main
+
+    assert main(["plan", "--config", "sdxl_lightning", "--eval-prompts", "10000", "--peak-tflops", "100",
+                 "--mfu", "0.5", "--json"]) == 0
+    e = json.loads(capsys.readouterr().out)["evaluation"]
+    cfg = load_config("sdxl_lightning")
+    assert e["images_per_model"] == 10_000 and len(e["stages"]) == len(cfg.stages) + 1
+    assert e["vae_params"] == 83_653_863 and e["text_encoder_params"] == 817_720_320  # SDXL base's vae, two CLIPs
+    assert e["stages"][0]["unet_passes"] == 10_000 * 32 * 2 and e["stages"][0]["decodes"] == 10_000
+    speed = cfg.evaluate.speed_repeats * cfg.evaluate.speed_batch_size * 128
+    last = e["stages"][-1]  # the 1-step student and the teacher at 1 step with CFG
+    assert cfg.stages[-1].student_steps == 1 and last["unet_passes"] == 10_000 * (1 + 2) + speed
+    for r in e["stages"]:
+        flops = r["unet_passes"] * e["unet_forward_tflop"] + r["decodes"] * e["vae_decode_tflop"]
+        assert r["gpu_hours"] == pytest.approx(flops * 1e12 / (100e12 * 0.5) / 3600)
+    assert 5 < e["unet_forward_tflop"] < 10 and e["vae_decode_tflop"] > 1
 
 
 def test_plan_flags_and_numbers(capsys):
