@@ -287,8 +287,8 @@ class EvaluateConfig(_Strict):
     patch_size: int = Field(299, gt=0, description="FID-Patch: centre crop in px")
     speed_repeats: int = Field(2, gt=0, description="timed repeats of the sampling-speed comparison (best of)")
     speed_batch_size: int = Field(16, gt=0, description=(
-        "samples per batch of the sampling-speed comparison (teacher and student alike): its cost is 128 UNet "
-        "passes per sample and repeat, whatever the student"))
+        "samples per batch of the sampling-speed comparison (teacher and student alike): its cost is 64 teacher "
+        "UNet passes plus the student's round(64 / steps) x steps (64 at 1, 2, 4, 8 or 32 steps) per sample and repeat"))
 
 
 class ToyTeacherSection(_Strict):

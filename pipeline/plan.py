@@ -203,28 +203,32 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
 def eval_plan(cfg: RunConfig, n_unet: int, unet_flops: float, latent: int, dtype, flops_per_s: float,
               prompts: int | None = None) -> dict:
     """What the DAG's evaluation steps sample (`pipeline.evaluate`): per stage the student at its steps
-    without CFG, the teacher at the student's steps with CFG (2 UNet passes a step; cached by step count,
-    so stages with the same count share it) and, once for the run, the teacher at 32 steps with CFG; the
-    toy runs also sample the stage's starting student. Every image is one VAE decode; the speed check
-    adds `speed_repeats` x `speed_batch_size` x (64 teacher + 64 student) passes. `prompts`: images per
-    model (default `evaluate.prompts`, the toy's 10 x `samples_per_prompt`). Feature extraction
-    (Inception, CLIP) and text encoding are not counted (each well under a UNet pass per image)."""
+    without CFG and the teacher at the student's steps (cached by step count, so stages with the same
+    count share it) and, once for the run, the teacher at 32 steps; the teacher at its evaluation
+    guidance (`teacher_guidance`: 2 UNet passes a step above 1); the toy runs also sample the stage's
+    starting student. Every image is one VAE decode; the speed check adds `speed_repeats` x batch x (64
+    teacher + the student's round(64 / steps) x steps) passes. `prompts`: images per model (default
+    `evaluate.prompts`, the toy's 10 x `samples_per_prompt`). Feature extraction (Inception, CLIP) and
+    text encoding are not counted (each well under a UNet pass per image)."""
     ev = cfg.evaluate
     n = prompts or (10 * ev.samples_per_prompt if cfg.data.toy else ev.prompts)
     vae = build_vae()
     f_vae = measure_vae_decode(vae, latent, dtype).forward_flops
     n_vae, n_text = count_params(vae), text_encoder_params()
     del vae
-    speed = ev.speed_repeats * ev.speed_batch_size * 128
+    g, g_from = teacher_guidance(cfg)
+    cfg_passes = 2 if g > 1.0 else 1
+    speed_batch = ev.speed_repeats * min(ev.speed_batch_size, n)  # as `evaluate.sampling_speed` is called
     teacher_at = {32}
-    rows = [dict(stage="teacher @ 32 (once)", unet_passes=n * 32 * 2, decodes=n)]
+    rows = [dict(stage="teacher @ 32 (once)", unet_passes=n * 32 * cfg_passes, decodes=n)]
     for i, st in enumerate(cfg.stages, start=1):
         N = st.student_steps
-        passes = n * N * (2 if cfg.data.toy else 1) + speed  # the student (and the toy's starting student)
+        passes = n * N * (2 if cfg.data.toy else 1)  # the student (and the toy's starting student)
+        passes += speed_batch * (64 + max(1, round(64 / N)) * N)  # the speed check (CFG always on there)
         decodes = n * (2 if cfg.data.toy else 1)
         if N not in teacher_at:
             teacher_at.add(N)
-            passes += n * N * 2
+            passes += n * N * cfg_passes
             decodes += n
         rows.append(dict(stage=f"{i}-{st.name}", unet_passes=passes, decodes=decodes))
     for r in rows:
@@ -233,13 +237,30 @@ def eval_plan(cfg: RunConfig, n_unet: int, unet_flops: float, latent: int, dtype
     b = _BYTES[str(dtype).split(".")[-1]]
     # an actor holds the teacher's and the student's UNets, the VAE and the two text encoders
     weights = (2 * n_unet + n_vae + n_text) * b
-    return dict(images_per_model=n, unet_forward_tflop=unet_flops / 1e12, vae_decode_tflop=f_vae / 1e12,
+    return dict(images_per_model=n, teacher_guidance=g, teacher_guidance_from=g_from, unet_forward_tflop=unet_flops / 1e12, vae_decode_tflop=f_vae / 1e12,
                 vae_params=n_vae, text_encoder_params=n_text, weights_gib=weights / GiB, batch_size=ev.batch_size,
                 flops_per_s=flops_per_s, stages=rows,
                 gpu_hours=sum(r["gpu_hours"] for r in rows))
 
 
 # ---- rendering --------------------------------------------------------------------------------------------
+def teacher_guidance(cfg: RunConfig) -> tuple[float, str]:
+    """The teacher's evaluation guidance as `evaluate.teacher_guidance` will read it, and where from:
+    `evaluate.teacher_guidance_scale`, else the teacher folder's padistill.json when it is on this machine
+    (a plan downloads nothing), else 0 (what the evaluation uses for a folder without one)."""
+    from pathlib import Path
+
+    from .zoo import BUILTIN, read_info
+
+    if cfg.evaluate.teacher_guidance_scale is not None:
+        return cfg.evaluate.teacher_guidance_scale, "evaluate.teacher_guidance_scale"
+    src = cfg.model.source
+    folder = BUILTIN.get(src) or (Path(src.removeprefix("file://")) if "://" not in src.removeprefix("file://") else None)
+    if folder is not None and Path(folder).is_dir():
+        return float(read_info(folder).get("guidance_scale", 0.0)), "the teacher's padistill.json"
+    return 0.0, f"{src} is not on this machine: counted without CFG (set evaluate.teacher_guidance_scale)"
+
+
 def _b(n: float) -> str:
     for unit, div in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= div:
@@ -331,7 +352,8 @@ def render(p: Plan) -> str:
                  f"{e['gpu_hours']:.2f} |")
         L.append("")
         L.append(f"Per image: a UNet pass {e['unet_forward_tflop']:.2f} TFLOP, a VAE decode {e['vae_decode_tflop']:.2f} "
-                 "TFLOP (measured on meta); the teacher with CFG (2 passes a step), students without. Not counted: "
+                 f"TFLOP (measured on meta); the teacher at guidance {e['teacher_guidance']:g} "
+                 f"({e['teacher_guidance_from']}; 2 passes a step above 1), students without. Not counted: "
                  "feature extraction and text encoding. Per GPU, an evaluation actor holds the teacher's and the "
                  f"student's UNets, the VAE ({e['vae_params'] / 1e6:.1f} M) and the text encoders "
                  f"({e['text_encoder_params'] / 1e6:.1f} M): {e['weights_gib']:.1f} GiB of weights in "

@@ -89,9 +89,14 @@ def test_plan_states_the_evaluation_gpu_hours_of_the_papers_protocol(capsys):
     assert e["images_per_model"] == 10_000 and len(e["stages"]) == len(cfg.stages) + 1
     assert e["vae_params"] == 83_653_863 and e["text_encoder_params"] == 817_720_320  # SDXL base's vae, two CLIPs
     assert e["stages"][0]["unet_passes"] == 10_000 * 32 * 2 and e["stages"][0]["decodes"] == 10_000
-    speed = cfg.evaluate.speed_repeats * cfg.evaluate.speed_batch_size * 128
+    assert cfg.evaluate.teacher_guidance_scale > 1 and e["teacher_guidance"] == cfg.evaluate.teacher_guidance_scale
+    speed = cfg.evaluate.speed_repeats * cfg.evaluate.speed_batch_size * 128  # 64 teacher + 64 x 1 student passes
     last = e["stages"][-1]  # the 1-step student and the teacher at 1 step with CFG
     assert cfg.stages[-1].student_steps == 1 and last["unet_passes"] == 10_000 * (1 + 2) + speed
+    # a teacher evaluated without CFG: one pass a step
+    assert main(["plan", "--config", "sdxl_lightning", "--eval-prompts", "10000", "--set",
+                 "evaluate.teacher_guidance_scale=0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["evaluation"]["stages"][0]["unet_passes"] == 10_000 * 32
     for r in e["stages"]:
         flops = r["unet_passes"] * e["unet_forward_tflop"] + r["decodes"] * e["vae_decode_tflop"]
         assert r["gpu_hours"] == pytest.approx(flops * 1e12 / (100e12 * 0.5) / 3600)

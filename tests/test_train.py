@@ -254,7 +254,8 @@ def test_changed_inputs_start_the_stage_over_instead_of_resuming(ray_local, tiny
     assert not storage.exists(cfg.stage_dir(1), "train") and "--force" in said[-1]
     record(request, "a rerun with changed inputs (lr), and one with `--force`",
            "the claim that starts every stage discards the old checkpoints: the stage starts over, never resuming "
-           "them as this run's (a rerun with the same inputs resumes)", injected=2, completed=0)
+           "them as this run's (the same inputs keep them: test_distill's killed run resumes from them)", injected=2,
+           completed=0)
 
 
 def test_micro_batches_deal_rows_anew_every_epoch(ray_local):
