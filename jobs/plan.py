@@ -31,6 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-prompts", type=int, default=None,
                    help="evaluation images per model for the evaluation GPU-hours (default: evaluate.prompts; "
                         "the paper's protocol: 10000 COCO prompts)")
+    p.add_argument("--other-bases", action="store_true",
+                   help="also count the denoisers of SD1.5, SD3.5-Medium and SD3.5-Large on the meta device "
+                        "(their published configs; sizing for the model-family work, not yet trainable here)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
 
 
@@ -46,7 +49,7 @@ def run(args) -> int:
     p = plan.make_plan(cfg, gpus=args.gpus, micro_batch=args.micro_batch, samples=args.samples,
                        throughput=args.throughput, rollout_throughput=args.rollout_throughput,
                        gpu_memory_gib=args.gpu_memory, peak_tflops=args.peak_tflops, mfu=args.mfu,
-                       eval_prompts=args.eval_prompts, config_name=args.config or cfg.name)
+                       eval_prompts=args.eval_prompts, other_bases=args.other_bases, config_name=args.config or cfg.name)
     print(plan.to_json(p) if args.json else plan.render(p))
     return 0
 

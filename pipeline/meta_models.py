@@ -101,6 +101,41 @@ def build_unet(config: dict | None = None, device: str = "meta"):
         return UNet2DConditionModel(**(config or SDXL_UNET_CONFIG))
 
 
+# Other base models, for sizing the model-family work (issue 17) before it lands: their denoisers' published
+# configs (diffusers' unet/ or transformer/config.json of runwayml/stable-diffusion-v1-5,
+# stabilityai/stable-diffusion-3.5-medium and -large), with the parameter counts their publishers state.
+OTHER_BASES: dict[str, dict[str, Any]] = {
+    "SD1.5 UNet": dict(cls="UNet2DConditionModel", published=0.86e9, config=dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
+        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=768, attention_head_dim=8)),
+    "SD3.5-Medium MMDiT-X": dict(cls="SD3Transformer2DModel", published=2.5e9, config=dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=list(range(13)), qk_norm="rms_norm")),
+    "SD3.5-Large MMDiT": dict(cls="SD3Transformer2DModel", published=8.1e9, config=dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+        pos_embed_max_size=192, dual_attention_layers=[], qk_norm="rms_norm")),
+}
+
+
+def other_base_params() -> list[dict]:
+    """Each of `OTHER_BASES` built on the meta device: its parameters, and its fixed positional-embedding
+    table (a buffer in diffusers' SD3 transformer, a weight in the publisher's checkpoint and count)."""
+    import diffusers
+
+    rows = []
+    for name, spec in OTHER_BASES.items():
+        with torch.device("meta"):
+            m = getattr(diffusers, spec["cls"])(**spec["config"])
+        params = count_params(m)
+        table = sum(b.numel() for n, b in m.named_buffers() if n.endswith("pos_embed.pos_embed"))
+        rows.append(dict(model=name, parameters=params, pos_embed_table=table, total=params + table,
+                         published=spec["published"]))
+    return rows
+
+
 def build_vae(config: dict | None = None, device: str = "meta"):
     """The diffusers AutoencoderKL of `config` (SDXL base's by default) on `device`."""
     from diffusers import AutoencoderKL

@@ -21,7 +21,8 @@ from typing import Optional
 from .config import RunConfig, StageConfig
 from .meta_models import (DTYPES, SDXL_TEXT_TOKENS, SDXL_TIME_IDS, SDXL_UNET_CONFIG, VAE_FACTOR, build_discriminator,
                           build_unet, build_vae, count_params, discriminator_source, head_blocks, largest_layer,
-                          lora_params, measure_discriminator, measure_unet, measure_vae_decode, text_encoder_params)
+                          lora_params, measure_discriminator, measure_unet, measure_vae_decode, other_base_params,
+                          text_encoder_params)
 
 GiB = 1024 ** 3
 _BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -99,6 +100,7 @@ class Plan:
     rollout_throughput: Optional[float] = None
     encoded_bytes: int = 0
     evaluation: dict = field(default_factory=dict)  # the DAG's evaluation steps: UNet passes, decodes, GPU-h, memory
+    other_bases: list[dict] = field(default_factory=list)  # --other-bases: SD1.5 / SD3.5 denoisers counted on meta
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +109,8 @@ class Plan:
 def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None = None, samples: int | None = None,
               throughput: float | None = None, rollout_throughput: float | None = None,
               gpu_memory_gib: float = 80.0, peak_tflops: float = 312.0, mfu: float | None = None,
-              unet_config: dict | None = None, config_name: str = "", eval_prompts: int | None = None) -> Plan:
+              unet_config: dict | None = None, config_name: str = "", eval_prompts: int | None = None,
+              other_bases: bool = False) -> Plan:
     ucfg = copy.deepcopy(unet_config or SDXL_UNET_CONFIG)
     gpus = gpus or cfg.train.workers
     mb = micro_batch or cfg.train.micro_batch
@@ -197,7 +200,7 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
                 disc_head_blocks=n_head_blocks, disc_source=discriminator_source(), lora_rank=rank, lora_params=n_lora,
                 unet_act=asdict(ua), disc_act=asdict(da), memory=memory, storage=storage, compute=compute,
                 throughput=throughput, throughput_source=source, rollout_throughput=rollout_throughput,
-                encoded_bytes=encoded, evaluation=evaluation)
+                encoded_bytes=encoded, evaluation=evaluation, other_bases=other_base_params() if other_bases else [])
 
 
 def eval_plan(cfg: RunConfig, n_unet: int, unet_flops: float, latent: int, dtype, flops_per_s: float,
@@ -358,6 +361,19 @@ def render(p: Plan) -> str:
                  f"student's UNets, the VAE ({e['vae_params'] / 1e6:.1f} M) and the text encoders "
                  f"({e['text_encoder_params'] / 1e6:.1f} M): {e['weights_gib']:.1f} GiB of weights in "
                  f"{p.precision}, plus one batch's activations (batch {e['batch_size']}; not measured).")
+        L.append("")
+    if p.other_bases:
+        L.append("### Other base models (denoisers built on the meta device from their published configs)")
+        L.append("")
+        L.append("| model | parameters | + positional-embedding table | total | publisher's figure |")
+        L.append("|---|---:|---:|---:|---:|")
+        for b in p.other_bases:
+            L.append(f"| {b['model']} | {b['parameters']:,} | {b['pos_embed_table']:,} | {b['total']:,} "
+                     f"({b['total'] / 1e9:.3f} B) | {b['published'] / 1e9:g} B |")
+        L.append("")
+        L.append("The SD3 transformers' fixed positional-embedding table is a buffer in diffusers and a weight in "
+                 "the publisher's checkpoint (and count). padistill distils SDXL-class UNets only so far: these rows "
+                 "size the model-family work; the memory and GPU-hours above are the SDXL UNet's.")
         L.append("")
     return "\n".join(L)
 

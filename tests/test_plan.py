@@ -136,3 +136,21 @@ def test_plan_of_the_default_toy_config_builds_d_at_its_latent_size(capsys):
     assert main(["plan", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["latent_size"] == 4 and d["disc_act"]["saved"] > 0
+
+
+def test_other_base_models_are_counted_on_meta_near_their_published_sizes(capsys):
+    """`--other-bases`: SD1.5's UNet and the SD3.5-Medium / -Large transformers built on the meta device
+    from their published configs land within 5% of their publishers' figures (0.86 B, 2.5 B, 8.1 B) once
+    the SD3 positional-embedding table (a buffer in diffusers) is counted, as their checkpoints hold it."""
+    from jobs.cli import main
+
+    assert main(["plan", "--config", "smoke", "--other-bases", "--json"]) == 0
+    rows = {b["model"]: b for b in json.loads(capsys.readouterr().out)["other_bases"]}
+    assert set(rows) == {"SD1.5 UNet", "SD3.5-Medium MMDiT-X", "SD3.5-Large MMDiT"}
+    for b in rows.values():
+        assert abs(b["total"] / b["published"] - 1) < 0.05, b
+    assert rows["SD1.5 UNet"]["pos_embed_table"] == 0
+    med = rows["SD3.5-Medium MMDiT-X"]
+    assert med["pos_embed_table"] == 384 * 384 * 1536  # 384^2 positions x 1536 (24 heads x 64)
+    assert abs(med["parameters"] / med["published"] - 1) > 0.05  # without the table it is 10% short
+    assert main(["plan", "--config", "smoke"]) == 0 and "Other base models" not in capsys.readouterr().out
