@@ -276,6 +276,12 @@ class EvaluateConfig(_Strict):
     # CFG of the base teacher when it is sampled for comparison; None: its padistill.json's guidance_scale
     teacher_guidance_scale: Optional[float] = Field(None, ge=0.0)
     batch_size: int = Field(100, gt=0)
+    # sampling runs as Ray Data batch inference (pipeline/eval_sampling.py), in restartable units
+    actors: Union[int, str] = Field("auto", description=ACTORS_HELP)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    unit_samples: int = Field(100, gt=0, description=(
+        "samples per evaluation unit: one Parquet file and marker; a killed evaluation reruns only the units "
+        "without one"))
     # non-toy runs (data.kind parquet): the paper's FID-Whole, FID-Patch and CLIP score (pipeline/real_metrics.py)
     prompts: int = Field(1000, gt=1, description="non-toy runs: evaluation prompts (the first captions of the "
                          "data source, one image each; their real images are the FID reference)")
@@ -289,6 +295,8 @@ class EvaluateConfig(_Strict):
     speed_batch_size: int = Field(16, gt=0, description=(
         "samples per batch of the sampling-speed comparison (teacher and student alike): its cost is 64 teacher "
         "UNet passes plus the student's round(64 / steps) x steps (64 at 1, 2, 4, 8 or 32 steps) per sample and repeat"))
+
+    _actors = field_validator("actors", mode="before")(_check_actors)
 
 
 class ToyTeacherSection(_Strict):

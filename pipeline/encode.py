@@ -36,7 +36,6 @@ STEP = "encode"
 OUT = "encoded"
 SCHEMA_VERSION = 1
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def device_for(gpus_per_actor: float) -> str:
@@ -66,13 +65,13 @@ class EncodeWorker:
     def __init__(self, cfg_json: str, inputs_hash: str, threads: int = 1):
         torch.set_num_threads(threads)
         cluster.quiet_libraries()
-        from .zoo import load_pipeline
+        from .zoo import DTYPES, load_pipeline
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
         self.inputs_hash = inputs_hash
         self.storage = RunStorage.from_config(self.cfg)
         self.device = device_for(self.cfg.encode.gpus_per_actor)
-        self.pipe = load_pipeline(self.cfg.model.source, self.cfg.storage, dtype=_DTYPES[self.cfg.model.dtype],
+        self.pipe = load_pipeline(self.cfg.model.source, self.cfg.storage, dtype=DTYPES[self.cfg.model.dtype],
                                   device=self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.source = make_source(self.cfg)

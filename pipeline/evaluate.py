@@ -54,30 +54,6 @@ def _load_npz(storage: RunStorage, rel: str) -> dict:
     return dict(np.load(io.BytesIO(storage.read_bytes(rel))))
 
 
-def teacher_samples(cfg: RunConfig, storage: RunStorage, teacher, steps: int, guidance: float,
-                    prompts: "RealPrompts | None" = None):
-    """The base teacher's fixed-seed samples at `steps` (cached in the run root): toy digits, or the
-    images of a non-toy run's evaluation `prompts` (uint8, the sizes of real runs)."""
-    from .images import to_uint8_nchw
-    from .sampling import sample_captions, sample_classes
-
-    K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
-    rel = teacher_cache_rel(cfg, steps, guidance)
-    if storage.exists(rel):
-        d = _load_npz(storage, rel)
-        return torch.from_numpy(d["images"]), d["labels"]
-    if prompts is not None:
-        images = to_uint8_nchw(sample_captions(teacher, prompts.captions, prompts.noise, steps, guidance,
-                                               batch_size=cfg.evaluate.batch_size))
-        labels = np.asarray(prompts.captions)
-    else:
-        s = sample_classes(teacher, steps, guidance, K, seed, batch_size=cfg.evaluate.batch_size,
-                           dataset=cfg.data.kind)
-        images, labels = s.images, s.labels
-    _save_npz(storage, rel, images=images.numpy(), labels=labels)
-    return images, labels
-
-
 @dataclass
 class RealPrompts:
     """A non-toy run's evaluation set: the first `evaluate.prompts` captions of the data source, their
@@ -184,8 +160,9 @@ Sampling speedup vs the 32-step teacher with CFG (64 UNet evaluations): {metrics
 
 def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
     """Evaluate stage `key` (skipped when its manifest matches); returns the manifest."""
-    from .images import from_uint8, save_grid, to_uint8_nchw
-    from .sampling import NOISE_VERSION, latent_shape, sample_captions, sample_classes
+    from .eval_sampling import SampleSet, sample_sets
+    from .images import from_uint8, save_grid
+    from .sampling import NOISE_VERSION, latent_shape
     from .zoo import load_pipeline, resolve_source, schedule_of
 
     toy = cfg.data.toy
@@ -220,27 +197,60 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         n = 10 * K if toy else len(prompts.captions)
         log(f"padistill evaluate: stage {idx} ({stage.name}): student at {N} steps, teacher at 32 and {N} "
             f"steps (guidance {g:g}), {n} samples each")
-        t32, labels = teacher_samples(cfg, storage, teacher, 32, g, prompts)
-        tN, _ = teacher_samples(cfg, storage, teacher, N, g, prompts)
+        # every image this evaluation scores, drawn by the actor pool (pipeline/eval_sampling.py); the base
+        # teacher's are cached in the run root per step count and reused by later stages
+        if toy:
+            from .data import toy_dataset
+            from .sampling import fixed_noise
+
+            labels = np.repeat(np.arange(10), K)
+            captions = [toy_dataset(cfg.data.kind).caption_for(int(y)) for y in labels]
+            noise = fixed_noise(K, seed, latent_shape(teacher))  # class-major
+        else:
+            captions, noise, labels = prompts.captions, prompts.noise, np.asarray(prompts.captions)
+        models = {"teacher": {"source": cfg.model.source}, "student": {"rel": f"{sd}/model"}}
+        sets, cached = [], {}
+        for steps in dict.fromkeys((32, N)):
+            rel = teacher_cache_rel(cfg, steps, g)
+            if storage.exists(rel):
+                cached[steps] = torch.from_numpy(_load_npz(storage, rel)["images"])
+            else:
+                sets.append(SampleSet(f"teacher-{steps}", rel[:-len(".npz")] + "-units", "teacher",
+                                      {"source": cfg.model.source}, steps, g, captions, noise, uint8=not toy))
+        student_id = {"train": train_manifest["inputs_hash"], "finished_at": train_manifest["finished_at"]}
+        sets.append(SampleSet("student", f"{sd}/eval/units/student", "student", student_id, N, 0.0, captions,
+                              noise, pred, uint8=not toy))
+        if toy:  # the student this stage started from, at the student's steps without CFG
+            if start_rel:
+                models["start"] = {"rel": start_rel}
+                start_id = {"folder": start_rel, **(storage.read_manifest(manifest_step(cfg, j, "train")) or {})}
+                start_pred = schedule_of(storage.get_dir(start_rel, f"{work}/start")).prediction_type
+            else:
+                start_id, start_pred = {"source": cfg.model.source}, schedule_of(teacher).prediction_type
+            sets.append(SampleSet("student_start", f"{sd}/eval/units/student_start", "start" if start_rel else "teacher",
+                                  start_id, N, 0.0, captions, noise, start_pred))
+        drawn = sample_sets(cfg, storage, sets, models, log)
+        for steps in dict.fromkeys((32, N)):
+            if steps not in cached:
+                s_ = next(x for x in sets if x.name == f"teacher-{steps}")
+                cached[steps] = drawn[s_.name]
+                _save_npz(storage, teacher_cache_rel(cfg, steps, g), images=drawn[s_.name].numpy(), labels=labels)
+                storage.rm(s_.out_rel)
+        t32, tN = cached[32], cached[N]
         if toy:
             from .metrics import score  # the toy metrics: a real run never imports them
 
             kind = cfg.data.kind
-            s = sample_classes(student, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size, prediction_type=pred,
-                               dataset=kind)
-            start = load_pipeline(storage.get_dir(start_rel, f"{work}/start")) if start_rel else teacher
-            s0 = sample_classes(start, N, 0.0, K, seed, batch_size=cfg.evaluate.batch_size,
-                                prediction_type=schedule_of(start).prediction_type, dataset=kind)
-            scores = {"student": score(s.images, labels, reference_images=t32, dataset=kind),
-                      "student_start": score(s0.images, labels, reference_images=t32, dataset=kind),
+            images = drawn["student"]
+            scores = {"student": score(images, labels, reference_images=t32, dataset=kind),
+                      "student_start": score(drawn["student_start"], labels, reference_images=t32, dataset=kind),
                       "teacher_same_steps": score(tN, labels, reference_images=t32, dataset=kind),
                       "teacher_32": score(t32, labels, reference_images=t32, dataset=kind)}
             shown = torch.arange(10) * K  # digits 0-9 at seed index 0
-            rows = [t32[shown], tN[shown], s.images[shown]]
-            _save_npz(storage, f"{sd}/eval/samples.npz", images=s.images.numpy(), labels=labels)
+            rows = [t32[shown], tN[shown], images[shown]]
+            _save_npz(storage, f"{sd}/eval/samples.npz", images=images.numpy(), labels=labels)
         else:
-            images = to_uint8_nchw(sample_captions(student, prompts.captions, prompts.noise, N,
-                                                   batch_size=cfg.evaluate.batch_size, prediction_type=pred))
+            images = drawn["student"]
             scores = {name: {**real_metrics.score(x, prompts.captions, prompts.real, cfg.evaluate), "n": n}
                       for name, x in (("student", images), ("teacher_same_steps", tN), ("teacher_32", t32))}
             shown = torch.arange(min(10, n))  # the first prompts
@@ -261,6 +271,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         storage.write_bytes(f"{sd}/eval/grid.png", open(grid, "rb").read())
         storage.write_json(f"{sd}/eval/metrics.json", metrics)
         storage.write_text(f"{sd}/model/README.md", _model_card(cfg, key, metrics))
+        storage.rm(f"{sd}/eval/units")  # the samples are in samples.npz (and their metrics in metrics.json)
         st, fd = metrics["student"], ("fd" if toy else "fid")
         log(f"padistill evaluate: stage {idx}: student {fd} {st[fd]:.3g} "
             + (f"acc {st['prompt_accuracy']:.3f}" if toy else f"clip {st['clip_score']:.3g}")

@@ -49,7 +49,6 @@ from .storage import RunStorage, table_to_tensors, tensors_to_table
 SCHEMA_VERSION = 2  # 2: rows in item order (mixed timesteps), not grouped by timestep
 COLUMNS = ["id", "draw", "t", "t_next", "x_t", "target", "prompt_embeds", "pooled_embeds"]
 TENSOR_COLUMNS = ["x_t", "target", "prompt_embeds", "pooled_embeds"]
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def step_name(cfg: RunConfig, key) -> str:
@@ -89,11 +88,11 @@ class Teacher:
     @classmethod
     def load(cls, cfg: RunConfig, key, storage: RunStorage | None = None, device="cpu",
              dtype: torch.dtype | None = None) -> "Teacher":
-        from .zoo import load_unet, schedule_of
+        from .zoo import DTYPES, load_unet, schedule_of
 
         _, stage = cfg.stage(key)
         folder = fetch_teacher(teacher_source(cfg, key, storage), cfg)
-        unet = load_unet(str(folder), dtype=dtype or _DTYPES[cfg.model.dtype]).to(device)
+        unet = load_unet(str(folder), dtype=dtype or DTYPES[cfg.model.dtype]).to(device)
         return cls(unet, schedule_of(folder), stage, cfg.model.resolution, device)
 
     @torch.no_grad()

@@ -221,6 +221,9 @@ def resolve_source(source: str, storage=None) -> Path:
     return path
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # model.dtype
+
+
 def load_pipeline(source: str, storage=None, dtype=torch.float32, device="cpu"):
     """Load any SDXL-class pipeline folder (tiny or real) with stock diffusers."""
     from diffusers import StableDiffusionXLPipeline

@@ -1,0 +1,159 @@
+"""Evaluation sampling as batch inference: every image an evaluation scores (the base teacher at 32 and at
+the student's steps, the student, the stage's starting student) is drawn by a Ray Data actor pool, in
+restartable units, the same way precompute runs (`pipeline.shards`).
+
+A *sample set* is one model at one step count and guidance, over fixed captions and one fixed noise
+latent each (`pipeline.sampling`). It is cut into units of `evaluate.unit_samples` samples; each unit is
+one Parquet file of images (float32 in [-1, 1] for the toy metrics, uint8 for a real run's FID and CLIP)
+with its marker, committed atomically in the set's folder. A killed evaluation reruns only the units
+without a marker; a set whose inputs changed (model, steps, guidance, captions, noise, dtype) starts its
+folder over. The pool has `evaluate.actors` actors (auto: one per GPU with `evaluate.gpus_per_actor`,
+else one per CPU); each loads the models it is asked for once, in `model.dtype` on its device.
+
+A unit samples exactly what `sampling.sample_captions` does in one process for the same captions and
+noise, so the images, and the metrics on them, equal the single-process path's within float tolerance
+(tests/test_eval_sampling.py)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import cluster, shards
+from .config import RunConfig
+from .storage import RunStorage, table_to_tensors, tensors_to_table
+
+VERSION = 1  # the unit protocol; in every set's inputs
+
+
+@dataclass
+class SampleSet:
+    """One model's fixed-seed samples: `model` names an entry of the pool's models (see `sample_sets`);
+    `identity` says which weights those are (their manifest hash, a source path), so that a set of other
+    weights never reuses these units."""
+    name: str
+    out_rel: str
+    model: str
+    identity: dict
+    steps: int
+    guidance: float
+    captions: list[str]
+    noise: torch.Tensor
+    prediction_type: Optional[str] = None
+    uint8: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+def _noise_b64(x: torch.Tensor) -> str:
+    return base64.b64encode(np.ascontiguousarray(x.numpy(), dtype=np.float32).tobytes()).decode()
+
+
+def set_inputs(cfg: RunConfig, s: SampleSet) -> dict:
+    noise = np.ascontiguousarray(s.noise.numpy(), dtype=np.float32)
+    return {"version": VERSION, "model": s.identity, "steps": s.steps, "guidance": s.guidance,
+            "prediction_type": s.prediction_type, "uint8": s.uint8, "dtype": cfg.model.dtype,
+            "unit_samples": cfg.evaluate.unit_samples, "batch_size": cfg.evaluate.batch_size,
+            "captions": hashlib.sha256(json.dumps(s.captions).encode()).hexdigest()[:16],
+            "noise": hashlib.sha256(noise.tobytes()).hexdigest()[:16], "noise_shape": list(noise.shape)}
+
+
+class SampleWorker:
+    """A Ray Data actor: loads each model it is asked for once; each call samples and commits one unit."""
+
+    def __init__(self, cfg_json: str, models: dict, threads: int = 1):
+        torch.set_num_threads(threads)
+        cluster.quiet_libraries()
+        from .encode import device_for
+
+        self.cfg = RunConfig.model_validate_json(cfg_json)
+        self.storage = RunStorage.from_config(self.cfg)
+        self.models, self.loaded = models, {}
+        self.device = device_for(self.cfg.evaluate.gpus_per_actor)
+        self.work = tempfile.mkdtemp(prefix="padistill-evalw-")
+
+    def _pipe(self, key: str):
+        from .zoo import DTYPES, load_pipeline
+
+        if key not in self.loaded:
+            spec = self.models[key]
+            src = spec.get("source") or self.storage.get_dir(spec["rel"], posixpath.join(self.work, key))
+            pipe = load_pipeline(src, self.cfg.storage, dtype=DTYPES[self.cfg.model.dtype], device=self.device)
+            pipe.set_progress_bar_config(disable=True)
+            self.loaded[key] = pipe
+        return self.loaded[key]
+
+    def process(self, u: dict) -> dict:
+        from .images import to_uint8_nchw
+        from .sampling import sample_captions
+
+        pipe = self._pipe(u["model"])
+        noise = torch.from_numpy(np.frombuffer(base64.b64decode(u["noise"]), np.float32).reshape(u["noise_shape"]).copy())
+        x = sample_captions(pipe, u["captions"], noise.to(pipe.device), u["steps"], u["guidance"],
+                            batch_size=self.cfg.evaluate.batch_size, prediction_type=u["prediction_type"])
+        x = to_uint8_nchw(x) if u["uint8"] else x.float().cpu()
+        writer = shards.ShardWriter(self.storage, u["out"], u["index"])
+        try:
+            writer.write(tensors_to_table({"sample": np.arange(u["start"], u["start"] + len(x), dtype=np.int64),
+                                           "image": x.numpy()}))
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit(inputs_hash=u["inputs_hash"], set=u["set"], pid=os.getpid())
+
+    def __call__(self, batch: dict) -> dict:
+        return {"marker": [json.dumps(self.process(json.loads(u))) for u in batch["unit"]]}
+
+    def __del__(self):
+        shutil.rmtree(getattr(self, "work", ""), ignore_errors=True)
+
+
+def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], models: dict,
+                log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+    """Draw every set's images through the actor pool (only the units not yet committed) and return
+    them by set name, in sample order. `models`: {key: {"source": a model source} or {"rel": a model
+    folder in the run root}}."""
+    ec = cfg.evaluate
+    units, hashes, n_units = [], {}, {}
+    for s in sets:
+        ih = hashes[s.name] = shards.inputs_hash(set_inputs(cfg, s))
+        done = shards.prepare_output(storage, s.out_rel, ih, cfg.storage.verify_reads, log)
+        n = len(s.captions)
+        starts = range(0, n, ec.unit_samples)
+        n_units[s.name] = len(starts)
+        for i, a in enumerate(starts):
+            if i in done:
+                continue
+            b = min(a + ec.unit_samples, n)
+            units.append({"index": i, "set": s.name, "out": s.out_rel, "inputs_hash": ih, "model": s.model,
+                          "steps": s.steps, "guidance": s.guidance, "prediction_type": s.prediction_type,
+                          "uint8": s.uint8, "start": a, "captions": list(s.captions[a:b]),
+                          "noise": _noise_b64(s.noise[a:b]), "noise_shape": list(s.noise[a:b].shape)})
+    total = sum(n_units.values())
+    log(f"padistill evaluate: {total} sampling units ({total - len(units)} already committed, {len(units)} to run)"
+        f" of {', '.join(s.name for s in sets)}")
+    if units:
+        cluster.ensure_ray(cfg)
+        shards.run_units(units, SampleWorker, {"cfg_json": cfg.model_dump_json(), "models": models},
+                         actors=ec.actors, gpus_per_actor=ec.gpus_per_actor)
+    return {s.name: read_set(storage, s.out_rel, hashes[s.name], n_units[s.name], len(s.captions)) for s in sets}
+
+
+def read_set(storage: RunStorage, out_rel: str, inputs_hash: str, n_units: int, n: int) -> torch.Tensor:
+    """A set's committed units, concatenated in sample order (an error when any is missing)."""
+    markers = {i: m for i, m in shards.read_markers(storage, out_rel).items() if m.get("inputs_hash") == inputs_hash}
+    summary = shards.summarize(markers, n_units)
+    parts = [table_to_tensors(storage.read_table(posixpath.join(out_rel, f["file"]))) for f in summary["files"]]
+    order = np.concatenate([p["sample"] for p in parts])
+    if not np.array_equal(order, np.arange(n)):
+        raise RuntimeError(f"{storage.url(out_rel)}: the units hold samples {order[:5]}…, not 0..{n - 1}")
+    return torch.from_numpy(np.concatenate([p["image"] for p in parts]))
