@@ -110,13 +110,13 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
               throughput: float | None = None, rollout_throughput: float | None = None,
               gpu_memory_gib: float = 80.0, peak_tflops: float = 312.0, mfu: float | None = None,
               unet_config: dict | None = None, config_name: str = "", eval_prompts: int | None = None,
-              other_bases: bool = False) -> Plan:
+              other_bases: bool = False, latent_size: int | None = None) -> Plan:
     ucfg = copy.deepcopy(unet_config or SDXL_UNET_CONFIG)
     gpus = gpus or cfg.train.workers
     mb = micro_batch or cfg.train.micro_batch
     precision = cfg.train.precision
     dtype = DTYPES[precision]
-    latent = cfg.model.resolution // VAE_FACTOR
+    latent = latent_size or cfg.model.resolution // VAE_FACTOR  # SDXL's VAE: 8x
     samples = samples or cfg.data.limit or 1_000_000
     rank = next((s.lora.rank for s in cfg.stages if s.lora), 64)
 

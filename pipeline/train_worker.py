@@ -81,6 +81,26 @@ def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
 
 
+def _all_max(value: float, world: int) -> float:
+    import torch.distributed as dist
+
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def peak_memory_gib() -> float:
+    """This rank's peak memory so far: on a GPU what torch allocated there; on the CPU the process's peak
+    resident set (the model, optimizer and activations, plus the interpreter and its libraries)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
 class StageWorker:
     """One rank of a stage's training. Rank 0 logs, writes TensorBoard, the history and the plot."""
 
@@ -244,7 +264,8 @@ class StageWorker:
                        samples_per_s=self.n_window * self.samples_per_step / max(now - self.t_window, 1e-9),
                        steady_samples_per_s=(self.timed_steps * self.samples_per_step / self.timed_s)
                        if self.timed_s else 0.0,
-                       resumed_from=self.resumed_from if self.resumed_from is not None else -1)
+                       resumed_from=self.resumed_from if self.resumed_from is not None else -1,
+                       peak_memory_gib=_all_max(peak_memory_gib(), self.world))  # the largest rank's
         if loop.conversion_init is not None and phase.name == "conversion":
             metrics.update({f"conversion_init_{k}": v for k, v in loop.conversion_init.items()})
         if loop.disc_counts is not None:
