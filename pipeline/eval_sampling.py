@@ -23,7 +23,7 @@ import os
 import posixpath
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -51,7 +51,7 @@ class SampleSet:
     noise: torch.Tensor
     prediction_type: Optional[str] = None
     uint8: bool = False
-    meta: dict = field(default_factory=dict)
+    features: bool = False  # a real run's: the units also hold the real metrics' features (`real_metrics.Extractor`)
 
 
 def _noise_b64(x: torch.Tensor) -> str:
@@ -62,9 +62,15 @@ def set_inputs(cfg: RunConfig, s: SampleSet) -> dict:
     noise = np.ascontiguousarray(s.noise.numpy(), dtype=np.float32)
     return {"version": VERSION, "model": s.identity, "steps": s.steps, "guidance": s.guidance,
             "prediction_type": s.prediction_type, "uint8": s.uint8, "dtype": cfg.model.dtype,
+            "features": _feature_inputs(cfg) if s.features else None,
             "unit_samples": cfg.evaluate.unit_samples, "batch_size": cfg.evaluate.batch_size,
             "captions": hashlib.sha256(json.dumps(s.captions).encode()).hexdigest()[:16],
             "noise": hashlib.sha256(noise.tobytes()).hexdigest()[:16], "noise_shape": list(noise.shape)}
+
+
+def _feature_inputs(cfg: RunConfig) -> dict:
+    ev = cfg.evaluate
+    return {k: getattr(ev, k) for k in ("fid_inception_weights", "fid_extractor", "clip_model", "patch_size")}
 
 
 class SampleWorker:
@@ -77,7 +83,7 @@ class SampleWorker:
 
         self.cfg = RunConfig.model_validate_json(cfg_json)
         self.storage = RunStorage.from_config(self.cfg)
-        self.models, self.loaded = models, {}
+        self.models, self.loaded, self.extractor = models, {}, None
         self.device = device_for(self.cfg.evaluate.gpus_per_actor)
         self.work = tempfile.mkdtemp(prefix="padistill-evalw-")
 
@@ -101,14 +107,22 @@ class SampleWorker:
         x = sample_captions(pipe, u["captions"], noise.to(pipe.device), u["steps"], u["guidance"],
                             batch_size=self.cfg.evaluate.batch_size, prediction_type=u["prediction_type"])
         x = to_uint8_nchw(x) if u["uint8"] else x.float().cpu()
+        cols, extra = {"sample": np.arange(u["start"], u["start"] + len(x), dtype=np.int64), "image": x.numpy()}, {}
+        if u["features"]:
+            if self.extractor is None:
+                from .real_metrics import Extractor
+
+                self.extractor = Extractor(self.cfg.evaluate, self.device)
+            f = self.extractor(x, u["captions"])
+            cols.update(fid=f["fid"].numpy(), fid_patch=f["fid_patch"].numpy())
+            extra = {"clip_sum": f["clip_sum"], "clip_n": f["clip_n"]}
         writer = shards.ShardWriter(self.storage, u["out"], u["index"])
         try:
-            writer.write(tensors_to_table({"sample": np.arange(u["start"], u["start"] + len(x), dtype=np.int64),
-                                           "image": x.numpy()}))
+            writer.write(tensors_to_table(cols))
         except BaseException:
             writer.abort()
             raise
-        return writer.commit(inputs_hash=u["inputs_hash"], set=u["set"], pid=os.getpid())
+        return writer.commit(inputs_hash=u["inputs_hash"], set=u["set"], pid=os.getpid(), **extra)
 
     def __call__(self, batch: dict) -> dict:
         return {"marker": [json.dumps(self.process(json.loads(u))) for u in batch["unit"]]}
@@ -118,10 +132,10 @@ class SampleWorker:
 
 
 def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], models: dict,
-                log: Callable[[str], None] = print) -> dict[str, torch.Tensor]:
+                log: Callable[[str], None] = print) -> dict[str, dict]:
     """Draw every set's images through the actor pool (only the units not yet committed) and return
-    them by set name, in sample order. `models`: {key: {"source": a model source} or {"rel": a model
-    folder in the run root}}."""
+    them by set name, in sample order (`read_set`). `models`: {key: {"source": a model source} or
+    {"rel": a model folder in the run root}}."""
     ec = cfg.evaluate
     units, hashes, n_units = [], {}, {}
     for s in sets:
@@ -136,7 +150,7 @@ def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], mode
             b = min(a + ec.unit_samples, n)
             units.append({"index": i, "set": s.name, "out": s.out_rel, "inputs_hash": ih, "model": s.model,
                           "steps": s.steps, "guidance": s.guidance, "prediction_type": s.prediction_type,
-                          "uint8": s.uint8, "start": a, "captions": list(s.captions[a:b]),
+                          "uint8": s.uint8, "features": s.features, "start": a, "captions": list(s.captions[a:b]),
                           "noise": _noise_b64(s.noise[a:b]), "noise_shape": list(s.noise[a:b].shape)})
     total = sum(n_units.values())
     log(f"padistill evaluate: {total} sampling units ({total - len(units)} already committed, {len(units)} to run)"
@@ -145,15 +159,32 @@ def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], mode
         cluster.ensure_ray(cfg)
         shards.run_units(units, SampleWorker, {"cfg_json": cfg.model_dump_json(), "models": models},
                          actors=ec.actors, gpus_per_actor=ec.gpus_per_actor)
-    return {s.name: read_set(storage, s.out_rel, hashes[s.name], n_units[s.name], len(s.captions)) for s in sets}
+    return {s.name: read_set(storage, s.out_rel, hashes[s.name], n_units[s.name], len(s.captions),
+                             keep_images=KEEP_IMAGES if s.features else None) for s in sets}
 
 
-def read_set(storage: RunStorage, out_rel: str, inputs_hash: str, n_units: int, n: int) -> torch.Tensor:
-    """A set's committed units, concatenated in sample order (an error when any is missing)."""
+KEEP_IMAGES = 10  # images a set with features returns (the grid's): 10,000 SDXL images are 30 GB
+
+
+def read_set(storage: RunStorage, out_rel: str, inputs_hash: str, n_units: int, n: int,
+             keep_images: Optional[int] = None) -> dict:
+    """A set's committed units in sample order (an error when any is missing): {"image": [n, 3, H, W]} (only
+    the first `keep_images` when given), and for a set with features the `real_metrics.Extractor` output of
+    all its images (units merged)."""
     markers = {i: m for i, m in shards.read_markers(storage, out_rel).items() if m.get("inputs_hash") == inputs_hash}
     summary = shards.summarize(markers, n_units)
-    parts = [table_to_tensors(storage.read_table(posixpath.join(out_rel, f["file"]))) for f in summary["files"]]
+    parts, held = [], 0
+    for f in summary["files"]:
+        want_images = keep_images is None or held < keep_images
+        cols = None if want_images else ["sample", "fid", "fid_patch"]
+        parts.append(table_to_tensors(storage.read_table(posixpath.join(out_rel, f["file"]), columns=cols)))
+        held += len(parts[-1]["sample"]) if want_images else 0
     order = np.concatenate([p["sample"] for p in parts])
     if not np.array_equal(order, np.arange(n)):
         raise RuntimeError(f"{storage.url(out_rel)}: the units hold samples {order[:5]}…, not 0..{n - 1}")
-    return torch.from_numpy(np.concatenate([p["image"] for p in parts]))
+    out = {k: torch.from_numpy(np.concatenate([p[k] for p in parts if k in p])) for k in parts[0] if k != "sample"}
+    if keep_images is not None:
+        out["image"] = out["image"][:keep_images]
+    if "fid" in out:
+        out.update(clip_sum=sum(m["clip_sum"] for m in markers.values()), clip_n=sum(m["clip_n"] for m in markers.values()))
+    return out

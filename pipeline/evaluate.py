@@ -6,9 +6,12 @@ score (`pipeline.real_metrics`: the first `evaluate.prompts` captions of the dat
 images as the FID reference, weights from paths in `evaluate`), plus the wall-clock sampling speedup
 against the teacher with CFG, image grids, and the stage's model card updated with the numbers.
 
-Writes `<root>/stages/<k>-<name>/eval/metrics.json`, `eval/grid.png`, `eval/samples.npz`; teacher
-samples are cached per step count under `<root>/eval/teacher/` so later stages reuse them (a non-toy
-run's `samples.npz` keeps only the grid's first 10 images)."""
+Every image is drawn by the actor pool of `pipeline.eval_sampling` (restartable units; on a non-toy run
+the actors also extract the metrics' features). Writes `<root>/stages/<k>-<name>/eval/metrics.json`,
+`eval/grid.png`, `eval/samples.npz`; teacher samples are cached per step count under
+`<root>/eval/teacher/` so later stages reuse them (a non-toy run keeps there the features of every
+sample and the grid's first 10 images, in `samples.npz` those 10), a non-toy run's real-image features
+under `<root>/eval/real/`."""
 
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ import torch
 from . import real_metrics
 from .config import RunConfig
 from .errors import MissingInputError
-from .layout import manifest_step, teacher_cache_rel
-from .storage import RunStorage
+from .layout import REAL_DIR, manifest_step, teacher_cache_rel
+from .storage import RunStorage, hash_json
 
 # 2: toy evaluations also score the stage's starting student at the student's step count, without CFG
 # ("student_start": what the stage had to improve on)
@@ -86,6 +89,20 @@ def real_prompts(cfg: RunConfig, latent_shape) -> RealPrompts:
     real = torch.cat(images)[:want]
     noise = torch.randn((len(real), *latent_shape), generator=torch.Generator().manual_seed(cfg.evaluate.seed))
     return RealPrompts(captions[:want], real, noise, dict(skipped))
+
+
+def real_features(cfg: RunConfig, storage: RunStorage, prompts: RealPrompts) -> dict:
+    """The real images' FID features (whole and centre crop) of a non-toy run's evaluation prompts,
+    extracted in this process once and cached in the run root for every stage."""
+    ev = cfg.evaluate
+    key = hash_json({"data": cfg.data.model_dump(mode="json"), "prompts": ev.prompts, "res": cfg.model.resolution,
+                     **{k: getattr(ev, k) for k in ("fid_inception_weights", "fid_extractor", "patch_size")}})
+    rel = f"{REAL_DIR}/features-{key}.npz"
+    if storage.exists(rel):
+        return {k: torch.from_numpy(v) for k, v in _load_npz(storage, rel).items()}
+    f = real_metrics.Extractor(ev)(prompts.real, prompts.captions, clip=False)
+    _save_npz(storage, rel, **{k: v.numpy() for k, v in f.items()})
+    return f
 
 
 @torch.no_grad()
@@ -213,13 +230,15 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         for steps in dict.fromkeys((32, N)):
             rel = teacher_cache_rel(cfg, steps, g)
             if storage.exists(rel):
-                cached[steps] = torch.from_numpy(_load_npz(storage, rel)["images"])
+                cached[steps] = {("image" if k == "images" else k): (v.item() if k.startswith("clip") else torch.from_numpy(v))
+                                 for k, v in _load_npz(storage, rel).items() if k != "labels"}
             else:
                 sets.append(SampleSet(f"teacher-{steps}", rel[:-len(".npz")] + "-units", "teacher",
-                                      {"source": cfg.model.source}, steps, g, captions, noise, uint8=not toy))
+                                      {"source": cfg.model.source}, steps, g, captions, noise, uint8=not toy,
+                                      features=not toy))
         student_id = {"train": train_manifest["inputs_hash"], "finished_at": train_manifest["finished_at"]}
         sets.append(SampleSet("student", f"{sd}/eval/units/student", "student", student_id, N, 0.0, captions,
-                              noise, pred, uint8=not toy))
+                              noise, pred, uint8=not toy, features=not toy))
         if toy:  # the student this stage started from, at the student's steps without CFG
             if start_rel:
                 models["start"] = {"rel": start_rel}
@@ -234,25 +253,29 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
             if steps not in cached:
                 s_ = next(x for x in sets if x.name == f"teacher-{steps}")
                 cached[steps] = drawn[s_.name]
-                _save_npz(storage, teacher_cache_rel(cfg, steps, g), images=drawn[s_.name].numpy(), labels=labels)
+                _save_npz(storage, teacher_cache_rel(cfg, steps, g), labels=labels,
+                          **{("images" if k == "image" else k): np.asarray(v) for k, v in drawn[s_.name].items()})
                 storage.rm(s_.out_rel)
-        t32, tN = cached[32], cached[N]
+        t32, tN = cached[32]["image"], cached[N]["image"]  # a non-toy run's: the first KEEP_IMAGES
         if toy:
             from .metrics import score  # the toy metrics: a real run never imports them
 
             kind = cfg.data.kind
-            images = drawn["student"]
+            images = drawn["student"]["image"]
             scores = {"student": score(images, labels, reference_images=t32, dataset=kind),
-                      "student_start": score(drawn["student_start"], labels, reference_images=t32, dataset=kind),
+                      "student_start": score(drawn["student_start"]["image"], labels, reference_images=t32,
+                                             dataset=kind),
                       "teacher_same_steps": score(tN, labels, reference_images=t32, dataset=kind),
                       "teacher_32": score(t32, labels, reference_images=t32, dataset=kind)}
             shown = torch.arange(10) * K  # digits 0-9 at seed index 0
             rows = [t32[shown], tN[shown], images[shown]]
             _save_npz(storage, f"{sd}/eval/samples.npz", images=images.numpy(), labels=labels)
         else:
-            images = drawn["student"]
-            scores = {name: {**real_metrics.score(x, prompts.captions, prompts.real, cfg.evaluate), "n": n}
-                      for name, x in (("student", images), ("teacher_same_steps", tN), ("teacher_32", t32))}
+            images = drawn["student"]["image"]  # the first KEEP_IMAGES; the features are of all of them
+            real_f = real_features(cfg, storage, prompts)
+            scores = {name: {**real_metrics.score_features(f, real_f), "n": n}
+                      for name, f in (("student", drawn["student"]), ("teacher_same_steps", cached[N]),
+                                      ("teacher_32", cached[32]))}
             shown = torch.arange(min(10, n))  # the first prompts
             _save_npz(storage, f"{sd}/eval/samples.npz", images=images[shown].numpy(),
                       labels=np.asarray(prompts.captions[:len(shown)]))

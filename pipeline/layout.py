@@ -8,6 +8,7 @@ from .config import RunConfig
 
 TIMINGS_DIR = "_timings"  # <root>/_timings/<step>.json: the wall time of each DAG step that ran
 TEACHER_DIR = "eval/teacher"  # the base teacher's evaluation samples, shared by every stage
+REAL_DIR = "eval/real"  # a non-toy run's real images' FID features, shared by every stage
 RUN_NAME = "train"  # Ray Train's run name: a stage's training folder, <root>/<stage_dir>/train/
 CKPT_PREFIX = "checkpoint_"  # its checkpoint folders, checkpoint_<step:07d>
 HISTORY_JSON = "history.json"  # beside them: the stage's metrics every log_every steps,
@@ -25,6 +26,11 @@ def teacher_cache_rel(cfg: RunConfig, steps: int, guidance: float) -> str:
     from .sampling import NOISE_VERSION
 
     if not cfg.data.toy:
-        return f"{TEACHER_DIR}/real-steps-{steps}-g{guidance:g}-p{cfg.evaluate.prompts}-s{cfg.evaluate.seed}.npz"
+        from .storage import hash_json
+
+        # the real metrics' features of every sample (by these extractors) and the first images
+        ev = cfg.evaluate
+        f = hash_json({k: getattr(ev, k) for k in ("fid_inception_weights", "fid_extractor", "clip_model", "patch_size")})
+        return f"{TEACHER_DIR}/real-steps-{steps}-g{guidance:g}-p{ev.prompts}-s{ev.seed}-f{f[:8]}.npz"
     K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
     return f"{TEACHER_DIR}/steps-{steps}-g{guidance:g}-k{K}-s{seed}-n{NOISE_VERSION}.npz"

@@ -112,11 +112,71 @@ def clip_score(images: torch.Tensor, prompts: list[str], ev: EvaluateConfig, bat
     return float(metric.compute())
 
 
-@torch.no_grad()
+class _Given(torch.nn.Module):
+    """Features already extracted (by the evaluation's actors) handed to torchmetrics' FID as its "images":
+    the metric then accumulates and compares them exactly as it does its own extractor's output."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def frechet_of_features(real: torch.Tensor, fake: torch.Tensor, batch: int = 4096) -> float:
+    """torchmetrics' FID of two sets of extracted features [N, D]."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=_Given(real.shape[1]))
+    for feats, is_real in ((real, True), (fake, False)):
+        for i in range(0, len(feats), batch):
+            metric.update(feats[i:i + batch], real=is_real)
+    return float(metric.compute())
+
+
+class Extractor:
+    """The features every real metric is computed from, for a batch of uint8 images: the FID extractor's on
+    the whole images and on their centre crops, and the CLIP score's sum over the images (with their count).
+    Feature sets of any split of the images add up to the whole's (`score_features`), so actors can extract
+    them unit by unit."""
+
+    def __init__(self, ev: EvaluateConfig, device: str = "cpu"):
+        from torchmetrics.multimodal.clip_score import CLIPScore
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.ev, self.device = ev, device
+        self.fid = _fid_metric(ev).to(device)
+        path = ev.clip_model
+        self.clip = CLIPScore(model_name_or_path=lambda: (_ProjectedFeatures(CLIPModel.from_pretrained(path).eval()),
+                                                          CLIPProcessor.from_pretrained(path))).to(device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str], batch: int = 64, clip: bool = True) -> dict:
+        if images.dtype != torch.uint8:
+            raise TypeError("real_metrics: images must be uint8 [N, 3, H, W]")
+        patch = centre_crop(images, self.ev.patch_size)
+        out = {k: torch.cat([self.fid.inception(x[i:i + batch].to(self.device)).float().cpu()
+                             for i in range(0, len(x), batch)]) for k, x in (("fid", images), ("fid_patch", patch))}
+        if clip:
+            self.clip.reset()
+            for i in range(0, len(images), batch):
+                self.clip.update(images[i:i + batch].to(self.device), prompts[i:i + batch])
+            out.update(clip_sum=float(self.clip.score), clip_n=int(self.clip.n_samples))
+        return out
+
+
+def score_features(fake: dict, real: dict) -> dict[str, float]:
+    """FID-Whole, FID-Patch and the CLIP score from `Extractor` outputs (whole sets, or their units merged)."""
+    return {"fid": frechet_of_features(real["fid"], fake["fid"]),
+            "fid_patch": frechet_of_features(real["fid_patch"], fake["fid_patch"]),
+            "clip_score": max(fake["clip_sum"] / fake["clip_n"], 0.0)}
+
+
 def score(images: torch.Tensor, prompts: list[str], real: torch.Tensor, ev: EvaluateConfig) -> dict[str, float]:
-    """FID-Whole and FID-Patch against `real` (uint8, the prompts' own images) and the CLIP score."""
+    """FID-Whole and FID-Patch against `real` (uint8, the prompts' own images) and the CLIP score, in this
+    process."""
     if images.dtype != torch.uint8 or real.dtype != torch.uint8:
         raise TypeError("real_metrics.score: images must be uint8 [N, 3, H, W]")
-    return {"fid": frechet(real, images, ev),
-            "fid_patch": frechet(centre_crop(real, ev.patch_size), centre_crop(images, ev.patch_size), ev),
-            "clip_score": clip_score(images, prompts, ev)}
+    ex = Extractor(ev)
+    return score_features(ex(images, prompts), ex(real, prompts, clip=False))

@@ -47,23 +47,23 @@ def test_two_actors_draw_what_one_process_draws(ray_local, tiny_pipeline_dir, ti
     assert "10 sampling units (0 already committed, 10 to run)" in lines[0], lines
     # 30 samples in units of 6 (batches of 100 in one process): the same images, and the same metrics
     want = sample_classes(tiny_pipeline, 4, 2.0, 3, cfg.evaluate.seed)
-    assert got["teacher-4"].dtype == torch.float32 and got["teacher-4"].shape == want.images.shape
-    torch.testing.assert_close(got["teacher-4"], want.images, atol=1e-5, rtol=0)
-    a, b = score(got["teacher-4"], want.labels), score(want.images, want.labels)
+    assert got["teacher-4"]["image"].dtype == torch.float32 and got["teacher-4"]["image"].shape == want.images.shape
+    torch.testing.assert_close(got["teacher-4"]["image"], want.images, atol=1e-5, rtol=0)
+    a, b = score(got["teacher-4"]["image"], want.labels), score(want.images, want.labels)
     for k in ("fd", "prompt_accuracy"):
         assert abs(a[k] - b[k]) < 1e-4, (k, a[k], b[k])
     from pipeline.images import to_uint8_nchw
 
     want2 = to_uint8_nchw(sample_classes(tiny_pipeline, 2, 0.0, 3, cfg.evaluate.seed).images)
-    assert got["teacher-2"].dtype == torch.uint8
-    assert (got["teacher-2"].int() - want2.int()).abs().max() <= 1  # a rounding boundary at most
+    assert got["teacher-2"]["image"].dtype == torch.uint8
+    assert (got["teacher-2"]["image"].int() - want2.int()).abs().max() <= 1  # a rounding boundary at most
     # the pool had two actors (two processes committed units)
     pids = {m["pid"] for s in sets for m in shards.read_markers(st, s.out_rel).values()}
     assert len(pids) == 2, pids
     # finished: a rerun samples nothing
     lines.clear()
     again = es.sample_sets(cfg, st, sets, {"teacher": {"source": cfg.model.source}}, log=lines.append)
-    assert "(10 already committed, 0 to run)" in lines[0] and torch.equal(again["teacher-4"], got["teacher-4"])
+    assert "(10 already committed, 0 to run)" in lines[0] and torch.equal(again["teacher-4"]["image"], got["teacher-4"]["image"])
 
 
 KILLED = textwrap.dedent("""
@@ -112,9 +112,9 @@ def test_killed_evaluation_sampling_reruns_only_the_missing_units(ray_local, tin
     after = shards.read_markers(st, s.out_rel)
     assert len(after) == 20 and all(json.dumps(after[i]) == json.dumps(m) for i, m in before.items())
     want = sample_classes(tiny_pipeline, 32, 2.0, 4, cfg.evaluate.seed)
-    torch.testing.assert_close(got["teacher-32"], want.images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["teacher-32"]["image"], want.images, atol=1e-5, rtol=0)
     names = sorted(p.name for p in marker_dir.parent.iterdir())
     assert names == sorted([f"part-{i:05d}.parquet" for i in range(20)] + ["_plan.json", "_shards"])
     record(request, "evaluation sampling killed mid-run (SIGKILL of the job and its Ray)",
            f"the rerun samples only the {20 - len(before)} units without a commit marker; the images equal "
-           "one process's", injected=1, completed=1, rows_lost=40 - len(got["teacher-32"]), duplicates=0)
+           "one process's", injected=1, completed=1, rows_lost=40 - len(got["teacher-32"]["image"]), duplicates=0)

@@ -128,7 +128,7 @@ def test_non_toy_run_is_evaluated_with_fid_and_clip(ray_local, stand_ins, tmp_pa
                    str(tmp_path / "source.parquet"))
     cfg = load_config("smoke", [f"run_root={tmp_path / 'run'}", "data.kind=parquet", f"data.path={tmp_path / 'source.parquet'}",
                                 "evaluate.prompts=24", f"evaluate.fid_extractor={features}", f"evaluate.clip_model={clip}",
-                                "evaluate.patch_size=16"])
+                                "evaluate.patch_size=16", "evaluate.unit_samples=10"])
     run_dag(cfg, until="1", log=lambda *_: None)
     storage = RunStorage.from_config(cfg)
     m = storage.read_json(f"{cfg.stage_dir(1)}/eval/metrics.json")
@@ -136,6 +136,20 @@ def test_non_toy_run_is_evaluated_with_fid_and_clip(ray_local, stand_ins, tmp_pa
         assert set(real_metrics.KEYS) <= set(m[who]) and m[who]["n"] == 24
         assert m[who]["fid"] > 0 and m[who]["fid_patch"] > 0 and 0 <= m[who]["clip_score"] <= 100
     assert m["student"]["fid"] != m["teacher_32"]["fid"]
+    # the actor pool's units (24 prompts in 3 units, features extracted unit by unit and merged) give the
+    # numbers one process gives for the same images
+    from pipeline.evaluate import real_prompts, teacher_guidance
+    from pipeline.images import to_uint8_nchw
+    from pipeline.sampling import latent_shape, sample_captions
+    from pipeline.zoo import load_pipeline, resolve_source
+
+    teacher = load_pipeline(cfg.model.source)
+    prompts = real_prompts(cfg, latent_shape(teacher))
+    g = teacher_guidance(cfg, resolve_source(cfg.model.source))
+    t32 = to_uint8_nchw(sample_captions(teacher, prompts.captions, prompts.noise, 32, g))
+    one = real_metrics.score(t32, prompts.captions, prompts.real, cfg.evaluate)
+    for k in real_metrics.KEYS:
+        assert abs(one[k] - m["teacher_32"][k]) <= 1e-3 * max(1.0, abs(one[k])), (k, one[k], m["teacher_32"][k])
     report = (tmp_path / "run" / "report.md").read_text()
     assert "FID-Whole ↓" in report and "| **student 8step** | 8 |" in report
     assert (tmp_path / "run" / "report" / "grid.png").stat().st_size > 1000
