@@ -100,7 +100,13 @@ class SampleWorker:
 
     def process(self, u: dict) -> dict:
         from .images import to_uint8_nchw
-        from .sampling import sample_captions
+        from .sampling import sample_captions, sampling_speed
+
+        if u.get("kind") == "speed":  # the wall-clock speedup, timed on this actor's device
+            return {"index": u["index"], "kind": "speed", "pid": os.getpid(),
+                    "speed": sampling_speed(self._pipe("teacher"), self._pipe("student"), u["student_steps"],
+                                            u["teacher_guidance"], batch=u["batch"], repeats=u["repeats"],
+                                            prediction_type=u["prediction_type"])}
 
         pipe = self._pipe(u["model"])
         noise = torch.from_numpy(np.frombuffer(base64.b64decode(u["noise"]), np.float32).reshape(u["noise_shape"]).copy())
@@ -132,10 +138,12 @@ class SampleWorker:
 
 
 def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], models: dict,
-                log: Callable[[str], None] = print) -> dict[str, dict]:
+                log: Callable[[str], None] = print, speed: Optional[dict] = None) -> dict[str, dict]:
     """Draw every set's images through the actor pool (only the units not yet committed) and return
     them by set name, in sample order (`read_set`). `models`: {key: {"source": a model source} or
-    {"rel": a model folder in the run root}}."""
+    {"rel": a model folder in the run root}}. `speed` (`sampling.sampling_speed`'s arguments): one more
+    unit, queued last, times the "student" model against the "teacher" on an actor; its result is
+    returned as "speed"."""
     ec = cfg.evaluate
     units, hashes, n_units = [], {}, {}
     for s in sets:
@@ -155,12 +163,16 @@ def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], mode
     total = sum(n_units.values())
     log(f"padistill evaluate: {total} sampling units ({total - len(units)} already committed, {len(units)} to run)"
         f" of {', '.join(s.name for s in sets)}")
+    if speed is not None:
+        units.append({"index": -1, "kind": "speed", **speed})
+    timed = {}
     if units:
         cluster.ensure_ray(cfg)
-        shards.run_units(units, SampleWorker, {"cfg_json": cfg.model_dump_json(), "models": models},
-                         actors=ec.actors, gpus_per_actor=ec.gpus_per_actor)
-    return {s.name: read_set(storage, s.out_rel, hashes[s.name], n_units[s.name], len(s.captions),
-                             keep_images=KEEP_IMAGES if s.features else None) for s in sets}
+        out = shards.run_units(units, SampleWorker, {"cfg_json": cfg.model_dump_json(), "models": models},
+                               actors=ec.actors, gpus_per_actor=ec.gpus_per_actor)
+        timed = {"speed": m["speed"] for m in out if m.get("kind") == "speed"}
+    return {**timed, **{s.name: read_set(storage, s.out_rel, hashes[s.name], n_units[s.name], len(s.captions),
+                             keep_images=KEEP_IMAGES if s.features else None) for s in sets}}
 
 
 KEEP_IMAGES = 10  # images a set with features returns (the grid's): 10,000 SDXL images are 30 GB

@@ -16,9 +16,9 @@ under `<root>/eval/real/`."""
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -105,42 +105,6 @@ def real_features(cfg: RunConfig, storage: RunStorage, prompts: RealPrompts) -> 
     return f
 
 
-@torch.no_grad()
-def sampling_speed(teacher, student, student_steps: int, teacher_guidance: float, batch: int, repeats: int,
-                   prediction_type: str) -> dict:
-    """Latent sampling wall time of the 32-step teacher with CFG (64 UNet evaluations) vs the student at
-    its own steps, same batch, measured alternately in one process; the best of `repeats` each. One
-    student measurement samples 64 / steps times back to back (per-sample time = total / count), so
-    both sides span about the same wall time: in the DAG, evaluation runs beside the next stage's
-    precompute and training, and a single short student run could catch a quiet moment that a
-    teacher run cannot (measured: "speedups" of 12.5x for the 8-step student, ideal 8x)."""
-    from .schedule import unet_denoiser
-    from .data import caption_for  # the timing does not depend on which captions
-    from .zoo import encode_prompts, schedule_of
-
-    captions = [caption_for(i % 10) for i in range(batch)]
-    cond = encode_prompts(teacher, captions)
-    sched = schedule_of(teacher)
-    res = teacher.default_sample_size
-    noise = torch.randn(batch, teacher.unet.config.in_channels, res, res, generator=torch.Generator().manual_seed(0))
-    g = max(teacher_guidance, 1.0 + 1e-6)  # CFG always on for the reference: 2 UNet passes per step
-    t_times, s_times = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sched.sample(unet_denoiser(teacher.unet, cond, g), noise, 32)
-        t_times.append(time.perf_counter() - t0)
-        k = max(1, round(64 / student_steps))
-        t0 = time.perf_counter()
-        for _ in range(k):
-            sched.sample(unet_denoiser(student.unet, cond, 0.0), noise, student_steps, prediction_type)
-        s_times.append((time.perf_counter() - t0) / k)
-    t, s = min(t_times), min(s_times)
-    ideal = 64 / student_steps
-    return {"teacher_s": t, "student_s": s, "speedup": t / s, "ideal_speedup": ideal,
-            "fraction_of_ideal": (t / s) / ideal, "batch": batch, "teacher_unet_evals": 64,
-            "student_unet_evals": student_steps}
-
-
 def _model_card(cfg: RunConfig, key, metrics: dict) -> str:
     idx, stage = cfg.stage(key)
     s, t = metrics["student"], metrics["teacher_same_steps"]
@@ -175,12 +139,18 @@ Sampling speedup vs the 32-step teacher with CFG (64 UNet evaluations): {metrics
 """
 
 
+def _prediction_type(storage: RunStorage, model_rel: str) -> str:
+    from .schedule import Schedule
+
+    return Schedule.from_scheduler_config(storage.read_json(f"{model_rel}/scheduler/scheduler_config.json")).prediction_type
+
+
 def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
     """Evaluate stage `key` (skipped when its manifest matches); returns the manifest."""
     from .eval_sampling import SampleSet, sample_sets
     from .images import from_uint8, save_grid
-    from .sampling import NOISE_VERSION, latent_shape
-    from .zoo import load_pipeline, resolve_source, schedule_of
+    from .sampling import NOISE_VERSION
+    from .zoo import resolve_source, schedule_of
 
     toy = cfg.data.toy
     if not toy:
@@ -203,12 +173,14 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
     storage.invalidate(step)
     work = tempfile.mkdtemp(prefix="padistill-eval-")
     try:
-        teacher = load_pipeline(cfg.model.source, cfg.storage)
-        g = teacher_guidance(cfg, resolve_source(cfg.model.source, cfg.storage))
-        student = load_pipeline(storage.get_dir(f"{sd}/model", f"{work}/model"))
-        pred = schedule_of(student).prediction_type
+        # the models are loaded by the pool's actors (on their devices, in model.dtype), not here
+        teacher_dir = resolve_source(cfg.model.source, cfg.storage)
+        g = teacher_guidance(cfg, teacher_dir)
+        pred = _prediction_type(storage, f"{sd}/model")
+        unet_cfg = json.loads((teacher_dir / "unet" / "config.json").read_text())
+        shape = (unet_cfg["in_channels"], unet_cfg["sample_size"], unet_cfg["sample_size"])
         N, K, seed = stage.student_steps, cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
-        prompts = None if toy else real_prompts(cfg, latent_shape(teacher))
+        prompts = None if toy else real_prompts(cfg, shape)
         j = cfg.student_init_of(key)  # the student this stage started from: its run-root folder, or the base model
         start_rel = f"{cfg.stage_dir(j)}/model" if j is not None else None
         n = 10 * K if toy else len(prompts.captions)
@@ -222,7 +194,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
 
             labels = np.repeat(np.arange(10), K)
             captions = [toy_dataset(cfg.data.kind).caption_for(int(y)) for y in labels]
-            noise = fixed_noise(K, seed, latent_shape(teacher))  # class-major
+            noise = fixed_noise(K, seed, shape)  # class-major
         else:
             captions, noise, labels = prompts.captions, prompts.noise, np.asarray(prompts.captions)
         models = {"teacher": {"source": cfg.model.source}, "student": {"rel": f"{sd}/model"}}
@@ -243,12 +215,16 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
             if start_rel:
                 models["start"] = {"rel": start_rel}
                 start_id = {"folder": start_rel, **(storage.read_manifest(manifest_step(cfg, j, "train")) or {})}
-                start_pred = schedule_of(storage.get_dir(start_rel, f"{work}/start")).prediction_type
+                start_pred = _prediction_type(storage, start_rel)
             else:
-                start_id, start_pred = {"source": cfg.model.source}, schedule_of(teacher).prediction_type
+                start_id, start_pred = {"source": cfg.model.source}, schedule_of(teacher_dir).prediction_type
             sets.append(SampleSet("student_start", f"{sd}/eval/units/student_start", "start" if start_rel else "teacher",
                                   start_id, N, 0.0, captions, noise, start_pred))
-        drawn = sample_sets(cfg, storage, sets, models, log)
+        # the sampling speed, timed by one actor after the samples: one small batch (evaluate.speed_batch_size),
+        # not all the samples (at the Fashion-MNIST toy's batch of 100 it cost ~75 s a stage)
+        speed = {"student_steps": N, "teacher_guidance": g, "batch": min(cfg.evaluate.speed_batch_size, n),
+                 "repeats": cfg.evaluate.speed_repeats, "prediction_type": pred}
+        drawn = sample_sets(cfg, storage, sets, models, log, speed=speed)
         for steps in dict.fromkeys((32, N)):
             if steps not in cached:
                 s_ = next(x for x in sets if x.name == f"teacher-{steps}")
@@ -282,10 +258,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
             rows = [from_uint8(x[shown]) for x in (t32, tN, images)]
         metrics = {
             "stage": idx, "name": stage.name, "student_steps": N, "teacher_guidance_scale": g, **scores,
-            # one small batch (evaluate.speed_batch_size), not all the samples: at the Fashion-MNIST
-            # toy's batch of 100 the timing alone cost ~75 s a stage, more than the samples it times
-            "speed": sampling_speed(teacher, student, N, g, batch=min(cfg.evaluate.speed_batch_size, n),
-                                    repeats=cfg.evaluate.speed_repeats, prediction_type=pred),
+            "speed": drawn["speed"],
         }
         if not toy:
             metrics["skipped"] = prompts.skipped

@@ -221,7 +221,7 @@ def eval_plan(cfg: RunConfig, n_unet: int, unet_flops: float, latent: int, dtype
     del vae
     g, g_from = teacher_guidance(cfg)
     cfg_passes = 2 if g > 1.0 else 1
-    speed_batch = ev.speed_repeats * min(ev.speed_batch_size, n)  # as `evaluate.sampling_speed` is called
+    speed_batch = ev.speed_repeats * min(ev.speed_batch_size, n)  # as `sampling.sampling_speed` is called
     teacher_at = {32}
     rows = [dict(stage="teacher @ 32 (once)", unet_passes=n * 32 * cfg_passes, decodes=n)]
     for i, st in enumerate(cfg.stages, start=1):
