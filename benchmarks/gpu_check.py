@@ -13,8 +13,9 @@ folder), through padistill's own steps:
    latents), gradient checkpointing on, micro-batch 1 per GPU;
 3. the evaluation's sampling (`pipeline.eval_sampling`, one actor per GPU) of `--images` images by the student.
 
-It prints samples/s of each, each training rank's peak memory against `padistill plan`'s prediction for
-the same config (ZeRO-2, checkpointed activations), and the model FLOPs utilisation of the training step.
+It prints samples/s of each, the training's peak memory per GPU (the largest rank's) against `padistill
+plan`'s prediction for the same config (ZeRO-2, checkpointed activations), and the model FLOPs utilisation
+of the training step.
 FLOPs are counted as `padistill plan` counts them: a UNet and a discriminator forward measured on the meta
 device (every matmul and convolution, 2 FLOPs a multiply-add), an adversarial sample costing 3 UNet forwards
 + 9 discriminator forwards (student forward and backward with one D call; D's update on a real and a fake
@@ -85,7 +86,8 @@ def build_sdxl_random(folder: Path) -> dict:
 
 def check_config(root: Path, size: str, gpus: int, steps: int, rows: int, images: int, source: str):
     data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
-    data.update(name=f"gpu_check_{size}", run_root=str(root / "run"))
+    # a new run folder each time (a reused one would skip finished steps and time nothing); the model stays
+    data.update(name=f"gpu_check_{size}", run_root=str(root / f"run-{time.strftime('%Y%m%d-%H%M%S')}"))
     data["data"] = {"kind": "toy_digits", "limit": rows}
     stage = {"teacher_steps": 32, "student_steps": 8, "loss": "adversarial", "guidance_scale": 6.0,
              "conditional_steps": steps, "lr": 1.0e-6, "betas": [0.0, 0.99]}
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", choices=["auto", "sdxl", "tiny"], default="auto")
     ap.add_argument("--steps", type=int, default=6, help="training steps of the adversarial stage")
     ap.add_argument("--rows", type=int, default=8, help="trajectory rows rolled out (and trained on)")
-    ap.add_argument("--images", type=int, default=4, help="images the evaluation sampling draws (rounded up to 10s)")
+    ap.add_argument("--images", type=int, default=10, help="images the evaluation sampling draws (whole tens, at least 10)")
     ap.add_argument("--root", default=None, help="work folder (default: a new temporary folder)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu_check.json"))
     args = ap.parse_args(argv)
@@ -163,7 +165,8 @@ def main(argv=None) -> int:
     labels = [toy_dataset("toy_digits").caption_for(c) for c in range(10) for _ in range(K)]
     sset = SampleSet("student", "gpu_check/units", "student", {"train": summary.get("model")}, 8, 0.0, labels,
                      fixed_noise(K, 0, pipe_shape), uint8=True)
-    _, t_eval = timed(sample_sets, cfg, storage, [sset], {"student": {"rel": f"{cfg.stage_dir(1)}/model"}}, log=quiet)
+    models = {"teacher": {"source": source}, "student": {"rel": f"{cfg.stage_dir(1)}/model"}}
+    _, t_eval = timed(sample_sets, cfg, storage, [sset], models, log=quiet)
 
     plan = make_plan(cfg, gpus=cfg.train.workers, micro_batch=cfg.train.micro_batch,
                      unet_config=SDXL_UNET_CONFIG if size == "sdxl" else ucfg, latent_size=ucfg["sample_size"])
@@ -206,7 +209,7 @@ def render(r: dict) -> str:
         f"| adversarial training | {r['train_samples_per_s']:.2f} samples/s | {r['train_steps']} steps in "
         f"{r['train_s']:.1f} s (Ray Train start-up included in the time, not in the rate) |",
         f"| evaluation sampling | {r['eval_images_per_s']:.2f} images/s | {r['eval_images']} images at 8 steps in {r['eval_s']:.1f} s (actor start and model load included) |",
-        f"| peak memory per rank | {r['peak_memory_gib']:.2f} GiB | {r['peak_memory_kind']} |",
+        f"| peak memory per GPU | {r['peak_memory_gib']:.2f} GiB | {r['peak_memory_kind']} |",
         f"| plan's prediction | {r['plan_memory_gib']:.2f} GiB | {r['plan_row']} |",
         f"| model FLOPs | {r['achieved_tflops']:.3g} TFLOP/s | {r['flops_per_sample'] / 1e12:.3g} TFLOP a sample |",
         f"| MFU | {mfu} | |",

@@ -5,10 +5,13 @@ restartable units, the same way precompute runs (`pipeline.shards`).
 A *sample set* is one model at one step count and guidance, over fixed captions and one fixed noise
 latent each (`pipeline.sampling`). It is cut into units of `evaluate.unit_samples` samples; each unit is
 one Parquet file of images (float32 in [-1, 1] for the toy metrics, uint8 for a real run's FID and CLIP)
-with its marker, committed atomically in the set's folder. A killed evaluation reruns only the units
+with its marker, committed atomically in the set's folder. A set's noise is written once to the run root
+(`eval/noise/<hash>.f32`); a unit names its rows and the actor reads just those. A killed evaluation reruns only the units
 without a marker; a set whose inputs changed (model, steps, guidance, captions, noise, dtype) starts its
 folder over. The pool has `evaluate.actors` actors (auto: one per GPU with `evaluate.gpus_per_actor`,
-else one per CPU); each loads the models it is asked for once, in `model.dtype` on its device.
+else one per CPU); each loads the base pipeline ("teacher") once, in `model.dtype` on its device, and of
+every other model (a stage's student) only its UNet: students sample with the base's VAE, text encoders
+and schedule, as they were trained and exported.
 
 A unit samples exactly what `sampling.sample_captions` does in one process for the same captions and
 noise, so the images, and the metrics on them, equal the single-process path's within float tolerance
@@ -16,7 +19,6 @@ noise, so the images, and the metrics on them, equal the single-process path's w
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -34,6 +36,7 @@ from .config import RunConfig
 from .storage import RunStorage, table_to_tensors, tensors_to_table
 
 VERSION = 1  # the unit protocol; in every set's inputs
+NOISE_DIR = "eval/noise"  # every set's noise, one raw float32 file per distinct noise (rows in sample order)
 
 
 @dataclass
@@ -54,18 +57,19 @@ class SampleSet:
     features: bool = False  # a real run's: the units also hold the real metrics' features (`real_metrics.Extractor`)
 
 
-def _noise_b64(x: torch.Tensor) -> str:
-    return base64.b64encode(np.ascontiguousarray(x.numpy(), dtype=np.float32).tobytes()).decode()
+def _noise(s: SampleSet) -> tuple[np.ndarray, str]:
+    noise = np.ascontiguousarray(s.noise.numpy(), dtype=np.float32)
+    return noise, hashlib.sha256(noise.tobytes()).hexdigest()[:16]
 
 
 def set_inputs(cfg: RunConfig, s: SampleSet) -> dict:
-    noise = np.ascontiguousarray(s.noise.numpy(), dtype=np.float32)
+    noise, digest = _noise(s)
     return {"version": VERSION, "model": s.identity, "steps": s.steps, "guidance": s.guidance,
             "prediction_type": s.prediction_type, "uint8": s.uint8, "dtype": cfg.model.dtype,
             "features": _feature_inputs(cfg) if s.features else None,
             "unit_samples": cfg.evaluate.unit_samples, "batch_size": cfg.evaluate.batch_size,
             "captions": hashlib.sha256(json.dumps(s.captions).encode()).hexdigest()[:16],
-            "noise": hashlib.sha256(noise.tobytes()).hexdigest()[:16], "noise_shape": list(noise.shape)}
+            "noise": digest, "noise_shape": list(noise.shape)}
 
 
 def _feature_inputs(cfg: RunConfig) -> dict:
@@ -87,32 +91,45 @@ class SampleWorker:
         self.device = device_for(self.cfg.evaluate.gpus_per_actor)
         self.work = tempfile.mkdtemp(prefix="padistill-evalw-")
 
-    def _pipe(self, key: str):
-        from .zoo import DTYPES, load_pipeline
+    def _model(self, key: str):
+        """The base pipeline for "teacher"; for any other model its UNet (only that is downloaded)."""
+        from .zoo import DTYPES, load_pipeline, load_unet
 
         if key not in self.loaded:
-            spec = self.models[key]
-            src = spec.get("source") or self.storage.get_dir(spec["rel"], posixpath.join(self.work, key))
-            pipe = load_pipeline(src, self.cfg.storage, dtype=DTYPES[self.cfg.model.dtype], device=self.device)
-            pipe.set_progress_bar_config(disable=True)
-            self.loaded[key] = pipe
+            spec, dtype = self.models[key], DTYPES[self.cfg.model.dtype]
+            if key == "teacher":
+                m = load_pipeline(spec["source"], self.cfg.storage, dtype=dtype, device=self.device)
+                m.set_progress_bar_config(disable=True)
+            else:
+                local = posixpath.join(self.work, key)
+                self.storage.get_dir(f"{spec['rel']}/unet", posixpath.join(local, "unet"))
+                m = load_unet(local, dtype=dtype).to(self.device).eval()
+            self.loaded[key] = m
         return self.loaded[key]
+
+    def _read_noise(self, u: dict) -> torch.Tensor:
+        shape = u["noise_row_shape"]
+        row = 4 * int(np.prod(shape))
+        with self.storage.fs.open(self.storage.path(u["noise_rel"]), "rb") as f:
+            f.seek(u["start"] * row)
+            buf = f.read(len(u["captions"]) * row)
+        return torch.from_numpy(np.frombuffer(buf, np.float32).reshape(-1, *shape).copy())
 
     def process(self, u: dict) -> dict:
         from .images import to_uint8_nchw
         from .sampling import sample_captions, sampling_speed
 
+        base = self._model("teacher")
         if u.get("kind") == "speed":  # the wall-clock speedup, timed on this actor's device
             return {"index": u["index"], "kind": "speed", "pid": os.getpid(),
-                    "speed": sampling_speed(self._pipe("teacher"), self._pipe("student"), u["student_steps"],
+                    "speed": sampling_speed(base, self._model("student"), u["student_steps"],
                                             u["teacher_guidance"], batch=u["batch"], repeats=u["repeats"],
                                             prediction_type=u["prediction_type"])}
 
-        pipe = self._pipe(u["model"])
-        noise = torch.from_numpy(np.frombuffer(base64.b64decode(u["noise"]), np.float32).reshape(u["noise_shape"]).copy())
-        x = sample_captions(pipe, u["captions"], noise.to(pipe.device), u["steps"], u["guidance"],
-                            batch_size=self.cfg.evaluate.batch_size, prediction_type=u["prediction_type"])
-        x = to_uint8_nchw(x) if u["uint8"] else x.float().cpu()
+        unet = None if u["model"] == "teacher" else self._model(u["model"])
+        x = sample_captions(base, u["captions"], self._read_noise(u).to(base.device), u["steps"], u["guidance"],
+                            unet=unet, batch_size=self.cfg.evaluate.batch_size, prediction_type=u["prediction_type"])
+        x = to_uint8_nchw(x).cpu() if u["uint8"] else x.float().cpu()
         cols, extra = {"sample": np.arange(u["start"], u["start"] + len(x), dtype=np.int64), "image": x.numpy()}, {}
         if u["features"]:
             if self.extractor is None:
@@ -141,7 +158,7 @@ def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], mode
                 log: Callable[[str], None] = print, speed: Optional[dict] = None) -> dict[str, dict]:
     """Draw every set's images through the actor pool (only the units not yet committed) and return
     them by set name, in sample order (`read_set`). `models`: {key: {"source": a model source} or
-    {"rel": a model folder in the run root}}. `speed` (`sampling.sampling_speed`'s arguments): one more
+    {"rel": a model folder in the run root}}; "teacher" (the base pipeline) is always one. `speed` (`sampling.sampling_speed`'s arguments): one more
     unit, queued last, times the "student" model against the "teacher" on an actor; its result is
     returned as "speed"."""
     ec = cfg.evaluate
@@ -149,6 +166,10 @@ def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], mode
     for s in sets:
         ih = hashes[s.name] = shards.inputs_hash(set_inputs(cfg, s))
         done = shards.prepare_output(storage, s.out_rel, ih, cfg.storage.verify_reads, log)
+        noise, digest = _noise(s)
+        noise_rel = f"{NOISE_DIR}/{digest}.f32"
+        if len(done) < -(-len(s.captions) // ec.unit_samples) and not storage.exists(noise_rel):
+            storage.write_bytes(noise_rel, noise.tobytes())
         n = len(s.captions)
         starts = range(0, n, ec.unit_samples)
         n_units[s.name] = len(starts)
@@ -159,7 +180,7 @@ def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], mode
             units.append({"index": i, "set": s.name, "out": s.out_rel, "inputs_hash": ih, "model": s.model,
                           "steps": s.steps, "guidance": s.guidance, "prediction_type": s.prediction_type,
                           "uint8": s.uint8, "features": s.features, "start": a, "captions": list(s.captions[a:b]),
-                          "noise": _noise_b64(s.noise[a:b]), "noise_shape": list(s.noise[a:b].shape)})
+                          "noise_rel": noise_rel, "noise_row_shape": list(noise.shape[1:])})
     total = sum(n_units.values())
     log(f"padistill evaluate: {total} sampling units ({total - len(units)} already committed, {len(units)} to run)"
         f" of {', '.join(s.name for s in sets)}")

@@ -22,15 +22,17 @@ def manifest_step(cfg: RunConfig, key, kind: str) -> str:
 
 
 def teacher_cache_rel(cfg: RunConfig, steps: int, guidance: float) -> str:
-    """Where the base teacher's samples at `steps` are cached in the run root."""
+    """Where the base teacher's samples at `steps` are cached in the run root; the name holds a hash of what
+    else they depend on (the teacher, its dtype, the prompts' source; a real run's feature extractors)."""
     from .sampling import NOISE_VERSION
+    from .storage import hash_json
 
+    ev = cfg.evaluate
+    what = {"teacher": cfg.model.source, "dtype": cfg.model.dtype, "resolution": cfg.model.resolution,
+            "data": cfg.data.kind if cfg.data.toy else cfg.data.model_dump(mode="json")}
     if not cfg.data.toy:
-        from .storage import hash_json
-
         # the real metrics' features of every sample (by these extractors) and the first images
-        ev = cfg.evaluate
-        f = hash_json({k: getattr(ev, k) for k in ("fid_inception_weights", "fid_extractor", "clip_model", "patch_size")})
-        return f"{TEACHER_DIR}/real-steps-{steps}-g{guidance:g}-p{ev.prompts}-s{ev.seed}-f{f[:8]}.npz"
-    K, seed = cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
-    return f"{TEACHER_DIR}/steps-{steps}-g{guidance:g}-k{K}-s{seed}-n{NOISE_VERSION}.npz"
+        what.update({k: getattr(ev, k) for k in ("fid_inception_weights", "fid_extractor", "clip_model", "patch_size")})
+        return f"{TEACHER_DIR}/real-steps-{steps}-g{guidance:g}-p{ev.prompts}-s{ev.seed}-{hash_json(what)[:8]}.npz"
+    return (f"{TEACHER_DIR}/steps-{steps}-g{guidance:g}-k{ev.samples_per_prompt}-s{ev.seed}-n{NOISE_VERSION}"
+            f"-{hash_json(what)[:8]}.npz")

@@ -142,14 +142,21 @@ class Extractor:
     them unit by unit."""
 
     def __init__(self, ev: EvaluateConfig, device: str = "cpu"):
+        self.ev, self.device = ev, device
+        self.fid = _fid_metric(ev).to(device)
+        self._clip = None  # loaded on first use (the real images need no CLIP score)
+
+    @property
+    def clip(self):
         from torchmetrics.multimodal.clip_score import CLIPScore
         from transformers import CLIPModel, CLIPProcessor
 
-        self.ev, self.device = ev, device
-        self.fid = _fid_metric(ev).to(device)
-        path = ev.clip_model
-        self.clip = CLIPScore(model_name_or_path=lambda: (_ProjectedFeatures(CLIPModel.from_pretrained(path).eval()),
-                                                          CLIPProcessor.from_pretrained(path))).to(device)
+        if self._clip is None:
+            path = self.ev.clip_model
+            self._clip = CLIPScore(model_name_or_path=lambda: (
+                _ProjectedFeatures(CLIPModel.from_pretrained(path).eval()), CLIPProcessor.from_pretrained(path))
+            ).to(self.device)
+        return self._clip
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str], batch: int = 64, clip: bool = True) -> dict:

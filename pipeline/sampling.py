@@ -89,14 +89,16 @@ def sample_classes(pipe, num_steps: int, guidance_scale: float = 0.0, samples_pe
 
 
 @torch.no_grad()
-def sampling_speed(teacher, student, student_steps: int, teacher_guidance: float, batch: int, repeats: int,
+def sampling_speed(teacher, student_unet, student_steps: int, teacher_guidance: float, batch: int, repeats: int,
                    prediction_type: str) -> dict:
     """Latent sampling wall time of the 32-step teacher with CFG (64 UNet evaluations) vs the student at
     its own steps, same batch, measured alternately in one process; the best of `repeats` each. One
     student measurement samples 64 / steps times back to back (per-sample time = total / count), so
     both sides span about the same wall time: in the DAG, evaluation runs beside the next stage's
     precompute and training, and a single short student run could catch a quiet moment that a
-    teacher run cannot (measured: "speedups" of 12.5x for the 8-step student, ideal 8x)."""
+    teacher run cannot (measured: "speedups" of 12.5x for the 8-step student, ideal 8x). On a GPU every
+    timing waits for the device's queued work to finish. The student is a UNet sampled with the teacher's
+    text encoders and schedule, as the evaluation samples it."""
     from .data import caption_for  # the timing does not depend on which captions
     from .schedule import unet_denoiser
     from .zoo import encode_prompts, schedule_of
@@ -105,18 +107,25 @@ def sampling_speed(teacher, student, student_steps: int, teacher_guidance: float
     cond = encode_prompts(teacher, captions)
     sched = schedule_of(teacher)
     res = teacher.default_sample_size
-    noise = torch.randn(batch, teacher.unet.config.in_channels, res, res, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(batch, teacher.unet.config.in_channels, res, res,
+                        generator=torch.Generator().manual_seed(0)).to(teacher.device)
+
+    def now() -> float:
+        if teacher.device.type == "cuda":
+            torch.cuda.synchronize(teacher.device)
+        return time.perf_counter()
+
     g = max(teacher_guidance, 1.0 + 1e-6)  # CFG always on for the reference: 2 UNet passes per step
     t_times, s_times = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = now()
         sched.sample(unet_denoiser(teacher.unet, cond, g), noise, 32)
-        t_times.append(time.perf_counter() - t0)
+        t_times.append(now() - t0)
         k = max(1, round(64 / student_steps))
-        t0 = time.perf_counter()
+        t0 = now()
         for _ in range(k):
-            sched.sample(unet_denoiser(student.unet, cond, 0.0), noise, student_steps, prediction_type)
-        s_times.append((time.perf_counter() - t0) / k)
+            sched.sample(unet_denoiser(student_unet, cond, 0.0), noise, student_steps, prediction_type)
+        s_times.append((now() - t0) / k)
     t, s = min(t_times), min(s_times)
     ideal = 64 / student_steps
     return {"teacher_s": t, "student_s": s, "speedup": t / s, "ideal_speedup": ideal,

@@ -70,14 +70,21 @@ def _finite_mean(values: list[float]) -> float:
     return float(np.mean(good)) if good else float("nan")
 
 
-def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce a CPU tensor across the ranks (NCCL reduces CUDA tensors only: it goes through this rank's GPU)."""
     import torch.distributed as dist
 
+    on_gpu = dist.get_backend() == "nccl"
+    x = t.to(torch.device("cuda", torch.cuda.current_device())) if on_gpu else t
+    dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x.cpu()
+
+
+def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
     if world == 1 or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
+    t = _all_reduce(torch.tensor([values[k] for k in keys], dtype=torch.float64))
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
 
 
@@ -86,9 +93,7 @@ def _all_max(value: float, world: int) -> float:
 
     if world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return float(_all_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MAX).item())
 
 
 def peak_memory_gib() -> float:

@@ -118,3 +118,15 @@ def test_killed_evaluation_sampling_reruns_only_the_missing_units(ray_local, tin
     record(request, "evaluation sampling killed mid-run (SIGKILL of the job and its Ray)",
            f"the rerun samples only the {20 - len(before)} units without a commit marker; the images equal "
            "one process's", injected=1, completed=1, rows_lost=40 - len(got["teacher-32"]["image"]), duplicates=0)
+
+
+def test_the_teachers_cached_samples_are_named_by_what_they_depend_on():
+    """The base teacher's evaluation samples are cached in the run root and reused by every stage: a run whose
+    teacher, its dtype or its prompts' source changed must not read the old ones (the evaluation's manifest
+    reruns the step, but the cache name alone decides the reuse)."""
+    from pipeline.layout import teacher_cache_rel
+
+    rel = teacher_cache_rel(load_config("smoke", []), 32, 2.0)
+    for changed in ("model.dtype=bfloat16", "model.source=/elsewhere/teacher", "data.kind=fashion_mnist"):
+        assert teacher_cache_rel(load_config("smoke", [changed]), 32, 2.0) != rel, changed
+    assert teacher_cache_rel(load_config("smoke", ["data.limit=32"]), 32, 2.0) == rel  # not a sampling input

@@ -31,5 +31,5 @@ def test_gpu_check_runs_the_gpu_path_at_tiny_size_on_cpu(tmp_path):
     # FLOPs per sample = 3 UNet forwards + 9 discriminator forwards, as `padistill plan` counts them
     assert res["flops_per_sample"] > 0 and res["mfu"] is None
     for row in ("| trajectory rollout |", "| adversarial training |", "| evaluation sampling |",
-                "| peak memory per rank |", "| plan's prediction |", "| MFU | n/a (CPU) |"):
+                "| peak memory per GPU |", "| plan's prediction |", "| MFU | n/a (CPU) |"):
         assert row in r.stdout, row
