@@ -93,7 +93,7 @@ class SampleWorker:
 
     def _model(self, key: str):
         """The base pipeline for "teacher"; for any other model its UNet (only that is downloaded)."""
-        from .zoo import DTYPES, load_pipeline, load_unet
+        from .zoo import DTYPES, load_pipeline
 
         if key not in self.loaded:
             spec, dtype = self.models[key], DTYPES[self.cfg.model.dtype]
@@ -101,9 +101,10 @@ class SampleWorker:
                 m = load_pipeline(spec["source"], self.cfg.storage, dtype=dtype, device=self.device)
                 m.set_progress_bar_config(disable=True)
             else:
-                local = posixpath.join(self.work, key)
-                self.storage.get_dir(f"{spec['rel']}/unet", posixpath.join(local, "unet"))
-                m = load_unet(local, dtype=dtype).to(self.device).eval()
+                from diffusers import UNet2DConditionModel
+
+                unet_dir = self.storage.get_dir(f"{spec['rel']}/unet", posixpath.join(self.work, key, "unet"))
+                m = UNet2DConditionModel.from_pretrained(unet_dir, dtype=dtype).to(self.device).eval()
             self.loaded[key] = m
         return self.loaded[key]
 
