@@ -40,3 +40,21 @@ def kill_session(proc: subprocess.Popen) -> None:
             return
         assert time.monotonic() < deadline, f"processes of session {proc.pid} survive SIGKILL"
         time.sleep(0.05)
+
+
+def kill_at_first_commit(args: list[str], marker_dir, log_path, timeout: float = 240, **popen) -> None:
+    """Start `args` as a job in its own session and SIGKILL it (and its Ray) once a unit's commit marker
+    appears in `marker_dir`: the real signal a kill test waits for, polled, never a fixed sleep."""
+    from pathlib import Path
+
+    marker_dir, log_path = Path(marker_dir), Path(log_path)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+        deadline = time.monotonic() + timeout
+        try:
+            while not (marker_dir.exists() and any(marker_dir.glob("*.json"))):
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no unit committed in time"
+                time.sleep(0.05)
+        finally:
+            kill_session(proc)

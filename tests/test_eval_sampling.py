@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import torch
@@ -21,7 +19,7 @@ from pipeline.data import toy_dataset
 from pipeline.metrics import score
 from pipeline.sampling import fixed_noise, latent_shape, sample_classes
 from pipeline.storage import RunStorage
-from procs import kill_session
+from procs import kill_at_first_commit
 from reliability import record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,18 +87,8 @@ def test_killed_evaluation_sampling_reruns_only_the_missing_units(ray_local, tin
           "evaluate.unit_samples=2", "evaluate.samples_per_prompt=4"]  # 40 samples, 20 units
     cfg = load_config("smoke", ov)
     marker_dir = tmp_path / "run" / "eval" / "units" / "teacher-32" / "_shards"
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, "-c", KILLED.format(tests=os.path.join(REPO, "tests"))] + ov,
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        while not (marker_dir.exists() and any(marker_dir.glob("*.json"))):  # the real signal: a commit
-            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no unit committed in time"
-            time.sleep(0.05)
-    finally:
-        kill_session(proc)
-        log.close()
+    kill_at_first_commit([sys.executable, "-c", KILLED.format(tests=os.path.join(REPO, "tests"))] + ov, marker_dir,
+                         tmp_path / "killed.log", cwd=REPO)
     st = RunStorage.from_config(cfg)
     s = teacher_set(cfg, tiny_pipeline, 32, 2.0)
     before = shards.read_markers(st, s.out_rel)

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +21,7 @@ from pipeline.config import load_config
 from pipeline.schedule import Conditioning, unet_denoiser
 from pipeline.stage_models import teacher_source
 from pipeline.storage import RunStorage, table_to_tensors
-from procs import kill_session
+from procs import kill_at_first_commit
 from reliability import record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,18 +121,7 @@ def test_kill_halfway_and_rerun_gives_exact_rows(ray_local, encoded_root, tmp_pa
     args = [sys.executable, "-m", "jobs.trajectories", "--config", "smoke", "--stage", "1",
             "--set", f"run_root={root}"] + [x for o in OVERRIDES for x in ("--set", o)]
     marker_dir = root / "stages" / "1-8step" / "traj" / "_shards"
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 240
-    try:
-        # wait on the real signal: the first unit's marker appearing
-        while not (marker_dir.exists() and any(marker_dir.glob("*.json"))):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no unit committed in time"
-            time.sleep(0.05)
-    finally:
-        kill_session(proc)
-        log.close()
+    kill_at_first_commit(args, marker_dir, tmp_path / "first.log", cwd=REPO)
     committed = len(list(marker_dir.glob("*.json")))
     assert 0 < committed < 16, f"{committed} of 16 units committed at the kill: not halfway"
     cfg = load_config("smoke", [f"run_root={root}"] + OVERRIDES)
