@@ -79,6 +79,18 @@ class DeepSpeedEngines:
             pass
 
 
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce a CPU tensor over the ranks (SUM by default) and return it on the CPU; a no-op without a
+    process group of several ranks. NCCL reduces CUDA tensors only: there it goes through this rank's GPU."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    x = t.to(torch.device("cuda", torch.cuda.current_device())) if dist.get_backend() == "nccl" else t
+    dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x.cpu()
+
+
 def weights_only_load(path: str, map_location=None):
     """DeepSpeed's checkpoint engine `load`, without running code from the file: `torch.load` with
     `weights_only=True`, allowing the three DeepSpeed classes its ZeRO-2/3 checkpoints hold (listed for

@@ -62,19 +62,16 @@ def _noise(s: SampleSet) -> tuple[np.ndarray, str]:
     return noise, hashlib.sha256(noise.tobytes()).hexdigest()[:16]
 
 
-def set_inputs(cfg: RunConfig, s: SampleSet) -> dict:
-    noise, digest = _noise(s)
+def set_inputs(cfg: RunConfig, s: SampleSet, noise: np.ndarray, digest: str) -> dict:
+    """What a set's units depend on; `noise`, `digest`: the set's `_noise`."""
+    from .real_metrics import settings
+
     return {"version": VERSION, "model": s.identity, "steps": s.steps, "guidance": s.guidance,
             "prediction_type": s.prediction_type, "uint8": s.uint8, "dtype": cfg.model.dtype,
-            "features": _feature_inputs(cfg) if s.features else None,
+            "features": settings(cfg.evaluate) if s.features else None,
             "unit_samples": cfg.evaluate.unit_samples, "batch_size": cfg.evaluate.batch_size,
             "captions": hashlib.sha256(json.dumps(s.captions).encode()).hexdigest()[:16],
             "noise": digest, "noise_shape": list(noise.shape)}
-
-
-def _feature_inputs(cfg: RunConfig) -> dict:
-    ev = cfg.evaluate
-    return {k: getattr(ev, k) for k in ("fid_inception_weights", "fid_extractor", "clip_model", "patch_size")}
 
 
 class SampleWorker:
@@ -165,9 +162,9 @@ def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], mode
     ec = cfg.evaluate
     units, hashes, n_units = [], {}, {}
     for s in sets:
-        ih = hashes[s.name] = shards.inputs_hash(set_inputs(cfg, s))
-        done = shards.prepare_output(storage, s.out_rel, ih, cfg.storage.verify_reads, log)
         noise, digest = _noise(s)
+        ih = hashes[s.name] = shards.inputs_hash(set_inputs(cfg, s, noise, digest))
+        done = shards.prepare_output(storage, s.out_rel, ih, cfg.storage.verify_reads, log)
         noise_rel = f"{NOISE_DIR}/{digest}.f32"
         if len(done) < -(-len(s.captions) // ec.unit_samples) and not storage.exists(noise_rel):
             storage.write_bytes(noise_rel, noise.tobytes())

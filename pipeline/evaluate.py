@@ -96,7 +96,7 @@ def real_features(cfg: RunConfig, storage: RunStorage, prompts: RealPrompts) -> 
     extracted in this process once and cached in the run root for every stage."""
     ev = cfg.evaluate
     key = hash_json({"data": cfg.data.model_dump(mode="json"), "prompts": ev.prompts, "res": cfg.model.resolution,
-                     **{k: getattr(ev, k) for k in ("fid_inception_weights", "fid_extractor", "patch_size")}})
+                     **real_metrics.settings(ev, real_metrics.FID_SETTINGS)})
     rel = f"{REAL_DIR}/features-{key}.npz"
     if storage.exists(rel):
         return {k: torch.from_numpy(v) for k, v in _load_npz(storage, rel).items()}
@@ -198,16 +198,17 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         else:
             captions, noise, labels = prompts.captions, prompts.noise, np.asarray(prompts.captions)
         models = {"teacher": {"source": cfg.model.source}, "student": {"rel": f"{sd}/model"}}
-        sets, cached = [], {}
+        cached, teacher_sets = {}, {}
         for steps in dict.fromkeys((32, N)):
             rel = teacher_cache_rel(cfg, steps, g)
             if storage.exists(rel):
                 cached[steps] = {("image" if k == "images" else k): (v.item() if k.startswith("clip") else torch.from_numpy(v))
                                  for k, v in _load_npz(storage, rel).items() if k != "labels"}
             else:
-                sets.append(SampleSet(f"teacher-{steps}", rel[:-len(".npz")] + "-units", "teacher",
-                                      {"source": cfg.model.source}, steps, g, captions, noise, uint8=not toy,
-                                      features=not toy))
+                teacher_sets[steps] = SampleSet(f"teacher-{steps}", rel[:-len(".npz")] + "-units", "teacher",
+                                                {"source": cfg.model.source}, steps, g, captions, noise,
+                                                uint8=not toy, features=not toy)
+        sets = list(teacher_sets.values())
         student_id = {"train": train_manifest["inputs_hash"], "finished_at": train_manifest["finished_at"]}
         sets.append(SampleSet("student", f"{sd}/eval/units/student", "student", student_id, N, 0.0, captions,
                               noise, pred, uint8=not toy, features=not toy))
@@ -225,13 +226,11 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         speed = {"student_steps": N, "teacher_guidance": g, "batch": min(cfg.evaluate.speed_batch_size, n),
                  "repeats": cfg.evaluate.speed_repeats, "prediction_type": pred}
         drawn = sample_sets(cfg, storage, sets, models, log, speed=speed)
-        for steps in dict.fromkeys((32, N)):
-            if steps not in cached:
-                s_ = next(x for x in sets if x.name == f"teacher-{steps}")
-                cached[steps] = drawn[s_.name]
-                _save_npz(storage, teacher_cache_rel(cfg, steps, g), labels=labels,
-                          **{("images" if k == "image" else k): np.asarray(v) for k, v in drawn[s_.name].items()})
-                storage.rm(s_.out_rel)
+        for steps, s_ in teacher_sets.items():
+            cached[steps] = drawn[s_.name]
+            _save_npz(storage, teacher_cache_rel(cfg, steps, g), labels=labels,
+                      **{("images" if k == "image" else k): np.asarray(v) for k, v in drawn[s_.name].items()})
+            storage.rm(s_.out_rel)
         t32, tN = cached[32]["image"], cached[N]["image"]  # a non-toy run's: the first KEEP_IMAGES
         if toy:
             from .metrics import score  # the toy metrics: a real run never imports them

@@ -32,7 +32,9 @@ def teacher_cache_rel(cfg: RunConfig, steps: int, guidance: float) -> str:
             "data": cfg.data.kind if cfg.data.toy else cfg.data.model_dump(mode="json")}
     if not cfg.data.toy:
         # the real metrics' features of every sample (by these extractors) and the first images
-        what.update({k: getattr(ev, k) for k in ("fid_inception_weights", "fid_extractor", "clip_model", "patch_size")})
+        from .real_metrics import settings
+
+        what.update(settings(ev))
         return f"{TEACHER_DIR}/real-steps-{steps}-g{guidance:g}-p{ev.prompts}-s{ev.seed}-{hash_json(what)[:8]}.npz"
     return (f"{TEACHER_DIR}/steps-{steps}-g{guidance:g}-k{ev.samples_per_prompt}-s{ev.seed}-n{NOISE_VERSION}"
             f"-{hash_json(what)[:8]}.npz")

@@ -25,6 +25,13 @@ import torch
 from .config import ConfigError, EvaluateConfig
 
 KEYS = ("fid", "fid_patch", "clip_score")
+# the settings the features depend on (what a cache of them is keyed by)
+FID_SETTINGS = ("fid_inception_weights", "fid_extractor", "patch_size")
+FEATURE_SETTINGS = FID_SETTINGS + ("clip_model",)
+
+
+def settings(ev: EvaluateConfig, keys=FEATURE_SETTINGS) -> dict:
+    return {k: getattr(ev, k) for k in keys}
 
 
 def check(ev: EvaluateConfig, resolution: int) -> None:
@@ -60,14 +67,6 @@ def _fid_metric(ev: EvaluateConfig):
     return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=ev.fid_inception_weights)
 
 
-def frechet(real: torch.Tensor, fake: torch.Tensor, ev: EvaluateConfig, batch: int = 64) -> float:
-    metric = _fid_metric(ev)
-    for images, is_real in ((real, True), (fake, False)):
-        for i in range(0, len(images), batch):
-            metric.update(images[i:i + batch], real=is_real)
-    return float(metric.compute())
-
-
 def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     h, w = images.shape[-2:]
     if min(h, w) < size:
@@ -98,18 +97,6 @@ class _ProjectedFeatures(torch.nn.Module):
 
     def get_text_features(self, *a, **k) -> torch.Tensor:
         return self._tensor(self.model.get_text_features(*a, **k))
-
-
-def clip_score(images: torch.Tensor, prompts: list[str], ev: EvaluateConfig, batch: int = 64) -> float:
-    from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
-
-    path = ev.clip_model
-    metric = CLIPScore(model_name_or_path=lambda: (_ProjectedFeatures(CLIPModel.from_pretrained(path).eval()),
-                                                   CLIPProcessor.from_pretrained(path)))
-    for i in range(0, len(images), batch):
-        metric.update(images[i:i + batch], prompts[i:i + batch])
-    return float(metric.compute())
 
 
 class _Given(torch.nn.Module):
@@ -143,8 +130,13 @@ class Extractor:
 
     def __init__(self, ev: EvaluateConfig, device: str = "cpu"):
         self.ev, self.device = ev, device
-        self.fid = _fid_metric(ev).to(device)
-        self._clip = None  # loaded on first use (the real images need no CLIP score)
+        self._fid = self._clip = None  # each loaded on first use (the real images need no CLIP score)
+
+    @property
+    def fid(self):
+        if self._fid is None:
+            self._fid = _fid_metric(self.ev).to(self.device)
+        return self._fid
 
     @property
     def clip(self):
@@ -159,18 +151,37 @@ class Extractor:
         return self._clip
 
     @torch.no_grad()
+    def fid_features(self, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
+        return torch.cat([self.fid.inception(images[i:i + batch].to(self.device)).float().cpu()
+                          for i in range(0, len(images), batch)])
+
+    @torch.no_grad()
+    def clip_sums(self, images: torch.Tensor, prompts: list[str], batch: int = 64) -> tuple[float, int]:
+        """torchmetrics' CLIPScore state over `images`: the sum of the per-image scores and their count."""
+        self.clip.reset()
+        for i in range(0, len(images), batch):
+            self.clip.update(images[i:i + batch].to(self.device), prompts[i:i + batch])
+        return float(self.clip.score), int(self.clip.n_samples)
+
     def __call__(self, images: torch.Tensor, prompts: list[str], batch: int = 64, clip: bool = True) -> dict:
         if images.dtype != torch.uint8:
             raise TypeError("real_metrics: images must be uint8 [N, 3, H, W]")
-        patch = centre_crop(images, self.ev.patch_size)
-        out = {k: torch.cat([self.fid.inception(x[i:i + batch].to(self.device)).float().cpu()
-                             for i in range(0, len(x), batch)]) for k, x in (("fid", images), ("fid_patch", patch))}
+        out = {"fid": self.fid_features(images, batch),
+               "fid_patch": self.fid_features(centre_crop(images, self.ev.patch_size), batch)}
         if clip:
-            self.clip.reset()
-            for i in range(0, len(images), batch):
-                self.clip.update(images[i:i + batch].to(self.device), prompts[i:i + batch])
-            out.update(clip_sum=float(self.clip.score), clip_n=int(self.clip.n_samples))
+            out["clip_sum"], out["clip_n"] = self.clip_sums(images, prompts, batch)
         return out
+
+
+def frechet(real: torch.Tensor, fake: torch.Tensor, ev: EvaluateConfig) -> float:
+    """FID between two sets of uint8 images, by the configured extractor."""
+    ex = Extractor(ev)
+    return frechet_of_features(ex.fid_features(real), ex.fid_features(fake))
+
+
+def clip_score(images: torch.Tensor, prompts: list[str], ev: EvaluateConfig) -> float:
+    total, n = Extractor(ev).clip_sums(images, prompts)
+    return max(total / n, 0.0)
 
 
 def score_features(fake: dict, real: dict) -> dict[str, float]:

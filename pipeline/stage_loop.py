@@ -15,7 +15,7 @@ import torch
 from . import student as student_mod
 from .config import RunConfig, StageConfig
 from .discriminator import Discriminator, nonsaturating_d_loss, nonsaturating_g_loss
-from .engines import checkpoint_activations
+from .engines import all_reduce, checkpoint_activations
 from .guard import UpdateWatch, finite_everywhere
 from .phases import Phase, disc_mode_at, phase_at, plan_phases, student_mode_at
 from .schedule import Conditioning, Schedule, unet_denoiser
@@ -107,7 +107,6 @@ class StageLoop:
         summed over ranks (every rank solves the same system: identical weights, as ZeRO needs).
         Called on the plain module before its engine exists (full student at the conversion start).
         Returns the relative RMS error of the sample output before and after on these batches."""
-        import torch.distributed as dist
 
         unet = self._pending_student
         conv = unet.conv_out
@@ -134,14 +133,7 @@ class StageLoop:
         finally:
             hook.remove()
 
-        def all_sum(t_: torch.Tensor) -> torch.Tensor:  # NCCL reduces CUDA tensors only
-            if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-                return t_
-            on = t_.to(self.device) if dist.get_backend() == "nccl" else t_
-            dist.all_reduce(on)
-            return on.cpu()
-
-        gram, rhs, err = all_sum(gram), all_sum(rhs), all_sum(err)
+        gram, rhs, err = all_reduce(gram), all_reduce(rhs), all_reduce(err)
         lam = ridge * gram.diagonal().mean()
         w = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype), rhs)
         conv.weight.copy_(w[:-1].T.reshape(conv.weight.shape).to(conv.weight))
@@ -150,7 +142,7 @@ class StageLoop:
         for b, cond, target in zip(batches, conds, targets):
             _, x0 = self.schedule.step(unet_denoiser(unet, cond), b["x_t"], b["t"], b["t"], "sample")
             err_after += (x0 - target).double().pow(2).sum().item()
-        err_after = all_sum(err_after)
+        err_after = all_reduce(err_after)
         return {"rel_before": float((err[0] / err[1]).sqrt()), "rel_after": float((err_after[0] / err[1]).sqrt())}
 
     def build_disc(self, mode: str, backbone_state: dict | None = None) -> None:

@@ -25,7 +25,7 @@ import torch
 from . import cluster
 from . import student as student_mod
 from .config import from_dict
-from .engines import DeepSpeedEngines, clear_stale_extension_locks
+from .engines import DeepSpeedEngines, all_reduce, clear_stale_extension_locks
 from .layout import CKPT_PREFIX, CURVES_PNG, HISTORY_JSON, RUN_NAME, TB_DIR
 from .phases import checkpoint_steps, phase_at
 from .stage_loop import TRAIN_COLUMNS, StageLoop
@@ -70,21 +70,11 @@ def _finite_mean(values: list[float]) -> float:
     return float(np.mean(good)) if good else float("nan")
 
 
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    """All-reduce a CPU tensor across the ranks (NCCL reduces CUDA tensors only: it goes through this rank's GPU)."""
-    import torch.distributed as dist
-
-    on_gpu = dist.get_backend() == "nccl"
-    x = t.to(torch.device("cuda", torch.cuda.current_device())) if on_gpu else t
-    dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
-    return x.cpu()
-
-
 def _all_mean(values: dict[str, float], world: int) -> dict[str, float]:
     if world == 1 or not values:
         return values
     keys = sorted(values)
-    t = _all_reduce(torch.tensor([values[k] for k in keys], dtype=torch.float64))
+    t = all_reduce(torch.tensor([values[k] for k in keys], dtype=torch.float64))
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
 
 
@@ -93,7 +83,7 @@ def _all_max(value: float, world: int) -> float:
 
     if world == 1:
         return value
-    return float(_all_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MAX).item())
+    return float(all_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.MAX).item())
 
 
 def peak_memory_gib() -> float:
