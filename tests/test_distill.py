@@ -1,8 +1,8 @@
-"""`padistill distill` end to end on the smoke config: a local run whose exported folders all load in
-stock diffusers, a rerun that skips every step, a run on S3 (moto) killed mid-stage, its stage resumed
-by `padistill train-stage` and the DAG rerun to the same manifests, and a submission (run root on S3)
-to a three-node Ray cluster started on 127.0.0.1 that reaches SUCCEEDED with its training spread over
-the nodes; neither S3 run leaves the AWS credentials it ran with in anything it wrote."""
+"""`padistill distill` end to end on the smoke config: a run on S3 (moto) killed mid-stage and resumed
+by the same command, whose exported folders all load in stock diffusers, and a rerun that skips every
+step; and a submission (run root on S3) to a three-node Ray cluster started on 127.0.0.1 that reaches
+SUCCEEDED with its training spread over the nodes; neither S3 run leaves the AWS credentials it ran with
+in anything it wrote."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import torch
 
 from pipeline import shards
 from pipeline.config import load_config
-from pipeline.dag import build_steps, run_dag
 from pipeline.storage import RunStorage
 from pipeline.student import LORA_WEIGHT_NAME, pipeline_components
 from pipeline.phases import plan_phases
@@ -39,63 +38,6 @@ EXPECTED_SMOKE = {"encode", "report"} | {f"{p}-{k}" for p in ("trajectories", "t
                                           for k in ("1-8step", "2-4step", "3-1step")}
 
 
-def test_smoke_dag_local_exports_load_and_rerun_skips(ray_local, tmp_path, monkeypatch, request):
-    from diffusers import StableDiffusionXLPipeline
-
-    monkeypatch.chdir(tmp_path)  # a relative run root, as `make demo` uses: Ray Train workers run elsewhere
-    cfg = load_config("smoke", ["run_root=run"])
-    first = run_dag(cfg, log=lambda *_: None)
-    assert {r["step"] for r in first} == {s.name for s in build_steps(cfg)} and all(r["ran"] for r in first)
-    storage = RunStorage.from_config(cfg)
-    assert manifests(storage) == EXPECTED_SMOKE
-    stamps = {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE}
-
-    for k, st in enumerate(cfg.stages, start=1):  # the export contract
-        folder = tmp_path / "run" / cfg.stage_dir(k) / "model"
-        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-        assert pipe.scheduler.config.timestep_spacing == "trailing"
-        assert pipe.scheduler.config.prediction_type == ("sample" if st.prediction_type == "sample" else "epsilon")
-        info = json.loads((folder / "padistill.json").read_text())
-        # the pipeline's components and the student's own files, none of the teacher's (training.json, curves)
-        lora = {LORA_WEIGHT_NAME} if info["student_mode"] == "lora" else set()
-        assert {p.name for p in folder.iterdir()} == \
-            {*pipeline_components(folder), "model_index.json", "padistill.json", "README.md", *lora}
-        assert info["num_inference_steps"] == st.student_steps and info["guidance_scale"] == 0
-        assert "## Evaluation" in (folder / "README.md").read_text()  # the model card carries the metrics
-        img = pipe("a handwritten digit seven", num_inference_steps=st.student_steps, guidance_scale=0,
-                   generator=torch.Generator().manual_seed(0)).images[0]
-        assert img.size == (32, 32)
-        metrics = json.loads((tmp_path / "run" / cfg.stage_dir(k) / "eval" / "metrics.json").read_text())
-        assert metrics["student_steps"] == st.student_steps and metrics["speed"]["speedup"] > 1
-        # the student the stage started from, scored at the same step count: what training had to improve on
-        assert set(metrics["student_start"]) == set(metrics["student"])
-        # every output the stage's manifest lists is in the run root (workers once wrote them to Ray's cwd)
-        train_outputs = storage.read_manifest(f"train-{cfg.stage_dir(k).split('/', 1)[1]}")["outputs"]
-        for name in ("history", "loss_curves", "tensorboard", "model", "checkpoint"):  # relative to the root
-            assert not Path(train_outputs[name]).is_absolute() and (tmp_path / "run" / train_outputs[name]).exists()
-        history = json.loads((tmp_path / "run" / train_outputs["history"]).read_text())
-        assert history[-1]["step"] == plan_phases(st)[-1].end
-
-    report = (tmp_path / "run" / "report.md").read_text()
-    assert "| **student 1step** | 1 |" in report and "Wall time per DAG step" in report
-    for png in ("metrics.png", "grid.png", *(f"loss-{k}.png" for k in range(1, len(cfg.stages) + 1))):
-        assert (tmp_path / "run" / "report" / png).stat().st_size > 1000
-
-    # the DAG's own end check found every listed output (else run_dag raised); it does see a lost one
-    assert storage.missing_outputs() == []
-    lost = tmp_path / "run" / "report" / "grid.png"
-    lost.rename(lost.with_suffix(".bak"))
-    assert storage.missing_outputs() == ["report: report/grid.png"]
-    lost.with_suffix(".bak").rename(lost)
-    record(request, "an output a manifest lists is missing", "the DAG's end check raises, naming each missing "
-           "output", injected=1, completed=1)
-
-    second = run_dag(cfg, log=lambda *_: None)  # the same command again: every step is already finished
-    assert not any(r["ran"] for r in second if r["step"] != "report") and second
-    assert {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE - {"report"}} == \
-        {m: stamps[m] for m in EXPECTED_SMOKE - {"report"}}
-
-
 def _env():
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
@@ -103,17 +45,30 @@ def _env():
     return env
 
 
-def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path, request):
-    """`distill` on S3 SIGKILLed (its whole session) inside stage 1, once Ray Train has registered a
-    checkpoint; `padistill train-stage` then resumes that stage from exactly that checkpoint (every rank's
-    ZeRO shard) and exports it; `distill` again skips every finished step (the resumed training too) and
-    ends with the manifests of an unbroken run. The run's AWS credentials are in nothing it wrote."""
+def _run_logged(cmd: list[str], cwd: Path, name: str, timeout: float = 1200) -> str:
+    """Run a job to its end with its console in `cwd/name`; its text (the job must succeed)."""
+    with open(cwd / name, "w") as log:
+        rc = subprocess.run(cmd, cwd=cwd, env=_env(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+    text = (cwd / name).read_text()
+    assert rc == 0, text[-3000:]
+    return text
+
+
+def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s3_endpoint, tmp_path, request):
+    """The whole smoke DAG (three stages) with its run root on S3 (moto): `distill` SIGKILLed (its whole
+    session) inside stage 1, once Ray Train has registered a checkpoint; `distill` again resumes that stage
+    from exactly that checkpoint (every rank's ZeRO shard), skips the finished encode and trajectories, and
+    runs the rest; every exported folder loads in stock diffusers (the export contract); a third run skips
+    every finished step. The run's AWS credentials are in nothing it wrote. (The same DAG on a local,
+    relative run root: test_real_metrics's non-toy run.)"""
+    from diffusers import StableDiffusionXLPipeline
+
     root = "s3://padistill-test/killed"
-    # stage 1 long enough that the kill lands inside it, after its first checkpoint (step 8 of 40)
-    sets = [f"run_root={root}", f"storage.endpoint_url={s3_endpoint}", "stages.0.mse_steps=40",
-            "train.checkpoint_every=8"]
+    # stage 1 long enough that the kill lands inside it, after its first checkpoint (step 6 of 24)
+    sets = [f"run_root={root}", f"storage.endpoint_url={s3_endpoint}", "stages.0.mse_steps=24",
+            "train.checkpoint_every=6"]
     over = [a for kv in sets for a in ("--set", kv)]
-    distill = [sys.executable, "-m", "jobs.distill", "--config", "smoke", "--until", "8step", *over]
+    distill = [sys.executable, "-m", "jobs.distill", "--config", "smoke", *over]
     cfg = load_config("smoke", sets)
     storage = RunStorage.from_config(cfg)
     started = time.time()
@@ -130,35 +85,65 @@ def test_s3_run_killed_mid_stage_resumes_to_same_manifests(s3_endpoint, tmp_path
         kill_session(proc)
     assert not storage.is_finished("train-1-8step")  # killed mid-stage
     killed_at = int(Path(latest_checkpoint(cfg, 1, storage)).name.split("_")[1])
-    assert 0 < killed_at < 40, "the kill came after the stage ended; make it longer"
+    assert 0 < killed_at < 24, "the kill came after the stage ended; make it longer"
+    encoded_at = storage.read_manifest("encode")["finished_at"]
 
-    # the stage alone, as a user reruns one stage: it resumes from the killed run's latest checkpoint
-    stage = subprocess.run([str(BIN / "padistill"), "train-stage", "--config", "smoke", "--stage", "1", *over],
-                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
-    assert stage.returncode == 0, stage.stdout[-3000:] + stage.stderr[-3000:]
-    line = [ln for ln in stage.stdout.splitlines() if ln.startswith("PADISTILL_TRAIN_SUMMARY ")][-1]
-    summary = json.loads(line.split(" ", 1)[1])
-    assert summary["metrics"]["resumed_from"] == killed_at and summary["metrics"]["step"] == 40, summary["metrics"]
-    assert f"resumed from checkpoint at step {killed_at}" in stage.stdout + stage.stderr
-    assert storage.read_manifest("train-1-8step")["steps"] == 40
-    assert storage.exists(cfg.stage_dir(1), "model", "unet", "config.json")
-    trained_at = storage.read_manifest("train-1-8step")["finished_at"]
-
-    # the DAG again: encode, trajectories and the resumed training are finished; evaluation and report run
-    done = subprocess.run(distill, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert manifests(storage) == {"encode", "trajectories-1-8step", "train-1-8step", "eval-1-8step", "report"}
-    assert storage.read_manifest("train-1-8step")["finished_at"] == trained_at  # skipped, not trained again
+    # the same command again: encode and trajectories are finished, stage 1 resumes, the rest runs
+    second = _run_logged(distill, tmp_path, "second.log")
+    assert f"resumed from checkpoint at step {killed_at}" in second
+    assert manifests(storage) == EXPECTED_SMOKE
+    assert storage.read_manifest("encode")["finished_at"] == encoded_at  # skipped, not encoded again
+    assert storage.read_manifest("train-1-8step")["steps"] == 24
     assert not (tmp_path / "runs").exists()  # nothing on a local disk: the run root is S3 only
     assert storage.read_manifest("trajectories-1-8step")["outputs"]["rows"] == 64
     traj = storage.read_table("stages/1-8step/traj", columns=["id", "draw"])
     keys = list(zip(traj.column("id").to_pylist(), traj.column("draw").to_pylist()))
-    n = _no_credentials_in(storage, [tmp_path / "first.log"],
-                           stage.stdout + stage.stderr + done.stdout + done.stderr, since=started)
+    stamps = {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE}
+
+    for k, st in enumerate(cfg.stages, start=1):  # the export contract, on each folder as a user downloads it
+        folder = Path(storage.get_dir(f"{cfg.stage_dir(k)}/model", str(tmp_path / f"model-{k}")))
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+        assert pipe.scheduler.config.timestep_spacing == "trailing"
+        assert pipe.scheduler.config.prediction_type == ("sample" if st.prediction_type == "sample" else "epsilon")
+        info = json.loads((folder / "padistill.json").read_text())
+        # the pipeline's components and the student's own files, none of the teacher's (training.json, curves)
+        lora = {LORA_WEIGHT_NAME} if info["student_mode"] == "lora" else set()
+        assert {p.name for p in folder.iterdir()} == \
+            {*pipeline_components(folder), "model_index.json", "padistill.json", "README.md", *lora}
+        assert info["num_inference_steps"] == st.student_steps and info["guidance_scale"] == 0
+        assert "## Evaluation" in (folder / "README.md").read_text()  # the model card carries the metrics
+        img = pipe("a handwritten digit seven", num_inference_steps=st.student_steps, guidance_scale=0,
+                   generator=torch.Generator().manual_seed(0)).images[0]
+        assert img.size == (32, 32)
+        metrics = storage.read_json(f"{cfg.stage_dir(k)}/eval/metrics.json")
+        assert metrics["student_steps"] == st.student_steps and metrics["speed"]["speedup"] > 1
+        # the student the stage started from, scored at the same step count: what training had to improve on
+        assert set(metrics["student_start"]) == set(metrics["student"])
+        train_outputs = storage.read_manifest(f"train-{cfg.stage_dir(k).split('/', 1)[1]}")["outputs"]
+        for name in ("history", "loss_curves", "tensorboard", "model", "checkpoint"):  # relative to the root
+            assert not train_outputs[name].startswith(("s3:", "/")) and storage.exists(train_outputs[name])
+        history = storage.read_json(train_outputs["history"])
+        assert history[-1]["step"] == plan_phases(st)[-1].end
+
+    report = storage.read_text("report.md")
+    assert "| **student 1step** | 1 |" in report and "Wall time per DAG step" in report
+    for png in ("metrics.png", "grid.png", *(f"loss-{k}.png" for k in range(1, len(cfg.stages) + 1))):
+        assert len(storage.read_bytes(f"report/{png}")) > 1000
+    assert storage.missing_outputs() == []  # the DAG's own end check (a lost output: test_real_metrics)
+
+    third = _run_logged(distill, tmp_path, "third.log")  # the same command a third time: every step is finished
+    ran = re.findall(r"padistill distill: (\S+) done in", third)
+    skipped = re.findall(r"padistill distill: (\S+) already finished, skipped", third)
+    assert ran == ["report"] and len(skipped) == len(EXPECTED_SMOKE) - 1, third[-3000:]
+    assert {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE - {"report"}} == \
+        {m: stamps[m] for m in EXPECTED_SMOKE - {"report"}}
+    n = _no_credentials_in(storage, [tmp_path / f"{w}.log" for w in ("first", "second", "third")], "",
+                           since=started)
     record(request, "`distill` killed mid-stage (SIGKILL), run root on S3",
-           f"`train-stage` resumes the stage from its latest checkpoint (step {killed_at} of 40, every rank's ZeRO "
-           "shard); `distill` again skips every finished step and ends with the same manifests", injected=1,
-           completed=1, rows_lost=64 - len(set(keys)), duplicates=len(keys) - len(set(keys)))
+           f"`distill` again resumes the stage from its latest checkpoint (step {killed_at} of 24, every rank's ZeRO "
+           "shard), skips the finished precompute and ends with the manifests of an unbroken run; a third run "
+           "skips every step", injected=1, completed=1, rows_lost=64 - len(set(keys)),
+           duplicates=len(keys) - len(set(keys)))
     record(request, "the AWS credentials a run on S3 had (sentinel values)",
            f"in nothing it wrote: {n} files scanned (every object of the run root: configs, manifests, Parquet, "
            "checkpoints, model cards, report; its consoles; its Ray session logs)", injected=2, completed=1)

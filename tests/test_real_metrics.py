@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -115,18 +116,23 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_non_toy_run_is_evaluated_with_fid_and_clip(ray_local, stand_ins, tmp_path):
+def test_non_toy_run_is_evaluated_with_fid_and_clip(ray_local, stand_ins, tmp_path, monkeypatch, request):
     """A Parquet image/caption source (one undecodable row), stage 1 trained and evaluated with the
-    paper's metrics, and the report's table in those metrics."""
+    paper's metrics, and the report's table in those metrics. The run root is relative, as `make demo`'s:
+    every output the manifests list is in it (Ray Train workers, which run elsewhere, once wrote them to
+    their own cwd), and the DAG's end check sees a lost one."""
     from pipeline.dag import run_dag
     from pipeline.storage import RunStorage
+    from reliability import record
+
+    monkeypatch.chdir(tmp_path)
 
     features, clip = stand_ins
     real, captions = _digits_uint8(64)
     images = [_png(x.permute(1, 2, 0).numpy()) for x in real] + [b"not an image"]
     pq.write_table(pa.table({"image": images, "caption": captions + ["a handwritten digit one"]}),
                    str(tmp_path / "source.parquet"))
-    cfg = load_config("smoke", [f"run_root={tmp_path / 'run'}", "data.kind=parquet", f"data.path={tmp_path / 'source.parquet'}",
+    cfg = load_config("smoke", ["run_root=run", "data.kind=parquet", f"data.path={tmp_path / 'source.parquet'}",
                                 "evaluate.prompts=24", f"evaluate.fid_extractor={features}", f"evaluate.clip_model={clip}",
                                 "evaluate.patch_size=16", "evaluate.unit_samples=10"])
     run_dag(cfg, until="1", log=lambda *_: None)
@@ -155,3 +161,15 @@ def test_non_toy_run_is_evaluated_with_fid_and_clip(ray_local, stand_ins, tmp_pa
     assert (tmp_path / "run" / "report" / "grid.png").stat().st_size > 1000
     card = (tmp_path / "run" / cfg.stage_dir(1) / "model" / "README.md").read_text()
     assert "| clip_score |" in card
+    # every output the stage's manifest lists is in the run root, named relative to it
+    train_outputs = storage.read_manifest("train-1-8step")["outputs"]
+    for name in ("history", "loss_curves", "tensorboard", "model", "checkpoint"):
+        assert not Path(train_outputs[name]).is_absolute() and (tmp_path / "run" / train_outputs[name]).exists()
+    # the DAG's own end check found every listed output (else run_dag raised); it does see a lost one
+    assert storage.missing_outputs() == []
+    lost = tmp_path / "run" / "report" / "grid.png"
+    lost.rename(lost.with_suffix(".bak"))
+    assert storage.missing_outputs() == ["report: report/grid.png"]
+    lost.with_suffix(".bak").rename(lost)
+    record(request, "an output a manifest lists is missing", "the DAG's end check raises, naming each missing "
+           "output", injected=1, completed=1)

@@ -219,30 +219,28 @@ def test_x0_conversion_tracks_eps_students_x0(x0_adv_run, tiny_pipeline, tiny_so
     assert rel(x0_conv) < 0.85 * rel(x0_raw)
 
 
-def test_changed_inputs_start_the_stage_over_instead_of_resuming(ray_local, tiny_pipeline, tiny_source, tmp_path,
-                                                                 request):
+def test_changed_inputs_start_the_stage_over_instead_of_resuming(mse_lora_run, tmp_path, request):
     """Checkpoints made from other inputs (here: another lr), or any with `--force` (restart), are
     discarded by `claim_train_dir`, which `train_stage` calls first, so the stage starts over; the same
-    inputs keep them. The claims act on the folder of one real fit stopped at step 2. (That a rerun then
-    resumes from the kept checkpoint is shown once, by test_distill's killed run: `train-stage` resumes
-    a real `distill` killed mid-stage.)"""
+    inputs keep them. The claims act on a copy of a real fit's run root (`mse_lora_run`'s). (That a rerun
+    then resumes from the kept checkpoint is shown once, by test_distill's killed run: `distill` resumes a
+    real `distill` killed mid-stage.)"""
     from pipeline.export import latest_checkpoint
-    from pipeline.train import claim_train_dir, train_stage
+    from pipeline.train import claim_train_dir
 
-    data = smoke_cfg(tmp_path, model={"source": tiny_source}, stage_1={"mse_steps": 4, "lr": 1e-3},
-                     train={"micro_batch": 8, "checkpoint_every": 2, "log_every": 2})
+    done, _, _ = mse_lora_run
+    shutil.copytree(done.run_root, tmp_path / "run")
+    data = done.model_dump(mode="json")
+    data["run_root"] = str(tmp_path / "run")
     cfg = from_dict(data)
     storage = RunStorage.from_config(cfg)
-    write_trajectories(storage, cfg, 1, tiny_pipeline, n_ids=16, seed=1)
-    first = train_stage(cfg, 1, held_rows=0, export=False, max_steps=2)
-    assert first["metrics"]["step"] == 2 and first["metrics"]["resumed_from"] == -1
     kept = latest_checkpoint(cfg, 1, storage)
-    assert kept is not None and kept.endswith("checkpoint_0000002")
+    assert kept is not None and kept.endswith("checkpoint_0000060") and kept.startswith(str(tmp_path))
 
     said = []
     claim_train_dir(cfg, 1, storage, log=said.append)  # same inputs: nothing discarded
     assert latest_checkpoint(cfg, 1, storage) == kept and said == []
-    data["stages"][0]["lr"] = 5e-4
+    data["stages"][0]["lr"] = 5e-5
     changed = from_dict(data)
     claim_train_dir(changed, 1, storage, log=said.append)
     assert latest_checkpoint(changed, 1, storage) is None and not storage.exists(cfg.stage_dir(1), "train")
