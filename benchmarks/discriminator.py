@@ -149,6 +149,7 @@ def d_alone(cfg, key, train, held, arm: str, steps: int, bs: int, seed: int, con
     """Train D alone against fixed fakes (the frozen student's, or the blurred-target control)."""
     import torch
 
+    from pipeline.discriminator import nonsaturating_d_loss
     from pipeline.stage_loop import discriminator_scores
 
     kind = "trained" if arm == "control" else arm
@@ -179,10 +180,15 @@ def d_alone(cfg, key, train, held, arm: str, steps: int, bs: int, seed: int, con
             real.append(lg[:m])
             fake.append(lg[m:])
             ts.append(b["t"])
-    scores = discriminator_scores(torch.cat(real), torch.cat(fake), torch.cat(ts))
+    real, fake = torch.cat(real), torch.cat(fake)
+    scores = discriminator_scores(real, fake, torch.cat(ts))
     opt, total = loop.disc_counts
+    # how confident D is, not only how it ranks: its loss on the held pairs (2 ln 2 = 1.386 for a D that says
+    # 0.5 to everything, however well it ranks), the mean real - fake margin, and the logits' spread
+    confidence = {"d_loss": nonsaturating_d_loss(real, fake).item(), "margin": (real - fake).mean().item(),
+                  "logit_std": torch.cat([real, fake]).std().item()}
     return {"arm": arm, "steps": steps, "wall_s": wall, "d_params_optimised": opt, "d_params_total": total,
-            **{k.replace("held_d_", ""): v for k, v in scores.items()}}
+            **{k.replace("held_d_", ""): v for k, v in scores.items()}, **confidence}
 
 
 def toy_fd(cfg, loop, samples_per_digit: int) -> dict:
@@ -261,12 +267,14 @@ def markdown(res: dict) -> str:
     if res["arms"]:
         strata = sorted({k for a in res["arms"] for k in a if k.startswith("pacc_t")}, key=lambda k: int(k[6:]))
         lines += ["## (a) D alone: held paired accuracy per stratum (AUC in brackets)\n",
-                  "| arm | params trained | " + " | ".join(f"t={k[6:]}" for k in strata) + " | mean |",
-                  "| --- | ---: |" + " ---: |" * (len(strata) + 1)]
+                  "| arm | params trained | " + " | ".join(f"t={k[6:]}" for k in strata)
+                  + " | mean | held D loss (1.386: says 0.5) | margin real - fake | logit std |",
+                  "| --- | ---: |" + " ---: |" * (len(strata) + 4)]
         for a in res["arms"]:
             cells = [f"{a[k]:.3f} ({a['auc_t' + k[6:]]:.3f})" for k in strata]
+            conf = [f"{a[k]:.4g}" if k in a else "–" for k in ("d_loss", "margin", "logit_std")]
             lines.append(f"| {a['arm']} | {a['d_params_optimised']:,} / {a['d_params_total']:,} | "
-                         + " | ".join(cells) + f" | {a['pacc']:.3f} ({a['auc']:.3f}) |")
+                         + " | ".join(cells) + f" | {a['pacc']:.3f} ({a['auc']:.3f}) | " + " | ".join(conf) + " |")
         lines.append("")
     for gm in res["games"]:
         lines += [f"## (b) game `{gm['name']}` {gm['overrides']}\n", "| step | held MSE | paired acc | AUC |",
@@ -325,7 +333,8 @@ def main(argv=None) -> int:
         for arm in arms:
             r = d_alone(cfg, args.stage, train, held, arm, args.d_steps, args.batch, args.seed, sigma,
                         parse_game(":" + args.arm_set)[1])
-            print(f"  D alone, {arm:8s}: paired acc {r['pacc']:.3f}  AUC {r['auc']:.3f}  "
+            print(f"  D alone, {arm:8s}: paired acc {r['pacc']:.3f}  AUC {r['auc']:.3f}  held D loss {r['d_loss']:.4f}  "
+                  f"margin {r['margin']:.3g}  logit std {r['logit_std']:.3g}  "
                   f"({r['d_params_optimised']:,} of {r['d_params_total']:,} parameters trained, {r['wall_s']:.0f} s)",
                   flush=True)
             res["arms"].append(r)
