@@ -19,6 +19,7 @@ import torch
 
 from pipeline import shards
 from pipeline.config import load_config
+from pipeline.dag import build_steps
 from pipeline.storage import RunStorage
 from pipeline.student import LORA_WEIGHT_NAME, pipeline_components
 from pipeline.phases import plan_phases
@@ -42,13 +43,21 @@ def _env():
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
+    env["PYTHONUNBUFFERED"] = "1"  # stdout and stderr share one log file: whole lines, in order
     return env
+
+
+SKIPPED = r"padistill distill: (\S+) already finished, skipped"  # pipeline.dag's line for a skipped step
 
 
 def _run_logged(cmd: list[str], cwd: Path, name: str, timeout: float = 1200) -> str:
     """Run a job to its end with its console in `cwd/name`; its text (the job must succeed)."""
     with open(cwd / name, "w") as log:
-        rc = subprocess.run(cmd, cwd=cwd, env=_env(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        finally:
+            kill_session(proc)  # the job's own Ray too, whether it ended or timed out
     text = (cwd / name).read_text()
     assert rc == 0, text[-3000:]
     return text
@@ -72,28 +81,30 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     cfg = load_config("smoke", sets)
     storage = RunStorage.from_config(cfg)
     started = time.time()
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(distill, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    deadline = time.monotonic() + 600
-    try:  # wait on the real signal: stage 1's first checkpoint registered by Ray Train on S3
-        while latest_checkpoint(cfg, 1, storage) is None:
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint in time"
-            time.sleep(0.2)
-    finally:
-        kill_session(proc)
-    assert not storage.is_finished("train-1-8step")  # killed mid-stage
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(distill, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.monotonic() + 600
+        try:  # wait on the real signal: stage 1's first checkpoint registered by Ray Train on S3
+            while latest_checkpoint(cfg, 1, storage) is None:
+                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint in time"
+                time.sleep(0.2)
+        finally:
+            kill_session(proc)
     killed_at = int(Path(latest_checkpoint(cfg, 1, storage)).name.split("_")[1])
-    assert 0 < killed_at < 24, "the kill came after the stage ended; make it longer"
+    assert 0 < killed_at < 24 and not storage.is_finished("train-1-8step"), \
+        "the kill came after the stage ended; make it longer"
     encoded_at = storage.read_manifest("encode")["finished_at"]
 
     # the same command again: encode and trajectories are finished, stage 1 resumes, the rest runs
     second = _run_logged(distill, tmp_path, "second.log")
     assert f"resumed from checkpoint at step {killed_at}" in second
     assert manifests(storage) == EXPECTED_SMOKE
-    assert storage.read_manifest("encode")["finished_at"] == encoded_at  # skipped, not encoded again
-    assert storage.read_manifest("train-1-8step")["steps"] == 24
+    assert set(re.findall(SKIPPED, second)) == {"encode", "traj-1"}, second[-3000:]  # not run again
+    assert storage.read_manifest("encode")["finished_at"] == encoded_at
+    trained = storage.read_manifest("train-1-8step")
+    assert trained["steps"] == 24 and trained["final_metrics"]["resumed_from"] == killed_at
     assert not (tmp_path / "runs").exists()  # nothing on a local disk: the run root is S3 only
     assert storage.read_manifest("trajectories-1-8step")["outputs"]["rows"] == 64
     traj = storage.read_table("stages/1-8step/traj", columns=["id", "draw"])
@@ -133,8 +144,8 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
 
     third = _run_logged(distill, tmp_path, "third.log")  # the same command a third time: every step is finished
     ran = re.findall(r"padistill distill: (\S+) done in", third)
-    skipped = re.findall(r"padistill distill: (\S+) already finished, skipped", third)
-    assert ran == ["report"] and len(skipped) == len(EXPECTED_SMOKE) - 1, third[-3000:]
+    skipped = re.findall(SKIPPED, third)
+    assert ran == ["report"] and set(skipped) == {s.name for s in build_steps(cfg)} - {"report"}, third[-3000:]
     assert {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE - {"report"}} == \
         {m: stamps[m] for m in EXPECTED_SMOKE - {"report"}}
     n = _no_credentials_in(storage, [tmp_path / f"{w}.log" for w in ("first", "second", "third")], "",

@@ -4,8 +4,8 @@ config with a tiny random teacher and trajectories made by `traj_helpers` in the
 Runs are shared between assertions (Ray/DeepSpeed start-up dominates on 2 busy cores):
 - `mse_lora_run`: stage 1 (32 -> 8, MSE) with a LoRA phase then the full UNet, ZeRO-2;
 - `x0_adv_run`:   stage 3 (-> 1 step, x0 conversion, conditional then unconditional D), ZeRO-3;
-- a stage killed after a checkpoint and resumed by `padistill train-stage` (run root on S3) is in
-  test_distill.py's killed-run test, which kills a real `distill`.
+- a stage killed after a checkpoint and resumed (run root on S3) is in test_distill.py's smoke DAG,
+  which kills a real `distill` and resumes it by running it again.
 """
 
 from __future__ import annotations
