@@ -42,19 +42,28 @@ def kill_session(proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-def kill_at_first_commit(args: list[str], marker_dir, log_path, timeout: float = 240, **popen) -> None:
-    """Start `args` as a job in its own session and SIGKILL it (and its Ray) once a unit's commit marker
-    appears in `marker_dir`: the real signal a kill test waits for, polled, never a fixed sleep."""
+def kill_when(args: list[str], ready, log_path, timeout: float = 240, what: str = "the signal", **popen) -> None:
+    """Start `args` as a job in its own session and SIGKILL it (and its Ray) once `ready()` is true: the
+    real signal a kill test waits for, polled, never a fixed sleep. Fails if the job ends first."""
     from pathlib import Path
 
-    marker_dir, log_path = Path(marker_dir), Path(log_path)
+    log_path = Path(log_path)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen)
         deadline = time.monotonic() + timeout
         try:
-            while not (marker_dir.exists() and any(marker_dir.glob("*.json"))):
+            while not ready():
                 assert proc.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no unit committed in time"
+                assert time.monotonic() < deadline, f"no {what} in time"
                 time.sleep(0.05)
         finally:
             kill_session(proc)
+
+
+def kill_at_first_commit(args: list[str], marker_dir, log_path, timeout: float = 240, **popen) -> None:
+    """`kill_when` a unit's commit marker appears in `marker_dir`."""
+    from pathlib import Path
+
+    marker_dir = Path(marker_dir)
+    kill_when(args, lambda: marker_dir.exists() and any(marker_dir.glob("*.json")), log_path, timeout,
+              what="unit committed", **popen)

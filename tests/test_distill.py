@@ -24,7 +24,7 @@ from pipeline.storage import RunStorage
 from pipeline.student import LORA_WEIGHT_NAME, pipeline_components
 from pipeline.phases import plan_phases
 from pipeline.export import latest_checkpoint
-from procs import kill_session
+from procs import kill_session, kill_when
 from reliability import record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,17 +81,9 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     cfg = load_config("smoke", sets)
     storage = RunStorage.from_config(cfg)
     started = time.time()
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(distill, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        deadline = time.monotonic() + 600
-        try:  # wait on the real signal: stage 1's first checkpoint registered by Ray Train on S3
-            while latest_checkpoint(cfg, 1, storage) is None:
-                assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint in time"
-                time.sleep(0.2)
-        finally:
-            kill_session(proc)
+    # killed on the real signal: stage 1's first checkpoint registered by Ray Train on S3
+    kill_when(distill, lambda: latest_checkpoint(cfg, 1, storage) is not None, tmp_path / "first.log", timeout=600,
+              what="checkpoint", cwd=tmp_path, env=_env())
     killed_at = int(Path(latest_checkpoint(cfg, 1, storage)).name.split("_")[1])
     assert 0 < killed_at < 24 and not storage.is_finished("train-1-8step"), \
         "the kill came after the stage ended; make it longer"
