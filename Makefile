@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install test reliability-table demo demo-mse demo-compare bench bench-teacher teacher-fashion bench-comparison bench-probe bench-ablations bench-report bench-fashion-report teacher clean
+.PHONY: install test reliability-table demo demo-mse demo-compare bench bench-teacher teacher-fashion bench-comparison bench-probe bench-ablations bench-report bench-fashion-report bench-fashion-long-report teacher clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,17 @@ bench-fashion-ablation-%: install
 
 bench-fashion-report: install
 	$(BIN)/python benchmarks/distill.py --benchmark fashion --part report
+
+# the sharp benchmark with 4x longer adversarial stages (200 D-only warm-up updates first) and disc_lr 1e-4:
+# adversarial ~30 min a seed, MSE-only ~12-20 min (stage 1 and the teacher's samples reused)
+bench-fashion-long-adv-%: install
+	$(BIN)/python benchmarks/distill.py --benchmark fashion_long --part comparison --arms adversarial --seeds $* $(BENCH_ARGS)
+
+bench-fashion-long-mse-%: install
+	$(BIN)/python benchmarks/distill.py --benchmark fashion_long --part comparison --arms mse --seeds $* $(BENCH_ARGS)
+
+bench-fashion-long-report: install
+	$(BIN)/python benchmarks/distill.py --benchmark fashion_long --part report
 
 bench-ablation-%: install
 	$(BIN)/python benchmarks/distill.py --part ablations --only $* $(BENCH_ARGS)

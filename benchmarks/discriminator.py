@@ -259,11 +259,13 @@ def parse_game(spec: str) -> tuple[str, dict]:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# Discriminator probe: `{res['run_root']}` stage {res['stage']}\n",
-             f"{res['train_rows']} training rows, {res['held_rows']} held rows; D alone for {res['d_steps']} "
-             f"updates at batch {res['batch']} (stage overrides {res.get('arm_overrides') or 'none'}); positive control: target blurred by sigma "
+    alone = (f"; D alone for {res['d_steps']} updates at batch {res['batch']} (stage overrides "
+             f"{res.get('arm_overrides') or 'none'}); positive control: target blurred by sigma "
              f"{res.get('control_sigma', 0):.2f} px (latent) to the real/fake RMS distance "
-             f"{res.get('real_fake_rms', 0):.4f}.\n"]
+             f"{res.get('real_fake_rms', 0):.4f}") if res["arms"] else \
+        f"; games at batch {res['batch']}, from the stage's first D or student update"
+    lines = [f"# Discriminator probe: `{res['run_root']}` stage {res['stage']}\n",
+             f"{res['train_rows']} training rows, {res['held_rows']} held rows{alone}.\n"]
     if res["arms"]:
         strata = sorted({k for a in res["arms"] for k in a if k.startswith("pacc_t")}, key=lambda k: int(k[6:]))
         lines += ["## (a) D alone: held paired accuracy per stratum (AUC in brackets)\n",

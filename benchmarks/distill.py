@@ -12,6 +12,10 @@ reuse finished runs (every run is `padistill distill`: finished DAG steps are sk
                                                      # at 500 samples (its ablations: --benchmark
                                                      # fashion --part ablations; its recipe mixes in
                                                      # the MSE, so its MSE ablation takes it out)
+    python benchmarks/distill.py --benchmark fashion_long --arms adversarial --seeds 0   # the same with
+                                                     # 4x longer adversarial stages after 200 D-only
+                                                     # warm-up updates, disc_lr 1e-4 (MSE-only: 240
+                                                     # updates a stage)
 
 Fair by construction: both arms train every stage for the same number of student updates (150; the
 1-step stage 100 x0-conversion steps first in both) on the same trajectories' data, learning rates from
@@ -59,7 +63,22 @@ BENCHMARKS = {
                "root": "runs/bench", "out": "distill"},
     "fashion": {"arms": {"adversarial": "toy_fashion", "mse": "toy_fashion_mse"},
                 "set": ["evaluate.samples_per_prompt=50"], "root": "runs/bench_fashion", "out": "distill_fashion"},
+    # the same configs with stages too long for the demo's 20 minutes and the discriminator's lr that
+    # keeps it confident (benchmarks/results/discriminator_fashion_confidence*.md): each adversarial stage
+    # 200 D-only warm-up updates + 160 conditional + 80 unconditional student updates, MSE-only 240
+    "fashion_long": {"arms": {"adversarial": "toy_fashion", "mse": "toy_fashion_mse"},
+                     "set": ["evaluate.samples_per_prompt=50"], "root": "runs/bench_fashion_long",
+                     "out": "distill_fashion_long_comparison", "data": "fashion",
+                     "arm_set": {"adversarial": [*(f"stages.{k}.{key}={v}" for k in (1, 2, 3) for key, v in (
+                         ("disc_warmup_steps", 200), ("conditional_steps", 160), ("unconditional_steps", 80),
+                         ("disc_lr", 1e-4))), "stages.2.renoise_stable_step=320", "stages.3.renoise_stable_step=360"],
+                                 "mse": [f"stages.{k}.mse_steps=240" for k in (1, 2, 3)]}},
 }
+def data_of(bench: str) -> str:
+    """The benchmark's data (its metrics' noise and the report's header): digits or fashion."""
+    return BENCHMARKS[bench].get("data", bench)
+
+
 ARMS = BENCHMARKS["digits"]["arms"]  # the digits' arms: what `ablations` and `ablation_table` default to
 DEFAULT_SEEDS = (0, 1, 2)
 
@@ -88,9 +107,10 @@ def ablations(config: str = ARMS["adversarial"], extra: list[str] | tuple = ()) 
            {"MSE + adversarial": each("mse_weight=1.0"),
             "MSE + adversarial at 1 step": each("mse_weight=1.0", lambda st: st.student_steps == 1)}),
         # LoRA through both objectives, merged, then the full UNet at half the lr (the paper's 4000 + 1000 of
-        # 5000 steps, 1e-6 -> 5e-7); the 4- and 2-step stages (the 1-step stage's x0 conversion trains conv_out)
+        # 5000 steps, 1e-6 -> 5e-7); the 4- and 2-step stages (the 1-step stage's x0 conversion trains conv_out).
+        # lora.steps counts the stage's steps from 0, so a D-only warm-up comes on top of its 4/5
         "LoRA then full (4, 2 steps)": [o for i, st in stages if st.prediction_type != "sample" for o in (
-            f"stages.{i}.lora.rank=8", f"stages.{i}.lora.steps={student_updates(st) * 4 // 5}",
+            f"stages.{i}.lora.rank=8", f"stages.{i}.lora.steps={st.disc_warmup_steps + student_updates(st) * 4 // 5}",
             f"stages.{i}.full_steps={student_updates(st) - student_updates(st) * 4 // 5}",
             f"stages.{i}.full_lr={st.lr / 2:g}")],
     }
@@ -273,7 +293,7 @@ def targets(adv: list[dict], mse: list[dict], bench: str = "digits") -> list[dic
     claim (issue 14): at 1 and 2 steps the adversarial students' FD-patch >= 20% below MSE-only's, their
     sharpness within 15% of the real photos' while MSE-only's is lower."""
     out = []
-    noise = FD_NOISE[bench]
+    noise = FD_NOISE[data_of(bench)]
 
     def add(name, value, limit, ok, note=""):
         out.append({"target": name, "value": value, "limit": limit, "met": bool(ok), "note": note})
@@ -312,7 +332,7 @@ def targets(adv: list[dict], mse: list[dict], bench: str = "digits") -> list[dic
             spread = max(fd[n]["max"] - fd[n]["min"], start[n]["max"] - start[n]["min"], noise)
             add(f"{n}-step stage moves FD toward better by more than the seed spread (at least {noise:g})",
                 moved, spread, moved > spread, f"start {fmt(start[n])} -> {fmt(fd[n])}, {fd[n]['n']} seed(s)")
-    if bench == "fashion" and common:
+    if data_of(bench) == "fashion" and common:
         out += central_claim([r for r in adv if seed_of(r) in common], [r for r in mse if seed_of(r) in common],
                              common)
     return out
@@ -411,9 +431,10 @@ HEADERS = {
 def markdown(result: dict) -> str:
     bench = result.get("benchmark", "digits")
     lines = [f"# Toy benchmark ({bench}): progressive adversarial distillation vs MSE-only, and ablations\n",
-             HEADERS[bench] + "; 'start of stage': the student the stage started from, sampled at "
+             HEADERS[data_of(bench)] + "; 'start of stage': the student the stage started from, sampled at "
              "the stage's step count. Spread: [min, max] over training seeds.\n",
              *([f"Variant: both arms' runs with `{' '.join(result['set'])}` (`--set`).\n"] if result.get("set") else []),
+             *[f"The {arm} arm's runs with `{' '.join(ov)}`.\n" for arm, ov in result.get("arm_set", {}).items()],
              "## Adversarial vs MSE-only (same student updates per stage)\n",
              comparison_table(result["comparison"]), "",
              "## Ablations (seed 0, same student updates)\n", ablation_table(
@@ -428,7 +449,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("comparison", "ablations", "report"), default="comparison")
     p.add_argument("--benchmark", choices=tuple(BENCHMARKS), default="digits",
-                   help="digits (default) or fashion: the demo's configs at 500 samples a model")
+                   help="digits (default); fashion: the demo's configs at 500 samples a model; fashion_long: "
+                   "the same with 4x longer adversarial stages (200 D-only warm-up updates first) and disc_lr 1e-4")
     p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
                    help="training seeds of the comparison to run (default 0,1,2)")
     p.add_argument("--arms", default="adversarial,mse", help="comparison arms to run (default both)")
@@ -461,7 +483,8 @@ def main(argv=None) -> int:
 
     from pipeline.config import load_config
 
-    adv_cfg, mse_cfg = load_config(arms["adversarial"], bench_set), load_config(arms["mse"], bench_set)
+    arm_set = {arm: [*bench_set, *bench.get("arm_set", {}).get(arm, [])] for arm in arms}
+    adv_cfg, mse_cfg = (load_config(arms[arm], arm_set[arm]) for arm in ("adversarial", "mse"))
     same = shared_stages(adv_cfg, mse_cfg)
 
     def arm_runs(arm: str, do_run: bool) -> list[dict]:
@@ -469,7 +492,7 @@ def main(argv=None) -> int:
         seed of the default three read as they are, so each part's report has all runs finished so far."""
         out = []
         for s in all_seeds:
-            r_root, ov = str(root / f"{arms[arm]}-s{s}"), [*bench_set, f"train.seed={s}"]
+            r_root, ov = str(root / f"{arms[arm]}-s{s}"), [*arm_set[arm], f"train.seed={s}"]
             other = str(root / f"{arms['adversarial' if arm == 'mse' else 'mse']}-s{s}")
             r = run(arms[arm], r_root, ov, donor(), (other, same)) if do_run and s in seeds \
                 else finished(arms[arm], r_root, ov)
@@ -483,13 +506,13 @@ def main(argv=None) -> int:
     abl_runs = {}
     only = None if args.only is None else {x.strip() for x in args.only.split(",")}
     recipe = arms["adversarial"]
-    abl = ablations(recipe, bench_set)
+    abl = ablations(recipe, arm_set["adversarial"])
     known = {n for name in abl for n in (name, slug(name))}
     if only is not None and only - known:
         p.error(f"--only: no ablation named {', '.join(sorted(only - known))}; the ablations: "
                 f"{', '.join(slug(n) for n in abl)}")
     for name, ov in abl.items():
-        r_root, ov = str(root / f"ablation-{slug(name)}"), [*bench_set, *ov, "train.seed=0"]
+        r_root, ov = str(root / f"ablation-{slug(name)}"), [*arm_set["adversarial"], *ov, "train.seed=0"]
         if args.part == "ablations" and (only is None or name in only or slug(name) in only):
             s0 = (str(root / f"{recipe}-s0"), shared_stages(adv_cfg, load_config(recipe, ov)))
             abl_runs[name] = run(recipe, r_root, ov, donor(), s0)
@@ -498,7 +521,7 @@ def main(argv=None) -> int:
             if r is not None:
                 abl_runs[name] = r
     base = next((r for r in comparison["adversarial"] if r["run_root"].endswith("-s0")), None)
-    result = {"benchmark": args.benchmark, "set": args.set, "comparison": comparison, "ablations": abl_runs, "ablation_base": base,
+    result = {"benchmark": args.benchmark, "set": args.set, "arm_set": bench.get("arm_set", {}), "comparison": comparison, "ablations": abl_runs, "ablation_base": base,
               "targets": targets(comparison["adversarial"], comparison["mse"], args.benchmark), "seeds_run": seeds,
               "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}

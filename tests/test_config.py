@@ -212,6 +212,34 @@ def test_the_fashion_demo_and_its_mse_baseline_are_a_fair_pair():
             plan_phases(st)
 
 
+@pytest.mark.parametrize("name", ["digits", "fashion", "fashion_long"])
+def test_every_benchmark_is_fair_and_its_ablations_load(name):
+    """Each benchmark of benchmarks/distill.py, with its per-arm overrides (fashion_long: longer adversarial
+    stages after a D-only warm-up, MSE-only at the same student updates): the arms are fair (`check_fair`)
+    and every ablation of its adversarial arm loads, plans its phases and keeps the budget (the LoRA
+    ablation's `lora.steps` counts a D-only warm-up too)."""
+    import sys
+
+    sys.path.insert(0, str(CONFIG_DIR.parent))
+    from benchmarks.distill import BENCHMARKS, ablations, check_fair, student_updates
+    from pipeline.phases import plan_phases
+
+    bench = BENCHMARKS[name]
+    sets = {arm: [*bench["set"], *bench.get("arm_set", {}).get(arm, [])] for arm in ("adversarial", "mse")}
+    adv, mse = (load_config(bench["arms"][arm], sets[arm]) for arm in ("adversarial", "mse"))
+    check_fair(adv, mse)
+    if name == "fashion_long":
+        assert [student_updates(st) for st in adv.stages] == [240, 240, 240, 280]
+        assert {st.disc_lr for st in adv.stages if st.loss == "adversarial"} == {1e-4}
+        assert {st.disc_warmup_steps for st in adv.stages if st.loss == "adversarial"} == {200}
+    for abl, overrides in ablations(bench["arms"]["adversarial"], sets["adversarial"]).items():
+        a = load_config(bench["arms"]["adversarial"], [*sets["adversarial"], *overrides])
+        check_fair(a, mse)
+        assert a != adv, abl
+        for st in a.stages:
+            plan_phases(st)
+
+
 def test_the_arm_comparison_uses_only_seeds_both_arms_finished():
     """benchmarks/distill.py's targets compare the adversarial and MSE-only arms on the same training
     seeds (never a two-seed mean against one seed), and judge a one-seed gap against the spread the arms
