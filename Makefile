@@ -98,6 +98,9 @@ bench-fashion-long-adv-%: install
 bench-fashion-long-mse-%: install
 	$(BIN)/python benchmarks/distill.py --benchmark fashion_long --part comparison --arms mse --seeds $* $(BENCH_ARGS)
 
+bench-fashion-long-ablation-%: install
+	$(BIN)/python benchmarks/distill.py --benchmark fashion_long --part ablations --only $* $(BENCH_ARGS)
+
 bench-fashion-long-report: install
 	$(BIN)/python benchmarks/distill.py --benchmark fashion_long --part report
 

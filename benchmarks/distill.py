@@ -17,11 +17,12 @@ reuse finished runs (every run is `padistill distill`: finished DAG steps are sk
                                                      # warm-up updates, disc_lr 1e-4 (MSE-only: 240
                                                      # updates a stage)
 
-Fair by construction: both arms train every stage for the same number of student updates (150; the
-1-step stage 100 x0-conversion steps first in both) on the same trajectories' data, learning rates from
+Fair by construction: both arms train every stage for the same number of student updates (each
+benchmark's configs set them; `check_fair` refuses arms that differ; a D-only warm-up comes on top) on the same trajectories' data, learning rates from
 the same sweep (`benchmarks/discriminator.py` games, recorded in the configs), 3 training seeds
 (`train.seed`) each; mean and spread (min-max) are reported, and a difference inside the spread is
-called that. Run roots: `runs/bench/<config>-s<seed>` and `runs/bench/ablation-<name>`; the seed-
+called that. Run roots: `<root>/<config>-s<seed>` and `<root>/ablation-<name>` (root: runs/bench,
+runs/bench_fashion, runs/bench_fashion_long); the seed-
 and arm-independent steps (encode, the first stage's trajectories, the base teacher's evaluation
 samples) are copied from the first finished run instead of being recomputed; the MSE-only arm's first
 stage (the same MSE stage) from the adversarial arm's run of the same seed, and an ablation's stages
@@ -33,7 +34,8 @@ step count, with accuracy >= teacher - 0.01 (500 samples resolve accuracy to abo
 4-step FD <= 1.25x and the 1-step FD <= 2x the 32-step teacher's; adversarial vs MSE-only at 1 and 2
 steps; every adversarial stage moves its student's FD by more than the seed spread, toward better.
 
-Writes benchmarks/results/distill.json and distill.md.
+Writes benchmarks/results/distill.{json,md} (digits), distill_fashion.{json,md} (fashion) or
+distill_fashion_long_comparison.{json,md} (fashion_long).
 """
 
 from __future__ import annotations
@@ -74,6 +76,15 @@ BENCHMARKS = {
                          ("disc_lr", 1e-4))), "stages.2.renoise_stable_step=320", "stages.3.renoise_stable_step=360"],
                                  "mse": [f"stages.{k}.mse_steps=240" for k in (1, 2, 3)]}},
 }
+
+
+def arm_overrides(bench: str, arm: str, cli: list[str] | tuple = ()) -> list[str]:
+    """The overrides of one arm's runs: the benchmark's, then its per-arm ones, then the command line's
+    `--set` (last, so they win)."""
+    b = BENCHMARKS[bench]
+    return [*b["set"], *b.get("arm_set", {}).get(arm, []), *cli]
+
+
 def data_of(bench: str) -> str:
     """The benchmark's data (its metrics' noise and the report's header): digits or fashion."""
     return BENCHMARKS[bench].get("data", bench)
@@ -455,16 +466,16 @@ def main(argv=None) -> int:
                    help="training seeds of the comparison to run (default 0,1,2)")
     p.add_argument("--arms", default="adversarial,mse", help="comparison arms to run (default both)")
     p.add_argument("--only", default=None, help="ablations: run only these (comma-separated names or slugs)")
-    p.add_argument("--root", default=None, help="where the run roots go (default runs/bench, or "
-                   "runs/bench_fashion)")
+    p.add_argument("--root", default=None, help="where the run roots go (default runs/bench, "
+                   "runs/bench_fashion or runs/bench_fashion_long)")
     p.add_argument("--out", default=None, help="output path without extension (default "
-                   "benchmarks/results/distill, or distill_fashion)")
+                   "benchmarks/results/distill, distill_fashion or distill_fashion_long_comparison)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every run of both arms (repeatable; e.g. stages.0.lr=3e-5): "
                    "give such a variant its own --root and --out")
     args = p.parse_args(argv)
     bench = BENCHMARKS[args.benchmark]
-    arms, bench_set = bench["arms"], [*bench["set"], *args.set]
+    arms = bench["arms"]
     if args.set and (args.root is None or args.out is None):
         p.error("--set changes every run: give the variant its own --root and --out")
     args.root = args.root or bench["root"]
@@ -483,7 +494,7 @@ def main(argv=None) -> int:
 
     from pipeline.config import load_config
 
-    arm_set = {arm: [*bench_set, *bench.get("arm_set", {}).get(arm, [])] for arm in arms}
+    arm_set = {arm: arm_overrides(args.benchmark, arm, args.set) for arm in arms}
     adv_cfg, mse_cfg = (load_config(arms[arm], arm_set[arm]) for arm in ("adversarial", "mse"))
     same = shared_stages(adv_cfg, mse_cfg)
 

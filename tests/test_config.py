@@ -221,11 +221,14 @@ def test_every_benchmark_is_fair_and_its_ablations_load(name):
     import sys
 
     sys.path.insert(0, str(CONFIG_DIR.parent))
-    from benchmarks.distill import BENCHMARKS, ablations, check_fair, student_updates
+    from benchmarks.distill import BENCHMARKS, ablations, arm_overrides, check_fair, student_updates
     from pipeline.phases import plan_phases
 
     bench = BENCHMARKS[name]
-    sets = {arm: [*bench["set"], *bench.get("arm_set", {}).get(arm, [])] for arm in ("adversarial", "mse")}
+    sets = {arm: arm_overrides(name, arm) for arm in ("adversarial", "mse")}
+    # a command line's --set comes last and wins over the benchmark's own overrides
+    assert load_config(bench["arms"]["adversarial"], arm_overrides(name, "adversarial", ["stages.1.disc_lr=2e-4"])
+                       ).stages[1].disc_lr == 2e-4
     adv, mse = (load_config(bench["arms"][arm], sets[arm]) for arm in ("adversarial", "mse"))
     check_fair(adv, mse)
     if name == "fashion_long":
