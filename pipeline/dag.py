@@ -31,6 +31,9 @@ class Step:
     name: str
     run: Callable[[RunConfig], dict]
     deps: list[str] = field(default_factory=list)
+    # the step's manifest when it is finished with today's inputs (and, `check_files`, its files verify), else
+    # None; asked without Ray. None: the step always runs, as the report does
+    finished: Callable[..., dict | None] | None = None
 
 
 def _encode(cfg):
@@ -63,6 +66,23 @@ def _eval(k):
     return run
 
 
+def _finished(module: str, *key, files: bool = False):
+    def finished(cfg, check_files: bool = True):
+        import importlib
+
+        extra = {"check_files": check_files} if files else {}
+        return importlib.import_module(f"{__package__}.{module}").finished(cfg, *key, **extra)
+    return finished
+
+
+def all_finished(cfg: RunConfig, steps: list[Step]) -> bool:
+    """Whether every step but the report is finished with today's inputs: first by their manifests alone
+    (cheap), then, only if all are, by their files (one read of every committed file)."""
+    rest = [s for s in steps if s.name != "report"]
+    return all(s.finished is not None and s.finished(cfg, check_files=False) is not None for s in rest) and \
+        all(s.finished(cfg) is not None for s in rest)
+
+
 def _report(cfg):
     from .report import write_report
 
@@ -71,15 +91,16 @@ def _report(cfg):
 
 def build_steps(cfg: RunConfig) -> list[Step]:
     """All steps of a run, in a valid execution order."""
-    steps = [Step("encode", _encode)]
+    steps = [Step("encode", _encode, finished=_finished("encode", files=True))]
     for k, st in enumerate(cfg.stages, start=1):
         teacher = cfg.teacher_of(k)
         traj_deps = ["encode"] + ([f"train-{teacher}"] if teacher else [])
-        steps += [Step(f"traj-{k}", _traj(k), traj_deps),
+        steps += [Step(f"traj-{k}", _traj(k), traj_deps, _finished("trajectories", k, files=True)),
                   Step(f"train-{k}", _train(k), [f"traj-{k}"] + ([f"train-{cfg.student_init_of(k)}"]
                                                                     if cfg.student_init_of(k) not in (None, teacher)
-                                                                    else [])),
-                  Step(f"eval-{k}", _eval(k), [f"train-{k}"] + ([f"eval-{k - 1}"] if k > 1 else []))]
+                                                                    else []), _finished("train", k)),
+                  Step(f"eval-{k}", _eval(k), [f"train-{k}"] + ([f"eval-{k - 1}"] if k > 1 else []),
+                       _finished("evaluate", k))]
     steps.append(Step("report", _report, [f"eval-{k}" for k in range(1, len(cfg.stages) + 1)]))
     return steps
 
@@ -114,6 +135,23 @@ def _timed(step: Step, cfg: RunConfig) -> dict:
     return {"step": step.name, "seconds": seconds, "ran": ran}
 
 
+def _rerun_finished(cfg: RunConfig, steps: list[Step], storage: RunStorage, log) -> list[dict]:
+    """A run whose every step but the report is finished: the report is written again, here, and the
+    others are said to be skipped, as the DAG says it."""
+    results = []
+    for s in steps:
+        if s.name == "report":
+            r = _timed(s, cfg)
+        else:
+            r = {"step": s.name, "seconds": 0.0, "ran": False}
+        log(f"padistill distill: {s.name} {'done' if r['ran'] else 'already finished, skipped'} in {r['seconds']:.1f}s")
+        results.append(r)
+    missing = storage.missing_outputs()
+    if missing:
+        raise RuntimeError(f"{storage.url()}: manifests list outputs that do not exist: {'; '.join(missing[:20])}")
+    return results
+
+
 def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, log=print) -> list[dict]:
     """Run the selected steps as Ray tasks, each starting when its dependencies have finished."""
     import ray
@@ -131,6 +169,8 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
         from . import real_metrics
 
         real_metrics.check(cfg.evaluate, cfg.model.resolution)  # before hours of training, not after
+    if not ray.is_initialized() and all_finished(cfg, steps):
+        return _rerun_finished(cfg, steps, storage, log)  # nothing to compute: no Ray to start
     cluster.ensure_ray(cfg)
 
     @ray.remote(num_cpus=0, max_retries=0)

@@ -112,6 +112,18 @@ def encode_inputs(cfg: RunConfig, source=None) -> dict:
             "max_rows_per_file": cfg.encode.max_rows_per_file, "schema_version": SCHEMA_VERSION}
 
 
+def finished(cfg: RunConfig, storage: RunStorage | None = None, log=print, source=None,
+             check_files: bool = True) -> dict | None:
+    """The encode step's manifest when it finished with today's inputs and (`check_files`) its files verify
+    (`storage.verify_reads`); else None. No Ray: `distill` asks before it starts one."""
+    storage = storage or RunStorage.from_config(cfg)
+    if not storage.is_finished(STEP, encode_inputs(cfg, source)):
+        return None
+    manifest = storage.read_manifest(STEP)
+    return manifest if not check_files or shards.intact(storage, OUT, manifest["outputs"]["files"],
+                                                        cfg.storage.verify_reads, log, "encode") else None
+
+
 def run_encode(cfg: RunConfig, *, force: bool = False, log=print) -> dict:
     """Run (or resume, or skip when finished) the encode step; returns its manifest."""
     storage = RunStorage.from_config(cfg)
@@ -119,11 +131,9 @@ def run_encode(cfg: RunConfig, *, force: bool = False, log=print) -> dict:
     inputs = encode_inputs(cfg, source)
     ih = shards.inputs_hash(inputs)
     verify = cfg.storage.verify_reads
-    if not force and storage.is_finished(STEP, inputs):
-        manifest = storage.read_manifest(STEP)
-        if shards.intact(storage, OUT, manifest["outputs"]["files"], verify, log, "encode"):
-            log(f"padistill encode: {storage.url(OUT)} is up to date (manifest {storage.manifest_path(STEP)})")
-            return manifest
+    if not force and (manifest := finished(cfg, storage, log, source)) is not None:
+        log(f"padistill encode: {storage.url(OUT)} is up to date (manifest {storage.manifest_path(STEP)})")
+        return manifest
     storage.invalidate(STEP)
     units = [{"index": i, **u} for i, u in enumerate(source.units(cfg.encode.max_rows_per_file))]
     if force:

@@ -145,11 +145,31 @@ def _prediction_type(storage: RunStorage, model_rel: str) -> str:
     return Schedule.from_scheduler_config(storage.read_json(f"{model_rel}/scheduler/scheduler_config.json")).prediction_type
 
 
+def eval_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict | None:
+    """What stage `key`'s evaluation depends on (its manifest's inputs); None while the stage has no
+    finished, exported student."""
+    from .sampling import NOISE_VERSION
+
+    train_manifest = storage.read_manifest(manifest_step(cfg, key, "train"))
+    if train_manifest is None or not storage.exists(f"{cfg.stage_dir(key)}/model/model_index.json"):
+        return None
+    return {"model": train_manifest["inputs_hash"], "model_finished_at": train_manifest["finished_at"],
+            "evaluate": cfg.evaluate.model_dump(mode="json"), "teacher": cfg.model.source,
+            "noise_version": NOISE_VERSION, "data": cfg.data.model_dump(mode="json"), "rows": ROWS_VERSION}
+
+
+def finished(cfg: RunConfig, key, storage: RunStorage | None = None) -> dict | None:
+    """Stage `key`'s evaluation manifest when it finished with today's inputs; else None (no Ray)."""
+    storage = storage or RunStorage.from_config(cfg)
+    inputs = eval_inputs(cfg, key, storage)
+    step = step_name(cfg, key)
+    return storage.read_manifest(step) if inputs is not None and storage.is_finished(step, inputs) else None
+
+
 def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
     """Evaluate stage `key` (skipped when its manifest matches); returns the manifest."""
     from .eval_sampling import SampleSet, sample_sets
     from .images import from_uint8, save_grid
-    from .sampling import NOISE_VERSION
     from .zoo import resolve_source, schedule_of
 
     toy = cfg.data.toy
@@ -158,15 +178,11 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
     storage = RunStorage.from_config(cfg)
     idx, stage = cfg.stage(key)
     sd = cfg.stage_dir(key)
-    train_manifest = storage.read_manifest(manifest_step(cfg, key, "train"))
-    if train_manifest is None or not storage.exists(f"{sd}/model/model_index.json"):
+    inputs = eval_inputs(cfg, key, storage)
+    if inputs is None:
         raise MissingInputError(f"{storage.url(sd, 'model')}: stage {idx} has no exported student yet; "
                                 f"run `padistill train-stage --stage {idx}` first")
     step = step_name(cfg, key)
-    inputs = {"model": train_manifest["inputs_hash"], "model_finished_at": train_manifest["finished_at"],
-              "evaluate": cfg.evaluate.model_dump(mode="json"), "teacher": cfg.model.source,
-              "noise_version": NOISE_VERSION, "data": cfg.data.model_dump(mode="json"),
-              "rows": ROWS_VERSION}
     if not force and storage.is_finished(step, inputs):
         log(f"padistill evaluate: stage {idx} is up to date")
         return storage.read_manifest(step)
@@ -209,7 +225,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
                                                 {"source": cfg.model.source}, steps, g, captions, noise,
                                                 uint8=not toy, features=not toy)
         sets = list(teacher_sets.values())
-        student_id = {"train": train_manifest["inputs_hash"], "finished_at": train_manifest["finished_at"]}
+        student_id = {"train": inputs["model"], "finished_at": inputs["model_finished_at"]}
         sets.append(SampleSet("student", f"{sd}/eval/units/student", "student", student_id, N, 0.0, captions,
                               noise, pred, uint8=not toy, features=not toy))
         if toy:  # the student this stage started from, at the student's steps without CFG

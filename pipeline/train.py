@@ -158,14 +158,21 @@ def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
     return out
 
 
+def finished(cfg: RunConfig, key, storage: RunStorage | None = None) -> dict | None:
+    """Stage `key`'s training manifest when it finished with today's inputs; else None (no Ray)."""
+    storage = storage or RunStorage.from_config(cfg)
+    step = step_name(cfg, key)
+    return storage.read_manifest(step) if storage.is_finished(step, train_inputs(cfg, key, storage)) else None
+
+
 def run_train_stage(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
     """The DAG's train step: skipped when its manifest matches its inputs, else `train_stage` (which
     resumes from the latest checkpoint). Returns the step's manifest."""
     storage = RunStorage.from_config(cfg)
     step = step_name(cfg, key)
-    if not force and storage.is_finished(step, train_inputs(cfg, key, storage)):
+    if not force and (manifest := finished(cfg, key, storage)) is not None:
         log(f"padistill train-stage: {step} is up to date")
-        return storage.read_manifest(step)
+        return manifest
     summary = train_stage(cfg, key, restart=force, log=log)
     manifest = storage.read_manifest(step)
     if manifest is None:

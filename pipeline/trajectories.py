@@ -255,6 +255,26 @@ def _legacy_finished(manifest: dict | None, inputs: dict) -> bool:
     return {**old, "teacher": inputs["teacher"]} == inputs
 
 
+def finished(cfg: RunConfig, key, storage: RunStorage | None = None, log=print,
+             check_files: bool = True) -> dict | None:
+    """Stage `key`'s trajectories' manifest when they finished with today's inputs (its teacher's files
+    included) and (`check_files`) their files verify; else None. No Ray: `distill` asks before it starts one."""
+    storage = storage or RunStorage.from_config(cfg)
+    enc = storage.read_manifest(encode_mod.STEP)
+    step = step_name(cfg, key)
+    prev = storage.read_manifest(step)
+    if enc is None or prev is None:
+        return None
+    try:
+        inputs = trajectory_inputs(cfg, key, storage, enc)
+    except MissingInputError:  # its teacher (an earlier stage's student) is not exported
+        return None
+    if not (storage.is_finished(step, inputs) or _legacy_finished(prev, inputs)):
+        return None
+    return prev if not check_files or shards.intact(storage, out_rel(cfg, key), prev["outputs"]["files"],
+                                                    cfg.storage.verify_reads, log, "trajectories") else None
+
+
 def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
     """Run (or resume, or skip when finished) stage `key`'s trajectories; returns the manifest."""
     storage = RunStorage.from_config(cfg)
@@ -264,14 +284,12 @@ def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> 
         raise MissingInputError(f"{storage.url(encode_mod.OUT)} is not finished (no manifest "
                                 f"{storage.manifest_path(encode_mod.STEP)}): run `padistill encode` first")
     step, out = step_name(cfg, k), out_rel(cfg, k)
+    if not force and (prev := finished(cfg, k, storage, log)) is not None:
+        log(f"padistill trajectories: {storage.url(out)} is up to date (manifest {storage.manifest_path(step)})")
+        return prev
     inputs = trajectory_inputs(cfg, k, storage, enc)
     ih = shards.inputs_hash(inputs)
-    prev = storage.read_manifest(step)
     verify = cfg.storage.verify_reads
-    if not force and (storage.is_finished(step, inputs) or _legacy_finished(prev, inputs)):
-        if shards.intact(storage, out, prev["outputs"]["files"], verify, log, "trajectories"):
-            log(f"padistill trajectories: {storage.url(out)} is up to date (manifest {storage.manifest_path(step)})")
-            return prev
     # the encoded rows the units read, before anything here is touched
     shards.check_committed(storage, encode_mod.OUT, enc["outputs"]["files"], verify, "`padistill encode`")
     storage.invalidate(step)

@@ -19,9 +19,13 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-# what the moto fixture exports as AWS credentials; no file a run writes may contain either
+# the AWS credentials of the whole session (moto accepts any); no file a run writes may contain either. Set
+# here, before any test starts a Ray, so the workers of the session's Ray (`ray_local`) hold them too, as a
+# cluster's nodes would hold an instance role's: S3 runs need no process of their own
 SENTINEL_KEY_ID = "AKIAPADISTILLSENTNL7Q"
 SENTINEL_SECRET = "padistill+Sentinel/Secret+4f1c9e2ab7d3"
+os.environ.update({"AWS_ACCESS_KEY_ID": SENTINEL_KEY_ID, "AWS_SECRET_ACCESS_KEY": SENTINEL_SECRET,
+                   "AWS_DEFAULT_REGION": "us-east-1"})
 
 
 def _free_port() -> int:
@@ -32,8 +36,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
-    """A moto_server on 127.0.0.1 (one per test module), with test credentials in the environment
-    and a bucket `padistill-test`. Yields the endpoint URL."""
+    """A moto_server on 127.0.0.1 (one per test module) with a bucket `padistill-test` (the session's
+    sentinel credentials are in the environment). Yields the endpoint URL."""
     port = _free_port()
     # this interpreter's moto_server (a system-wide one may be another, older release)
     exe = str(Path(sys.executable).parent / "moto_server")
@@ -52,20 +56,10 @@ def s3_endpoint(tmp_path_factory):
                 proc.kill()
                 raise RuntimeError(f"moto_server did not start on {url}")
             time.sleep(0.1)
-    # sentinel credentials (moto accepts any): a test scans what a run wrote for them
-    env = {"AWS_ACCESS_KEY_ID": SENTINEL_KEY_ID, "AWS_SECRET_ACCESS_KEY": SENTINEL_SECRET,
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     import boto3
 
     boto3.client("s3", endpoint_url=url, region_name="us-east-1").create_bucket(Bucket="padistill-test")
     yield url
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
     proc.terminate()
     proc.wait(timeout=30)
     log.close()

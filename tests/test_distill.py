@@ -68,14 +68,14 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     session) inside stage 1, once Ray Train has registered a checkpoint; `distill` again resumes that stage
     from exactly that checkpoint (every rank's ZeRO shard), skips the finished encode and trajectories, and
     runs the rest; every exported folder loads in stock diffusers (the export contract); a third run skips
-    every finished step. The run's AWS credentials are in nothing it wrote. (The same DAG on a local,
-    relative run root: test_real_metrics's non-toy run.)"""
+    every finished step and writes the report again without starting a Ray. The run's AWS credentials are
+    in nothing it wrote. (The same DAG on a local, relative run root: test_real_metrics's non-toy run.)"""
     from diffusers import StableDiffusionXLPipeline
 
     root = "s3://padistill-test/killed"
-    # stage 1 long enough that the kill lands inside it, after its first checkpoint (step 6 of 24)
-    sets = [f"run_root={root}", f"storage.endpoint_url={s3_endpoint}", "stages.0.mse_steps=24",
-            "train.checkpoint_every=6"]
+    # stage 1 long enough that the kill lands inside it, after its first checkpoint (step 4 of 12)
+    sets = [f"run_root={root}", f"storage.endpoint_url={s3_endpoint}", "stages.0.mse_steps=12",
+            "train.checkpoint_every=4"]
     over = [a for kv in sets for a in ("--set", kv)]
     distill = [sys.executable, "-m", "jobs.distill", "--config", "smoke", *over]
     cfg = load_config("smoke", sets)
@@ -85,7 +85,7 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     kill_when(distill, lambda: latest_checkpoint(cfg, 1, storage) is not None, tmp_path / "first.log", timeout=600,
               what="checkpoint", cwd=tmp_path, env=_env())
     killed_at = int(Path(latest_checkpoint(cfg, 1, storage)).name.split("_")[1])
-    assert 0 < killed_at < 24 and not storage.is_finished("train-1-8step"), \
+    assert 0 < killed_at < 12 and not storage.is_finished("train-1-8step"), \
         "the kill came after the stage ended; make it longer"
     encoded_at = storage.read_manifest("encode")["finished_at"]
 
@@ -96,7 +96,7 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     assert set(re.findall(SKIPPED, second)) == {"encode", "traj-1"}, second[-3000:]  # not run again
     assert storage.read_manifest("encode")["finished_at"] == encoded_at
     trained = storage.read_manifest("train-1-8step")
-    assert trained["steps"] == 24 and trained["final_metrics"]["resumed_from"] == killed_at
+    assert trained["steps"] == 12 and trained["final_metrics"]["resumed_from"] == killed_at
     assert not (tmp_path / "runs").exists()  # nothing on a local disk: the run root is S3 only
     assert storage.read_manifest("trajectories-1-8step")["outputs"]["rows"] == 64
     traj = storage.read_table("stages/1-8step/traj", columns=["id", "draw"])
@@ -138,12 +138,13 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     ran = re.findall(r"padistill distill: (\S+) done in", third)
     skipped = re.findall(SKIPPED, third)
     assert ran == ["report"] and set(skipped) == {s.name for s in build_steps(cfg)} - {"report"}, third[-3000:]
+    assert "Started a local Ray instance" not in third  # nothing to compute: the report is written without Ray
     assert {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE - {"report"}} == \
         {m: stamps[m] for m in EXPECTED_SMOKE - {"report"}}
     n = _no_credentials_in(storage, [tmp_path / f"{w}.log" for w in ("first", "second", "third")], "",
                            since=started)
     record(request, "`distill` killed mid-stage (SIGKILL), run root on S3",
-           f"`distill` again resumes the stage from its latest checkpoint (step {killed_at} of 24, every rank's ZeRO "
+           f"`distill` again resumes the stage from its latest checkpoint (step {killed_at} of 12, every rank's ZeRO "
            "shard), skips the finished precompute and ends with the manifests of an unbroken run; a third run "
            "skips every step", injected=1, completed=1, rows_lost=64 - len(set(keys)),
            duplicates=len(keys) - len(set(keys)))

@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -161,9 +159,11 @@ def test_encode_parquet_bad_input_corpus_decoded_or_counted_by_reason(ray_local,
            rows_lost=len(good - set(ids)), duplicates=len(ids) - len(set(ids)))
 
 
-def test_encode_on_s3(s3_endpoint, tmp_path):
-    """Source and run root on S3 (moto): the job runs as its own process (what `ray job submit` runs),
-    so its Ray workers inherit the AWS test credentials."""
+def test_encode_on_s3(ray_local, s3_endpoint, tmp_path):
+    """Source and run root on S3 (moto), through the `padistill encode` entry point on the session's Ray
+    (whose workers hold the session's AWS credentials, as a cluster's nodes would)."""
+    from jobs.cli import main
+
     import s3fs
 
     tables, good, expected = bad_rows_source_tables()
@@ -171,13 +171,10 @@ def test_encode_on_s3(s3_endpoint, tmp_path):
     for i, t in enumerate(tables):
         with fs.open(f"padistill-test/src-enc/part-{i}.parquet", "wb") as f:
             pq.write_table(t, f, row_group_size=3)
-    env = {**os.environ, "PADISTILL_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "jobs.encode", "--config", "smoke", "--set", "run_root=s3://padistill-test/enc-run",
-           "--set", f"storage.endpoint_url={s3_endpoint}", "--set", "data.kind=parquet",
-           "--set", "data.path=s3://padistill-test/src-enc", "--set", "data.image_column=jpg",
-           "--set", "data.id_column=key"]
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert main(["encode", "--config", "smoke", "--set", "run_root=s3://padistill-test/enc-run",
+                 "--set", f"storage.endpoint_url={s3_endpoint}", "--set", "data.kind=parquet",
+                 "--set", "data.path=s3://padistill-test/src-enc", "--set", "data.image_column=jpg",
+                 "--set", "data.id_column=key"]) == 0
     cfg = load_config("smoke", ["run_root=s3://padistill-test/enc-run", f"storage.endpoint_url={s3_endpoint}"])
     st = RunStorage.from_config(cfg)
     m = st.read_manifest(enc.STEP)

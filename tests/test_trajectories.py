@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pyarrow as pa
@@ -115,7 +113,8 @@ def test_rows_schema_and_targets_equal_direct_rollout(ray_local, encoded_root):
 
 def test_kill_halfway_and_rerun_gives_exact_rows(ray_local, encoded_root, tmp_path, request):
     """A real SIGKILL of `python -m jobs.trajectories` (and the Ray it started) once some unit is
-    committed; the rerun runs only the missing units and ends with exactly one row per (id, draw)."""
+    committed; the rerun (here in this process) runs only the missing units and ends with exactly one row
+    per (id, draw)."""
     root = tmp_path / "run"
     _copy_encoded(encoded_root, root)
     args = [sys.executable, "-m", "jobs.trajectories", "--config", "smoke", "--stage", "1",
@@ -128,10 +127,10 @@ def test_kill_halfway_and_rerun_gives_exact_rows(ray_local, encoded_root, tmp_pa
     st = RunStorage.from_config(cfg)
     assert st.read_manifest(tj.step_name(cfg, 1)) is None
 
-    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"{committed} already committed" in r.stdout
-    m = st.read_manifest(tj.step_name(cfg, 1))
+    lines: list[str] = []  # the rerun, on this session's Ray (a second job process would start a Ray of its own)
+    m = tj.run_trajectories(cfg, 1, log=lines.append)
+    assert any(f"{committed} already committed" in line for line in lines), lines
+    assert m == st.read_manifest(tj.step_name(cfg, 1))
     assert m["units_run"] == 16 - committed and m["outputs"]["rows"] == 128
     t = tj.read_trajectories(st, cfg, 1)
     keys = list(zip(t.column("id").to_pylist(), t.column("draw").to_pylist()))
@@ -154,34 +153,21 @@ def test_kill_halfway_and_rerun_gives_exact_rows(ray_local, encoded_root, tmp_pa
            duplicates=len(keys) - len(set(keys)))
 
 
-SCRIPT = textwrap.dedent("""
-    import sys
+def test_s3_chain_stage2_teacher_is_stage1_export(ray_local, s3_endpoint, tmp_path):
+    """Encode and stage 1's trajectories with the run root on S3; a stand-in for stage 1's export (a
+    different, seed-1 pipeline) uploaded under the run root; stage 2's trajectories are rolled out by it."""
     from pipeline import zoo
-    from pipeline.config import load_config
-    from pipeline.encode import run_encode
-    from pipeline.storage import RunStorage
-    from pipeline.trajectories import run_trajectories
-    cfg = load_config("smoke", sys.argv[1:])
-    run_encode(cfg)
-    run_trajectories(cfg, 1)
-    # stand-in for stage 1's export: a different (seed 1) pipeline folder under the run root
-    zoo.save_pipeline(zoo.build_pipeline(seed=1), "{tmp}/export", {{}})
-    RunStorage.from_config(cfg).put_dir("{tmp}/export", cfg.stage_dir(1) + "/model")
-    run_trajectories(cfg, 2)
-""")
-
-
-def test_s3_chain_stage2_teacher_is_stage1_export(s3_endpoint, tmp_path):
     from pipeline.zoo import build_pipeline, resolve_source, schedule_of
 
     ov = ["run_root=s3://padistill-test/traj-run", f"storage.endpoint_url={s3_endpoint}",
           "trajectories.dtype=float32", "trajectories.max_rows_per_file=40"]
-    env = {**os.environ, "PADISTILL_CACHE": str(tmp_path / "cache")}
-    r = subprocess.run([sys.executable, "-c", SCRIPT.format(tmp=tmp_path)] + ov, cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=420)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     cfg = load_config("smoke", ov)
     st = RunStorage.from_config(cfg)
+    enc.run_encode(cfg, log=lambda *_: None)
+    tj.run_trajectories(cfg, 1, log=lambda *_: None)
+    zoo.save_pipeline(zoo.build_pipeline(seed=1), tmp_path / "export", {})
+    st.put_dir(str(tmp_path / "export"), cfg.stage_dir(1) + "/model")
+    tj.run_trajectories(cfg, 2, log=lambda *_: None)
     assert teacher_source(cfg, 2, st) == "s3://padistill-test/traj-run/stages/1-8step/model"
     enc_t = table_to_tensors(st.read_table("encoded"))
     ids = list(enc_t["id"])

@@ -61,9 +61,15 @@ def test_damaged_units_are_recomputed_and_never_trained_on(ray_local, tmp_path, 
     assert "3 damaged file(s)" in msg and "padistill trajectories --stage 1" in msg
     for name, what in (("part-00003", "bytes"), ("part-00007", "checksum"), ("part-00011", "missing")):
         assert f"{name}.parquet" in msg and what in msg.split(f"{name}.parquet")[1].split(";")[0], msg
+    # `distill`'s check before it starts a Ray (a finished run writes its report without one) sees them too
+    from pipeline.dag import all_finished, build_steps, select
+
+    traj_step = select(build_steps(cfg), cfg, only="traj-1")
+    assert not all_finished(cfg, traj_step)
     # the rerun finds them and recomputes exactly those units: the same rows as before the damage
     logs = []
     tj.run_trajectories(cfg, 1, log=logs.append)
+    assert all_finished(cfg, traj_step)
     assert any("3 committed file(s) damaged" in line for line in logs), logs
     m = st.read_manifest(tj.step_name(cfg, 1))
     assert m["units_run"] == 3 and m["outputs"]["rows"] == 128
