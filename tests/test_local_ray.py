@@ -186,7 +186,8 @@ def test_the_driver_drops_rays_known_harmless_lines():
 def test_a_stage_prints_a_handful_of_progress_lines_and_logs_every_step_it_records():
     """The console gets about six progress lines a stage, on steps the history records (multiples of
     `train.log_every`), and always the last; the history keeps every `log_every` step. The demo's stages
-    (240, 60, 60, 100 steps at log_every 10) print 6, 6, 6 and 5 lines where they printed 24, 6, 6, 10."""
+    (240, 160, 160, 200 steps at log_every 10, a 100-step D warm-up in each adversarial one) print 6, 6, 6
+    and 5 lines (every step they record would be 24, 16, 16, 20)."""
     from pipeline.config import load_config
     from pipeline.phases import plan_phases
     from pipeline.train_worker import console_steps
@@ -198,7 +199,7 @@ def test_a_stage_prints_a_handful_of_progress_lines_and_logs_every_step_it_recor
 
     cfg = load_config("toy_fashion")
     totals = [plan_phases(st)[-1].end for st in cfg.stages]
-    assert totals == [240, 60, 60, 100]
+    assert totals == [240, 160, 160, 200]
     assert [lines(t, cfg.train.log_every) for t in totals] == [6, 6, 6, 5]
     assert lines(40, 1) == 6 and lines(3, 1) == 3 and lines(10_000, 10) == 6 and lines(7, 10) == 1
     assert max(console_steps(240, 10, end=100)) == 100  # a run cut short (max_steps) still prints its last step
