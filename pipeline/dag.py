@@ -9,7 +9,8 @@ others, which would otherwise each sample it again at the same time.)
 
 Each step is idempotent: it skips itself when its manifest exists with matching input hashes, resumes
 from its own checkpoints/shards when interrupted, and writes its manifest last. So rerunning the same
-command after a crash or Ctrl-C finishes the run with the same outputs. Orchestration tasks ask for
+command after a crash or Ctrl-C finishes the run with the same outputs, and rerunning a finished run only
+writes its report again, without starting Ray. Orchestration tasks ask for
 `num_cpus=0` (the Ray Data and Ray Train work they start takes the CPUs), so nothing deadlocks on a
 2-CPU machine."""
 
@@ -31,9 +32,11 @@ class Step:
     name: str
     run: Callable[[RunConfig], dict]
     deps: list[str] = field(default_factory=list)
-    # the step's manifest when it is finished with today's inputs (and, `check_files`, its files verify), else
-    # None; asked without Ray. None: the step always runs, as the report does
-    finished: Callable[..., dict | None] | None = None
+    # the step's manifest when it is finished with today's inputs, else None; asked without Ray. None: the
+    # step always runs, as the report does
+    finished: Callable[[RunConfig], dict | None] | None = None
+    # whether a finished step's committed files verify (steps that commit Parquet units)
+    intact: Callable[[RunConfig, dict], bool] | None = None
 
 
 def _encode(cfg):
@@ -66,21 +69,28 @@ def _eval(k):
     return run
 
 
-def _finished(module: str, *key, files: bool = False):
-    def finished(cfg, check_files: bool = True):
+def _asked(module: str, what: str, *key):
+    """`pipeline.<module>.<what>(cfg, *key, …)`, imported when asked (a step's `finished` or `intact`)."""
+    def ask(cfg, *args):
         import importlib
 
-        extra = {"check_files": check_files} if files else {}
-        return importlib.import_module(f"{__package__}.{module}").finished(cfg, *key, **extra)
-    return finished
+        return getattr(importlib.import_module(f"{__package__}.{module}"), what)(cfg, *key, *args)
+    return ask
 
 
-def all_finished(cfg: RunConfig, steps: list[Step]) -> bool:
+def all_finished(cfg: RunConfig, steps: list[Step], log=print) -> bool:
     """Whether every step but the report is finished with today's inputs: first by their manifests alone
-    (cheap), then, only if all are, by their files (one read of every committed file)."""
+    (no file read), then, only if all are, by their committed files (one read of every file)."""
     rest = [s for s in steps if s.name != "report"]
-    return all(s.finished is not None and s.finished(cfg, check_files=False) is not None for s in rest) and \
-        all(s.finished(cfg) is not None for s in rest)
+    if not all(s.finished is not None for s in rest):
+        return False
+    manifests = []
+    for s in rest:
+        m = s.finished(cfg)
+        if m is None:
+            return False
+        manifests.append(m)
+    return all(s.intact is None or s.intact(cfg, m, None, log) for s, m in zip(rest, manifests))
 
 
 def _report(cfg):
@@ -91,16 +101,17 @@ def _report(cfg):
 
 def build_steps(cfg: RunConfig) -> list[Step]:
     """All steps of a run, in a valid execution order."""
-    steps = [Step("encode", _encode, finished=_finished("encode", files=True))]
+    steps = [Step("encode", _encode, finished=_asked("encode", "finished"), intact=_asked("encode", "intact"))]
     for k, st in enumerate(cfg.stages, start=1):
         teacher = cfg.teacher_of(k)
         traj_deps = ["encode"] + ([f"train-{teacher}"] if teacher else [])
-        steps += [Step(f"traj-{k}", _traj(k), traj_deps, _finished("trajectories", k, files=True)),
+        steps += [Step(f"traj-{k}", _traj(k), traj_deps, _asked("trajectories", "finished", k),
+                       _asked("trajectories", "intact", k)),
                   Step(f"train-{k}", _train(k), [f"traj-{k}"] + ([f"train-{cfg.student_init_of(k)}"]
                                                                     if cfg.student_init_of(k) not in (None, teacher)
-                                                                    else []), _finished("train", k)),
+                                                                    else []), _asked("train", "finished", k)),
                   Step(f"eval-{k}", _eval(k), [f"train-{k}"] + ([f"eval-{k - 1}"] if k > 1 else []),
-                       _finished("evaluate", k))]
+                       _asked("evaluate", "finished", k))]
     steps.append(Step("report", _report, [f"eval-{k}" for k in range(1, len(cfg.stages) + 1)]))
     return steps
 
@@ -146,14 +157,19 @@ def _rerun_finished(cfg: RunConfig, steps: list[Step], storage: RunStorage, log)
             r = {"step": s.name, "seconds": 0.0, "ran": False}
         log(f"padistill distill: {s.name} {'done' if r['ran'] else 'already finished, skipped'} in {r['seconds']:.1f}s")
         results.append(r)
-    missing = storage.missing_outputs()
-    if missing:
-        raise RuntimeError(f"{storage.url()}: manifests list outputs that do not exist: {'; '.join(missing[:20])}")
+    _check_outputs(storage)
     return results
 
 
+def _check_outputs(storage: RunStorage) -> None:
+    missing = storage.missing_outputs()
+    if missing:  # a step that says it wrote what it did not is a bug, not a user's mistake
+        raise RuntimeError(f"{storage.url()}: manifests list outputs that do not exist: {'; '.join(missing[:20])}")
+
+
 def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, log=print) -> list[dict]:
-    """Run the selected steps as Ray tasks, each starting when its dependencies have finished."""
+    """Run the selected steps as Ray tasks, each starting when its dependencies have finished; when every
+    step but the report is finished (and this process has no Ray yet), write the report without Ray."""
     import ray
 
     from . import cluster
@@ -169,8 +185,10 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
         from . import real_metrics
 
         real_metrics.check(cfg.evaluate, cfg.model.resolution)  # before hours of training, not after
-    if not ray.is_initialized() and all_finished(cfg, steps):
-        return _rerun_finished(cfg, steps, storage, log)  # nothing to compute: no Ray to start
+    # nothing to compute: the report is written here and no Ray starts. Not asked through a Ray client
+    # (`ray.address`), whose driver may not see the data; damaged files are said once, by their step on Ray
+    if not ray.is_initialized() and not cfg.ray.address and all_finished(cfg, steps, log=lambda *_: None):
+        return _rerun_finished(cfg, steps, storage, log)
     cluster.ensure_ray(cfg)
 
     @ray.remote(num_cpus=0, max_retries=0)
@@ -193,7 +211,5 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
         log(f"padistill distill: {name} {'done' if r['ran'] else 'already finished, skipped'} "
             f"in {r['seconds']:.1f}s")
         results.append(r)
-    missing = storage.missing_outputs()
-    if missing:  # a step that says it wrote what it did not is a bug, not a user's mistake
-        raise RuntimeError(f"{storage.url()}: manifests list outputs that do not exist: {'; '.join(missing[:20])}")
+    _check_outputs(storage)
     return results

@@ -112,16 +112,19 @@ def encode_inputs(cfg: RunConfig, source=None) -> dict:
             "max_rows_per_file": cfg.encode.max_rows_per_file, "schema_version": SCHEMA_VERSION}
 
 
-def finished(cfg: RunConfig, storage: RunStorage | None = None, log=print, source=None,
-             check_files: bool = True) -> dict | None:
-    """The encode step's manifest when it finished with today's inputs and (`check_files`) its files verify
-    (`storage.verify_reads`); else None. No Ray: `distill` asks before it starts one."""
+def finished(cfg: RunConfig, storage: RunStorage | None = None, inputs: dict | None = None) -> dict | None:
+    """The encode step's manifest when it finished with today's inputs, else None; its files are `intact`'s
+    to check. No Ray (`distill` asks before it starts one), and no look at the source without a manifest."""
     storage = storage or RunStorage.from_config(cfg)
-    if not storage.is_finished(STEP, encode_inputs(cfg, source)):
+    if storage.read_manifest(STEP) is None or not storage.is_finished(STEP, inputs or encode_inputs(cfg)):
         return None
-    manifest = storage.read_manifest(STEP)
-    return manifest if not check_files or shards.intact(storage, OUT, manifest["outputs"]["files"],
-                                                        cfg.storage.verify_reads, log, "encode") else None
+    return storage.read_manifest(STEP)
+
+
+def intact(cfg: RunConfig, manifest: dict, storage: RunStorage | None = None, log=print) -> bool:
+    """Whether the finished step's files verify (`storage.verify_reads`); says which do not."""
+    storage = storage or RunStorage.from_config(cfg)
+    return shards.intact(storage, OUT, manifest["outputs"]["files"], cfg.storage.verify_reads, log, "encode")
 
 
 def run_encode(cfg: RunConfig, *, force: bool = False, log=print) -> dict:
@@ -131,7 +134,7 @@ def run_encode(cfg: RunConfig, *, force: bool = False, log=print) -> dict:
     inputs = encode_inputs(cfg, source)
     ih = shards.inputs_hash(inputs)
     verify = cfg.storage.verify_reads
-    if not force and (manifest := finished(cfg, storage, log, source)) is not None:
+    if not force and (manifest := finished(cfg, storage, inputs)) is not None and intact(cfg, manifest, storage, log):
         log(f"padistill encode: {storage.url(OUT)} is up to date (manifest {storage.manifest_path(STEP)})")
         return manifest
     storage.invalidate(STEP)

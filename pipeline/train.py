@@ -107,8 +107,8 @@ def train_stage(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps:
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     summary = {"stage": idx, "name": stage.name, "metrics": metrics, "checkpoint": ckpt_path, "wall_s": wall,
                "train_dir": storage.url(cfg.stage_dir(key), RUN_NAME)}
-    finished = metrics.get("step") == plan_phases(stage)[-1].end
-    if export and finished and ckpt_path:
+    done = metrics.get("step") == plan_phases(stage)[-1].end
+    if export and done and ckpt_path:
         summary["model"] = export_stage(cfg, key, ckpt_path, storage)
         storage.commit_manifest(
             step_name(cfg, key),

@@ -255,10 +255,9 @@ def _legacy_finished(manifest: dict | None, inputs: dict) -> bool:
     return {**old, "teacher": inputs["teacher"]} == inputs
 
 
-def finished(cfg: RunConfig, key, storage: RunStorage | None = None, log=print,
-             check_files: bool = True) -> dict | None:
+def finished(cfg: RunConfig, key, storage: RunStorage | None = None) -> dict | None:
     """Stage `key`'s trajectories' manifest when they finished with today's inputs (its teacher's files
-    included) and (`check_files`) their files verify; else None. No Ray: `distill` asks before it starts one."""
+    included), else None; their files are `intact`'s to check. No Ray: `distill` asks before it starts one."""
     storage = storage or RunStorage.from_config(cfg)
     enc = storage.read_manifest(encode_mod.STEP)
     step = step_name(cfg, key)
@@ -269,10 +268,14 @@ def finished(cfg: RunConfig, key, storage: RunStorage | None = None, log=print,
         inputs = trajectory_inputs(cfg, key, storage, enc)
     except MissingInputError:  # its teacher (an earlier stage's student) is not exported
         return None
-    if not (storage.is_finished(step, inputs) or _legacy_finished(prev, inputs)):
-        return None
-    return prev if not check_files or shards.intact(storage, out_rel(cfg, key), prev["outputs"]["files"],
-                                                    cfg.storage.verify_reads, log, "trajectories") else None
+    return prev if storage.is_finished(step, inputs) or _legacy_finished(prev, inputs) else None
+
+
+def intact(cfg: RunConfig, key, manifest: dict, storage: RunStorage | None = None, log=print) -> bool:
+    """Whether the finished step's files verify (`storage.verify_reads`); says which do not."""
+    storage = storage or RunStorage.from_config(cfg)
+    return shards.intact(storage, out_rel(cfg, key), manifest["outputs"]["files"], cfg.storage.verify_reads, log,
+                         "trajectories")
 
 
 def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
@@ -284,7 +287,7 @@ def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> 
         raise MissingInputError(f"{storage.url(encode_mod.OUT)} is not finished (no manifest "
                                 f"{storage.manifest_path(encode_mod.STEP)}): run `padistill encode` first")
     step, out = step_name(cfg, k), out_rel(cfg, k)
-    if not force and (prev := finished(cfg, k, storage, log)) is not None:
+    if not force and (prev := finished(cfg, k, storage)) is not None and intact(cfg, k, prev, storage, log):
         log(f"padistill trajectories: {storage.url(out)} is up to date (manifest {storage.manifest_path(step)})")
         return prev
     inputs = trajectory_inputs(cfg, k, storage, enc)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +28,10 @@ SENTINEL_KEY_ID = "AKIAPADISTILLSENTNL7Q"
 SENTINEL_SECRET = "padistill+Sentinel/Secret+4f1c9e2ab7d3"
 os.environ.update({"AWS_ACCESS_KEY_ID": SENTINEL_KEY_ID, "AWS_SECRET_ACCESS_KEY": SENTINEL_SECRET,
                    "AWS_DEFAULT_REGION": "us-east-1"})
+# the session's own download cache (teachers fetched from S3, the tiny random pipeline), for its Ray's workers
+# too: nothing an earlier session left in the machine-wide default is read
+os.environ["PADISTILL_CACHE"] = tempfile.mkdtemp(prefix="padistill-test-cache-")
+atexit.register(shutil.rmtree, os.environ["PADISTILL_CACHE"], ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -72,6 +78,8 @@ def ray_local():
 
     from pipeline import cluster
 
+    # its workers inherit this environment: the S3 tests need the session's credentials in it
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY") == SENTINEL_SECRET
     if not ray.is_initialized():
         cluster.init_local(num_cpus=2)  # as every entry point starts one (never joining another cluster)
     yield ray

@@ -92,6 +92,7 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     # the same command again: encode and trajectories are finished, stage 1 resumes, the rest runs
     second = _run_logged(distill, tmp_path, "second.log")
     assert f"resumed from checkpoint at step {killed_at}" in second
+    assert "Started a local Ray instance" in second  # what the third run, with nothing to compute, must not print
     assert manifests(storage) == EXPECTED_SMOKE
     assert set(re.findall(SKIPPED, second)) == {"encode", "traj-1"}, second[-3000:]  # not run again
     assert storage.read_manifest("encode")["finished_at"] == encoded_at
@@ -139,6 +140,15 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     skipped = re.findall(SKIPPED, third)
     assert ran == ["report"] and set(skipped) == {s.name for s in build_steps(cfg)} - {"report"}, third[-3000:]
     assert "Started a local Ray instance" not in third  # nothing to compute: the report is written without Ray
+    # the steps' own skip rules, which the third run asked before starting no Ray, as `padistill train-stage`
+    # and `padistill evaluate` ask them
+    from pipeline.evaluate import run_evaluate
+    from pipeline.train import run_train_stage
+
+    said = []
+    assert run_train_stage(cfg, 1, log=said.append) == storage.read_manifest("train-1-8step")
+    assert run_evaluate(cfg, 3, log=said.append) == storage.read_manifest("eval-3-1step")
+    assert said == ["padistill train-stage: train-1-8step is up to date", "padistill evaluate: stage 3 is up to date"]
     assert {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE - {"report"}} == \
         {m: stamps[m] for m in EXPECTED_SMOKE - {"report"}}
     n = _no_credentials_in(storage, [tmp_path / f"{w}.log" for w in ("first", "second", "third")], "",

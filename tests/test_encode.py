@@ -16,8 +16,6 @@ from pipeline.config import load_config
 from pipeline.sources import SKIP_EMPTY_CAPTION, SKIP_MISSING_IMAGE, SKIP_TOO_SMALL, SKIP_UNDECODABLE, preprocess_image
 from pipeline.storage import RunStorage, table_to_tensors
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _png(w: int, h: int, rgb=(200, 30, 30)) -> bytes:
     from PIL import Image
