@@ -35,8 +35,9 @@ class Step:
     # the step's manifest when it is finished with today's inputs, else None; asked without Ray. None: the
     # step always runs, as the report does
     finished: Callable[[RunConfig], dict | None] | None = None
-    # whether a finished step's committed files verify (steps that commit Parquet units)
-    intact: Callable[[RunConfig, dict], bool] | None = None
+    # whether a finished step's committed files verify, given its manifest (steps that commit Parquet units);
+    # says which do not through `log=`
+    intact: Callable[..., bool] | None = None
 
 
 def _encode(cfg):
@@ -71,10 +72,10 @@ def _eval(k):
 
 def _asked(module: str, what: str, *key):
     """`pipeline.<module>.<what>(cfg, *key, …)`, imported when asked (a step's `finished` or `intact`)."""
-    def ask(cfg, *args):
+    def ask(cfg, *args, **kw):
         import importlib
 
-        return getattr(importlib.import_module(f"{__package__}.{module}"), what)(cfg, *key, *args)
+        return getattr(importlib.import_module(f"{__package__}.{module}"), what)(cfg, *key, *args, **kw)
     return ask
 
 
@@ -82,15 +83,13 @@ def all_finished(cfg: RunConfig, steps: list[Step], log=print) -> bool:
     """Whether every step but the report is finished with today's inputs: first by their manifests alone
     (no file read), then, only if all are, by their committed files (one read of every file)."""
     rest = [s for s in steps if s.name != "report"]
-    if not all(s.finished is not None for s in rest):
-        return False
     manifests = []
     for s in rest:
-        m = s.finished(cfg)
+        m = s.finished(cfg) if s.finished is not None else None
         if m is None:
             return False
         manifests.append(m)
-    return all(s.intact is None or s.intact(cfg, m, None, log) for s, m in zip(rest, manifests))
+    return all(s.intact is None or s.intact(cfg, m, log=log) for s, m in zip(rest, manifests))
 
 
 def _report(cfg):
@@ -151,14 +150,16 @@ def _rerun_finished(cfg: RunConfig, steps: list[Step], storage: RunStorage, log)
     others are said to be skipped, as the DAG says it."""
     results = []
     for s in steps:
-        if s.name == "report":
-            r = _timed(s, cfg)
-        else:
-            r = {"step": s.name, "seconds": 0.0, "ran": False}
-        log(f"padistill distill: {s.name} {'done' if r['ran'] else 'already finished, skipped'} in {r['seconds']:.1f}s")
+        r = _timed(s, cfg) if s.name == "report" else {"step": s.name, "seconds": 0.0, "ran": False}
+        log(_said(r))
         results.append(r)
     _check_outputs(storage)
     return results
+
+
+def _said(r: dict) -> str:
+    """The console line of a step's end (tests and users grep it)."""
+    return f"padistill distill: {r['step']} {'done' if r['ran'] else 'already finished, skipped'} in {r['seconds']:.1f}s"
 
 
 def _check_outputs(storage: RunStorage) -> None:
@@ -203,13 +204,11 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
         deps = [refs[d] for d in s.deps if d in names]
         refs[s.name] = run_step.options(name=f"padistill:{s.name}").remote(s, cfg_json, *deps)
     results = []
-    pending = {ref: name for name, ref in refs.items()}
+    pending = list(refs.values())
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        name = pending.pop(done[0])
+        done, pending = ray.wait(pending, num_returns=1)
         r = ray.get(done[0])  # raises the step's own error, with its traceback
-        log(f"padistill distill: {name} {'done' if r['ran'] else 'already finished, skipped'} "
-            f"in {r['seconds']:.1f}s")
+        log(_said(r))
         results.append(r)
     _check_outputs(storage)
     return results

@@ -116,9 +116,7 @@ def finished(cfg: RunConfig, storage: RunStorage | None = None, inputs: dict | N
     """The encode step's manifest when it finished with today's inputs, else None; its files are `intact`'s
     to check. No Ray (`distill` asks before it starts one), and no look at the source without a manifest."""
     storage = storage or RunStorage.from_config(cfg)
-    if storage.read_manifest(STEP) is None or not storage.is_finished(STEP, inputs or encode_inputs(cfg)):
-        return None
-    return storage.read_manifest(STEP)
+    return storage.finished_manifest(STEP, inputs or (lambda: encode_inputs(cfg)))
 
 
 def intact(cfg: RunConfig, manifest: dict, storage: RunStorage | None = None, log=print) -> bool:

@@ -162,8 +162,7 @@ def finished(cfg: RunConfig, key, storage: RunStorage | None = None) -> dict | N
     """Stage `key`'s evaluation manifest when it finished with today's inputs; else None (no Ray)."""
     storage = storage or RunStorage.from_config(cfg)
     inputs = eval_inputs(cfg, key, storage)
-    step = step_name(cfg, key)
-    return storage.read_manifest(step) if inputs is not None and storage.is_finished(step, inputs) else None
+    return None if inputs is None else storage.finished_manifest(step_name(cfg, key), inputs)
 
 
 def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
@@ -183,9 +182,9 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         raise MissingInputError(f"{storage.url(sd, 'model')}: stage {idx} has no exported student yet; "
                                 f"run `padistill train-stage --stage {idx}` first")
     step = step_name(cfg, key)
-    if not force and storage.is_finished(step, inputs):
+    if not force and (manifest := storage.finished_manifest(step, inputs)) is not None:
         log(f"padistill evaluate: stage {idx} is up to date")
-        return storage.read_manifest(step)
+        return manifest
     storage.invalidate(step)
     work = tempfile.mkdtemp(prefix="padistill-eval-")
     try:

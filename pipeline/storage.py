@@ -12,7 +12,7 @@ import hashlib
 import json
 import posixpath
 import uuid
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -302,10 +302,15 @@ class RunStorage:
 
     def is_finished(self, step: str, inputs: dict | None = None) -> bool:
         """A step is finished when its manifest exists (and, given `inputs`, their hash matches)."""
+        return self.finished_manifest(step, inputs) is not None
+
+    def finished_manifest(self, step: str, inputs: dict | Callable[[], dict] | None = None) -> dict | None:
+        """The step's manifest when it is finished (`is_finished`), else None: one read. `inputs` may be a
+        function, called only when a manifest exists (inputs that are costly to describe, a data source)."""
         m = self.read_manifest(step)
-        if m is None:
-            return False
-        return inputs is None or m.get("inputs_hash") == hash_json(inputs)
+        if m is None or inputs is None:
+            return m
+        return m if m.get("inputs_hash") == hash_json(inputs() if callable(inputs) else inputs) else None
 
     def invalidate(self, step: str) -> None:
         self.rm(self.manifest_path(step))

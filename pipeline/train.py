@@ -162,7 +162,7 @@ def finished(cfg: RunConfig, key, storage: RunStorage | None = None) -> dict | N
     """Stage `key`'s training manifest when it finished with today's inputs; else None (no Ray)."""
     storage = storage or RunStorage.from_config(cfg)
     step = step_name(cfg, key)
-    return storage.read_manifest(step) if storage.is_finished(step, train_inputs(cfg, key, storage)) else None
+    return storage.finished_manifest(step, train_inputs(cfg, key, storage))
 
 
 def run_train_stage(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:

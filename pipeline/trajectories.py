@@ -268,7 +268,7 @@ def finished(cfg: RunConfig, key, storage: RunStorage | None = None) -> dict | N
         inputs = trajectory_inputs(cfg, key, storage, enc)
     except MissingInputError:  # its teacher (an earlier stage's student) is not exported
         return None
-    return prev if storage.is_finished(step, inputs) or _legacy_finished(prev, inputs) else None
+    return storage.finished_manifest(step, inputs) or (prev if _legacy_finished(prev, inputs) else None)
 
 
 def intact(cfg: RunConfig, key, manifest: dict, storage: RunStorage | None = None, log=print) -> bool:
