@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -163,15 +164,22 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
            "checkpoints, model cards, report; its consoles; its Ray session logs)", injected=2, completed=1)
 
 
-def _no_credentials_in(storage, local_files, console: str, since: float):
+def _ray_sessions(since: float, temp_dirs=None) -> list[Path]:
+    """The Ray session folders (logs, unpacked working dirs) under the given Ray temp dirs (by default
+    this machine's, /tmp/ray) that were written since `since`."""
+    dirs = temp_dirs or [Path(tempfile.gettempdir(), "ray")]
+    return [d for t in dirs for d in Path(t).glob("session_2*") if d.stat().st_mtime >= since]
+
+
+def _no_credentials_in(storage, local_files, console: str, since: float, ray_temp_dirs=None):
     """The AWS credentials the run had (the moto fixture's sentinels) appear in nothing it wrote: every
     object of the run root (configs, manifests, Parquet, checkpoints, model cards, report), its console,
-    and the Ray session logs of its own local Ray."""
+    and the logs of the Ray sessions it ran in (under `ray_temp_dirs`, by default this machine's)."""
     from conftest import SENTINEL_KEY_ID, SENTINEL_SECRET
 
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == SENTINEL_SECRET
-    ray_logs = [p for d in Path(tempfile.gettempdir(), "ray").glob("session_2*") if d.stat().st_mtime >= since
-                for p in d.rglob("*") if p.is_file() and not p.is_symlink()]
+    ray_logs = [p for d in _ray_sessions(since, ray_temp_dirs) for p in d.rglob("*")
+                if p.is_file() and not p.is_symlink()]
     objects = storage.fs.find(storage.path(""))
     assert len(objects) > 50 and ray_logs, (len(objects), len(ray_logs))
     blobs = [(f"s3://{o}", storage.fs.cat_file(o)) for o in objects]
@@ -220,8 +228,16 @@ def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, 
     port, dash = _free_port(), _free_port()
     started = time.time()  # the head's Ray session (its logs, the job's unpacked working dir) is newer
 
+    # each node's own Ray temp dir, as each machine of a cluster has its own disk: on one shared session
+    # folder, a node's runtime-env agent re-unpacks the job's working dir (Ray overwrites it on a node's
+    # first use) under another node's running workers, deleting their cwd (torch's MKL then dies with
+    # "Cannot load libtorch_cpu.so"). Short paths: Ray's sockets live there
+    temp_root = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
+    temp_dirs = [temp_root / f"n{i}" for i in range(3)]
+
     def node(name: str, *args: str) -> subprocess.Popen:  # the session's Ray (ray_local) holds the default ports
         return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                                 f"--temp-dir={temp_root / name.replace('node', 'n')}",
                                  f'--resources={{"{name}": 1}}', f"--dashboard-agent-listen-port={_free_port()}",
                                  f"--dashboard-agent-grpc-port={_free_port()}",
                                  f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
@@ -320,8 +336,10 @@ def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, 
                  for m in shards.read_markers(storage, out).values()]
         assert len(cluster_nodes) == 3 and len(wrote) == 4 and set(wrote) <= cluster_nodes, (wrote, cluster_nodes)
         # nothing of the run on a node's disk: the job's unpacked working dir holds no run root
-        local = [p for d in Path(tempfile.gettempdir(), "ray").glob("session_2*") if d.stat().st_mtime >= started
-                 for p in (d / "runtime_resources").rglob("*") if p.name in ("runs", "stages", "_manifest")]
+        sessions = _ray_sessions(started, temp_dirs)
+        assert len(sessions) == 3, sessions  # one a node, each in its own temp dir
+        local = [p for d in sessions for p in (d / "runtime_resources").rglob("*")
+                 if p.name in ("runs", "stages", "_manifest")]
         assert not local, local
         # what the head keeps of the job: a secret passed through the runtime env would sit here
         # (asked from a fresh process, which reads this head's token as `padistill status` does)
@@ -331,7 +349,7 @@ def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, 
                               env=_env(), capture_output=True, text=True, timeout=120).stdout
         assert "padistill" in info and job_id in info
         n = _no_credentials_in(storage, [tmp_path / f"node{i}.log" for i in range(3)],
-                               out.stdout + out.stderr + logs + info, since=started)
+                               out.stdout + out.stderr + logs + info, since=started, ray_temp_dirs=temp_dirs)
         print(f"fault proxy: {faults}")
         record(request, f"a submitted job's S3 traffic through a proxy: every 15th request throttled (503) or reset "
                f"({faults['requests']} requests)", "retried with backoff by both S3 clients (`storage.max_attempts`); "
@@ -346,6 +364,7 @@ def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, 
             proxy.stop()
         for proc in nodes:
             kill_session(proc)
+        shutil.rmtree(temp_root, ignore_errors=True)
 
 
 def _free_port() -> int:
