@@ -239,12 +239,25 @@ def run(config: str, root: str, overrides: list[str], donor: str | None,
 
 
 def finished(config: str, root: str, overrides: list[str]) -> dict | None:
+    """A run root's results, read without running anything, when every step of it finished with today's
+    settings (`config` and `overrides`, by the steps' manifests as `distill` judges them); None when it did
+    not run or is unfinished, and, said on the console, when it ran with other settings (a config changed
+    since: its figures are not this benchmark's)."""
     from pipeline.config import load_config
+    from pipeline.dag import build_steps
     from pipeline.report import collect
     from pipeline.storage import RunStorage
 
     cfg = load_config(config, [f"run_root={root}", *overrides])
-    evals = collect(cfg, RunStorage.from_config(cfg))
+    storage = RunStorage.from_config(cfg)
+    if storage.read_manifest("encode") is None:
+        return None
+    stale = [s.name for s in build_steps(cfg) if s.finished is not None and s.finished(cfg) is None]
+    if stale:
+        print(f"{root}: not reported: {', '.join(stale)} not finished with these settings ({config} "
+              f"{' '.join(overrides)}); rerun it to report it", flush=True)
+        return None
+    evals = collect(cfg, storage)
     return {"config": config, "overrides": overrides, "run_root": root, "evals": evals} \
         if len(evals) == len(cfg.stages) else None
 

@@ -152,6 +152,12 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     assert said == ["padistill train-stage: train-1-8step is up to date", "padistill evaluate: stage 3 is up to date"]
     assert {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE - {"report"}} == \
         {m: stamps[m] for m in EXPECTED_SMOKE - {"report"}}
+    # a benchmark reads a finished run's figures only under the settings it ran with: the same root under
+    # a changed stage (a config edited since) is not reported as that config's
+    from benchmarks.distill import finished
+
+    assert [e["student_steps"] for e in finished("smoke", root, sets[1:])["evals"]] == [8, 4, 1]
+    assert finished("smoke", root, [*sets[1:], "stages.1.mse_weight=1.0"]) is None
     n = _no_credentials_in(storage, [tmp_path / f"{w}.log" for w in ("first", "second", "third")], "",
                            since=started)
     record(request, "`distill` killed mid-stage (SIGKILL), run root on S3",
