@@ -153,9 +153,10 @@ class SampleWorker:
 
 
 def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], models: dict,
-                log: Callable[[str], None] = print, speed: Optional[dict] = None) -> dict[str, dict]:
+                log: Callable[[str], None] = print, speed: Optional[dict] = None, what: str = "") -> dict[str, dict]:
     """Draw every set's images through the actor pool (only the units not yet committed) and return
-    them by set name, in sample order (`read_set`). `models`: {key: {"source": a model source} or
+    them by set name, in sample order (`read_set`); one console line says what is drawn (`what`, the
+    caller's description, then the units). `models`: {key: {"source": a model source} or
     {"rel": a model folder in the run root}}; "teacher" (the base pipeline) is always one. `speed` (`sampling.sampling_speed`'s arguments): one more
     unit, queued last, times the "student" model against the "teacher" on an actor; its result is
     returned as "speed"."""
@@ -180,8 +181,8 @@ def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], mode
                           "uint8": s.uint8, "features": s.features, "start": a, "captions": list(s.captions[a:b]),
                           "noise_rel": noise_rel, "noise_row_shape": list(noise.shape[1:])})
     total = sum(n_units.values())
-    log(f"padistill evaluate: {total} sampling units ({total - len(units)} already committed, {len(units)} to run)"
-        f" of {', '.join(s.name for s in sets)}")
+    log(f"padistill evaluate: {what + '; ' if what else ''}{total} sampling units ({total - len(units)} already "
+        f"committed, {len(units)} to run) of {', '.join(s.name for s in sets)}")
     if speed is not None:
         units.append({"index": -1, "kind": "speed", **speed})
     timed = {}

@@ -199,8 +199,8 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         j = cfg.student_init_of(key)  # the student this stage started from: its run-root folder, or the base model
         start_rel = f"{cfg.stage_dir(j)}/model" if j is not None else None
         n = 10 * K if toy else len(prompts.captions)
-        log(f"padistill evaluate: stage {idx} ({stage.name}): student at {N} steps, teacher at 32 and {N} "
-            f"steps (guidance {g:g}), {n} samples each")
+        what = f"stage {idx} ({stage.name}): student at {N} steps, teacher at 32 and {N} steps (guidance {g:g}), " \
+            f"{n} samples each"
         # every image this evaluation scores, drawn by the actor pool (pipeline/eval_sampling.py); the base
         # teacher's are cached in the run root per step count and reused by later stages
         if toy:
@@ -240,7 +240,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         # not all the samples (at the Fashion-MNIST toy's batch of 100 it cost ~75 s a stage)
         speed = {"student_steps": N, "teacher_guidance": g, "batch": min(cfg.evaluate.speed_batch_size, n),
                  "repeats": cfg.evaluate.speed_repeats, "prediction_type": pred}
-        drawn = sample_sets(cfg, storage, sets, models, log, speed=speed)
+        drawn = sample_sets(cfg, storage, sets, models, log, speed=speed, what=what)
         for steps, s_ in teacher_sets.items():
             cached[steps] = drawn[s_.name]
             _save_npz(storage, teacher_cache_rel(cfg, steps, g), labels=labels,
