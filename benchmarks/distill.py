@@ -67,13 +67,15 @@ BENCHMARKS = {
                 "set": ["evaluate.samples_per_prompt=50"], "root": "runs/bench_fashion", "out": "distill_fashion"},
     # the same configs with stages too long for the demo's 20 minutes and the discriminator's lr that
     # keeps it confident (benchmarks/results/discriminator_fashion_confidence*.md): each adversarial stage
-    # 200 D-only warm-up updates + 160 conditional + 80 unconditional student updates, MSE-only 240
+    # 200 D-only warm-up updates + 160 conditional + 80 unconditional student updates, MSE-only 240; 10x the
+    # MSE in every adversarial stage, as when its report was made (toy_fashion ships 0 at 4 and 2 steps since)
     "fashion_long": {"arms": {"adversarial": "toy_fashion", "mse": "toy_fashion_mse"},
                      "set": ["evaluate.samples_per_prompt=50"], "root": "runs/bench_fashion_long",
                      "out": "distill_fashion_long_comparison", "data": "fashion",
                      "arm_set": {"adversarial": [*(f"stages.{k}.{key}={v}" for k in (1, 2, 3) for key, v in (
                          ("disc_warmup_steps", 200), ("conditional_steps", 160), ("unconditional_steps", 80),
-                         ("disc_lr", 1e-4))), "stages.2.renoise_stable_step=320", "stages.3.renoise_stable_step=360"],
+                         ("disc_lr", 1e-4), ("mse_weight", 10.0))), "stages.2.renoise_stable_step=320",
+                         "stages.3.renoise_stable_step=360"],
                                  "mse": [f"stages.{k}.mse_steps=240" for k in (1, 2, 3)]}},
 }
 
@@ -241,8 +243,8 @@ def run(config: str, root: str, overrides: list[str], donor: str | None,
 def finished(config: str, root: str, overrides: list[str]) -> dict | None:
     """A run root's results, read without running anything, when every step of it finished with today's
     settings (`config` and `overrides`, by the steps' manifests as `distill` judges them); None when it did
-    not run or is unfinished, and, said on the console, when it ran with other settings (a config changed
-    since: its figures are not this benchmark's)."""
+    not run; None too, said on the console, when it is unfinished or ran with other settings (a config
+    changed since: its figures are not this benchmark's)."""
     from pipeline.config import load_config
     from pipeline.dag import build_steps
     from pipeline.report import collect
@@ -255,7 +257,7 @@ def finished(config: str, root: str, overrides: list[str]) -> dict | None:
     stale = [s.name for s in build_steps(cfg) if s.finished is not None and s.finished(cfg) is None]
     if stale:
         print(f"{root}: not reported: {', '.join(stale)} not finished with these settings ({config} "
-              f"{' '.join(overrides)}); rerun it to report it", flush=True)
+              f"{' '.join(overrides)}): unfinished, or run with other settings; run it to report it", flush=True)
         return None
     evals = collect(cfg, storage)
     return {"config": config, "overrides": overrides, "run_root": root, "evals": evals} \

@@ -240,6 +240,7 @@ def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, 
     # "Cannot load libtorch_cpu.so"). Short paths: Ray's sockets live there
     temp_root = Path(tempfile.mkdtemp(prefix="rn-", dir="/tmp"))
     temp_dirs = [temp_root / f"n{i}" for i in range(3)]
+    passed = False
 
     def node(name: str, *args: str) -> subprocess.Popen:  # the session's Ray (ray_local) holds the default ports
         return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
@@ -363,14 +364,16 @@ def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, 
                rows_lost=64 - len(set(pairs)), duplicates=len(pairs) - len(set(pairs)))
         record(request, "the AWS credentials the nodes of a cluster hold, through `padistill submit`",
                f"in nothing the job wrote: {n} files scanned (the run root's objects, `padistill logs`, the head's "
-               "record of the job with its runtime env, the head's Ray session logs and unpacked working dir)",
-               injected=2, completed=1)
+               "record of the job with its runtime env, the three nodes' Ray session logs and unpacked working "
+               "dirs)", injected=2, completed=1)
+        passed = True
     finally:
         if proxy is not None:
             proxy.stop()
         for proc in nodes:
             kill_session(proc)
-        shutil.rmtree(temp_root, ignore_errors=True)
+        if passed:  # a failure keeps the nodes' Ray logs for whoever reads it
+            shutil.rmtree(temp_root, ignore_errors=True)
 
 
 def _free_port() -> int:
