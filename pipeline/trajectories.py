@@ -231,27 +231,43 @@ def teacher_identity(cfg: RunConfig, key) -> str:
     return cfg.model.source if j is None else f"{cfg.stage_dir(j)}/model"
 
 
+# what a stage's rollouts read of its settings; the others say how the stage trains (its loss, lr, updates,
+# discriminator), so changing them retrains the stage on the same trajectories instead of rolling them out
+# again (on SDXL, hours of teacher passes)
+ROLLOUT_KEYS = ("teacher_steps", "student_steps", "teacher_stage", "guidance_scale", "multi_timestep")
+
+
+def rollout_settings(stage: StageConfig) -> dict:
+    """The stage's settings its trajectories depend on (`ROLLOUT_KEYS`), as their manifest records them."""
+    d = stage.model_dump(mode="json")
+    return {k: d[k] for k in ROLLOUT_KEYS}
+
+
 def trajectory_inputs(cfg: RunConfig, key, storage: RunStorage, enc_manifest: dict) -> dict:
     k, stage = cfg.stage(key)
     src = teacher_source(cfg, key, storage)
     tc = cfg.trajectories
     return {"encoded": {"inputs_hash": enc_manifest["inputs_hash"], "finished_at": enc_manifest["finished_at"]},
-            "stage_index": k, "stage": stage.model_dump(mode="json"), "teacher": teacher_identity(cfg, k),
+            "stage_index": k, "stage": rollout_settings(stage), "teacher": teacher_identity(cfg, k),
             "teacher_files": teacher_fingerprint(src, cfg), "model_dtype": cfg.model.dtype,
             "resolution": cfg.model.resolution, "draws": tc.draws, "seed": tc.seed, "dtype": tc.dtype,
             "max_rows_per_file": tc.max_rows_per_file, "schema_version": SCHEMA_VERSION}
 
 
 def _legacy_finished(manifest: dict | None, inputs: dict) -> bool:
-    """A manifest written before `teacher_identity` (padistill <= 0.1.0 named the teacher by its full URL)
-    whose inputs are otherwise today's. It is kept as written: the later steps' manifests hash its
-    `inputs_hash`, so rewriting it would retrain every stage after it."""
+    """A manifest an earlier padistill wrote whose inputs are otherwise today's: one naming the teacher by
+    its full URL (<= 0.1.0, before `teacher_identity`), or holding the whole stage, training keys too
+    (before `rollout_settings`), compared on the rollouts' keys. It is kept as written: the later steps'
+    manifests hash its `inputs_hash`, so rewriting it would retrain every stage after it."""
     if not manifest:
         return False
     old = dict(manifest.get("inputs") or {})
     url = str(old.get("teacher", ""))
-    if not url.rstrip("/").endswith("/" + inputs["teacher"]) or shards.inputs_hash(old) != manifest.get("inputs_hash"):
+    named = url == inputs["teacher"] or url.rstrip("/").endswith("/" + inputs["teacher"])
+    if not named or shards.inputs_hash(old) != manifest.get("inputs_hash"):
         return False
+    if isinstance(old.get("stage"), dict):
+        old["stage"] = {k: old["stage"].get(k) for k in ROLLOUT_KEYS}
     return {**old, "teacher": inputs["teacher"]} == inputs
 
 

@@ -109,6 +109,24 @@ def test_rows_schema_and_targets_equal_direct_rollout(ray_local, encoded_root):
     np.testing.assert_allclose(c["x_t"][r], noise * schedule.init_noise_sigma(), rtol=1e-6)
     # finished: a rerun is skipped
     assert tj.run_trajectories(cfg, 1)["finished_at"] == m["finished_at"]
+    # ... also after a change to how the stage trains (its lr, its updates), which the rollouts do not read;
+    # a change to what they read (guidance, the teacher's steps) rolls them out again
+    def finished_with(*sets):
+        return tj.finished(load_config("smoke", [f"run_root={encoded_root}", *OVERRIDES, *sets]), 1, st)
+
+    assert finished_with("stages.0.lr=3e-4", "stages.0.mse_steps=9") == m
+    assert finished_with("stages.0.guidance_scale=3.0") is None
+    assert finished_with("model.teacher_steps=16", "stages.0.teacher_steps=16") is None
+    # a manifest written before (its inputs held the whole stage, training keys too) is finished as it
+    # stands, never rewritten: the stages' manifests after it hash its inputs_hash
+    from pipeline import shards
+
+    legacy = {**m, "inputs": {**m["inputs"], "stage": stage.model_dump(mode="json")}}
+    legacy["inputs_hash"] = shards.inputs_hash(legacy["inputs"])
+    st.write_json(st.manifest_path(tj.step_name(cfg, 1)), legacy)
+    assert tj.finished(cfg, 1, st) == legacy and finished_with("stages.0.lr=3e-4") == legacy
+    assert finished_with("stages.0.guidance_scale=3.0") is None
+    assert tj.run_trajectories(cfg, 1) == legacy
 
 
 def test_kill_halfway_and_rerun_gives_exact_rows(ray_local, encoded_root, tmp_path, request):
