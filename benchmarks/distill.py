@@ -246,15 +246,16 @@ def finished(config: str, root: str, overrides: list[str]) -> dict | None:
     not run; None too, said on the console, when it is unfinished or ran with other settings (a config
     changed since: its figures are not this benchmark's)."""
     from pipeline.config import load_config
-    from pipeline.dag import build_steps
+    from pipeline import encode
+    from pipeline.dag import build_steps, finished_manifests
     from pipeline.report import collect
     from pipeline.storage import RunStorage
 
     cfg = load_config(config, [f"run_root={root}", *overrides])
     storage = RunStorage.from_config(cfg)
-    if storage.read_manifest("encode") is None:
+    if storage.read_manifest(encode.STEP) is None:
         return None
-    stale = [s.name for s in build_steps(cfg) if s.finished is not None and s.finished(cfg) is None]
+    stale = [name for name, m in finished_manifests(cfg, build_steps(cfg)).items() if m is None]
     if stale:
         print(f"{root}: not reported: {', '.join(stale)} not finished with these settings ({config} "
               f"{' '.join(overrides)}): unfinished, or run with other settings; run it to report it", flush=True)

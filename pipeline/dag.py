@@ -79,17 +79,19 @@ def _asked(module: str, what: str, *key):
     return ask
 
 
+def finished_manifests(cfg: RunConfig, steps: list[Step]) -> dict[str, dict | None]:
+    """Each step's manifest when it is finished with today's inputs, else None, by manifests alone (no file
+    read, no Ray); the report, which always runs, is not among them."""
+    return {s.name: s.finished(cfg) for s in steps if s.finished is not None}
+
+
 def all_finished(cfg: RunConfig, steps: list[Step], log=print) -> bool:
-    """Whether every step but the report is finished with today's inputs: first by their manifests alone
-    (no file read), then, only if all are, by their committed files (one read of every file)."""
-    rest = [s for s in steps if s.name != "report"]
-    manifests = []
-    for s in rest:
-        m = s.finished(cfg) if s.finished is not None else None
-        if m is None:
-            return False
-        manifests.append(m)
-    return all(s.intact is None or s.intact(cfg, m, log=log) for s, m in zip(rest, manifests))
+    """Whether every step but the report is finished with today's inputs: first by their manifests alone,
+    then, only if all are, by their committed files (one read of every file)."""
+    manifests = finished_manifests(cfg, steps)
+    if None in manifests.values():
+        return False
+    return all(s.intact is None or s.intact(cfg, manifests[s.name], log=log) for s in steps if s.name in manifests)
 
 
 def _report(cfg):

@@ -300,13 +300,10 @@ class RunStorage:
         rel = self.manifest_path(step)
         return self.read_json(rel) if self.exists(rel) else None
 
-    def is_finished(self, step: str, inputs: dict | None = None) -> bool:
-        """A step is finished when its manifest exists (and, given `inputs`, their hash matches)."""
-        return self.finished_manifest(step, inputs) is not None
-
     def finished_manifest(self, step: str, inputs: dict | Callable[[], dict] | None = None) -> dict | None:
-        """The step's manifest when it is finished (`is_finished`), else None: one read. `inputs` may be a
-        function, called only when a manifest exists (inputs that are costly to describe, a data source)."""
+        """The step's manifest when it is finished, else None: one read. A step is finished when its manifest
+        exists (and, given `inputs`, their hash matches). `inputs` may be a function, called only when a
+        manifest exists (inputs that are costly to describe, a data source)."""
         m = self.read_manifest(step)
         if m is None or inputs is None:
             return m

@@ -237,10 +237,11 @@ def teacher_identity(cfg: RunConfig, key) -> str:
 ROLLOUT_KEYS = ("teacher_steps", "student_steps", "teacher_stage", "guidance_scale", "multi_timestep")
 
 
-def rollout_settings(stage: StageConfig) -> dict:
-    """The stage's settings its trajectories depend on (`ROLLOUT_KEYS`), as their manifest records them."""
-    d = stage.model_dump(mode="json")
-    return {k: d[k] for k in ROLLOUT_KEYS}
+def rollout_settings(stage: StageConfig | dict) -> dict:
+    """The stage's settings its trajectories depend on (`ROLLOUT_KEYS`), as their manifest records them;
+    from a stage, or from the whole stage an earlier manifest recorded."""
+    d = stage if isinstance(stage, dict) else stage.model_dump(mode="json")
+    return {k: d.get(k) for k in ROLLOUT_KEYS}
 
 
 def trajectory_inputs(cfg: RunConfig, key, storage: RunStorage, enc_manifest: dict) -> dict:
@@ -267,7 +268,7 @@ def _legacy_finished(manifest: dict | None, inputs: dict) -> bool:
     if not named or shards.inputs_hash(old) != manifest.get("inputs_hash"):
         return False
     if isinstance(old.get("stage"), dict):
-        old["stage"] = {k: old["stage"].get(k) for k in ROLLOUT_KEYS}
+        old["stage"] = rollout_settings(old["stage"])
     return {**old, "teacher": inputs["teacher"]} == inputs
 
 

@@ -149,9 +149,10 @@ def test_worker_log_writes_each_line_once(capfd):
 def test_the_driver_drops_rays_known_harmless_lines():
     """The lines `cluster.DRIVER_SKIP` names (Ray Data's and Ray Train's actors with constructor arguments in
     the object store, one error line per precompute step and training stage; the raylet's worker-count
-    warning; the GCS's error that it could not kill an actor already gone, seen once in a demo) go through a padistill driver's Ray log filter and are dropped; other lines are printed. A
-    driver that joins a cluster through RAY_ADDRESS keeps the worker-count warning. Run in a fresh
-    interpreter: Ray reads the setting at import, as in the CLI."""
+    warning; the GCS's error that it could not kill an actor already gone, seen once in a demo) go through
+    a padistill driver's Ray log filter and are dropped; other lines are printed. A driver that joins a
+    cluster through RAY_ADDRESS keeps the worker-count warning. Run in a fresh interpreter: Ray reads the
+    setting at import, as in the CLI."""
     script = textwrap.dedent("""
         import json, os
         os.environ.pop("RAY_DEDUP_LOGS_SKIP_REGEX", None)

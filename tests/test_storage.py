@@ -61,21 +61,21 @@ def test_listing_needs_no_working_directory(store, tmp_path, monkeypatch):
 
 def test_step_without_manifest_is_unfinished(store):
     store.write_table("encoded/part-0.parquet", _columns(np.random.default_rng(2)))
-    assert not store.is_finished("encode")  # outputs alone do not make a finished step
+    assert store.finished_manifest("encode") is None  # outputs alone do not make a finished step
 
     def costly():  # inputs described only once a manifest exists (a data source's listing)
         raise AssertionError("described without a manifest")
 
     assert store.finished_manifest("encode", costly) is None
     store.commit_manifest("encode", inputs={"config": 1}, outputs={"rows": 5})
-    assert store.is_finished("encode")
-    assert store.is_finished("encode", inputs={"config": 1})
+    assert store.finished_manifest("encode") is not None
+    assert store.finished_manifest("encode", inputs={"config": 1}) is not None
     assert store.finished_manifest("encode", lambda: {"config": 1}) == store.read_manifest("encode")
-    assert not store.is_finished("encode", inputs={"config": 2})  # inputs changed: rerun
+    assert store.finished_manifest("encode", inputs={"config": 2}) is None  # inputs changed: rerun
     assert store.finished_manifest("encode", {"config": 2}) is None
     assert store.read_manifest("encode")["outputs"] == {"rows": 5}
     store.invalidate("encode")
-    assert not store.is_finished("encode")
+    assert store.finished_manifest("encode") is None
 
 
 def test_tensors_to_table_accepts_torch():
