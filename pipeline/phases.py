@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import StageConfig
+    from .stage_config import StageConfig
 
 
 @dataclass(frozen=True)

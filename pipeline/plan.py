@@ -18,7 +18,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from .config import RunConfig, StageConfig
+from .config import RunConfig
+from .stage_config import StageConfig
 from .meta_models import (DTYPES, SDXL_TEXT_TOKENS, SDXL_TIME_IDS, SDXL_UNET_CONFIG, VAE_FACTOR, build_discriminator,
                           build_unet, build_vae, count_params, discriminator_source, head_blocks, largest_layer,
                           lora_params, measure_discriminator, measure_unet, measure_vae_decode, other_base_params,

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from . import student as student_mod
-from .config import RunConfig, StageConfig
+from .config import RunConfig
+from .stage_config import StageConfig
 from .discriminator import Discriminator, nonsaturating_d_loss, nonsaturating_g_loss
 from .engines import all_reduce, checkpoint_activations
 from .guard import UpdateWatch, finite_everywhere

@@ -39,7 +39,8 @@ import torch
 
 from . import encode as encode_mod
 from . import cluster, shards
-from .config import RunConfig, StageConfig
+from .config import RunConfig
+from .stage_config import StageConfig
 from .layout import manifest_step
 from .errors import MissingInputError
 from .schedule import Conditioning, Schedule, StagePair, unet_denoiser

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline import student
-from pipeline.config import StageConfig
+from pipeline.stage_config import StageConfig
 from pipeline.schedule import unet_denoiser
 from pipeline.phases import checkpoint_steps, disc_mode_at, phase_at, plan_phases, student_mode_at
 
