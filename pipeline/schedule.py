@@ -1,5 +1,6 @@
 """Schedule math, in one place: trailing timestep grids, sigmas, the Euler step, prediction
-conversions, classifier-free guidance, forward diffusion and the grids of a distillation stage.
+conversions, classifier-free guidance, forward diffusion and the grids of a distillation stage; and the
+flow-matching (rectified-flow) schedule of the SD3 family (`FlowMatchSchedule`).
 
 Everything works in diffusers' Euler ("sigma") space, the space `EulerDiscreteScheduler` and the
 SDXL pipeline sample in:  x = x0 + sigma_t * eps,  the UNet sees x / sqrt(sigma_t**2 + 1).
@@ -183,6 +184,108 @@ class Schedule:
         """Full N-step trailing Euler sampling from unit noise, as the stock pipeline does."""
         x = noise * self.init_noise_sigma()
         return self.rollout(denoise, x, self.timesteps(num_steps), CLEAN, prediction_type)
+
+
+class FlowMatchSchedule:
+    """The rectified-flow schedule of the SD3 family (diffusers' `FlowMatchEulerDiscreteScheduler`, static
+    `shift`): x_sigma = (1 - sigma) * x0 + sigma * eps for sigma in [0, 1]; the transformer sees x_sigma
+    unscaled at timestep sigma * 1000 and predicts the velocity v = eps - x0; an Euler step is
+    x + (sigma_next - sigma) * v. Noise levels are floats (sigmas), not integer indices as in `Schedule`:
+    a flow model's N-step grid is the scheduler's own (N points evenly spaced in unshifted time, then
+    shifted), and those grids are not nested across N, so a teacher's rollout over one student step
+    subdivides that step's interval evenly in unshifted time (`teacher_path`) instead of walking a
+    finer stock grid. The student's own grid stays exactly the stock pipeline's, so an exported student
+    samples right with `num_inference_steps=N` and nothing else."""
+
+    prediction_type = "flow"
+
+    def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000):
+        if shift <= 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        self.shift, self.num_train_timesteps = float(shift), int(num_train_timesteps)
+        # the scheduler's own bounds: its training sigmas are the shifted t / T for t = T ... 1
+        self.sigma_max = self.shifted(1.0)
+        self.sigma_min = float(torch.tensor(self.shifted(1.0 / self.num_train_timesteps), dtype=torch.float32))
+
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> "FlowMatchSchedule":
+        """From a `FlowMatchEulerDiscreteScheduler` config; the options that bend its grid further
+        (resolution-dependent shifting, a terminal stretch, Karras/exponential/beta sigmas) are refused
+        by name rather than ignored."""
+        bent = [k for k in ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                            "use_beta_sigmas", "invert_sigmas") if config.get(k)]
+        if bent:
+            raise ValueError(f"scheduler config: {', '.join(bent)} is not supported by padistill's flow-matching "
+                             "schedule (a static shift only)")
+        return cls(config.get("shift", 1.0), config.get("num_train_timesteps", 1000))
+
+    # ---- grids -------------------------------------------------------------------------------
+    def shifted(self, u):
+        """The scheduler's static shift of unshifted time u in [0, 1]."""
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    def unshifted(self, sigma):
+        return sigma / (self.shift - (self.shift - 1) * sigma)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """The N sigmas the stock pipeline samples at (the terminal 0 not included), float32."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        T = self.num_train_timesteps
+        u = np.linspace(self.sigma_max * T, self.sigma_min * T, num_steps) / T
+        return torch.from_numpy(self.shifted(u)).to(torch.float32)
+
+    def timesteps(self, num_steps: int) -> torch.Tensor:
+        """What the transformer is called with at each of those sigmas."""
+        return self.sigmas(num_steps) * self.num_train_timesteps
+
+    def teacher_path(self, teacher_steps_per_step: int, sigma: float, sigma_next: float) -> list[float]:
+        """The sigmas a teacher's n-step rollout from `sigma` to `sigma_next` evaluates at: the interval cut
+        into n equal parts in unshifted time (the scheduler's own spacing)."""
+        if not 0 <= sigma_next < sigma <= 1:
+            raise ValueError(f"({sigma} -> {sigma_next}) is not a step toward clean")
+        a, b = float(self.unshifted(sigma)), float(self.unshifted(sigma_next))
+        return [float(self.shifted(a + (b - a) * i / teacher_steps_per_step)) for i in range(teacher_steps_per_step)]
+
+    # ---- conversions ---------------------------------------------------------------------------
+    _b = staticmethod(Schedule._b)
+
+    def forward_diffuse(self, x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+        """x_sigma = (1 - sigma) x0 + sigma noise (sigma = 1: pure noise, as sampling starts)."""
+        s = self._b(sigma, x0)
+        return (1 - s) * x0 + s * noise
+
+    renoise = forward_diffuse
+
+    def to_x0(self, velocity: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
+        return x - self._b(sigma, x) * velocity
+
+    def to_velocity(self, x0: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The velocity implied by an x0 estimate at noise level sigma (> 0)."""
+        return (x - x0) / self._b(sigma, x)
+
+    # ---- sampling ----------------------------------------------------------------------------------
+    def step(self, denoise: Denoiser, x: torch.Tensor, sigma, sigma_next):
+        """Evaluate the model at `sigma` and take one Euler step to `sigma_next`, as
+        `FlowMatchEulerDiscreteScheduler.step` does. Returns (x_next, x0)."""
+        s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
+        if s.numel() == 1:
+            s = s.expand(x.shape[0])
+        v = denoise(x, (s * self.num_train_timesteps).to(x.device)).to(torch.float32)
+        x = x.to(torch.float32)
+        sn = torch.as_tensor(sigma_next, dtype=torch.float32)
+        return x + (self._b(sn, x) - self._b(s, x)) * v, self.to_x0(v, x, s)
+
+    def rollout(self, denoise: Denoiser, x: torch.Tensor, path: Sequence[float], sigma_end: float) -> torch.Tensor:
+        """Euler steps through `path` (descending sigmas) ending at `sigma_end` (0 for x0)."""
+        ss = [float(s) for s in path] + [float(sigma_end)]
+        for a, b in zip(ss[:-1], ss[1:]):
+            x, _ = self.step(denoise, x, a, b)
+        return x
+
+    def sample(self, denoise: Denoiser, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+        """Full N-step sampling from unit noise, as the stock SD3 pipeline does."""
+        return self.rollout(denoise, noise, self.sigmas(num_steps).tolist(), 0.0)
 
 
 def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:

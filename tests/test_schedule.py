@@ -126,3 +126,56 @@ def test_rollout_equals_stock_pipeline_latents(tiny_pipeline):
 def test_conditioning_time_ids():
     ids = Conditioning.sdxl_time_ids(2, 32)
     assert ids.tolist() == [[32, 32, 0, 0, 32, 32]] * 2
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_matching_grids_and_sampling_match_diffusers(shift):
+    """The SD3 family's schedule (issue 17): for N = 1 ... 32 the sigmas and timesteps equal
+    `FlowMatchEulerDiscreteScheduler`'s (SD3.5's shift 3.0 and the unshifted 1.0), and N steps of
+    `FlowMatchSchedule.sample` equal the scheduler's own `step` loop on the same velocity model,
+    within 1e-5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from pipeline.schedule import FlowMatchSchedule
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    fm = FlowMatchSchedule.from_scheduler_config(dict(sched.config))
+    w = torch.randn(4, 4) * 0.3
+
+    def velocity(x, t):  # a fixed nonlinear velocity field that depends on the timestep it is given
+        return torch.einsum("ij,bjhw->bihw", w, x) + torch.sin(t / 1000 * 3).reshape(-1, 1, 1, 1)
+
+    for n in range(1, 33):
+        sched.set_timesteps(n)
+        torch.testing.assert_close(fm.sigmas(n), sched.sigmas[:-1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(fm.timesteps(n) / 1000, sched.timesteps / 1000, atol=1e-5, rtol=0)
+        noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(n))
+        x = noise.clone()
+        for t in sched.timesteps:
+            x = sched.step(velocity(x, t.expand(2)), t, x).prev_sample
+        torch.testing.assert_close(fm.sample(velocity, noise, n), x, atol=1e-5, rtol=1e-5)
+
+
+def test_flow_matching_conversions_and_teacher_path():
+    """x_sigma from x0 and noise; the true velocity gives x0 back and one Euler step lands on the same
+    line; a teacher's n-step path cuts a student step evenly in unshifted time and starts at its sigma;
+    scheduler options that bend the grid are refused by name."""
+    from pipeline.schedule import FlowMatchSchedule
+
+    fm = FlowMatchSchedule(shift=3.0)
+    x0, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    s = torch.tensor([1.0, 0.6, 0.1])
+    x = fm.forward_diffuse(x0, eps, s)
+    torch.testing.assert_close(x[0], eps[0])  # sigma 1: pure noise, as sampling starts
+    torch.testing.assert_close(fm.to_x0(eps - x0, x, s), x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fm.to_velocity(x0, x, s), eps - x0, atol=1e-4, rtol=1e-4)
+    x_next, got_x0 = fm.step(lambda x_, t_: eps - x0, x, s, torch.tensor([0.5, 0.2, 0.0]))
+    torch.testing.assert_close(x_next, fm.forward_diffuse(x0, eps, torch.tensor([0.5, 0.2, 0.0])), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_x0, x0, atol=1e-5, rtol=1e-5)
+    path = fm.teacher_path(4, 1.0, float(fm.shifted(0.5)))
+    assert len(path) == 4 and path[0] == pytest.approx(1.0)
+    assert [float(fm.unshifted(p)) for p in path] == pytest.approx([1.0, 0.875, 0.75, 0.625])
+    with pytest.raises(ValueError, match="toward clean"):
+        fm.teacher_path(2, 0.3, 0.5)
+    with pytest.raises(ValueError, match="use_dynamic_shifting"):
+        FlowMatchSchedule.from_scheduler_config({"shift": 3.0, "use_dynamic_shifting": True})
