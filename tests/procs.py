@@ -42,9 +42,11 @@ def kill_session(proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
-def kill_when(args: list[str], ready, log_path, timeout: float = 240, what: str = "the signal", **popen) -> None:
+def kill_when(args: list[str], ready, log_path, timeout: float = 240, what: str = "the signal", every: float = 0.05,
+              **popen) -> None:
     """Start `args` as a job in its own session and SIGKILL it (and its Ray) once `ready()` is true: the
-    real signal a kill test waits for, polled, never a fixed sleep. Fails if the job ends first."""
+    real signal a kill test waits for, polled `every` seconds (more where `ready` asks S3: each poll costs
+    the job CPU on a small machine), never a fixed sleep. Fails if the job ends first."""
     from pathlib import Path
 
     log_path = Path(log_path)
@@ -55,7 +57,7 @@ def kill_when(args: list[str], ready, log_path, timeout: float = 240, what: str 
             while not ready():
                 assert proc.poll() is None, log_path.read_text()[-3000:]
                 assert time.monotonic() < deadline, f"no {what} in time"
-                time.sleep(0.05)
+                time.sleep(every)
         finally:
             kill_session(proc)
 
