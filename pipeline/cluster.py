@@ -141,6 +141,15 @@ def ensure_ray(cfg) -> None:
         init_local(cfg.ray.num_cpus or None)
 
 
+def fast_train_polls() -> None:
+    """Ray Train's controller polls its worker group every 2 s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`), and a
+    fit's start, its checkpoints and its end each wait for a poll: the smoke's 4-step stage took 35-38 s at
+    2 s and 29 s at 0.5 s (`padistill train-stage`, measured alternately, twice each). padistill asks for
+    0.5 s unless the variable is set; a poll is one actor call, nothing against a real stage. Called in the
+    driver before a fit: Ray Train hands the variable on to its controller and workers."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
 def train_logging_config():
     """Ray Train's RunConfig logging: its INFO lines (the controller's worker-group and run-snapshot
     notices: 63 -> 38 lines in a resumed smoke stage) drown a run's progress; warnings and errors show."""

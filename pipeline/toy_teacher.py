@@ -126,6 +126,7 @@ def _run_phase(loop, config: dict, tc: ToyTeacherConfig, storage: Path, name: st
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cluster.fast_train_polls()
     trainer = TorchTrainer(
         loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=tc.workers, use_gpu=False,

@@ -72,6 +72,7 @@ def make_trainer(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps
     args = WorkerArgs(run=cfg.model_dump(mode="json"), stage=idx, init_source=student_init_source(cfg, key, storage),
                       disc_source=disc_source(cfg, key, storage), has_held=held_ds is not None,
                       cpus_per_worker=per_worker, max_steps=max_steps)
+    cluster.fast_train_polls()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dataclasses.asdict(args),
