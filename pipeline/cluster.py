@@ -65,12 +65,17 @@ LOCAL_ONLY_NOISE = ("ray.train.v2._internal.execution.controller.placement_group
 
 
 def quiet_driver() -> None:
-    """Drop `DRIVER_SKIP`'s lines from this driver's console (a skip pattern the user set wins). Ray reads
+    """Drop `DRIVER_SKIP`'s lines from this driver's console (a skip pattern the user set wins), and send
+    this process's Ray Data notices to its log file (`RAY_DATA_LOGGING`, unless set). Ray reads
     the setting when it is imported: in a process that imported Ray already it has no effect. A driver
     that joins a cluster through `RAY_ADDRESS` (`ray job submit`) keeps the worker-count warning: on a
     real cluster it can mean a runaway of worker processes."""
     skip = [x for x in DRIVER_SKIP if not (os.environ.get("RAY_ADDRESS") and x == WORKER_COUNT_WARNING)]
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(skip))
+    # a step run alone (`padistill encode`, `trajectories`, `evaluate`) runs Ray Data in this process: its
+    # notices and logged progress (13 lines for the smoke's one encode unit, a block every few seconds on a
+    # long one) go to ray-data.log as in the workers; padistill prints a line per unit
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
 
 
 def quiet_worker() -> None:

@@ -1,5 +1,6 @@
 """The console script and every job's --help run; jobs also run as `python -m jobs.X`."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -111,3 +112,15 @@ def test_train_stage_without_trajectories_stops_before_ray_starts(tmp_path):
     assert r.stderr.strip().splitlines() == [
         f"padistill train-stage: {tmp_path / 'run'}/stages/1-8step/traj: no finished trajectories; run "
         "`padistill trajectories --stage 1` first"], r.stderr
+
+
+def test_a_step_run_alone_keeps_ray_datas_notices_off_the_console():
+    """`padistill encode` (or trajectories, evaluate) run alone drives Ray Data from its own process: the
+    console handler of Ray Data's logger is at ERROR once `jobs` is imported (its notices, execution plans
+    and logged progress go to ray-data.log, as in the workers), at Ray's INFO without it."""
+    code = ("{}import logging, ray.data; print(max(h.level for h in logging.getLogger('ray.data').handlers "
+            "if type(h).__name__ == 'PlainRayHandler'))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_DATA_LOGGING_CONFIG"}
+    levels = [int(subprocess.run([sys.executable, "-c", code.format(pre)], env=env, capture_output=True,
+                                 text=True, check=True).stdout) for pre in ("import jobs; ", "")]
+    assert levels == [logging.ERROR, logging.INFO]
