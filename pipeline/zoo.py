@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .data import DIGIT_WORDS
-from .errors import MissingInputError
+from .errors import ConfigError, MissingInputError
 from .schedule import Conditioning, Schedule
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -179,6 +179,28 @@ def _staging_dir(parent: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=parent, prefix=".staging-"))
 
 
+# a pipeline folder's class (model_index.json) -> its model family. padistill distils the SDXL family; the
+# others are named so that a user pointing model.source at one is told so, not met by a failure deep in a step
+FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15",
+            "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+SUPPORTED_FAMILIES = ("sdxl",)
+
+
+def pipeline_family(folder: str | os.PathLike) -> str:
+    """The model family of a diffusers pipeline folder, from its model_index.json's class."""
+    cls = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "?")
+    return FAMILIES.get(cls, cls)
+
+
+def check_family(source: str, folder: Path) -> Path:
+    fam = pipeline_family(folder)
+    if fam not in SUPPORTED_FAMILIES:
+        cls = json.loads((folder / "model_index.json").read_text()).get("_class_name", "?")
+        raise ConfigError(f"model.source: {source} is a {cls} (model family '{fam}'); padistill distils "
+                          "SDXL-class pipelines (StableDiffusionXLPipeline) today, other families are planned (issue 17)")
+    return folder
+
+
 def resolve_source(source: str, storage=None) -> Path:
     """Turn a model source into a local pipeline folder.
 
@@ -214,11 +236,11 @@ def resolve_source(source: str, storage=None) -> Path:
             if not (tmp / "model_index.json").exists():
                 raise MissingInputError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
             tmp.rename(path)
-        return path
+        return check_family(source, path)
     path = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
     if not (path / "model_index.json").exists():
         raise MissingInputError(f"model source {source!r} is not a diffusers pipeline folder (no model_index.json)")
-    return path
+    return check_family(source, path)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # model.dtype

@@ -124,3 +124,28 @@ def test_a_step_run_alone_keeps_ray_datas_notices_off_the_console():
     levels = [int(subprocess.run([sys.executable, "-c", code.format(pre)], env=env, capture_output=True,
                                  text=True, check=True).stdout) for pre in ("import jobs; ", "")]
     assert levels == [logging.ERROR, logging.INFO]
+
+
+def test_a_source_of_another_model_family_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """model.source at a real Stable Diffusion 1.5 pipeline folder (tiny, saved by diffusers): `distill`
+    says which family it is and what padistill distils, exit 2, before any work (issue 17 adds the family)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from pipeline.zoo import build_components, pipeline_family
+
+    c = build_components()
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=c["text_encoder"].config.hidden_size, norm_num_groups=8)
+    StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=unet,
+                            scheduler=c["scheduler"], safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "sd15")
+    assert pipeline_family(tmp_path / "sd15") == "sd15"
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()  # diffusers' saving bar
+    assert main(["distill", "--set", f"model.source={tmp_path / 'sd15'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.source:" in err and "is a StableDiffusionPipeline (model family 'sd15')" in err, err
+    assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.parquet"))  # nothing ran
