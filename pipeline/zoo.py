@@ -228,7 +228,12 @@ def resolve_source(source: str, storage=None) -> Path:
         from .storage import filesystem_for
 
         fs = filesystem_for(source, storage)
-        key = hashlib.sha1(source.encode()).hexdigest()[:16]
+        root = source.rstrip("/")
+        # cached by the URL and what is there now (each object's name, size and ETag, one listing): a model
+        # uploaded again to the same URL is fetched again, not served stale from an earlier fetch
+        now = sorted((str(name)[len(root[5:]):], info.get("size"), str(info.get("ETag")))
+                     for name, info in fs.find(root, detail=True).items())
+        key = hashlib.sha1(json.dumps([source, now]).encode()).hexdigest()[:16]
         path = _cache_dir() / "s3" / key
         if not (path / "model_index.json").exists():
             tmp = _staging_dir(_cache_dir() / "s3")

@@ -86,3 +86,29 @@ def test_load_from_s3(tiny_pipeline_dir, s3_endpoint, tmp_path, monkeypatch):
     for (k, p), q in zip(pipe.unet.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(p, q), k
     assert json.loads((zoo.resolve_source(store.url("tiny"), cfg) / "padistill.json").read_text())["stage"] == "tiny"
+
+
+def test_an_s3_source_uploaded_again_is_fetched_again(tiny_pipeline_dir, s3_endpoint, tmp_path, monkeypatch,
+                                                      request):
+    """model.source on S3 is cached locally; a model uploaded again to the same URL (same names, new
+    contents) is what the next resolve gives, not the earlier fetch."""
+    import shutil
+
+    monkeypatch.setenv("PADISTILL_CACHE", str(tmp_path / "cache"))
+    cfg = StorageConfig(endpoint_url=s3_endpoint)
+    store = RunStorage("s3://padistill-test/models", cfg)
+    store.put_dir(str(tiny_pipeline_dir), "again")
+    first = zoo.resolve_source(store.url("again"), cfg)
+    assert zoo.resolve_source(store.url("again"), cfg) == first  # unchanged: the cached copy
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_pipeline_dir, changed)
+    info = json.loads((changed / "padistill.json").read_text())
+    (changed / "padistill.json").write_text(json.dumps({**info, "stage": "uploaded again"}))
+    store.put_dir(str(changed), "again")
+    second = zoo.resolve_source(store.url("again"), cfg)
+    assert json.loads((second / "padistill.json").read_text())["stage"] == "uploaded again"
+    from reliability import record
+
+    record(request, "a base model uploaded again to the same S3 URL (model.source)", "fetched again: the local "
+           "cache is keyed by the URL and each object's name, size and ETag (one listing a resolve), never "
+           "served stale", injected=1, completed=1)
