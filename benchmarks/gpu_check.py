@@ -43,10 +43,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.cluster import RAY_DATA_LOGGING, quiet_driver  # noqa: E402
+from pipeline.cluster import quiet_driver  # noqa: E402
 
 quiet_driver()  # before Ray is imported; Ray Data's notices to its log file, as in a run's workers
-os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
 
 from pipeline.config import CONFIG_DIR, from_dict  # noqa: E402
 

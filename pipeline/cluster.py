@@ -57,6 +57,8 @@ DRIVER_SKIP = (r"has constructor arguments in the object store and max_restarts 
                r"Failed to kill actor .*KillActor RPC failed for actor")
 # Ray Data's own logging configuration with its console notices off (they go to its log file)
 RAY_DATA_LOGGING = Path(__file__).with_name("assets") / "ray_data_logging.yaml"
+# ... and in a padistill driver: the same with Ray Data's warnings kept on its console
+RAY_DATA_DRIVER_LOGGING = Path(__file__).with_name("assets") / "ray_data_logging_driver.yaml"
 # Ray Train loggers that only speak to a cluster service a local Ray does not run: the State API (the
 # dashboard, left out) and the autoscaler ("Failed to send resource request ... safe to ignore", with a
 # traceback, whenever the 2 cores are busy)
@@ -66,7 +68,7 @@ LOCAL_ONLY_NOISE = ("ray.train.v2._internal.execution.controller.placement_group
 
 def quiet_driver() -> None:
     """Drop `DRIVER_SKIP`'s lines from this driver's console (a skip pattern the user set wins), and send
-    this process's Ray Data notices to its log file (`RAY_DATA_LOGGING`, unless set). Ray reads
+    this process's Ray Data notices to its log file (`RAY_DATA_DRIVER_LOGGING`, unless set). Ray reads
     the setting when it is imported: in a process that imported Ray already it has no effect. A driver
     that joins a cluster through `RAY_ADDRESS` (`ray job submit`) keeps the worker-count warning: on a
     real cluster it can mean a runaway of worker processes."""
@@ -74,8 +76,10 @@ def quiet_driver() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", "|".join(skip))
     # a step run alone (`padistill encode`, `trajectories`, `evaluate`) runs Ray Data in this process: its
     # notices and logged progress (13 lines for the smoke's one encode unit, a block every few seconds on a
-    # long one) go to ray-data.log as in the workers; padistill prints a line per unit
-    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
+    # long one) go to ray-data.log, its warnings stay (`RAY_DATA_DRIVER_LOGGING`); padistill prints a line
+    # per unit. A user's own Ray Data logging (a config, or JSON encoding) is left as it is
+    if not os.environ.get("RAY_DATA_LOG_ENCODING"):
+        os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_DRIVER_LOGGING))
 
 
 def quiet_worker() -> None:
@@ -100,7 +104,8 @@ def quiet_libraries() -> None:
     worker), where padistill prints its own lines (one per precompute unit, training report or
     evaluation): diffusers' and transformers' loading bars (evaluation loads three pipelines a stage, two
     bars each) and notices, and Ray Data's progress bars (they count the same units, redrawn as text lines
-    in a log file). Ray Data's console notices are off on a local Ray (`RAY_DATA_LOGGING`)."""
+    in a log file). Ray Data's console notices are off in a local Ray's workers (`RAY_DATA_LOGGING`) and in a
+    padistill driver (`RAY_DATA_DRIVER_LOGGING`)."""
     import diffusers
     import ray.data
     import transformers
@@ -150,8 +155,10 @@ def fast_train_polls() -> None:
     """Ray Train's controller polls its worker group every 2 s (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`), and a
     fit's start, its checkpoints and its end each wait for a poll: the smoke's 4-step stage took 35-38 s at
     2 s and 29 s at 0.5 s (`padistill train-stage`, measured alternately, twice each). padistill asks for
-    0.5 s unless the variable is set; a poll is one actor call, nothing against a real stage. Called in the
-    driver before a fit: Ray Train hands the variable on to its controller and workers."""
+    0.5 s unless the variable is set; a poll is one actor call, nothing against a real stage (a slow poll is
+    waited on again; a worker is declared dead only after Ray's 600 s health-check timeout). Called in the
+    process that builds a trainer, before its fit: Ray Train hands the variable on to its controller and
+    workers. It stays set in that process and its children, for their later fits too."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 

@@ -177,10 +177,9 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
 
     from . import cluster
 
-    if not cfg.model.source.startswith("s3://"):  # a wrong path fails here in one line, not in an actor
-        from .zoo import resolve_source
+    from .zoo import check_source
 
-        resolve_source(cfg.model.source)
+    check_source(cfg.model.source, cfg.storage)  # a wrong path or family fails here in one line, not in an actor
     storage = RunStorage.from_config(cfg)
     storage.write_text("config.yaml", cfg.to_yaml())
     steps = select(build_steps(cfg), cfg, until, only)

@@ -2,12 +2,13 @@
 conversions, classifier-free guidance, forward diffusion and the grids of a distillation stage; and the
 flow-matching (rectified-flow) schedule of the SD3 family (`FlowMatchSchedule`).
 
-Everything works in diffusers' Euler ("sigma") space, the space `EulerDiscreteScheduler` and the
+`Schedule` works in diffusers' Euler ("sigma") space, the space `EulerDiscreteScheduler` and the
 SDXL pipeline sample in:  x = x0 + sigma_t * eps,  the UNet sees x / sqrt(sigma_t**2 + 1).
-A timestep of -1 stands for "clean" (sigma = 0), the end of every trajectory.
+A timestep of -1 stands for "clean" (sigma = 0), the end of every trajectory. `FlowMatchSchedule`
+is the SD3 family's (its docstring; not yet used by the steps).
 
 Precompute (teacher rollouts), training (student steps, re-noising) and evaluation (sampling) all
-call this module; there is no second Euler loop anywhere in padistill.
+call this module; there is no Euler loop outside it (one per schedule kind here).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ CLEAN = -1  # the timestep index of a clean sample (sigma = 0)
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
-# A denoiser maps (scaled model input, timesteps as a float tensor of shape [B]) to the model's raw output.
+# A denoiser maps (model input, timesteps as a float tensor of shape [B]) to the model's raw output: for
+# `Schedule` the scaled input and integer timesteps, for `FlowMatchSchedule` x unscaled and sigma * 1000.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -203,9 +205,10 @@ class FlowMatchSchedule:
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
         self.shift, self.num_train_timesteps = float(shift), int(num_train_timesteps)
-        # the scheduler's own bounds: its training sigmas are the shifted t / T for t = T ... 1
-        self.sigma_max = self.shifted(1.0)
-        self.sigma_min = float(torch.tensor(self.shifted(1.0 / self.num_train_timesteps), dtype=torch.float32))
+        # the scheduler's own bounds, in its float32 arithmetic: its training sigmas are the shifted t / T
+        # for t = T ... 1
+        ends = torch.tensor([float(self.num_train_timesteps), 1.0]) / self.num_train_timesteps
+        self.sigma_max, self.sigma_min = self.shifted(ends).tolist()
 
     @classmethod
     def from_scheduler_config(cls, config: dict) -> "FlowMatchSchedule":
@@ -213,10 +216,10 @@ class FlowMatchSchedule:
         (resolution-dependent shifting, a terminal stretch, Karras/exponential/beta sigmas) are refused
         by name rather than ignored."""
         bent = [k for k in ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
-                            "use_beta_sigmas", "invert_sigmas") if config.get(k)]
+                            "use_beta_sigmas", "invert_sigmas", "stochastic_sampling") if config.get(k)]
         if bent:
             raise ValueError(f"scheduler config: {', '.join(bent)} is not supported by padistill's flow-matching "
-                             "schedule (a static shift only)")
+                             "schedule (a static shift, deterministic Euler steps)")
         return cls(config.get("shift", 1.0), config.get("num_train_timesteps", 1000))
 
     # ---- grids -------------------------------------------------------------------------------
@@ -244,6 +247,8 @@ class FlowMatchSchedule:
         into n equal parts in unshifted time (the scheduler's own spacing)."""
         if not 0 <= sigma_next < sigma <= 1:
             raise ValueError(f"({sigma} -> {sigma_next}) is not a step toward clean")
+        if teacher_steps_per_step < 1:
+            raise ValueError(f"teacher steps per student step must be >= 1, got {teacher_steps_per_step}")
         a, b = float(self.unshifted(sigma)), float(self.unshifted(sigma_next))
         return [float(self.shifted(a + (b - a) * i / teacher_steps_per_step)) for i in range(teacher_steps_per_step)]
 

@@ -187,18 +187,36 @@ SUPPORTED_FAMILIES = ("sdxl",)
 
 
 def pipeline_family(folder: str | os.PathLike) -> str:
-    """The model family of a diffusers pipeline folder, from its model_index.json's class."""
+    """The model family of a diffusers pipeline folder, from its model_index.json's class (the class itself
+    when it is none of `FAMILIES`)."""
     cls = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "?")
     return FAMILIES.get(cls, cls)
 
 
-def check_family(source: str, folder: Path) -> Path:
-    fam = pipeline_family(folder)
-    if fam not in SUPPORTED_FAMILIES:
-        cls = json.loads((folder / "model_index.json").read_text()).get("_class_name", "?")
+def check_family(source: str, index: dict) -> None:
+    """A pipeline of a known other family (its model_index.json, `index`) is a user's mistake, said in one
+    line; an unknown class is left to the loader (an SDXL variant such as an img2img pipeline saved from
+    the base weights loads as the SDXL pipeline)."""
+    cls = index.get("_class_name", "?")
+    fam = FAMILIES.get(cls)
+    if fam is not None and fam not in SUPPORTED_FAMILIES:
         raise ConfigError(f"model.source: {source} is a {cls} (model family '{fam}'); padistill distils "
                           "SDXL-class pipelines (StableDiffusionXLPipeline) today, other families are planned (issue 17)")
-    return folder
+
+
+def check_source(source: str, storage=None) -> None:
+    """Before any work: a model source that is no pipeline folder or of another family fails in one line.
+    An s3:// source is not downloaded for it: its model_index.json alone is read."""
+    if not source.startswith("s3://"):
+        resolve_source(source, storage)
+        return
+    from .storage import filesystem_for
+
+    try:
+        index = json.loads(filesystem_for(source, storage).cat(source.rstrip("/") + "/model_index.json"))
+    except FileNotFoundError:
+        raise MissingInputError(f"{source} is not a diffusers pipeline folder (no model_index.json)") from None
+    check_family(source, index)
 
 
 def resolve_source(source: str, storage=None) -> Path:
@@ -241,11 +259,12 @@ def resolve_source(source: str, storage=None) -> Path:
             if not (tmp / "model_index.json").exists():
                 raise MissingInputError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
             tmp.rename(path)
-        return check_family(source, path)
-    path = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
-    if not (path / "model_index.json").exists():
-        raise MissingInputError(f"model source {source!r} is not a diffusers pipeline folder (no model_index.json)")
-    return check_family(source, path)
+    else:
+        path = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
+        if not (path / "model_index.json").exists():
+            raise MissingInputError(f"model source {source!r} is not a diffusers pipeline folder (no model_index.json)")
+    check_family(source, json.loads((path / "model_index.json").read_text()))
+    return path
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # model.dtype

@@ -40,8 +40,15 @@ EXPECTED_SMOKE = {"encode", "report"} | {f"{p}-{k}" for p in ("trajectories", "t
                                           for k in ("1-8step", "2-4step", "3-1step")}
 
 
+# what a padistill process sets in its own environment (jobs/__init__.py, cluster.fast_train_polls): this
+# test process has them from importing padistill; a child (a `ray start` node as on a user's machine, a CLI
+# that sets them again itself) starts without them
+PADISTILL_SET = ("RAY_DATA_LOGGING_CONFIG", "RAY_DEDUP_LOGS_SKIP_REGEX", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                 "TRANSFORMERS_VERBOSITY")
+
+
 def _env():
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in PADISTILL_SET}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
     env["PYTHONUNBUFFERED"] = "1"  # stdout and stderr share one log file: whole lines, in order
@@ -311,15 +318,26 @@ def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, 
         # Ray keeps the token of the session's own cluster, ray_local): the command `submit` printed, which
         # streams the logs and returns when the job ends (one process waiting, not a status poll every few
         # seconds taking a core from the job), then the job's status and its whole log
+        def status():
+            out = subprocess.run([str(BIN / "padistill"), "status", "--address", address, job_id],
+                                 env=_env(), capture_output=True, text=True, timeout=120)
+            assert out.stdout.strip(), out.stderr[-2000:]
+            return out.stdout.strip().splitlines()[-1]
+
         followed = subprocess.run([str(BIN / "padistill"), "logs", "--address", address, "--follow", job_id],
                                   env=_env(), capture_output=True, text=True, timeout=1200)
-        assert followed.returncode == 0, followed.stderr[-2000:]
-        st = subprocess.run([str(BIN / "padistill"), "status", "--address", address, job_id],
-                            env=_env(), capture_output=True, text=True, timeout=120).stdout.strip()
+        deadline = time.monotonic() + 600
+        # Ray's log stream raises when a busy dashboard closes its websocket abnormally (a Ray hiccup, not
+        # what this test is about): then the status is asked until the job ends
+        while (st := status()) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+            assert followed.returncode != 0, "the log stream ended before the job"
+            assert time.monotonic() < deadline, "job did not finish in time"
+            time.sleep(2)
         logs = subprocess.run([str(BIN / "padistill"), "logs", "--address", address, job_id],
                               env=_env(), capture_output=True, text=True).stdout
         assert st == "SUCCEEDED", (st, logs[-4000:])
-        assert "report: " in followed.stdout and followed.stdout.strip() in logs  # followed to its end
+        if followed.returncode == 0:  # followed to the job's end
+            assert "report: " in followed.stdout and followed.stdout.strip() in logs
         proxy.stop()
         faults = dict(proxy.counts)
         assert proxy.faults >= 20 and any(k.startswith("reset") for k in faults) and \
@@ -366,7 +384,8 @@ def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, 
                               env=_env(), capture_output=True, text=True, timeout=120).stdout
         assert "padistill" in info and job_id in info
         n = _no_credentials_in(storage, [tmp_path / f"node{i}.log" for i in range(3)],
-                               out.stdout + out.stderr + logs + info, since=started, ray_temp_dirs=temp_dirs)
+                               out.stdout + out.stderr + followed.stdout + followed.stderr + logs + info,
+                               since=started, ray_temp_dirs=temp_dirs)
         print(f"fault proxy: {faults}")
         record(request, f"a submitted job's S3 traffic through a proxy: every 15th request throttled (503) or reset "
                f"({faults['requests']} requests)", "retried with backoff by both S3 clients (`storage.max_attempts`); "

@@ -207,3 +207,14 @@ def test_a_stage_prints_a_handful_of_progress_lines_and_logs_every_step_it_recor
     assert [lines(t, cfg.train.log_every) for t in totals] == [6, 6, 6, 5]
     assert lines(40, 1) == 6 and lines(3, 1) == 3 and lines(10_000, 10) == 6 and lines(7, 10) == 1
     assert max(console_steps(240, 10, end=100)) == 100  # a run cut short (max_steps) still prints its last step
+
+
+def test_ray_trains_controller_polls_every_half_second_unless_the_user_says():
+    """`fast_train_polls` (called before every fit) asks Ray Train's controller for a poll every 0.5 s, and
+    keeps a value the user set."""
+    var = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+    code = f"import os; from pipeline import cluster; cluster.fast_train_polls(); print(os.environ[{var!r}])"
+    env = {k: v for k, v in os.environ.items() if k != var}
+    got = [subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, check=True,
+                          timeout=120).stdout.strip() for e in (env, {**env, var: "3"})]
+    assert got == ["0.5", "3"]

@@ -128,10 +128,11 @@ def test_conditioning_time_ids():
     assert ids.tolist() == [[32, 32, 0, 0, 32, 32]] * 2
 
 
-@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("shift", [1.0, 2.5, 3.0])
 def test_flow_matching_grids_and_sampling_match_diffusers(shift):
     """The SD3 family's schedule (issue 17): for N = 1 ... 32 the sigmas and timesteps equal
-    `FlowMatchEulerDiscreteScheduler`'s (SD3.5's shift 3.0 and the unshifted 1.0), and N steps of
+    `FlowMatchEulerDiscreteScheduler`'s (SD3.5's shift 3.0, the unshifted 1.0, and 2.5, whose float32
+    bounds a float64 computation misses by one ulp), and N steps of
     `FlowMatchSchedule.sample` equal the scheduler's own `step` loop on the same velocity model,
     within 1e-5."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -145,6 +146,7 @@ def test_flow_matching_grids_and_sampling_match_diffusers(shift):
     def velocity(x, t):  # a fixed nonlinear velocity field that depends on the timestep it is given
         return torch.einsum("ij,bjhw->bihw", w, x) + torch.sin(t / 1000 * 3).reshape(-1, 1, 1, 1)
 
+    assert (fm.sigma_max, fm.sigma_min) == (sched.sigma_max, sched.sigma_min)  # its bounds, to the bit
     for n in range(1, 33):
         sched.set_timesteps(n)
         torch.testing.assert_close(fm.sigmas(n), sched.sigmas[:-1], atol=1e-5, rtol=0)
@@ -179,3 +181,7 @@ def test_flow_matching_conversions_and_teacher_path():
         fm.teacher_path(2, 0.3, 0.5)
     with pytest.raises(ValueError, match="use_dynamic_shifting"):
         FlowMatchSchedule.from_scheduler_config({"shift": 3.0, "use_dynamic_shifting": True})
+    with pytest.raises(ValueError, match="stochastic_sampling"):
+        FlowMatchSchedule.from_scheduler_config({"shift": 3.0, "stochastic_sampling": True})
+    with pytest.raises(ValueError, match=">= 1"):
+        fm.teacher_path(0, 1.0, 0.5)
