@@ -8,7 +8,7 @@ A timestep of -1 stands for "clean" (sigma = 0), the end of every trajectory. `F
 is the SD3 family's (its docstring; not yet used by the steps).
 
 Precompute (teacher rollouts), training (student steps, re-noising) and evaluation (sampling) all
-call this module; there is no Euler loop outside it (one per schedule kind here).
+call this module; there is no sampling loop outside it, and one in it (`walk`), for both schedules.
 """
 
 from __future__ import annotations
@@ -42,6 +42,15 @@ def is_subgrid(student_steps: int, teacher_steps: int, num_train_timesteps: int 
     return set(trailing_timesteps(student_steps, num_train_timesteps)) <= set(
         trailing_timesteps(teacher_steps, num_train_timesteps)
     )
+
+
+def walk(step: Callable, denoise: Denoiser, x: torch.Tensor, path: Sequence, end) -> torch.Tensor:
+    """The one sampling loop of both schedules: `step(denoise, x, a, b) -> (x_next, x0)` from each noise
+    level of `path` (descending) to the next, the last to `end` (clean)."""
+    points = [*path, end]
+    for a, b in zip(points[:-1], points[1:]):
+        x, _ = step(denoise, x, a, b)
+    return x
 
 
 @dataclass(frozen=True)
@@ -176,10 +185,8 @@ class Schedule:
     def rollout(self, denoise: Denoiser, x: torch.Tensor, path: Sequence[int], t_end: int,
                 prediction_type: str | None = None) -> torch.Tensor:
         """Euler steps through `path` (descending timesteps) ending at `t_end` (CLEAN for x0)."""
-        ts = [int(s) for s in path] + [int(t_end)]
-        for a, b in zip(ts[:-1], ts[1:]):
-            x, _ = self.step(denoise, x, a, b, prediction_type)
-        return x
+        return walk(lambda d, x_, a, b: self.step(d, x_, a, b, prediction_type), denoise, x,
+                    [int(s) for s in path], int(t_end))
 
     def sample(self, denoise: Denoiser, noise: torch.Tensor, num_steps: int,
                prediction_type: str | None = None) -> torch.Tensor:
@@ -198,8 +205,6 @@ class FlowMatchSchedule:
     subdivides that step's interval evenly in unshifted time (`teacher_path`) instead of walking a
     finer stock grid. The student's own grid stays exactly the stock pipeline's, so an exported student
     samples right with `num_inference_steps=N` and nothing else."""
-
-    prediction_type = "flow"
 
     def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000):
         if shift <= 0:
@@ -283,10 +288,7 @@ class FlowMatchSchedule:
 
     def rollout(self, denoise: Denoiser, x: torch.Tensor, path: Sequence[float], sigma_end: float) -> torch.Tensor:
         """Euler steps through `path` (descending sigmas) ending at `sigma_end` (0 for x0)."""
-        ss = [float(s) for s in path] + [float(sigma_end)]
-        for a, b in zip(ss[:-1], ss[1:]):
-            x, _ = self.step(denoise, x, a, b)
-        return x
+        return walk(self.step, denoise, x, [float(s) for s in path], float(sigma_end))
 
     def sample(self, denoise: Denoiser, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
         """Full N-step sampling from unit noise, as the stock SD3 pipeline does."""

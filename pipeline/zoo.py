@@ -186,11 +186,8 @@ FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd1
 SUPPORTED_FAMILIES = ("sdxl",)
 
 
-def pipeline_family(folder: str | os.PathLike) -> str:
-    """The model family of a diffusers pipeline folder, from its model_index.json's class (the class itself
-    when it is none of `FAMILIES`)."""
-    cls = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "?")
-    return FAMILIES.get(cls, cls)
+def _not_a_pipeline(source: str) -> MissingInputError:
+    return MissingInputError(f"model source {source!r} is not a diffusers pipeline folder (no model_index.json)")
 
 
 def check_family(source: str, index: dict) -> None:
@@ -215,7 +212,7 @@ def check_source(source: str, storage=None) -> None:
     try:
         index = json.loads(filesystem_for(source, storage).cat(source.rstrip("/") + "/model_index.json"))
     except FileNotFoundError:
-        raise MissingInputError(f"{source} is not a diffusers pipeline folder (no model_index.json)") from None
+        raise _not_a_pipeline(source) from None
     check_family(source, index)
 
 
@@ -257,12 +254,12 @@ def resolve_source(source: str, storage=None) -> Path:
             tmp = _staging_dir(_cache_dir() / "s3")
             fs.get(source.rstrip("/") + "/", str(tmp), recursive=True)
             if not (tmp / "model_index.json").exists():
-                raise MissingInputError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+                raise _not_a_pipeline(source)
             tmp.rename(path)
     else:
         path = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
         if not (path / "model_index.json").exists():
-            raise MissingInputError(f"model source {source!r} is not a diffusers pipeline folder (no model_index.json)")
+            raise _not_a_pipeline(source)
     check_family(source, json.loads((path / "model_index.json").read_text()))
     return path
 

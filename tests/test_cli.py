@@ -1,5 +1,6 @@
 """The console script and every job's --help run; jobs also run as `python -m jobs.X`."""
 
+import json
 import logging
 import os
 import subprocess
@@ -133,7 +134,7 @@ def test_a_source_of_another_model_family_is_one_line_naming_it(where, tmp_path,
     write to the run root (an S3 source is not downloaded for it: its model_index.json alone is read)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from pipeline.zoo import build_components, pipeline_family
+    from pipeline.zoo import FAMILIES, build_components
 
     c = build_components()
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
@@ -143,7 +144,7 @@ def test_a_source_of_another_model_family_is_one_line_naming_it(where, tmp_path,
     StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=unet,
                             scheduler=c["scheduler"], safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(tmp_path / "sd15")
-    assert pipeline_family(tmp_path / "sd15") == "sd15"
+    assert FAMILIES[json.loads((tmp_path / "sd15" / "model_index.json").read_text())["_class_name"]] == "sd15"
     source, sets = str(tmp_path / "sd15"), []
     if where == "s3":
         from pipeline.config import StorageConfig

@@ -315,15 +315,15 @@ def test_submit_to_a_three_node_cluster_on_s3_leaks_no_credentials(s3_endpoint, 
         job_id = re.search(r"submitted (\S+)", out.stdout).group(1)
         assert f"padistill logs --address {address} --follow {job_id}" in out.stdout
         # through the CLI, as a user would (each reads this head's token from the environment; in this process
-        # Ray keeps the token of the session's own cluster, ray_local): the command `submit` printed, which
-        # streams the logs and returns when the job ends (one process waiting, not a status poll every few
-        # seconds taking a core from the job), then the job's status and its whole log
+        # Ray keeps the token of the session's own cluster, ray_local)
         def status():
             out = subprocess.run([str(BIN / "padistill"), "status", "--address", address, job_id],
                                  env=_env(), capture_output=True, text=True, timeout=120)
             assert out.stdout.strip(), out.stderr[-2000:]
             return out.stdout.strip().splitlines()[-1]
 
+        # the command `submit` printed, which streams the logs and returns when the job ends (one process
+        # waiting, not a status process every few seconds taking a core from the job); then its status
         followed = subprocess.run([str(BIN / "padistill"), "logs", "--address", address, "--follow", job_id],
                                   env=_env(), capture_output=True, text=True, timeout=1200)
         deadline = time.monotonic() + 600
