@@ -179,7 +179,7 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
 
     from .zoo import check_source
 
-    check_source(cfg.model.source, cfg.storage)  # a wrong path or family fails here in one line, not in an actor
+    check_source(cfg.model.source, cfg.storage, cfg.model.family)  # a wrong path or family fails here in one line, not in an actor
     storage = RunStorage.from_config(cfg)
     storage.write_text("config.yaml", cfg.to_yaml())
     steps = select(build_steps(cfg), cfg, until, only)

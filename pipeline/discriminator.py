@@ -3,7 +3,7 @@
 Backbone: a copy of the diffusion UNet's encoder (time and text-time embeddings, conv_in, down blocks,
 mid block) initialised from the base model (or the stage's teacher: `disc_init`) and trained whole,
 whatever `requires_grad` the UNet it was copied from had, text-conditioned through its
-cross-attention and SDXL's pooled-text/size embedding. Each input goes through the shared backbone on
+cross-attention and (SDXL) its pooled-text/size embedding. Each input goes through the shared backbone on
 its own (its own timestep); the mid-block features feed a head of (4x4 conv stride 2 -> GroupNorm ->
 SiLU) blocks and a 1-logit projection (one 3x3 block on maps smaller than 4x4). Ablations (`disc_backbone`):
 the same copy frozen, or a small plain CNN.
@@ -125,8 +125,8 @@ class Backbone(nn.Module):
 class PlainCNN(nn.Module):
     """A small plain CNN on the latents, for the ablation against the UNet-encoder backbone: 3x3 convs
     (stride 2 while the map is larger than 4x4) with GroupNorm and SiLU, conditioned on the timestep
-    (sinusoidal embedding) and the pooled text embedding by a per-channel shift after every conv.
-    Same interface as `Backbone` (the prompt's token embeddings and time ids are not used)."""
+    (sinusoidal embedding) and the pooled text embedding by a per-channel shift after every conv (a family
+    without one, SD1.5: the mean of the prompt's token embeddings). Same interface as `Backbone`."""
 
     def __init__(self, in_channels: int, sample_size: int, pooled_dim: int, channels: int = 64, depth: int = 4):
         super().__init__()
@@ -150,7 +150,8 @@ class PlainCNN(nn.Module):
         dtype = self.convs[0].weight.dtype
         x = x.to(dtype)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-        emb = nn.functional.silu(self.embed(self.time_proj(t).to(dtype)) + self.text(pooled.to(dtype)))
+        text = pooled if pooled is not None else prompt_embeds.mean(dim=1)
+        emb = nn.functional.silu(self.embed(self.time_proj(t).to(dtype)) + self.text(text.to(dtype)))
         h = x
         for conv, norm, shift in zip(self.convs, self.norms, self.shifts):
             h = nn.functional.silu(norm(conv(h)) + shift(emb)[:, :, None, None])
@@ -206,7 +207,7 @@ class Discriminator(nn.Module):
             raise ValueError("the conditional discriminator needs x_t and t")
         k = x_hat.shape[0] // x_t.shape[0]
         b = x_t.shape[0]
-        f_t = self.backbone(x_t, t, prompt_embeds[:b], pooled[:b], time_ids[:b])
+        f_t = self.backbone(x_t, t, *(None if v is None else v[:b] for v in (prompt_embeds, pooled, time_ids)))
         if k > 1:
             f_t = f_t.repeat(k, 1, 1, 1)
         return self.head(torch.cat([f_t, f_hat], dim=1)).float()

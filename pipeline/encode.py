@@ -1,4 +1,4 @@
-"""`padistill encode`: images + captions → VAE latents + SDXL text embeddings, as Parquet under
+"""`padistill encode`: images + captions → VAE latents + text embeddings, as Parquet under
 `<root>/encoded/`, with Ray Data (a stateful actor pool: the pipeline is loaded once per actor).
 
 Output schema (one row per usable source row; `SCHEMA_VERSION`):
@@ -6,8 +6,9 @@ Output schema (one row per usable source row; `SCHEMA_VERSION`):
     id            string   the source row's id (toy digits: "digits-<i>"; Parquet: id column or "<file>:<row>")
     caption       string
     latent        tensor [4, R/8, R/8]   vae.encode(image).latent_dist.mean, then (− shift_factor) × scaling_factor
-    prompt_embeds tensor [L, D]          both text encoders' penultimate states, concatenated (SDXL)
-    pooled_embeds tensor [P]             text_encoder_2's projected pooled output
+    prompt_embeds tensor [L, D]          the pipeline's `encode_prompt`: SDXL's two text encoders' penultimate
+                                         states, concatenated; SD1.5's text encoder's last state
+    pooled_embeds tensor [P]             SDXL only: text_encoder_2's projected pooled output
     schema_version int32
 
 Tensors are stored in `encode.dtype` (fp16 by default). The latent is the posterior *mean*, not a
@@ -52,11 +53,14 @@ def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 def encode_batch(pipe, images: torch.Tensor, captions: list[str], resolution: int) -> dict[str, torch.Tensor]:
+    """The latent and the family's text columns (`COND_COLUMNS`) of a batch."""
     from .zoo import encode_prompts
 
     cond = encode_prompts(pipe, list(captions), resolution)
-    return {"latent": encode_images(pipe.vae, images), "prompt_embeds": cond.prompt_embeds.float(),
-            "pooled_embeds": cond.pooled.float()}
+    out = {"latent": encode_images(pipe.vae, images), "prompt_embeds": cond.prompt_embeds.float()}
+    if cond.pooled is not None:
+        out["pooled_embeds"] = cond.pooled.float()
+    return out
 
 
 class EncodeWorker:
@@ -88,9 +92,7 @@ class EncodeWorker:
                 n = out["latent"].shape[0]
                 writer.write(tensors_to_table({
                     "id": dec.ids[s:s + bs], "caption": dec.captions[s:s + bs],
-                    "latent": out["latent"].cpu().numpy().astype(self.out_dtype),
-                    "prompt_embeds": out["prompt_embeds"].cpu().numpy().astype(self.out_dtype),
-                    "pooled_embeds": out["pooled_embeds"].cpu().numpy().astype(self.out_dtype),
+                    **{k: v.cpu().numpy().astype(self.out_dtype) for k, v in out.items()},
                     "schema_version": np.full(n, SCHEMA_VERSION, np.int32),
                 }))
         except BaseException:
@@ -144,6 +146,9 @@ def run_encode(cfg: RunConfig, *, force: bool = False, log=print) -> dict:
     log(f"padistill encode: {len(units)} units, {len(done)} already committed, {len(todo)} to run "
         f"-> {storage.url(OUT)}")
     t0 = time.perf_counter()
+    from .zoo import family_module
+
+    tensor_columns = ["latent", *family_module(cfg).COND_COLUMNS]
     cluster.ensure_ray(cfg)
     shards.run_units(todo, EncodeWorker, {"cfg_json": cfg.model_dump_json(), "inputs_hash": ih},
                      actors=cfg.encode.actors, gpus_per_actor=cfg.encode.gpus_per_actor,
@@ -155,9 +160,9 @@ def run_encode(cfg: RunConfig, *, force: bool = False, log=print) -> dict:
     skipped = Counter()
     for m in markers.values():
         skipped.update(m.get("skipped", {}))
-    raw = _raw_bytes_per_row(storage, summary)  # tensor bytes of one row at the stored dtype
+    raw = _raw_bytes_per_row(storage, summary, tensor_columns)  # tensor bytes of one row at the stored dtype
     outputs = {"path": OUT, **summary, "raw_tensor_bytes_per_row": raw, "schema_version": SCHEMA_VERSION,
-               "columns": ["id", "caption", "latent", "prompt_embeds", "pooled_embeds", "schema_version"]}
+               "columns": ["id", "caption", *tensor_columns, "schema_version"]}
     manifest = storage.commit_manifest(STEP, inputs=inputs, outputs=outputs, skipped=dict(skipped),
                                        source_rows=summary["rows"] + sum(skipped.values()),
                                        seconds_this_run=round(elapsed, 3), units_run=len(todo))
@@ -166,7 +171,7 @@ def run_encode(cfg: RunConfig, *, force: bool = False, log=print) -> dict:
     return manifest
 
 
-def _raw_bytes_per_row(storage: RunStorage, summary: dict) -> int:
+def _raw_bytes_per_row(storage: RunStorage, summary: dict, columns: list[str]) -> int:
     if not summary["files"]:
         return 0
     import pyarrow.parquet as pq
@@ -175,5 +180,5 @@ def _raw_bytes_per_row(storage: RunStorage, summary: dict) -> int:
 
     f = storage.path(OUT, summary["files"][0]["file"])
     t = pq.ParquetFile(f, filesystem=storage.arrow_fs).read_row_group(0).slice(0, 1)
-    arr = table_to_tensors(t, ["latent", "prompt_embeds", "pooled_embeds"])
+    arr = table_to_tensors(t, columns)
     return int(sum(a.nbytes for a in arr.values()))

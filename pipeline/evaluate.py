@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import real_metrics
+from . import family, real_metrics
 from .config import RunConfig
 from .errors import MissingInputError
 from .layout import REAL_DIR, manifest_step, teacher_cache_rel
@@ -105,7 +105,7 @@ def real_features(cfg: RunConfig, storage: RunStorage, prompts: RealPrompts) -> 
     return f
 
 
-def _model_card(cfg: RunConfig, key, metrics: dict) -> str:
+def _model_card(cfg: RunConfig, key, metrics: dict, pipeline_class: str) -> str:
     idx, stage = cfg.stage(key)
     s, t = metrics["student"], metrics["teacher_same_steps"]
     from .metrics import metrics_of
@@ -123,8 +123,8 @@ Distilled with padistill (progressive adversarial diffusion distillation,
 SDXL-Lightning, arXiv 2402.13929) from a {stage.teacher_steps}-step teacher with a `{stage.loss}` loss.
 
 ```python
-from diffusers import StableDiffusionXLPipeline
-pipe = StableDiffusionXLPipeline.from_pretrained("<this folder>")
+from diffusers import {pipeline_class}
+pipe = {pipeline_class}.from_pretrained("<this folder>")
 image = pipe(prompt, num_inference_steps={stage.student_steps}, guidance_scale=0).images[0]
 ```
 
@@ -280,7 +280,8 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         save_grid(rows, grid, [f"teacher {32}", f"teacher {N}", f"student {N}"])
         storage.write_bytes(f"{sd}/eval/grid.png", open(grid, "rb").read())
         storage.write_json(f"{sd}/eval/metrics.json", metrics)
-        storage.write_text(f"{sd}/model/README.md", _model_card(cfg, key, metrics))
+        card = _model_card(cfg, key, metrics, family.of_folder(teacher_dir).PIPELINE)
+        storage.write_text(f"{sd}/model/README.md", card)
         storage.rm(f"{sd}/eval/units")  # the samples are in samples.npz (and their metrics in metrics.json)
         st, fd = metrics["student"], ("fd" if toy else "fid")
         log(f"padistill evaluate: stage {idx}: student {fd} {st[fd]:.3g} "

@@ -46,20 +46,20 @@ def sample_captions(pipe, captions: list[str], noise: torch.Tensor, num_steps: i
     """Images [N, 3, R, R] in [-1, 1] of `captions` from `noise` (one latent each) with N trailing Euler
     steps through `Schedule.sample` (CFG when g > 1), decoded with the pipeline's VAE; `unet` (a student)
     replaces the pipeline's own UNet when given. Each distinct caption is encoded once."""
-    from .schedule import Conditioning, unet_denoiser
+    from .schedule import unet_denoiser
     from .zoo import encode_prompts, schedule_of
 
     unet = unet if unet is not None else pipe.unet
     sched = schedule_of(pipe)
     vae = pipe.vae
-    res = pipe.default_sample_size * pipe.vae_scale_factor
+    res = pipe.unet.config.sample_size * pipe.vae_scale_factor
     distinct = sorted(set(captions))
     where = {c: i for i, c in enumerate(distinct)}
     cond_all = encode_prompts(pipe, distinct, res)
     out = []
     for i in range(0, len(captions), batch_size):
         y = torch.as_tensor([where[c] for c in captions[i:i + batch_size]])
-        cond = Conditioning(cond_all.prompt_embeds[y], cond_all.pooled[y], cond_all.time_ids[y])
+        cond = cond_all.select(y)
         den = unet_denoiser(unet, cond, guidance_scale)
         lat = sched.sample(den, noise[i:i + batch_size].to(torch.float32), num_steps, prediction_type)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -70,7 +70,7 @@ def sample_captions(pipe, captions: list[str], noise: torch.Tensor, num_steps: i
 
 def latent_shape(pipe, unet=None) -> tuple[int, int, int]:
     unet = unet if unet is not None else pipe.unet
-    side = pipe.default_sample_size
+    side = pipe.unet.config.sample_size
     return (unet.config.in_channels, side, side)
 
 
@@ -106,7 +106,7 @@ def sampling_speed(teacher, student_unet, student_steps: int, teacher_guidance: 
     captions = [caption_for(i % 10) for i in range(batch)]
     cond = encode_prompts(teacher, captions)
     sched = schedule_of(teacher)
-    res = teacher.default_sample_size
+    res = teacher.unet.config.sample_size
     noise = torch.randn(batch, teacher.unet.config.in_channels, res, res,
                         generator=torch.Generator().manual_seed(0)).to(teacher.device)
 

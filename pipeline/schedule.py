@@ -302,11 +302,15 @@ def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torc
 
 @dataclass
 class Conditioning:
-    """SDXL text conditioning for a batch: prompt embeddings [B, L, D], pooled [B, P], time ids [B, 6]."""
+    """Text conditioning for a batch. Every family: prompt embeddings [B, L, D]. SDXL adds the pooled
+    embedding [B, P] and the size/crop time ids [B, 6] (`text_time`); SD1.5 has neither (None).
+    `uncond_embeds` [1, L, D] is the unconditional branch's prompt embedding where it is the empty
+    prompt's (SD1.5); None means zeros (SDXL's force_zeros_for_empty_prompt)."""
 
     prompt_embeds: torch.Tensor
-    pooled: torch.Tensor
-    time_ids: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+    uncond_embeds: torch.Tensor | None = None
 
     @staticmethod
     def sdxl_time_ids(batch: int, resolution: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -314,31 +318,77 @@ class Conditioning:
         ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype, device=device)
         return ids.expand(batch, 6).clone()
 
-    def zeros_like(self) -> "Conditioning":
-        """The unconditional branch of SDXL pipelines (force_zeros_for_empty_prompt=True)."""
-        return Conditioning(torch.zeros_like(self.prompt_embeds), torch.zeros_like(self.pooled), self.time_ids)
+    @staticmethod
+    def from_columns(cols: dict, resolution: int, device=None, uncond_embeds=None) -> "Conditioning":
+        """The conditioning of stored rows (`pipeline.encode`'s columns): SDXL rows carry `pooled_embeds`
+        (their time ids are the run's resolution), SD1.5 rows `prompt_embeds` only."""
+        pe = torch.as_tensor(cols["prompt_embeds"]).to(device, torch.float32)
+        if "pooled_embeds" not in cols:
+            return Conditioning(pe, uncond_embeds=uncond_embeds)
+        return Conditioning(pe, torch.as_tensor(cols["pooled_embeds"]).to(device, torch.float32),
+                            Conditioning.sdxl_time_ids(pe.shape[0], resolution, torch.float32, device),
+                            uncond_embeds)
+
+    def _map(self, f) -> "Conditioning":
+        return Conditioning(f(self.prompt_embeds), *(None if v is None else f(v) for v in (self.pooled, self.time_ids)),
+                            self.uncond_embeds)
+
+    def select(self, idx) -> "Conditioning":
+        """Rows `idx` (an index tensor or a slice)."""
+        return self._map(lambda v: v[idx])
+
+    def repeat(self, k: int) -> "Conditioning":
+        """The batch stacked k times."""
+        return self._map(lambda v: v.repeat(k, *([1] * (v.dim() - 1))))
+
+    def unconditional(self) -> "Conditioning":
+        """The unconditional branch of the family's pipeline: the empty prompt's embedding where the family
+        has one (`uncond_embeds`), zeros otherwise (SDXL pipelines, force_zeros_for_empty_prompt=True);
+        the time ids are kept."""
+        if self.uncond_embeds is None:
+            pe = torch.zeros_like(self.prompt_embeds)
+        else:
+            pe = self.uncond_embeds.to(self.prompt_embeds).expand_as(self.prompt_embeds)
+        return Conditioning(pe, None if self.pooled is None else torch.zeros_like(self.pooled), self.time_ids,
+                            self.uncond_embeds)
+
+    def drop(self, keep: torch.Tensor) -> "Conditioning":
+        """Caption dropout: row i stays conditional where keep[i] is 1, becomes unconditional where 0."""
+        u = self.unconditional()
+        k = keep.to(self.prompt_embeds.dtype)
+        return Conditioning(torch.lerp(u.prompt_embeds, self.prompt_embeds, k[:, None, None]),
+                            None if self.pooled is None else self.pooled * k[:, None], self.time_ids,
+                            self.uncond_embeds)
+
+    def cat(self, other: "Conditioning") -> "Conditioning":
+        return Conditioning(torch.cat([self.prompt_embeds, other.prompt_embeds]),
+                            *(None if a is None else torch.cat([a, b])
+                              for a, b in ((self.pooled, other.pooled), (self.time_ids, other.time_ids))),
+                            self.uncond_embeds)
 
     def to(self, device=None, dtype=None) -> "Conditioning":
-        return Conditioning(self.prompt_embeds.to(device, dtype), self.pooled.to(device, dtype),
-                            self.time_ids.to(device, dtype))
+        return self._map(lambda v: v.to(device, dtype))
+
+    def added_cond_kwargs(self, dtype=None) -> dict | None:
+        """The UNet's `added_cond_kwargs`: SDXL's pooled text and time ids, None for SD1.5."""
+        if self.pooled is None:
+            return None
+        return {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
 
 
 def unet_denoiser(unet, cond: Conditioning, guidance_scale: float = 0.0,
                   uncond: Conditioning | None = None) -> Denoiser:
-    """Wrap an SDXL UNet as a Denoiser; guidance_scale > 1 runs classifier-free guidance with
-    `uncond` (zeros by default, SDXL's force_zeros_for_empty_prompt)."""
+    """Wrap a UNet as a Denoiser; guidance_scale > 1 runs classifier-free guidance with `uncond`
+    (by default the family's unconditional branch, `Conditioning.unconditional`)."""
     dtype = next(unet.parameters()).dtype
 
     def call(x, t, c: Conditioning):
         return unet(x.to(dtype), t, encoder_hidden_states=c.prompt_embeds.to(dtype),
-                    added_cond_kwargs={"text_embeds": c.pooled.to(dtype), "time_ids": c.time_ids.to(dtype)},
-                    return_dict=False)[0]
+                    added_cond_kwargs=c.added_cond_kwargs(dtype), return_dict=False)[0]
 
     if guidance_scale <= 1.0:
         return lambda x, t: call(x, t, cond)
-    u = uncond if uncond is not None else cond.zeros_like()
-    both = Conditioning(torch.cat([u.prompt_embeds, cond.prompt_embeds]), torch.cat([u.pooled, cond.pooled]),
-                        torch.cat([u.time_ids, cond.time_ids]))
+    both = (uncond if uncond is not None else cond.unconditional()).cat(cond)
 
     def guided(x, t):
         out_u, out_c = call(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)

@@ -21,8 +21,13 @@ from .guard import UpdateWatch, finite_everywhere
 from .phases import Phase, disc_mode_at, phase_at, plan_phases, student_mode_at
 from .schedule import Conditioning, Schedule, unet_denoiser
 
-# the trajectory columns a micro-batch carries (`pipeline.trajectories` writes them)
+# the trajectory columns a micro-batch carries (`pipeline.trajectories` writes them; pooled_embeds: SDXL only)
 TRAIN_COLUMNS = ["t", "t_next", "x_t", "target", "prompt_embeds", "pooled_embeds"]
+
+
+def train_columns(names) -> list[str]:
+    """`TRAIN_COLUMNS` present among `names` (a dataset's columns, a batch's keys)."""
+    return [c for c in TRAIN_COLUMNS if c in names]
 
 
 class StageLoop:
@@ -213,15 +218,13 @@ class StageLoop:
     # -- pieces ---------------------------------------------------------------------------------------------
     def batch_to(self, b: dict) -> dict:
         out = {}
-        for k in TRAIN_COLUMNS:
+        for k in train_columns(b):
             v = torch.as_tensor(b[k])
             out[k] = v.to(self.device, torch.long if k in ("t", "t_next") else torch.float32)
         return out
 
     def cond(self, b: dict) -> Conditioning:
-        n = b["x_t"].shape[0]
-        return Conditioning(b["prompt_embeds"], b["pooled_embeds"],
-                            Conditioning.sdxl_time_ids(n, self.cfg.model.resolution, device=self.device))
+        return Conditioning.from_columns(b, self.cfg.model.resolution, self.device)
 
     def student_step(self, b: dict, cond: Conditioning, prediction_type: str | None = None):
         den = unet_denoiser(self.student, cond)
@@ -258,9 +261,8 @@ class StageLoop:
     def _dcall(self, x_hat, t_hat, cond: Conditioning, xt_in, t, k: int = 1, frozen: bool = False):
         """D's logits. `frozen` (the student's update) calls the module, not the engine: the engine's
         forward arms its own gradient reduction for the backward, which belongs to the student."""
-        pe, po, ti = cond.prompt_embeds, cond.pooled, cond.time_ids
-        if k > 1:
-            pe, po, ti = pe.repeat(k, 1, 1), po.repeat(k, 1), ti.repeat(k, 1)
+        c = cond.repeat(k) if k > 1 else cond
+        pe, po, ti = c.prompt_embeds, c.pooled, c.time_ids
         d = self.disc.module if frozen else self.disc
         if self.disc_mode == "conditional":
             return d(x_hat, t_hat, pe, po, ti, x_t=xt_in, t=t.to(torch.float32))

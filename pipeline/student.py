@@ -135,10 +135,10 @@ def student_unet_from_checkpoint(checkpoint_dir: str | os.PathLike, teacher_fold
 
 
 def save_lora_file(lora_sd: dict[str, torch.Tensor], folder: str | os.PathLike, rank: int,
-                   alpha: float | None, unet=None) -> Path:
-    """Write the LoRA file (`pytorch_lora_weights.safetensors`, diffusers' SDXL LoRA format with its
-    rank/alpha metadata) that `StableDiffusionXLPipeline.load_lora_weights(folder)` accepts."""
-    from diffusers import StableDiffusionXLPipeline
+                   alpha: float | None, unet=None, pipeline_class: str = "StableDiffusionXLPipeline") -> Path:
+    """Write the LoRA file (`pytorch_lora_weights.safetensors`, diffusers' UNet LoRA format with its
+    rank/alpha metadata) that the family's pipeline (`pipeline_class`) accepts in `load_lora_weights(folder)`."""
+    import diffusers
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -146,8 +146,8 @@ def save_lora_file(lora_sd: dict[str, torch.Tensor], folder: str | os.PathLike, 
     if unet is not None:
         cfg = lora_config(unet, rank, alpha)
         meta = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
-    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=lora_sd, weight_name=LORA_WEIGHT_NAME,
-                                                unet_lora_adapter_metadata=meta)
+    getattr(diffusers, pipeline_class).save_lora_weights(folder, unet_lora_layers=lora_sd, weight_name=LORA_WEIGHT_NAME,
+                                                         unet_lora_adapter_metadata=meta)
     return folder / LORA_WEIGHT_NAME
 
 
@@ -176,6 +176,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, teacher_folder: str | o
     LoRA file that `pipe.load_lora_weights(out_folder)` accepts on the teacher."""
     from safetensors.torch import load_file
 
+    from . import family
     from .zoo import PADISTILL_JSON, read_info
 
     out = Path(out_folder)
@@ -190,7 +191,8 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, teacher_folder: str | o
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2, sort_keys=True))
     if state["student_mode"] == "lora":
         save_lora_file(load_file(str(Path(checkpoint_dir) / "student" / "lora.safetensors")), tmp,
-                       state["lora"]["rank"], state["lora"]["alpha"], unet=unet)
+                       state["lora"]["rank"], state["lora"]["alpha"], unet=unet,
+                       pipeline_class=family.of_folder(teacher_folder).PIPELINE)
     meta = {**read_info(teacher_folder), **(info or {}), "train_step": state["step"],
             "prediction_type": sched_cfg["prediction_type"], "student_mode": state["student_mode"]}
     (tmp / PADISTILL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

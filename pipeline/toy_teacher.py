@@ -1,6 +1,6 @@
-"""Train an embedded toy teacher: a miniature SDXL (the zoo's real classes at tiny sizes) on one of the
-embedded datasets (`pipeline.data`: the digits, or Fashion-MNIST's train split), with Ray Train, and
-export it as a `StableDiffusionXLPipeline` folder.
+"""Train an embedded toy teacher: a miniature SDXL, or SD1.5 (`toy_teacher.family`; the zoo's real classes at
+tiny sizes) on one of the embedded datasets (`pipeline.data`: the digits, or Fashion-MNIST's train split),
+with Ray Train, and export it as a `StableDiffusionXLPipeline` (`StableDiffusionPipeline`) folder.
 
 Two phases, each a `TorchTrainer` run on CPU workers (the same loop runs data-parallel on more; the
 loops are in `pipeline.toy_teacher_loops`):
@@ -9,10 +9,11 @@ loops are in `pipeline.toy_teacher_loops`):
    is set to 1 / std of the posterior-mean latents (DESIGN: the latents stay uncentred, that works).
 2. UNet: epsilon prediction with SDXL's betas, x_t = forward_diffuse(x0, eps, t) (pure noise at
    t = T), input scale_input(x_t, sigma_t), target eps; the caption is dropped ~10% of the time to
-   SDXL's zero embeddings (force_zeros_for_empty_prompt), which is what CFG samples with. AdamW,
+   the family's unconditional branch (SDXL: zero embeddings, force_zeros_for_empty_prompt; SD1.5: the
+   empty prompt's embedding), which is what CFG samples with. AdamW,
    linear warm-up then cosine decay, an EMA of the weights is what gets exported.
 
-The two CLIP text encoders and the tokenizer stay as the zoo builds them (random but fixed for a
+The CLIP text encoders and the tokenizer stay as the zoo builds them (random but fixed for a
 seed), as in the prototype: ten distinct captions need no trained text model, only distinct codes.
 """
 
@@ -36,6 +37,8 @@ from .zoo import ASSETS, ToyModelConfig
 
 DEFAULT_OUTPUT = ASSETS / "toy_teacher"
 DEFAULT_OUTPUTS = {"toy_digits": DEFAULT_OUTPUT, "fashion_mnist": ASSETS / "toy_fashion_teacher"}
+# the full preset's folder of another family: beside the SDXL one, suffixed with the family
+FAMILY_SUFFIX = {"sdxl": "", "sd15": "_sd15"}
 
 
 def teacher_model_config() -> ToyModelConfig:
@@ -85,6 +88,7 @@ class ToyTeacherConfig:
     checkpoint_every: int = 100
     seed: int = 0
     dataset: str = "toy_digits"  # pipeline.data's kind: what the teacher learns (its train split)
+    family: str = "sdxl"  # pipeline.family: the miniature's pipeline, text encoders and UNet conditioning
     model: ToyModelConfig = field(default_factory=teacher_model_config)
 
     @classmethod
@@ -113,12 +117,15 @@ def from_run_config(cfg) -> tuple[ToyTeacherConfig, Path]:
     tc = replace(ToyTeacherConfig.smoke(), dataset=kind) if sec.preset == "smoke" else ToyTeacherConfig.full(kind)
     over = {k: getattr(sec, k) for k in ("vae_steps", "unet_steps", "workers", "cpus_per_worker")
             if getattr(sec, k) is not None}
-    tc = replace(tc, seed=cfg.train.seed, **over)
+    tc = replace(tc, seed=cfg.train.seed, family=sec.family, **over)
     if sec.output:
         if "://" in sec.output:
             raise ConfigError(f"toy_teacher.output (--output): a local folder, got {sec.output}")
         return tc, Path(sec.output)
-    return tc, DEFAULT_OUTPUTS[kind] if sec.preset == "full" else Path(cfg.run_root) / "toy_teacher"
+    if sec.preset == "full":
+        full = DEFAULT_OUTPUTS[kind]
+        return tc, full.with_name(full.name + FAMILY_SUFFIX[sec.family])
+    return tc, Path(cfg.run_root) / "toy_teacher"
 
 
 # ---- driver -----------------------------------------------------------------------------------------------
@@ -202,14 +209,14 @@ def train_toy_teacher(output: str | os.PathLike = DEFAULT_OUTPUT, tc: ToyTeacher
         started_ray = True
     try:
         t_start = time.time()
-        comps = build_components(tc.model, seed=tc.seed)
+        comps = build_components(tc.model, seed=tc.seed, family=tc.family)
         init_dir = work / "init"
         if init_dir.exists():
             shutil.rmtree(init_dir)
         save_pipeline(make_pipeline(comps), init_dir)
         n_unet = sum(p.numel() for p in comps["unet"].parameters())
         n_vae = sum(p.numel() for p in comps["vae"].parameters())
-        print(f"[toy-teacher] VAE {n_vae / 1e6:.2f} M params, UNet {n_unet / 1e6:.2f} M params; "
+        print(f"[toy-teacher] {tc.family}: VAE {n_vae / 1e6:.2f} M params, UNet {n_unet / 1e6:.2f} M params; "
               f"{tc.workers} Ray Train worker(s) x {tc.cpus_per_worker} CPU", flush=True)
         base = {"tc": tc.to_dict(), "init_dir": str(init_dir.resolve()), "resolution": resolution,
                 "holdout_fraction": holdout_fraction, "data_seed": data_seed}

@@ -236,11 +236,9 @@ def unet_loop(config: dict) -> None:
         x_t = sched.forward_diffuse(x0, eps, t)
         y = labels[idx]
         keep = (torch.rand(bs, generator=g) >= tc["caption_dropout"]).float()
-        pe = cond.prompt_embeds[y] * keep[:, None, None]
-        pooled = cond.pooled[y] * keep[:, None]
-        time_ids = Conditioning.sdxl_time_ids(bs, res)
-        out = model(sched.scale_input(x_t, sched.sigma(t)), t.float(), encoder_hidden_states=pe,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
+        c = cond.select(y).drop(keep)  # the family's unconditional branch where a caption is dropped
+        out = model(sched.scale_input(x_t, sched.sigma(t)), t.float(), encoder_hidden_states=c.prompt_embeds,
+                    added_cond_kwargs=c.added_cond_kwargs(), return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(out, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()

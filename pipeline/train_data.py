@@ -12,7 +12,7 @@ import torch
 from . import cluster
 from .config import RunConfig
 from .errors import MissingInputError
-from .stage_loop import TRAIN_COLUMNS
+from .stage_loop import train_columns
 from .storage import RunStorage
 
 
@@ -27,7 +27,7 @@ def micro_batches(shard, batch_size: int, epoch_hook: Callable[[int], None] | No
     nbytes = 0
     epoch = 0
     for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
-        b = {k: b[k] for k in TRAIN_COLUMNS}
+        b = {k: b[k] for k in train_columns(b)}
         if cache is not None:
             nbytes += sum(v.numel() * v.element_size() for v in b.values())
             if nbytes <= cache_mb * 2 ** 20:
@@ -40,7 +40,7 @@ def micro_batches(shard, batch_size: int, epoch_hook: Callable[[int], None] | No
                          "train.micro_batch x train.workers")
     rows = None
     if cache is not None:
-        rows = {k: torch.cat([b[k] for b in cache]) for k in TRAIN_COLUMNS}
+        rows = {k: torch.cat([b[k] for b in cache]) for k in cache[0]}
         cache = None
     while True:
         epoch += 1
@@ -54,7 +54,7 @@ def micro_batches(shard, batch_size: int, epoch_hook: Callable[[int], None] | No
                 yield {k: v[sel] for k, v in rows.items()}
         else:
             for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
-                yield {k: b[k] for k in TRAIN_COLUMNS}
+                yield {k: b[k] for k in train_columns(b)}
 
 
 def held_mask(ids, modulus: int) -> np.ndarray:
@@ -114,9 +114,10 @@ def stage_datasets(cfg: RunConfig, key, storage: RunStorage | None = None, held_
     ds = ray.data.read_parquet(storage.path(rel), filesystem=storage.arrow_fs, file_extensions=["parquet"],
                                ray_remote_args=remote)
     n = int(manifest["outputs"]["rows"])  # committed and checked above (counting the Parquet took ~4 s a stage)
+    columns = train_columns(manifest["outputs"]["columns"])
     if held_rows <= 0 or n < 4 * held_rows:
-        return ds.select_columns(TRAIN_COLUMNS), None
+        return ds.select_columns(columns), None
     modulus = max(2, n // held_rows)
-    train = ds.map_batches(_held_filter(modulus, False), batch_format="pyarrow", **remote).select_columns(TRAIN_COLUMNS)
-    held = ds.map_batches(_held_filter(modulus, True), batch_format="pyarrow", **remote).select_columns(TRAIN_COLUMNS)
+    train = ds.map_batches(_held_filter(modulus, False), batch_format="pyarrow", **remote).select_columns(columns)
+    held = ds.map_batches(_held_filter(modulus, True), batch_format="pyarrow", **remote).select_columns(columns)
     return train, held

@@ -28,7 +28,7 @@ from .config import from_dict
 from .engines import DeepSpeedEngines, all_reduce, clear_stale_extension_locks
 from .layout import CKPT_PREFIX, CURVES_PNG, HISTORY_JSON, RUN_NAME, TB_DIR
 from .phases import checkpoint_steps, phase_at
-from .stage_loop import TRAIN_COLUMNS, StageLoop
+from .stage_loop import StageLoop
 from .storage import RunStorage
 from .train_data import micro_batches
 
@@ -183,7 +183,7 @@ class StageWorker:
             return None
         shard = ray.train.get_dataset_shard("held")
         parts = [self.loop.batch_to(hb) for hb in shard.iter_torch_batches(batch_size=256, drop_last=False)]
-        return {k: torch.cat([h[k] for h in parts]) for k in TRAIN_COLUMNS} if parts else None
+        return {k: torch.cat([h[k] for h in parts]) for k in parts[0]} if parts else None
 
     # -- the step loop ---------------------------------------------------------------------------------------
     def run(self) -> None:

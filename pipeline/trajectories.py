@@ -9,8 +9,8 @@ For every encoded row and each of `trajectories.draws` draws:
   generator seeded with it, so any process on any device regenerates it exactly);
 - x_t = `Schedule.forward_diffuse(latent, noise, t)` (pure noise at t = T, the schedule fix);
 - target = the teacher's n Euler steps from x_t along `Schedule.teacher_path(teacher_steps, t, t_next)`
-  through `Schedule.rollout`, with classifier-free guidance (zeros unconditional embedding) when the
-  stage's `guidance_scale` > 1.
+  through `Schedule.rollout`, with classifier-free guidance when the stage's `guidance_scale` > 1 (the
+  family's unconditional branch: zeros for SDXL, the empty prompt's embedding for SD1.5).
 
 The teacher of stage K is the exported student of stage `teacher_of(K)` (`<root>/<stage_dir>/model/`,
 a diffusers pipeline folder), or `model.source` for the first stage.
@@ -18,7 +18,7 @@ a diffusers pipeline folder), or `model.source` for the first stage.
 Output schema (Euler sigma space, x = x0 + sigma * eps; tensors in `trajectories.dtype`):
 
     id string · draw int32 · t int32 · t_next int32 (−1 = clean) · x_t [4,h,w] · target [4,h,w]
-    prompt_embeds [L,D] · pooled_embeds [P]
+    prompt_embeds [L,D] · pooled_embeds [P] (SDXL only)
 
 The text embeddings are copied from `encoded/` into every stage's rows, so that training streams one
 dataset with no join. Their byte cost per row is recorded in the manifest (`embedding_bytes_per_row`
@@ -81,32 +81,36 @@ def pick_pair(row_id: str, draw: int, seed: int, pairs: list[StagePair]) -> Stag
 class Teacher:
     """A stage's teacher UNet, schedule and guidance, for rollouts."""
 
-    def __init__(self, unet, schedule: Schedule, stage: StageConfig, resolution: int, device="cpu"):
+    def __init__(self, unet, schedule: Schedule, stage: StageConfig, resolution: int, device="cpu",
+                 uncond_embeds: torch.Tensor | None = None):
         self.unet, self.schedule, self.stage = unet.eval(), schedule, stage
         self.resolution, self.device = resolution, device
+        self.uncond_embeds = uncond_embeds  # the family's unconditional embedding (None: zeros)
         self.pairs = schedule.stage_pairs(stage.student_steps, stage.multi_timestep)
 
     @classmethod
     def load(cls, cfg: RunConfig, key, storage: RunStorage | None = None, device="cpu",
              dtype: torch.dtype | None = None) -> "Teacher":
+        from . import family
         from .zoo import DTYPES, load_unet, schedule_of
 
         _, stage = cfg.stage(key)
         folder = fetch_teacher(teacher_source(cfg, key, storage), cfg)
         unet = load_unet(str(folder), dtype=dtype or DTYPES[cfg.model.dtype]).to(device)
-        return cls(unet, schedule_of(folder), stage, cfg.model.resolution, device)
+        uncond = family.of_folder(folder).uncond_embeds(folder) if stage.guidance_scale > 1 else None
+        return cls(unet, schedule_of(folder), stage, cfg.model.resolution, device, uncond)
 
     @torch.no_grad()
-    def rollout(self, latents: torch.Tensor, noise: torch.Tensor, pair: StagePair, prompt_embeds: torch.Tensor,
-                pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_t, target) for a batch sharing one (t, t_next); everything fp32 on `device`."""
+    def rollout(self, latents: torch.Tensor, noise: torch.Tensor, pair: StagePair,
+                text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, target) for a batch sharing one (t, t_next), conditioned on the rows' text columns
+        (`text`: prompt_embeds, and SDXL's pooled_embeds); everything fp32 on `device`."""
         dev = self.device
         x0 = latents.to(dev, torch.float32)
         b = x0.shape[0]
         t = torch.full((b,), pair.t, dtype=torch.long)
         x_t = self.schedule.forward_diffuse(x0, noise.to(dev, torch.float32), t)
-        cond = Conditioning(prompt_embeds.to(dev, torch.float32), pooled.to(dev, torch.float32),
-                            Conditioning.sdxl_time_ids(b, self.resolution, torch.float32, dev))
+        cond = Conditioning.from_columns(text, self.resolution, dev, self.uncond_embeds)
         denoise = unet_denoiser(self.unet, cond, self.stage.guidance_scale)
         path = self.schedule.teacher_path(self.stage.teacher_steps, pair.t, pair.t_next)
         target = self.schedule.rollout(denoise, x_t, path, pair.t_next)
@@ -116,7 +120,7 @@ class Teacher:
 def compute_rows(teacher: Teacher, rows: dict[str, np.ndarray], items: list[tuple[int, int]], seed: int,
                  batch_size: int, out_dtype=np.float16):
     """Yield trajectory tables for `items` = [(row index into `rows`, draw)], in the order of `items`.
-    `rows` holds the encoded columns id, latent, prompt_embeds, pooled_embeds.
+    `rows` holds the encoded columns id, latent and the text columns (`text_columns`).
 
     The teacher runs on batches that share one student step (one teacher path), but the rows are
     written back in item order, window by window (`batch_size` x the number of student steps items at
@@ -124,6 +128,7 @@ def compute_rows(teacher: Teacher, rows: dict[str, np.ndarray], items: list[tupl
     file mixes all timesteps. Rows sorted by timestep would stream into training as batches of a
     single timestep, in timestep order."""
     shape = rows["latent"].shape[1:]
+    text = text_columns(rows)
     window = batch_size * len(teacher.pairs)
     for w0 in range(0, len(items), window):
         win = items[w0:w0 + window]
@@ -144,8 +149,7 @@ def compute_rows(teacher: Teacher, rows: dict[str, np.ndarray], items: list[tupl
                 idx = np.array([win[p][0] for p in pos])
                 noise = torch.stack([draw_noise(seeds[p], shape) for p in pos])
                 xt_b, tg_b = teacher.rollout(torch.from_numpy(rows["latent"][idx].astype(np.float32)), noise, pair,
-                                             torch.from_numpy(rows["prompt_embeds"][idx].astype(np.float32)),
-                                             torch.from_numpy(rows["pooled_embeds"][idx].astype(np.float32)))
+                                             {k: torch.from_numpy(rows[k][idx].astype(np.float32)) for k in text})
                 x_t[pos] = xt_b.cpu().numpy().astype(out_dtype)
                 target[pos] = tg_b.cpu().numpy().astype(out_dtype)
                 t[pos], t_next[pos] = pair.t, pair.t_next
@@ -157,12 +161,18 @@ def compute_rows(teacher: Teacher, rows: dict[str, np.ndarray], items: list[tupl
             "t_next": t_next,
             "x_t": x_t,
             "target": target,
-            "prompt_embeds": rows["prompt_embeds"][idx].astype(out_dtype),
-            "pooled_embeds": rows["pooled_embeds"][idx].astype(out_dtype),
+            **{k: rows[k][idx].astype(out_dtype) for k in text},
         })
 
 
 ENCODED_COLUMNS = ["id", "latent", "prompt_embeds", "pooled_embeds"]
+TEXT_COLUMNS = ("prompt_embeds", "pooled_embeds")  # pooled_embeds: SDXL only
+
+
+def text_columns(names) -> list[str]:
+    """The text columns among `names` (a table's columns, a dict's keys): SDXL rows have both, SD1.5 rows
+    prompt_embeds only."""
+    return [c for c in TEXT_COLUMNS if c in names]
 
 
 class TrajectoryWorker:
@@ -192,7 +202,8 @@ class TrajectoryWorker:
         tc = self.cfg.trajectories
         R = tc.draws
         r0, r1 = unit["start"] // R, (unit["stop"] - 1) // R + 1
-        table = shards.read_rows(self._file(unit["file"]), r0, r1, ENCODED_COLUMNS)
+        pf = self._file(unit["file"])
+        table = shards.read_rows(pf, r0, r1, [c for c in ENCODED_COLUMNS if c in pf.schema_arrow.names])
         rows = table_to_tensors(table)
         items = [(i // R - r0, i % R) for i in range(unit["start"], unit["stop"])]
         writer = shards.ShardWriter(self.storage, self.out, unit["index"], use_dictionary=False,
@@ -336,7 +347,8 @@ def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> 
     rows_run = sum(u["stop"] - u["start"] for u in todo)
     outputs = {"path": out, **summary, "raw_tensor_bytes_per_row": raw, "embedding_bytes_per_row": emb,
                "stored_over_raw": (summary["bytes_per_row"] / raw) if raw else None,
-               "columns": COLUMNS, "schema_version": SCHEMA_VERSION,
+               "columns": [c for c in COLUMNS if c not in TEXT_COLUMNS or c in enc["outputs"]["columns"]],
+               "schema_version": SCHEMA_VERSION,
                "expected_rows": enc["outputs"]["rows"] * tc.draws}
     if summary["rows"] != outputs["expected_rows"]:
         raise RuntimeError(f"{out}: {summary['rows']} rows committed, expected {outputs['expected_rows']}")
@@ -356,9 +368,9 @@ def row_tensor_bytes(storage: RunStorage, out: str, summary: dict) -> tuple[int,
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(storage.path(out, summary["files"][0]["file"]), filesystem=storage.arrow_fs)
-    arr = table_to_tensors(pf.read_row_group(0).slice(0, 1), TENSOR_COLUMNS)
-    return (int(sum(a.nbytes for a in arr.values())),
-            int(arr["prompt_embeds"].nbytes + arr["pooled_embeds"].nbytes))
+    arr = table_to_tensors(pf.read_row_group(0).slice(0, 1),
+                           [c for c in TENSOR_COLUMNS if c in pf.schema_arrow.names])
+    return int(sum(a.nbytes for a in arr.values())), int(sum(arr[c].nbytes for c in text_columns(arr)))
 
 
 def read_trajectories(storage: RunStorage, cfg: RunConfig, key, columns: list[str] | None = None):

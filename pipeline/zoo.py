@@ -1,6 +1,6 @@
-"""The model zoo: build the toy benchmark's miniature SDXL from a config with the real classes, save
-it as a `StableDiffusionXLPipeline` folder, and load any such folder (tiny or real SDXL, local or on
-S3, or a built-in name) through one function. Nothing here reaches the Hugging Face hub."""
+"""The model zoo: build the toy benchmark's miniature SDXL (or SD1.5) from a config with the real classes,
+save it as a pipeline folder, and load any folder of a family padistill distils (tiny or real, local or
+on S3, or a built-in name) through one function. Nothing here reaches the Hugging Face hub."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import family as families
 from .data import DIGIT_WORDS
 from .errors import ConfigError, MissingInputError
 from .schedule import Conditioning, Schedule
@@ -22,11 +23,15 @@ BUILTIN = {
     # The shipped, trained toy teachers (DESIGN: "The toy benchmark"): digits, and Fashion-MNIST.
     "builtin:toy_teacher": ASSETS / "toy_teacher",
     "builtin:toy_fashion_teacher": ASSETS / "toy_fashion_teacher",
+    # the Fashion-MNIST teacher of the SD1.5 family (not shipped yet: `REGENERATE` trains it)
+    "builtin:toy_fashion_teacher_sd15": ASSETS / "toy_fashion_teacher_sd15",
 }
 REGENERATE = {"builtin:toy_teacher": "padistill toy-teacher",
-              "builtin:toy_fashion_teacher": "padistill toy-teacher --config toy_fashion"}
-# A tiny pipeline with random weights, built on demand (seed 0): for smoke tests of the plumbing.
+              "builtin:toy_fashion_teacher": "padistill toy-teacher --config toy_fashion",
+              "builtin:toy_fashion_teacher_sd15": "padistill toy-teacher --config toy_fashion_sd15"}
+# Tiny pipelines with random weights, built on demand (seed 0): for smoke tests of the plumbing.
 TINY_RANDOM = "builtin:tiny_random"
+TINY_RANDOM_FAMILIES = {TINY_RANDOM: "sdxl", "builtin:tiny_random_sd15": "sd15"}
 
 CAPTION_WORDS = ("a", "handwritten", "digit") + DIGIT_WORDS
 PADISTILL_JSON = "padistill.json"
@@ -97,23 +102,18 @@ def build_tokenizer(max_length: int = 16, words=CAPTION_WORDS):
 
 
 # ---- components -----------------------------------------------------------------------------------------
-def build_components(cfg: ToyModelConfig | None = None, seed: int = 0) -> dict:
-    """Random-weight miniature SDXL: every class the real SDXL pipeline uses."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def build_components(cfg: ToyModelConfig | None = None, seed: int = 0, family: str = "sdxl") -> dict:
+    """Random-weight miniature of `family`: every class its real pipeline uses."""
+    from diffusers import AutoencoderKL
 
+    fam = families.get(family)
     cfg = cfg or ToyModelConfig()
     torch.manual_seed(seed)
     tok = build_tokenizer(cfg.max_length, CAPTION_WORDS + tuple(cfg.extra_words))
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     text_kw = dict(vocab_size=len(tok), num_hidden_layers=cfg.text_layers, max_position_embeddings=cfg.max_length,
                    hidden_act="gelu", **ids)
-    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=cfg.text_hidden[0], intermediate_size=2 * cfg.text_hidden[0],
-                                       num_attention_heads=2, **text_kw))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=cfg.text_hidden[1],
-                                                     intermediate_size=2 * cfg.text_hidden[1],
-                                                     num_attention_heads=2, projection_dim=cfg.projection_dim,
-                                                     **text_kw))
+    text = fam.toy_text_encoders(cfg, tok, text_kw)
     n = len(cfg.vae_channels)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
@@ -121,18 +121,14 @@ def build_components(cfg: ToyModelConfig | None = None, seed: int = 0) -> dict:
                         norm_num_groups=cfg.norm_num_groups, sample_size=cfg.resolution)
     latent = cfg.resolution // 2 ** (n - 1)
     m = len(cfg.unet_channels)
-    unet = UNet2DConditionModel(
+    unet = fam.toy_unet(cfg, dict(
         sample_size=latent, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (m - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (m - 1) + ("UpBlock2D",),
         block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
         attention_head_dim=cfg.attention_head_dim, cross_attention_dim=cfg.cross_attention_dim,
-        norm_num_groups=cfg.norm_num_groups, use_linear_projection=True, transformer_layers_per_block=1,
-        addition_embed_type="text_time", addition_time_embed_dim=cfg.addition_time_embed_dim,
-        projection_class_embeddings_input_dim=6 * cfg.addition_time_embed_dim + cfg.projection_dim,
-    )
-    return dict(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
-                unet=unet, scheduler=sdxl_scheduler())
+        norm_num_groups=cfg.norm_num_groups, use_linear_projection=True, transformer_layers_per_block=1))
+    return dict(vae=vae, **text, unet=unet, scheduler=sdxl_scheduler())
 
 
 def sdxl_scheduler(prediction_type: str = "epsilon"):
@@ -145,14 +141,12 @@ def sdxl_scheduler(prediction_type: str = "epsilon"):
 
 
 def make_pipeline(components: dict):
-    """Assemble a StableDiffusionXLPipeline (zeros for the empty prompt, no watermarker)."""
-    from diffusers import StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    """Assemble the pipeline of the components' family (two text encoders: SDXL, one: SD1.5)."""
+    return families.get("sdxl" if "text_encoder_2" in components else "sd15").make_pipeline(components)
 
 
-def build_pipeline(cfg: ToyModelConfig | None = None, seed: int = 0):
-    return make_pipeline(build_components(cfg, seed))
+def build_pipeline(cfg: ToyModelConfig | None = None, seed: int = 0, family: str = "sdxl"):
+    return make_pipeline(build_components(cfg, seed, family))
 
 
 def save_pipeline(pipe, folder: str | os.PathLike, info: dict | None = None) -> Path:
@@ -179,41 +173,42 @@ def _staging_dir(parent: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=parent, prefix=".staging-"))
 
 
-# a pipeline folder's class (model_index.json) -> its model family. padistill distils the SDXL family; the
-# others are named so that a user pointing model.source at one is told so, not met by a failure deep in a step
-FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15",
-            "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
-SUPPORTED_FAMILIES = ("sdxl",)
-
-
 def _not_a_pipeline(source: str) -> MissingInputError:
     return MissingInputError(f"model source {source!r} is not a diffusers pipeline folder (no model_index.json)")
 
 
-def check_family(source: str, index: dict) -> None:
-    """A pipeline of a known other family (its model_index.json, `index`) is a user's mistake, said in one
-    line; an unknown class is left to the loader (an SDXL variant such as an img2img pipeline saved from
-    the base weights loads as the SDXL pipeline)."""
+def check_family(source: str, index: dict, family: str | None = None) -> str:
+    """The family of a model source (its model_index.json, `index`); one padistill does not distil, or one
+    other than the config's `family`, is a user's mistake said in one line."""
     cls = index.get("_class_name", "?")
-    fam = FAMILIES.get(cls)
-    if fam is not None and fam not in SUPPORTED_FAMILIES:
+    fam = families.name_of_index(index)
+    if fam not in families.SUPPORTED:
         raise ConfigError(f"model.source: {source} is a {cls} (model family '{fam}'); padistill distils "
-                          "SDXL-class pipelines (StableDiffusionXLPipeline) today, other families are planned (issue 17)")
+                          f"the {', '.join(families.SUPPORTED)} families today (SD3 is planned, issue 17)")
+    if family is not None and family != fam:
+        raise ConfigError(f"model.family: {family!r} but model.source {source} is a {cls} (family '{fam}')")
+    return fam
 
 
-def check_source(source: str, storage=None) -> None:
-    """Before any work: a model source that is no pipeline folder or of another family fails in one line.
-    An s3:// source is not downloaded for it: its model_index.json alone is read."""
+def check_source(source: str, storage=None, family: str | None = None) -> str:
+    """Before any work: a model source that is no pipeline folder, of a family padistill does not distil or
+    not of the config's `family` fails in one line; returns its family. An s3:// source is not downloaded
+    for it: its model_index.json alone is read."""
     if not source.startswith("s3://"):
-        resolve_source(source, storage)
-        return
+        path = resolve_source(source, storage)
+        return check_family(source, json.loads((path / "model_index.json").read_text()), family)
     from .storage import filesystem_for
 
     try:
         index = json.loads(filesystem_for(source, storage).cat(source.rstrip("/") + "/model_index.json"))
     except FileNotFoundError:
         raise _not_a_pipeline(source) from None
-    check_family(source, index)
+    return check_family(source, index, family)
+
+
+def family_module(cfg):
+    """The family module (`pipeline.family_*`) of a run config's model (`check_source`)."""
+    return families.get(check_source(cfg.model.source, cfg.storage, cfg.model.family))
 
 
 def resolve_source(source: str, storage=None) -> Path:
@@ -226,14 +221,15 @@ def resolve_source(source: str, storage=None) -> Path:
         path = BUILTIN[source]
         if not (path / "model_index.json").exists():
             raise MissingInputError(f"{source} is not in this checkout ({path} has no model_index.json); "
-                                    f"run `{REGENERATE[source]}` to regenerate it")
+                                    f"run `{REGENERATE[source]}` to train it")
         return path
-    if source == TINY_RANDOM:
-        path = _cache_dir() / "tiny_random"
+    if source in TINY_RANDOM_FAMILIES:
+        path = _cache_dir() / source[len("builtin:"):]
         if not (path / "model_index.json").exists():
             tmp = _staging_dir(_cache_dir())
-            save_pipeline(build_pipeline(), tmp, {"num_inference_steps": 32, "guidance_scale": 0.0,
-                                                  "resolution": 32, "stage": "tiny_random"})
+            save_pipeline(build_pipeline(family=TINY_RANDOM_FAMILIES[source]), tmp,
+                          {"num_inference_steps": 32, "guidance_scale": 0.0, "resolution": 32,
+                           "stage": source[len("builtin:"):]})
             try:
                 tmp.rename(path)
             except OSError:  # another process won the race; theirs is identical
@@ -268,11 +264,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def load_pipeline(source: str, storage=None, dtype=torch.float32, device="cpu"):
-    """Load any SDXL-class pipeline folder (tiny or real) with stock diffusers."""
-    from diffusers import StableDiffusionXLPipeline
+    """Load a pipeline folder (tiny or real) of a family padistill distils with its stock diffusers class."""
+    import diffusers
 
     path = resolve_source(source, storage)
-    pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype, add_watermarker=False)
+    fam = families.of_folder(path)
+    pipe = getattr(diffusers, fam.PIPELINE).from_pretrained(path, dtype=dtype, **fam.LOAD_KWARGS)
     return pipe.to(device)
 
 
@@ -292,13 +289,11 @@ def schedule_of(pipe_or_folder) -> Schedule:
     return Schedule.from_scheduler_config(cfg)
 
 
-@torch.no_grad()
 def encode_prompts(pipe, captions: list[str], resolution: int | None = None) -> Conditioning:
-    """SDXL text conditioning for captions through the pipeline's own `encode_prompt`."""
-    res = resolution or pipe.default_sample_size * pipe.vae_scale_factor
-    pe, _, pooled, _ = pipe.encode_prompt(list(captions), device=pipe.device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=False)
-    return Conditioning(pe, pooled, Conditioning.sdxl_time_ids(len(captions), res, pe.dtype, pe.device))
+    """Text conditioning of captions through the pipeline's own `encode_prompt` (its family's kind, with
+    the family's unconditional branch)."""
+    res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return families.of_pipeline(pipe).encode_prompts(pipe, captions, res)
 
 
 def config_dict(cfg: ToyModelConfig) -> dict:

@@ -129,35 +129,41 @@ def test_a_step_run_alone_keeps_ray_datas_notices_off_the_console():
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_source_of_another_model_family_is_one_line_naming_it(where, tmp_path, monkeypatch, capsys, request):
-    """model.source at a real Stable Diffusion 1.5 pipeline folder (tiny, saved by diffusers), on a local
-    disk or on S3: `distill` says which family it is and what padistill distils, exit 2, before its first
-    write to the run root (an S3 source is not downloaded for it: its model_index.json alone is read)."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    """model.source at a real Stable Diffusion 3 pipeline folder (tiny, saved by diffusers; a family padistill
+    does not distil yet), on a local disk or on S3: `distill` says which family it is and which it distils,
+    exit 2, before its first write to the run root (an S3 source is not downloaded for it: its
+    model_index.json alone is read)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from pipeline.zoo import FAMILIES, build_components
+    from pipeline.family import FAMILIES
+    from pipeline.zoo import build_components
 
     c = build_components()
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
-                                cross_attention_dim=c["text_encoder"].config.hidden_size, norm_num_groups=8)
-    StableDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], unet=unet,
-                            scheduler=c["scheduler"], safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(tmp_path / "sd15")
-    assert FAMILIES[json.loads((tmp_path / "sd15" / "model_index.json").read_text())["_class_name"]] == "sd15"
-    source, sets = str(tmp_path / "sd15"), []
+    te = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(c["tokenizer"]), num_hidden_layers=1,
+                                                    max_position_embeddings=16, hidden_size=32, intermediate_size=64,
+                                                    num_attention_heads=2, projection_dim=32))
+    tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                               caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=8)
+    StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=c["vae"],
+                             text_encoder=te, tokenizer=c["tokenizer"], text_encoder_2=te, tokenizer_2=c["tokenizer"],
+                             text_encoder_3=None, tokenizer_3=None).save_pretrained(tmp_path / "sd3")
+    assert FAMILIES[json.loads((tmp_path / "sd3" / "model_index.json").read_text())["_class_name"]] == "sd3"
+    source, sets = str(tmp_path / "sd3"), []
     if where == "s3":
         from pipeline.config import StorageConfig
         from pipeline.storage import RunStorage
 
         endpoint = request.getfixturevalue("s3_endpoint")
         store = RunStorage("s3://padistill-test/families", StorageConfig(endpoint_url=endpoint))
-        store.put_dir(source, "sd15")
-        source, sets = store.url("sd15"), ["--set", f"storage.endpoint_url={endpoint}"]
+        store.put_dir(source, "sd3")
+        source, sets = store.url("sd3"), ["--set", f"storage.endpoint_url={endpoint}"]
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()  # diffusers' saving bar
     assert main(["distill", "--set", f"model.source={source}", "--set", "run_root=run", *sets]) == 2
     err = capsys.readouterr().err.strip()
-    assert "model.source:" in err and "is a StableDiffusionPipeline (model family 'sd15')" in err, err
+    assert "model.source:" in err and "is a StableDiffusion3Pipeline (model family 'sd3')" in err, err
+    assert "distils the sdxl, sd15 families" in err, err
     assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "run" / "config.yaml").exists()  # the DAG's first write: nothing ran

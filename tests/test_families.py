@@ -1,0 +1,144 @@
+"""Model families (issue 17): Stable Diffusion 1.5 beside SDXL. Its prompts are encoded as the stock
+`StableDiffusionPipeline` encodes them (no pooled embedding, the empty prompt as the unconditional
+branch), padistill's sampler ends where the stock pipeline ends with classifier-free guidance on, and the
+smoke DAG runs end to end on it: precompute, an MSE stage with a LoRA student and a guided teacher, an
+adversarial x0 stage, evaluation, export and the report, every exported folder loading in the stock
+pipeline and its LoRA in `load_lora_weights`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline import family, zoo
+from pipeline.config import from_dict, load_config
+from pipeline.errors import ConfigError
+from pipeline.schedule import unet_denoiser
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SD15 = "builtin:tiny_random_sd15"
+
+
+@pytest.fixture(scope="module")
+def sd15_dir():
+    return zoo.resolve_source(SD15)
+
+
+@pytest.fixture(scope="module")
+def sd15(sd15_dir):
+    return zoo.load_pipeline(str(sd15_dir))
+
+
+@torch.no_grad()
+def test_sd15_prompts_and_unconditional_branch_are_the_pipelines(sd15, sd15_dir):
+    """One text encoder's states, no pooled embedding or time ids; the unconditional embedding is what
+    the stock pipeline encodes for guidance without a negative prompt (the empty prompt), also when read
+    from the folder alone (as the trajectory workers read it); it is not zeros."""
+    from diffusers import StableDiffusionPipeline
+
+    assert type(sd15) is StableDiffusionPipeline and family.of_pipeline(sd15) is family.family_sd15
+    cond = zoo.encode_prompts(sd15, ["a handwritten digit seven", "a handwritten digit one"])
+    assert cond.prompt_embeds.shape == (2, 16, 96) and cond.pooled is None and cond.time_ids is None
+    assert cond.added_cond_kwargs() is None
+    _, negative = sd15.encode_prompt(["a handwritten digit seven"], device="cpu", num_images_per_prompt=1,
+                                     do_classifier_free_guidance=True)
+    torch.testing.assert_close(cond.uncond_embeds, negative, rtol=0, atol=0)
+    torch.testing.assert_close(family.family_sd15.uncond_embeds(sd15_dir), negative, rtol=0, atol=0)
+    u = cond.unconditional()
+    assert u.prompt_embeds.shape == (2, 16, 96) and u.prompt_embeds.abs().max() > 0.1
+    # caption dropout (the toy teacher's): dropped rows get the empty prompt, kept rows their own
+    d = cond.drop(torch.tensor([1.0, 0.0]))
+    assert torch.equal(d.prompt_embeds[0], cond.prompt_embeds[0]) and torch.equal(d.prompt_embeds[1], negative[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_sd15_sampling_equals_the_stock_pipeline(sd15, guidance):
+    """The stock StableDiffusionPipeline (Euler trailing, 4 steps) ends where padistill's 4-step sample
+    ends, with classifier-free guidance off and on (where the unconditional branch is the family's)."""
+    from pipeline.zoo import encode_prompts, schedule_of
+
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = sd15("a handwritten digit seven", num_inference_steps=4, guidance_scale=guidance, height=32, width=32,
+               latents=latents.clone(), output_type="latent").images
+    cond = encode_prompts(sd15, ["a handwritten digit seven"])
+    ours = schedule_of(sd15).sample(unet_denoiser(sd15.unet, cond, guidance), latents, 4)
+    assert torch.allclose(out, ours, atol=1e-5), (out - ours).abs().max()
+
+
+def test_model_family_is_read_from_the_source_and_checked(tmp_path):
+    """model.family defaults to the source's family; set to another, the config fails naming both; a family
+    padistill does not distil yet is refused by name."""
+    assert zoo.family_module(load_config("smoke", [f"model.source={SD15}"])) is family.family_sd15
+    assert zoo.family_module(load_config("smoke", [])) is family.family_sdxl
+    with pytest.raises(ConfigError, match=r"model.family: 'sdxl' but model.source builtin:tiny_random_sd15 is a "
+                                          r"StableDiffusionPipeline \(family 'sd15'\)"):
+        zoo.family_module(load_config("smoke", [f"model.source={SD15}", "model.family=sdxl"]))
+    with pytest.raises(ConfigError, match="'sd3' is not distilled by padistill today"):
+        family.get("sd3")
+
+
+def test_sd15_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
+    """The toy-teacher job trains a miniature SD1.5 (smoke size, on the digits: its Fashion-MNIST preset encodes
+    the 60,000 train photos, minutes on 2 cores), and the smoke DAG distils
+    it, shortened to two stages that cover what differs from SDXL: a 32 -> 8 MSE stage whose student is a
+    LoRA and whose teacher runs with guidance (the empty prompt as its unconditional branch), and an 8 -> 1
+    adversarial stage (x0 conversion, conditional then unconditional discriminator on the SD1.5 UNet's
+    encoder, which has no added conditioning). Encode stores no pooled embedding; every exported folder loads
+    in the stock StableDiffusionPipeline and generates; the LoRA file loads on the teacher with
+    `load_lora_weights` and gives the merged student's output."""
+    from diffusers import StableDiffusionPipeline
+
+    from jobs.cli import main
+    from pipeline.dag import run_dag
+    from pipeline.storage import RunStorage
+    from pipeline.student import LORA_WEIGHT_NAME
+
+    teacher = tmp_path / "teacher"
+    assert main(["toy-teacher", "--config", "smoke", "--output", str(teacher), "--set", f"run_root={tmp_path / 'tt'}",
+                 "--set", "toy_teacher.family=sd15"]) == 0
+    info = json.loads((teacher / "padistill.json").read_text())
+    assert info["dataset"] == "toy_digits" and info["guidance_scale"] == 2.0
+    assert json.loads((teacher / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+    data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    data["run_root"] = str(tmp_path / "run")
+    data["model"].update(source=str(teacher), family="sd15")
+    first, _, last = data["stages"]
+    first.update(lora={"rank": 4, "steps": first["mse_steps"]})
+    last.update(teacher_steps=8)
+    data["stages"] = [first, last]
+    cfg = from_dict(data)
+    run_dag(cfg, log=lambda *_: None)
+    storage = RunStorage.from_config(cfg)
+    assert storage.read_manifest("encode")["outputs"]["columns"] == \
+        ["id", "caption", "latent", "prompt_embeds", "schema_version"]
+    assert "pooled_embeds" not in storage.read_manifest("trajectories-1-8step")["outputs"]["columns"]
+    report = storage.read_text("report.md")
+    prompt = "a handwritten digit seven"
+    for k, st in enumerate(cfg.stages, start=1):
+        folder = Path(storage.path(cfg.stage_dir(k), "model"))
+        assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+        assert "StableDiffusionPipeline.from_pretrained" in (folder / "README.md").read_text()
+        assert f"**student {st.name}**" in report
+        pipe = StableDiffusionPipeline.from_pretrained(folder)
+        assert pipe.scheduler.config.prediction_type == ("sample" if st.prediction_type == "sample" else "epsilon")
+        img = pipe(prompt, num_inference_steps=st.student_steps, guidance_scale=0,
+                   generator=torch.Generator().manual_seed(0)).images[0]
+        assert img.size == (32, 32)
+    lora_folder = Path(storage.path(cfg.stage_dir(1), "model"))
+    assert (lora_folder / LORA_WEIGHT_NAME).exists()
+    base = zoo.load_pipeline(str(teacher))
+    cond = zoo.encode_prompts(base, [prompt] * 2)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([749.0, 749.0])
+    with torch.no_grad():
+        before = unet_denoiser(base.unet, cond)(x, t)
+        base.load_lora_weights(str(lora_folder))
+        after = unet_denoiser(base.unet, cond)(x, t)
+        merged = unet_denoiser(zoo.load_unet(str(lora_folder)), cond)(x, t)
+    assert (after - before).abs().max() > 1e-4
+    torch.testing.assert_close(after, merged, atol=1e-4, rtol=1e-4)
