@@ -101,14 +101,18 @@ def build_unet(config: dict | None = None, device: str = "meta"):
         return UNet2DConditionModel(**(config or SDXL_UNET_CONFIG))
 
 
-# Other base models, for sizing the model-family work (issue 17) before it lands: their denoisers' published
-# configs (diffusers' unet/ or transformer/config.json of runwayml/stable-diffusion-v1-5,
+# runwayml/stable-diffusion-v1-5, unet/config.json (the keys that differ from diffusers' defaults). Its text
+# encoder is CLIP ViT-L, SDXL's first (`SDXL_TEXT_ENCODER_CONFIGS[0]`); its VAE has SDXL's architecture.
+SD15_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=768, attention_head_dim=8)
+
+# Other base models, for sizing the model-family work (issue 17): their denoisers' published configs
+# (diffusers' unet/ or transformer/config.json of runwayml/stable-diffusion-v1-5,
 # stabilityai/stable-diffusion-3.5-medium and -large), with the parameter counts their publishers state.
 OTHER_BASES: dict[str, dict[str, Any]] = {
-    "SD1.5 UNet": dict(cls="UNet2DConditionModel", published=0.86e9, config=dict(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280, 1280],
-        down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=768, attention_head_dim=8)),
+    "SD1.5 UNet": dict(cls="UNet2DConditionModel", published=0.86e9, config=SD15_UNET_CONFIG),
     "SD3.5-Medium MMDiT-X": dict(cls="SD3Transformer2DModel", published=2.5e9, config=dict(
         sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
@@ -144,15 +148,28 @@ def build_vae(config: dict | None = None, device: str = "meta"):
         return AutoencoderKL(**(config or SDXL_VAE_CONFIG))
 
 
-def text_encoder_params() -> int:
-    """Parameters of SDXL's two text encoders, built on the meta device from their configs."""
+def text_encoder_params(family: str = "sdxl") -> int:
+    """Parameters of a family's text encoders (SDXL: two, SD1.5: the first of them, CLIP ViT-L), built on
+    the meta device from their configs."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     n = 0
-    for cls, c in zip((CLIPTextModel, CLIPTextModelWithProjection), SDXL_TEXT_ENCODER_CONFIGS):
+    configs = SDXL_TEXT_ENCODER_CONFIGS[:1] if family == "sd15" else SDXL_TEXT_ENCODER_CONFIGS
+    for cls, c in zip((CLIPTextModel, CLIPTextModelWithProjection), configs):
         with torch.device("meta"):
             n += count_params(cls(CLIPTextConfig(**c)))
     return n
+
+
+# the denoiser a family's plan is measured on (`pipeline.plan`): its published UNet config
+FAMILY_UNET_CONFIGS = {"sdxl": SDXL_UNET_CONFIG, "sd15": SD15_UNET_CONFIG}
+
+
+def pooled_dim(unet_config: dict) -> int:
+    """The pooled text embedding a UNet takes (SDXL's `text_time`), 0 for one without (SD1.5)."""
+    if unet_config.get("addition_embed_type") != "text_time":
+        return 0
+    return unet_config["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * unet_config["addition_time_embed_dim"]
 
 
 def measure_vae_decode(vae, latent_size: int, dtype: torch.dtype) -> Activations:
@@ -320,12 +337,14 @@ def measure(module: nn.Module, inputs: dict, dtype: torch.dtype) -> Activations:
 
 
 def _cond_inputs(unet_config: dict, latent_size: int, dtype: torch.dtype) -> dict:
+    """One sample's inputs; SDXL's pooled text and time ids only for a `text_time` UNet (else None)."""
     m = dict(device="meta", dtype=dtype)
-    text = unet_config["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * unet_config["addition_time_embed_dim"]
+    text_time = pooled_dim(unet_config) > 0
     return dict(
         timestep=torch.full((1,), 999.0, device="meta"),
         encoder_hidden_states=torch.empty(1, SDXL_TEXT_TOKENS, unet_config["cross_attention_dim"], **m),
-        text_embeds=torch.empty(1, text, **m), time_ids=torch.empty(1, SDXL_TIME_IDS, **m),
+        text_embeds=torch.empty(1, pooled_dim(unet_config), **m) if text_time else None,
+        time_ids=torch.empty(1, SDXL_TIME_IDS, **m) if text_time else None,
         latent=torch.empty(1, unet_config["in_channels"], latent_size, latent_size, **m),
     )
 
@@ -333,9 +352,9 @@ def _cond_inputs(unet_config: dict, latent_size: int, dtype: torch.dtype) -> dic
 def measure_unet(unet, unet_config: dict, latent_size: int, dtype: torch.dtype) -> Activations:
     c = _cond_inputs(unet_config, latent_size, dtype)
     unet = nn.Module.to(unet, dtype)  # (diffusers' own .to() warns about from_pretrained)
+    added = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]} if c["text_embeds"] is not None else None
     return measure(unet, dict(sample=c["latent"], timestep=c["timestep"],
-                              encoder_hidden_states=c["encoder_hidden_states"],
-                              added_cond_kwargs={"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]}), dtype)
+                              encoder_hidden_states=c["encoder_hidden_states"], added_cond_kwargs=added), dtype)
 
 
 def measure_discriminator(disc: nn.Module, unet_config: dict, latent_size: int, dtype: torch.dtype) -> Activations:

@@ -1,5 +1,6 @@
-"""Capacity plan for a run: parameter counts and activations of the real SDXL UNet and the discriminator
-(measured on the meta device, `pipeline.meta_models`), per-GPU memory under DeepSpeed ZeRO-2/3,
+"""Capacity plan for a run: parameter counts and activations of the real UNet of the run's model family
+(SDXL base's or SD1.5's published config) and the discriminator (measured on the meta device,
+`pipeline.meta_models`), per-GPU memory under DeepSpeed ZeRO-2/3,
 trajectory storage per stage, and GPU-hours from a throughput the user supplies.
 
 The memory model (bytes per parameter, mixed precision with an fp32 master copy) is the ZeRO paper's:
@@ -20,12 +21,13 @@ from typing import Optional
 
 from .config import RunConfig
 from .stage_config import StageConfig
-from .meta_models import (DTYPES, SDXL_TEXT_TOKENS, SDXL_TIME_IDS, SDXL_UNET_CONFIG, VAE_FACTOR, build_discriminator,
+from .meta_models import (DTYPES, FAMILY_UNET_CONFIGS, SDXL_TEXT_TOKENS, VAE_FACTOR, build_discriminator,
                           build_unet, build_vae, count_params, discriminator_source, head_blocks, largest_layer,
                           lora_params, measure_discriminator, measure_unet, measure_vae_decode, other_base_params,
-                          text_encoder_params)
+                          pooled_dim, text_encoder_params)
 
 GiB = 1024 ** 3
+FAMILY_NAMES = {"sdxl": "SDXL", "sd15": "SD1.5"}
 _BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
@@ -77,6 +79,11 @@ def stage_steps(st: StageConfig) -> int:
 @dataclass
 class Plan:
     config: str
+    family: str
+    family_from: str
+    text_tokens: int
+    text_dim: int
+    pooled_dim: int
     gpus: int
     micro_batch: int
     grad_accum: int
@@ -112,7 +119,8 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
               gpu_memory_gib: float = 80.0, peak_tflops: float = 312.0, mfu: float | None = None,
               unet_config: dict | None = None, config_name: str = "", eval_prompts: int | None = None,
               other_bases: bool = False, latent_size: int | None = None) -> Plan:
-    ucfg = copy.deepcopy(unet_config or SDXL_UNET_CONFIG)
+    family, family_from = plan_family(cfg)
+    ucfg = copy.deepcopy(unet_config or FAMILY_UNET_CONFIGS[family])
     gpus = gpus or cfg.train.workers
     mb = micro_batch or cfg.train.micro_batch
     precision = cfg.train.precision
@@ -160,12 +168,11 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
                                total_ckpt=m.total_ckpt / GiB, cpu=m.cpu / GiB,
                                fits=m.total / GiB <= gpu_memory_gib, fits_ckpt=m.total_ckpt / GiB <= gpu_memory_gib))
 
-    # Storage: per trajectory row x_t + target latents, prompt embeddings and pooled embedding.
+    # Storage: per trajectory row x_t + target latents, prompt embeddings and (SDXL) the pooled embedding.
     tb = _BYTES[cfg.trajectories.dtype]
     eb = _BYTES[cfg.encode.dtype]
     lat = ucfg["in_channels"] * latent * latent
-    text = ucfg["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * ucfg["addition_time_embed_dim"]
-    emb = SDXL_TEXT_TOKENS * ucfg["cross_attention_dim"] + text
+    emb = SDXL_TEXT_TOKENS * ucfg["cross_attention_dim"] + pooled_dim(ucfg)
     row = 2 * lat * tb + emb * tb + 3 * 8  # + id, t, t_next
     encoded = samples * (lat * eb + emb * eb)
     storage, compute = [], []
@@ -194,8 +201,10 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
                             train_wall_hours=gpu_h / gpus, rollout_gpu_hours=roll_h))
 
     evaluation = eval_plan(cfg, n_unet, f_u, latent, dtype, peak_tflops * 1e12 * (mfu if mfu is not None else 0.35),
-                           eval_prompts)
-    return Plan(config=config_name or cfg.name, gpus=gpus, micro_batch=mb, grad_accum=cfg.train.grad_accum,
+                           eval_prompts, family)
+    return Plan(config=config_name or cfg.name, family=family, family_from=family_from,
+                text_tokens=SDXL_TEXT_TOKENS, text_dim=ucfg["cross_attention_dim"], pooled_dim=pooled_dim(ucfg),
+                gpus=gpus, micro_batch=mb, grad_accum=cfg.train.grad_accum,
                 precision=precision, samples=samples, latent_size=latent, gpu_memory_gib=gpu_memory_gib,
                 unet_params=n_unet, disc_params_conditional=n_dc, disc_params_unconditional=n_du,
                 disc_head_blocks=n_head_blocks, disc_source=discriminator_source(), lora_rank=rank, lora_params=n_lora,
@@ -204,8 +213,28 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
                 encoded_bytes=encoded, evaluation=evaluation, other_bases=other_base_params() if other_bases else [])
 
 
+def plan_family(cfg: RunConfig) -> tuple[str, str]:
+    """The run's model family and where it was read: `model.family`, else the source folder's
+    model_index.json when the folder is on this machine (a plan downloads nothing), else SDXL, said so."""
+    from pathlib import Path
+
+    from . import family
+    from .zoo import BUILTIN, TINY_RANDOM_FAMILIES
+
+    if cfg.model.family is not None:
+        family.get(cfg.model.family)  # one line for a family padistill does not distil
+        return cfg.model.family, "model.family"
+    src = cfg.model.source
+    if src in TINY_RANDOM_FAMILIES:
+        return TINY_RANDOM_FAMILIES[src], src
+    folder = BUILTIN.get(src) or (Path(src.removeprefix("file://")) if "://" not in src.removeprefix("file://") else None)
+    if folder is not None and (Path(folder) / "model_index.json").is_file():
+        return family.of_folder(folder).NAME, "the source's model_index.json"
+    return "sdxl", f"{src} is not on this machine: planned as SDXL (set model.family)"
+
+
 def eval_plan(cfg: RunConfig, n_unet: int, unet_flops: float, latent: int, dtype, flops_per_s: float,
-              prompts: int | None = None) -> dict:
+              prompts: int | None = None, family: str = "sdxl") -> dict:
     """What the DAG's evaluation steps sample (`pipeline.evaluate`): per stage the student at its steps
     without CFG and the teacher at the student's steps (cached by step count, so stages with the same
     count share it) and, once for the run, the teacher at 32 steps; the teacher at its evaluation
@@ -218,7 +247,7 @@ def eval_plan(cfg: RunConfig, n_unet: int, unet_flops: float, latent: int, dtype
     n = prompts or (10 * ev.samples_per_prompt if cfg.data.toy else ev.prompts)
     vae = build_vae()
     f_vae = measure_vae_decode(vae, latent, dtype).forward_flops
-    n_vae, n_text = count_params(vae), text_encoder_params()
+    n_vae, n_text = count_params(vae), text_encoder_params(family)  # SD1.5's VAE has SDXL's architecture
     del vae
     g, g_from = teacher_guidance(cfg)
     cfg_passes = 2 if g > 1.0 else 1
@@ -239,7 +268,7 @@ def eval_plan(cfg: RunConfig, n_unet: int, unet_flops: float, latent: int, dtype
         r["tflop"] = (r["unet_passes"] * unet_flops + r["decodes"] * f_vae) / 1e12
         r["gpu_hours"] = r["tflop"] * 1e12 / flops_per_s / 3600.0
     b = _BYTES[str(dtype).split(".")[-1]]
-    # an actor holds the teacher's and the student's UNets, the VAE and the two text encoders
+    # an actor holds the teacher's and the student's UNets, the VAE and the text encoders
     weights = (2 * n_unet + n_vae + n_text) * b
     return dict(images_per_model=n, teacher_guidance=g, teacher_guidance_from=g_from, unet_forward_tflop=unet_flops / 1e12, vae_decode_tflop=f_vae / 1e12,
                 vae_params=n_vae, text_encoder_params=n_text, weights_gib=weights / GiB, batch_size=ev.batch_size,
@@ -277,6 +306,8 @@ def render(p: Plan) -> str:
     L = []
     L.append(f"## Capacity plan: `{p.config}`")
     L.append("")
+    L.append(f"Model family: {FAMILY_NAMES[p.family]} ({p.family_from}).")
+    L.append("")
     L.append(f"{p.gpus} GPUs x {p.gpu_memory_gib:g} GiB, micro-batch {p.micro_batch}, grad-accum {p.grad_accum} "
              f"(global batch {p.gpus * p.micro_batch * p.grad_accum}), {p.precision}, latent 4x{p.latent_size}x"
              f"{p.latent_size}, {p.samples:,} samples.")
@@ -285,7 +316,7 @@ def render(p: Plan) -> str:
     L.append("")
     L.append("| model | parameters |")
     L.append("|---|---:|")
-    L.append(f"| SDXL UNet (student / teacher) | {p.unet_params:,} ({p.unet_params / 1e9:.3f} B) |")
+    L.append(f"| {FAMILY_NAMES[p.family]} UNet (student / teacher) | {p.unet_params:,} ({p.unet_params / 1e9:.3f} B) |")
     L.append(f"| discriminator, conditional (UNet encoder + {p.disc_head_blocks}-block head) | "
              f"{p.disc_params_conditional:,} ({p.disc_params_conditional / 1e9:.3f} B) |")
     L.append(f"| discriminator, unconditional | {p.disc_params_unconditional:,} "
@@ -326,7 +357,8 @@ def render(p: Plan) -> str:
     L.append(f"| all stages | | | | {_b(total)} | |")
     L.append(f"| encoded/ (latents + embeddings) | | {p.samples:,} | | {_b(p.encoded_bytes)} | |")
     L.append("")
-    L.append("Per row: x_t and target latents, prompt embeddings (77x2048) and pooled embedding (1280), fp16.")
+    pooled = f" and pooled embedding ({p.pooled_dim})" if p.pooled_dim else " (no pooled embedding)"
+    L.append(f"Per row: x_t and target latents, prompt embeddings ({p.text_tokens}x{p.text_dim}){pooled}, fp16.")
     L.append("")
     L.append(f"### GPU-hours at {p.throughput:.3g} training samples/s/GPU ({p.throughput_source})")
     L.append("")
@@ -373,8 +405,8 @@ def render(p: Plan) -> str:
                      f"({b['total'] / 1e9:.3f} B) | {b['published'] / 1e9:g} B |")
         L.append("")
         L.append("The SD3 transformers' fixed positional-embedding table is a buffer in diffusers and a weight in "
-                 "the publisher's checkpoint (and count). padistill distils SDXL-class UNets only so far: these rows "
-                 "size the model-family work; the memory and GPU-hours above are the SDXL UNet's.")
+                 "the publisher's checkpoint (and count). These rows size the model-family work (SD3 is not "
+                 f"distilled yet); the memory and GPU-hours above are the {FAMILY_NAMES[p.family]} UNet's.")
         L.append("")
     return "\n".join(L)
 

@@ -154,3 +154,25 @@ def test_other_base_models_are_counted_on_meta_near_their_published_sizes(capsys
     assert med["pos_embed_table"] == 384 * 384 * 1536  # 384^2 positions x 1536 (24 heads x 64)
     assert abs(med["parameters"] / med["published"] - 1) > 0.05  # without the table it is 10% short
     assert main(["plan", "--config", "smoke"]) == 0 and "Other base models" not in capsys.readouterr().out
+
+
+def test_plan_of_an_sd15_run_measures_the_sd15_unet(capsys):
+    """`configs/sd15_lightning.yaml` (model.family sd15) is planned on SD1.5's published UNet built on meta
+    (859,520,964 parameters: the publisher's 0.86 B), with its one text encoder and rows without a pooled
+    embedding; a source folder on this machine gives its family without model.family, one elsewhere is
+    planned as SDXL and the plan says so."""
+    from jobs.cli import main
+
+    assert main(["plan", "--config", "sd15_lightning", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["family"], d["family_from"]) == ("sd15", "model.family")
+    assert d["unet_params"] == 859_520_964 and d["latent_size"] == 64
+    assert (d["text_dim"], d["pooled_dim"]) == (768, 0)
+    assert d["storage"][0]["bytes_per_row"] == 2 * 4 * 64 * 64 * 2 + 77 * 768 * 2 + 3 * 8
+    assert 120e6 < d["evaluation"]["text_encoder_params"] < 125e6  # CLIP ViT-L alone
+    assert main(["plan", "--config", "smoke", "--set", "model.source=builtin:tiny_random_sd15", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["family"] == "sd15"
+    assert main(["plan", "--config", "sd15_lightning", "--set", "model.family=null"]) == 0
+    out = capsys.readouterr().out
+    assert "Model family: SDXL (s3://my-bucket/models/stable-diffusion-v1-5 is not on this machine: planned as " \
+           "SDXL (set model.family))." in out
