@@ -56,14 +56,15 @@ def load_rows(cfg, key, held_rows: int):
     import torch
 
     from pipeline.storage import RunStorage
-    from pipeline.stage_loop import TRAIN_COLUMNS
+    from pipeline.stage_loop import train_columns
     from pipeline.train_data import held_mask
 
     storage = RunStorage.from_config(cfg)
     ds = pads.dataset(storage.path(cfg.stage_dir(key), "traj"), filesystem=storage.arrow_fs, format="parquet")
     shapes = {f.name: json.loads(f.metadata[b"ARROW:extension:metadata"]) for f in ds.schema
               if f.metadata and b"ARROW:extension:metadata" in f.metadata}
-    table = ds.to_table(columns=["id"] + TRAIN_COLUMNS)
+    columns = train_columns(ds.schema.names)
+    table = ds.to_table(columns=["id"] + columns)
     n = table.num_rows
     ids = table.column("id").to_pylist()
     modulus = max(2, n // held_rows)
@@ -75,7 +76,7 @@ def load_rows(cfg, key, held_rows: int):
     def cols(mask):
         sub = table.filter(pa.array(mask))
         out = {}
-        for k in TRAIN_COLUMNS:
+        for k in columns:
             col = sub.column(k).combine_chunks()
             if k in ("t", "t_next"):
                 out[k] = torch.as_tensor(col.to_numpy().astype(np.int64))

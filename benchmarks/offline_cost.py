@@ -50,10 +50,10 @@ def read_columns(storage, rel: str, columns: list[str]) -> dict[str, np.ndarray]
 
 
 def _tensor_batch(cols: dict[str, np.ndarray], idx) -> dict[str, torch.Tensor]:
-    from pipeline.stage_loop import TRAIN_COLUMNS
+    from pipeline.stage_loop import train_columns
 
     return {k: torch.as_tensor(cols[k][idx].astype(np.int64 if k in ("t", "t_next") else np.float32))
-            for k in TRAIN_COLUMNS}
+            for k in train_columns(cols)}
 
 
 def offline_batches(traj: dict[str, np.ndarray], bs: int, seed: int):
@@ -66,7 +66,7 @@ def offline_batches(traj: dict[str, np.ndarray], bs: int, seed: int):
 def inloop_batches(teacher, enc: dict[str, np.ndarray], bs: int, seed: int, draws: int, clock: list[float]):
     """Micro-batches rolled out by the teacher as they are needed; `clock[0]` accumulates rollout time."""
     from pipeline.storage import table_to_tensors
-    from pipeline.stage_loop import TRAIN_COLUMNS
+    from pipeline.stage_loop import train_columns
     from pipeline.trajectories import compute_rows
 
     rng = np.random.default_rng(seed)
@@ -75,7 +75,7 @@ def inloop_batches(teacher, enc: dict[str, np.ndarray], bs: int, seed: int, draw
         items = [(int(r), int(d)) for r, d in zip(rng.choice(n, bs, replace=False), rng.integers(0, draws, bs))]
         t0 = time.perf_counter()
         table = next(compute_rows(teacher, enc, items, seed, bs, out_dtype=np.float32))
-        b = _tensor_batch(table_to_tensors(table, TRAIN_COLUMNS), np.arange(bs))
+        b = _tensor_batch(table_to_tensors(table, train_columns(table.column_names)), np.arange(bs))
         clock[0] += time.perf_counter() - t0
         yield b
 
@@ -93,14 +93,16 @@ def run_arm(loop, phase, batches, steps: int, disc_steps: int) -> float:
 def measure_stage(cfg, key, steps: int, reps: int, warmup: int, seed: int) -> dict:
     from pipeline.storage import RunStorage
     from pipeline.phases import phase_at, plan_phases
-    from pipeline.trajectories import ENCODED_COLUMNS, Teacher
+    from pipeline.stage_loop import train_columns
+    from pipeline.trajectories import ENCODED_COLUMNS, Teacher, step_name
 
     idx, stage = cfg.stage(key)
     storage = RunStorage.from_config(cfg)
     bs = cfg.train.micro_batch
-    traj = read_columns(storage, f"{cfg.stage_dir(key)}/traj", ["t", "t_next", "x_t", "target", "prompt_embeds",
-                                                                   "pooled_embeds"])
-    enc = read_columns(storage, "encoded", ENCODED_COLUMNS)
+    traj_manifest = storage.read_manifest(step_name(cfg, key))
+    traj = read_columns(storage, f"{cfg.stage_dir(key)}/traj", train_columns(traj_manifest["outputs"]["columns"]))
+    enc = read_columns(storage, "encoded", [c for c in ENCODED_COLUMNS
+                                            if c in storage.read_manifest("encode")["outputs"]["columns"]])
     teacher = Teacher.load(cfg, key, storage)
     loop = make_loop(cfg, key, {}, seed)
     phases = plan_phases(stage)

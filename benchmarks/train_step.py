@@ -69,8 +69,9 @@ def synthetic_trajectories(cfg, storage, rows: int, seed: int = 0):
             "t": np.array([p.t for p in pick], np.int32), "t_next": np.array([p.t_next for p in pick], np.int32),
             "x_t": g.standard_normal((rows, 4, 8, 8)).astype(np.float32),
             "target": g.standard_normal((rows, 4, 8, 8)).astype(np.float32),
-            "prompt_embeds": np.repeat(cond.prompt_embeds.numpy(), rows, 0).astype(np.float32),
-            "pooled_embeds": np.repeat(cond.pooled.numpy(), rows, 0).astype(np.float32)}
+            "prompt_embeds": np.repeat(cond.prompt_embeds.numpy(), rows, 0).astype(np.float32)}
+    if cond.pooled is not None:  # SDXL
+        cols["pooled_embeds"] = np.repeat(cond.pooled.numpy(), rows, 0).astype(np.float32)
     storage.write_table(f"{cfg.stage_dir(1)}/traj/part-00000.parquet", cols)
     return cols
 
@@ -79,7 +80,7 @@ def bare_loop(cfg, cols, steps: int, threads: int, warmup: int = 2) -> dict:
     """The same StageLoop updates in one process, plain torch + Adam, global batch per step."""
     from pipeline.engines import PlainEngines
     from pipeline.phases import phase_at
-    from pipeline.stage_loop import TRAIN_COLUMNS, StageLoop
+    from pipeline.stage_loop import StageLoop, train_columns
 
     torch.set_num_threads(threads)
     _, stage = cfg.stage(1)
@@ -88,7 +89,7 @@ def bare_loop(cfg, cols, steps: int, threads: int, warmup: int = 2) -> dict:
                      PlainEngines(cfg.train), "cpu", seed=0)
     gb = cfg.train.micro_batch * cfg.train.workers
     n = len(cols["t"]) // gb
-    batches = [loop.batch_to({k: torch.as_tensor(np.asarray(cols[k][i * gb:(i + 1) * gb])) for k in TRAIN_COLUMNS})
+    batches = [loop.batch_to({k: torch.as_tensor(np.asarray(cols[k][i * gb:(i + 1) * gb])) for k in train_columns(cols)})
                for i in range(n)]
     t_start = None
     for step in range(steps):

@@ -13,6 +13,7 @@ from .schedule import Conditioning
 NAME = "sd15"
 PIPELINE = "StableDiffusionPipeline"
 COND_COLUMNS = ("prompt_embeds",)  # what `pipeline.encode` stores per row
+UNCOND_COMPONENTS = ("tokenizer", "text_encoder")  # what `unconditional` reads of a teacher folder
 
 
 def toy_text_encoders(cfg, tok, text_kw: dict) -> dict:
@@ -51,11 +52,12 @@ def _encode(pipe, captions: list[str]) -> torch.Tensor:
 
 def encode_prompts(pipe, captions: list[str], resolution: int) -> Conditioning:
     """Through the pipeline's own `encode_prompt`; the unconditional embedding is the empty prompt's."""
-    return Conditioning(_encode(pipe, captions), uncond_embeds=_encode(pipe, [""]))
+    return Conditioning(_encode(pipe, captions), uncond=Conditioning(_encode(pipe, [""])))
 
 
-def uncond_embeds(folder, dtype=torch.float32) -> torch.Tensor:
-    """The empty prompt's embedding [1, L, D] from a pipeline folder's tokenizer and text encoder alone."""
+def unconditional(folder, dtype=torch.float32) -> Conditioning:
+    """The empty prompt's encoding (prompt embeddings [1, L, D]) from a pipeline folder's tokenizer and
+    text encoder alone."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -63,4 +65,4 @@ def uncond_embeds(folder, dtype=torch.float32) -> torch.Tensor:
     te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype)
     pipe = StableDiffusionPipeline(vae=None, text_encoder=te, tokenizer=tok, unet=None, scheduler=None,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return _encode(pipe, [""])
+    return Conditioning(_encode(pipe, [""]))

@@ -12,6 +12,7 @@ from .schedule import Conditioning
 NAME = "sdxl"
 PIPELINE = "StableDiffusionXLPipeline"
 COND_COLUMNS = ("prompt_embeds", "pooled_embeds")  # what `pipeline.encode` stores per row
+UNCOND_COMPONENTS: tuple[str, ...] = ()  # zeros: nothing of a teacher folder to read
 
 
 def toy_text_encoders(cfg, tok, text_kw: dict) -> dict:
@@ -53,6 +54,6 @@ def encode_prompts(pipe, captions: list[str], resolution: int) -> Conditioning:
     return Conditioning(pe, pooled, Conditioning.sdxl_time_ids(len(captions), resolution, pe.dtype, pe.device))
 
 
-def uncond_embeds(folder, dtype=torch.float32) -> None:
+def unconditional(folder, dtype=torch.float32) -> None:
     """SDXL's unconditional branch is zeros: nothing to encode."""
     return None

@@ -302,15 +302,16 @@ def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torc
 
 @dataclass
 class Conditioning:
-    """Text conditioning for a batch. Every family: prompt embeddings [B, L, D]. SDXL adds the pooled
-    embedding [B, P] and the size/crop time ids [B, 6] (`text_time`); SD1.5 has neither (None).
-    `uncond_embeds` [1, L, D] is the unconditional branch's prompt embedding where it is the empty
-    prompt's (SD1.5); None means zeros (SDXL's force_zeros_for_empty_prompt)."""
+    """Text conditioning for a batch. Every family: prompt embeddings [B, L, D]. SDXL and SD3 add a pooled
+    embedding [B, P]; SDXL also the size/crop time ids [B, 6] (`text_time`); SD1.5 has neither (None).
+    `uncond` is the family's unconditional branch for classifier-free guidance, one row (prompt embeddings
+    [1, L, D], pooled [1, P] where the family has one): the empty prompt's encoding (SD1.5, SD3); None
+    means zeros (SDXL's force_zeros_for_empty_prompt)."""
 
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
-    uncond_embeds: torch.Tensor | None = None
+    uncond: "Conditioning | None" = None
 
     @staticmethod
     def sdxl_time_ids(batch: int, resolution: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -319,19 +320,20 @@ class Conditioning:
         return ids.expand(batch, 6).clone()
 
     @staticmethod
-    def from_columns(cols: dict, resolution: int, device=None, uncond_embeds=None) -> "Conditioning":
+    def from_columns(cols: dict, resolution: int, device=None, uncond: "Conditioning | None" = None,
+                     time_ids: bool = True) -> "Conditioning":
         """The conditioning of stored rows (`pipeline.encode`'s columns): SDXL rows carry `pooled_embeds`
-        (their time ids are the run's resolution), SD1.5 rows `prompt_embeds` only."""
+        and get the run's resolution as time ids (`time_ids`; an SD3 row has a pooled embedding and no
+        time ids), SD1.5 rows `prompt_embeds` only."""
         pe = torch.as_tensor(cols["prompt_embeds"]).to(device, torch.float32)
         if "pooled_embeds" not in cols:
-            return Conditioning(pe, uncond_embeds=uncond_embeds)
-        return Conditioning(pe, torch.as_tensor(cols["pooled_embeds"]).to(device, torch.float32),
-                            Conditioning.sdxl_time_ids(pe.shape[0], resolution, torch.float32, device),
-                            uncond_embeds)
+            return Conditioning(pe, uncond=uncond)
+        ids = Conditioning.sdxl_time_ids(pe.shape[0], resolution, torch.float32, device) if time_ids else None
+        return Conditioning(pe, torch.as_tensor(cols["pooled_embeds"]).to(device, torch.float32), ids, uncond)
 
     def _map(self, f) -> "Conditioning":
         return Conditioning(f(self.prompt_embeds), *(None if v is None else f(v) for v in (self.pooled, self.time_ids)),
-                            self.uncond_embeds)
+                            self.uncond)
 
     def select(self, idx) -> "Conditioning":
         """Rows `idx` (an index tensor or a slice)."""
@@ -342,50 +344,62 @@ class Conditioning:
         return self._map(lambda v: v.repeat(k, *([1] * (v.dim() - 1))))
 
     def unconditional(self) -> "Conditioning":
-        """The unconditional branch of the family's pipeline: the empty prompt's embedding where the family
-        has one (`uncond_embeds`), zeros otherwise (SDXL pipelines, force_zeros_for_empty_prompt=True);
+        """The unconditional branch of the family's pipeline for this batch: `uncond`'s row for every row
+        where the family has one, zeros otherwise (SDXL pipelines, force_zeros_for_empty_prompt=True);
         the time ids are kept."""
-        if self.uncond_embeds is None:
-            pe = torch.zeros_like(self.prompt_embeds)
-        else:
-            pe = self.uncond_embeds.to(self.prompt_embeds).expand_as(self.prompt_embeds)
-        return Conditioning(pe, None if self.pooled is None else torch.zeros_like(self.pooled), self.time_ids,
-                            self.uncond_embeds)
+        def like(u, v):
+            return torch.zeros_like(v) if u is None else u.to(v).expand_as(v)
+
+        u = self.uncond
+        if self.pooled is None:
+            return Conditioning(like(u and u.prompt_embeds, self.prompt_embeds), uncond=u)
+        return Conditioning(like(u and u.prompt_embeds, self.prompt_embeds), like(u and u.pooled, self.pooled),
+                            self.time_ids, u)
 
     def drop(self, keep: torch.Tensor) -> "Conditioning":
         """Caption dropout: row i stays conditional where keep[i] is 1, becomes unconditional where 0."""
         u = self.unconditional()
         k = keep.to(self.prompt_embeds.dtype)
         return Conditioning(torch.lerp(u.prompt_embeds, self.prompt_embeds, k[:, None, None]),
-                            None if self.pooled is None else self.pooled * k[:, None], self.time_ids,
-                            self.uncond_embeds)
+                            None if self.pooled is None else torch.lerp(u.pooled, self.pooled, k[:, None]),
+                            self.time_ids, self.uncond)
 
     def cat(self, other: "Conditioning") -> "Conditioning":
         return Conditioning(torch.cat([self.prompt_embeds, other.prompt_embeds]),
                             *(None if a is None else torch.cat([a, b])
                               for a, b in ((self.pooled, other.pooled), (self.time_ids, other.time_ids))),
-                            self.uncond_embeds)
+                            self.uncond)
 
     def to(self, device=None, dtype=None) -> "Conditioning":
-        return self._map(lambda v: v.to(device, dtype))
+        c = self._map(lambda v: v.to(device, dtype))
+        c.uncond = None if self.uncond is None else self.uncond.to(device, dtype)
+        return c
 
     def added_cond_kwargs(self, dtype=None) -> dict | None:
-        """The UNet's `added_cond_kwargs`: SDXL's pooled text and time ids, None for SD1.5."""
-        if self.pooled is None:
+        """A UNet's `added_cond_kwargs`: SDXL's pooled text and time ids, None for SD1.5."""
+        if self.time_ids is None:
             return None
         return {"text_embeds": self.pooled.to(dtype), "time_ids": self.time_ids.to(dtype)}
 
 
+def model_call(model) -> Callable:
+    """How a denoiser is called on (x, t, Conditioning): a diffusers UNet2DConditionModel (SDXL, SD1.5:
+    cross-attention on the prompt embeddings, SDXL's `added_cond_kwargs`) or an SD3Transformer2DModel (joint
+    attention on the prompt embeddings, the pooled embedding as `pooled_projections`)."""
+    dtype = next(model.parameters()).dtype
+    if hasattr(model.config, "joint_attention_dim"):
+        return lambda x, t, c: model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=c.prompt_embeds.to(dtype),
+                                     pooled_projections=c.pooled.to(dtype), return_dict=False)[0]
+    return lambda x, t, c: model(x.to(dtype), t, encoder_hidden_states=c.prompt_embeds.to(dtype),
+                                 added_cond_kwargs=c.added_cond_kwargs(dtype), return_dict=False)[0]
+
+
 def unet_denoiser(unet, cond: Conditioning, guidance_scale: float = 0.0,
                   uncond: Conditioning | None = None) -> Denoiser:
-    """Wrap a UNet as a Denoiser; guidance_scale > 1 runs classifier-free guidance with `uncond`
-    (by default the family's unconditional branch, `Conditioning.unconditional`)."""
-    dtype = next(unet.parameters()).dtype
-
-    def call(x, t, c: Conditioning):
-        return unet(x.to(dtype), t, encoder_hidden_states=c.prompt_embeds.to(dtype),
-                    added_cond_kwargs=c.added_cond_kwargs(dtype), return_dict=False)[0]
-
+    """Wrap a denoiser (a UNet, or an SD3 transformer: `model_call`) as a Denoiser; guidance_scale > 1 runs
+    classifier-free guidance with `uncond` (by default the family's unconditional branch,
+    `Conditioning.unconditional`)."""
+    call = model_call(unet)
     if guidance_scale <= 1.0:
         return lambda x, t: call(x, t, cond)
     both = (uncond if uncond is not None else cond.unconditional()).cat(cond)

@@ -63,7 +63,8 @@ def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
 
 def fetch_teacher(source: str, cfg: RunConfig):
     """A local folder with the teacher's UNet and scheduler. An s3:// teacher is downloaded (only
-    model_index.json, unet/ and scheduler/) into a cache keyed by its URI *and* its files' versions, so a
+    model_index.json, unet/ and scheduler/, and what its family's unconditional branch is encoded with:
+    SD1.5's tokenizer/ and text_encoder/) into a cache keyed by its URI *and* its files' versions, so a
     re-exported teacher at the same URI is fetched again rather than served stale."""
     from pathlib import Path
 
@@ -76,9 +77,12 @@ def fetch_teacher(source: str, cfg: RunConfig):
     key = hashlib.sha256(json.dumps([source, fp], sort_keys=True).encode()).hexdigest()[:16]
     path = _cache_dir() / "teachers" / key
     if not (path / "model_index.json").exists():
+        from . import family
+
         fs, root = filesystem_for(source, cfg.storage), source[len("s3://"):].rstrip("/")
+        fam = family.get(family.name_of_index(json.loads(fs.cat(f"{root}/model_index.json"))))
         tmp = _staging_dir(_cache_dir() / "teachers")
-        for sub in ("unet", "scheduler"):
+        for sub in ("unet", "scheduler", *fam.UNCOND_COMPONENTS):
             fs.get(f"{root}/{sub}/", str(tmp / sub), recursive=True)
         fs.get(f"{root}/model_index.json", str(tmp / "model_index.json"))  # last: marks it complete
         try:

@@ -168,6 +168,24 @@ def copy_pipeline_components(src: str | os.PathLike, dst: str | os.PathLike, ski
             shutil.copytree(src / name, dst / name)
 
 
+def student_scheduler(folder: str | os.PathLike, prediction_type: str) -> dict:
+    """Give an exported pipeline folder the students' scheduler: Euler with trailing timesteps on the
+    teacher's betas, `prediction_type` ("sample" for the x0 1-step student), whatever scheduler the teacher
+    shipped (SD1.5 ships PNDM, which cannot sample an x0 model); `model_index.json` names it. Returns its
+    config."""
+    from diffusers import EulerDiscreteScheduler
+
+    folder = Path(folder)
+    teacher = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    sched = EulerDiscreteScheduler.from_config(teacher, timestep_spacing="trailing", prediction_type=prediction_type)
+    shutil.rmtree(folder / "scheduler")
+    sched.save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "EulerDiscreteScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return dict(sched.config)
+
+
 def export_checkpoint(checkpoint_dir: str | os.PathLike, teacher_folder: str | os.PathLike,
                       out_folder: str | os.PathLike, info: dict | None = None) -> Path:
     """Export a training checkpoint's student as a diffusers pipeline folder: the teacher's folder with
@@ -185,10 +203,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, teacher_folder: str | o
     copy_pipeline_components(teacher_folder, tmp, skip=("unet",))
     unet, state = student_unet_from_checkpoint(checkpoint_dir, teacher_folder, merge=True)
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    sched_cfg = json.loads((tmp / "scheduler" / "scheduler_config.json").read_text())
-    sched_cfg["prediction_type"] = state.get("prediction_type", "epsilon")
-    sched_cfg["timestep_spacing"] = "trailing"
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2, sort_keys=True))
+    sched_cfg = student_scheduler(tmp, state.get("prediction_type", "epsilon"))
     if state["student_mode"] == "lora":
         save_lora_file(load_file(str(Path(checkpoint_dir) / "student" / "lora.safetensors")), tmp,
                        state["lora"]["rank"], state["lora"]["alpha"], unet=unet,

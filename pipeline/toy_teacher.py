@@ -117,15 +117,18 @@ def from_run_config(cfg) -> tuple[ToyTeacherConfig, Path]:
     tc = replace(ToyTeacherConfig.smoke(), dataset=kind) if sec.preset == "smoke" else ToyTeacherConfig.full(kind)
     over = {k: getattr(sec, k) for k in ("vae_steps", "unet_steps", "workers", "cpus_per_worker")
             if getattr(sec, k) is not None}
-    tc = replace(tc, seed=cfg.train.seed, family=sec.family, **over)
+    family = sec.family or cfg.model.family or "sdxl"
+    if family not in FAMILY_SUFFIX:
+        raise ConfigError(f"toy_teacher.family: a toy teacher is built for {', '.join(FAMILY_SUFFIX)}, not {family!r}")
+    tc = replace(tc, seed=cfg.train.seed, family=family, **over)
     if sec.output:
         if "://" in sec.output:
             raise ConfigError(f"toy_teacher.output (--output): a local folder, got {sec.output}")
         return tc, Path(sec.output)
     if sec.preset == "full":
         full = DEFAULT_OUTPUTS[kind]
-        return tc, full.with_name(full.name + FAMILY_SUFFIX[sec.family])
-    return tc, Path(cfg.run_root) / "toy_teacher"
+        return tc, full.with_name(full.name + FAMILY_SUFFIX[family])
+    return tc, Path(cfg.run_root) / f"toy_teacher{FAMILY_SUFFIX[family]}"
 
 
 # ---- driver -----------------------------------------------------------------------------------------------

@@ -150,7 +150,9 @@ def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
     _, stage = cfg.stage(key)
     traj = storage.read_manifest(traj_step(cfg, key)) or {}
     out = {"stage": stage.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-           "model": cfg.model.model_dump(mode="json"), "trajectories": traj.get("inputs_hash")}
+           # model.family is fixed by the source (and checked against it): a run root trained before the key
+           # existed, or with the key set to what the source is, stays finished
+           "model": cfg.model.model_dump(mode="json", exclude={"family"}), "trajectories": traj.get("inputs_hash")}
     if cfg.student_init_of(key) != cfg.teacher_of(key):  # a student that starts from another stage's student
         try:
             out["student_init"] = teacher_fingerprint(student_init_source(cfg, key, storage), cfg)

@@ -82,10 +82,10 @@ class Teacher:
     """A stage's teacher UNet, schedule and guidance, for rollouts."""
 
     def __init__(self, unet, schedule: Schedule, stage: StageConfig, resolution: int, device="cpu",
-                 uncond_embeds: torch.Tensor | None = None):
+                 uncond: Conditioning | None = None):
         self.unet, self.schedule, self.stage = unet.eval(), schedule, stage
         self.resolution, self.device = resolution, device
-        self.uncond_embeds = uncond_embeds  # the family's unconditional embedding (None: zeros)
+        self.uncond = uncond  # the family's unconditional branch (None: zeros)
         self.pairs = schedule.stage_pairs(stage.student_steps, stage.multi_timestep)
 
     @classmethod
@@ -96,8 +96,10 @@ class Teacher:
 
         _, stage = cfg.stage(key)
         folder = fetch_teacher(teacher_source(cfg, key, storage), cfg)
-        unet = load_unet(str(folder), dtype=dtype or DTYPES[cfg.model.dtype]).to(device)
-        uncond = family.of_folder(folder).uncond_embeds(folder) if stage.guidance_scale > 1 else None
+        dtype = dtype or DTYPES[cfg.model.dtype]
+        unet = load_unet(str(folder), dtype=dtype).to(device)
+        # the family's unconditional branch, encoded at the model's dtype as encode's prompts were
+        uncond = family.of_folder(folder).unconditional(folder, dtype) if stage.guidance_scale > 1 else None
         return cls(unet, schedule_of(folder), stage, cfg.model.resolution, device, uncond)
 
     @torch.no_grad()
@@ -110,7 +112,7 @@ class Teacher:
         b = x0.shape[0]
         t = torch.full((b,), pair.t, dtype=torch.long)
         x_t = self.schedule.forward_diffuse(x0, noise.to(dev, torch.float32), t)
-        cond = Conditioning.from_columns(text, self.resolution, dev, self.uncond_embeds)
+        cond = Conditioning.from_columns(text, self.resolution, dev, self.uncond)
         denoise = unet_denoiser(self.unet, cond, self.stage.guidance_scale)
         path = self.schedule.teacher_path(self.stage.teacher_steps, pair.t, pair.t_next)
         target = self.schedule.rollout(denoise, x_t, path, pair.t_next)

@@ -46,8 +46,9 @@ def test_sd15_prompts_and_unconditional_branch_are_the_pipelines(sd15, sd15_dir)
     assert cond.added_cond_kwargs() is None
     _, negative = sd15.encode_prompt(["a handwritten digit seven"], device="cpu", num_images_per_prompt=1,
                                      do_classifier_free_guidance=True)
-    torch.testing.assert_close(cond.uncond_embeds, negative, rtol=0, atol=0)
-    torch.testing.assert_close(family.family_sd15.uncond_embeds(sd15_dir), negative, rtol=0, atol=0)
+    assert cond.uncond.pooled is None
+    torch.testing.assert_close(cond.uncond.prompt_embeds, negative, rtol=0, atol=0)
+    torch.testing.assert_close(family.family_sd15.unconditional(sd15_dir).prompt_embeds, negative, rtol=0, atol=0)
     u = cond.unconditional()
     assert u.prompt_embeds.shape == (2, 16, 96) and u.prompt_embeds.abs().max() > 0.1
     # caption dropout (the toy teacher's): dropped rows get the empty prompt, kept rows their own
@@ -68,6 +69,74 @@ def test_sd15_sampling_equals_the_stock_pipeline(sd15, guidance):
     cond = encode_prompts(sd15, ["a handwritten digit seven"])
     ours = schedule_of(sd15).sample(unet_denoiser(sd15.unet, cond, guidance), latents, 4)
     assert torch.allclose(out, ours, atol=1e-5), (out - ours).abs().max()
+
+
+@torch.no_grad()
+def test_sd15_teacher_rollout_with_guidance_from_s3_uses_the_empty_prompt(sd15, sd15_dir, s3_endpoint, tmp_path):
+    """A guided SD1.5 teacher on S3, as the trajectory workers load it (`Teacher.load`: the folder fetched
+    with what its unconditional branch needs), rolls out exactly what the stock pipeline's own encodings
+    give: the empty prompt as the unconditional branch (with zeros instead the targets differ)."""
+    from pipeline.config import StorageConfig
+    from pipeline.schedule import Conditioning
+    from pipeline.storage import RunStorage
+    from pipeline.trajectories import Teacher
+
+    store = RunStorage("s3://padistill-test/families-teacher", StorageConfig(endpoint_url=s3_endpoint))
+    store.put_dir(str(sd15_dir), "sd15")
+    cfg = load_config("smoke", [f"model.source={store.url('sd15')}", f"storage.endpoint_url={s3_endpoint}",
+                                f"run_root={tmp_path / 'run'}"])
+    teacher = Teacher.load(cfg, 1)
+    assert cfg.stages[0].guidance_scale == 2.0 and teacher.uncond is not None
+    cond = zoo.encode_prompts(sd15, ["a handwritten digit seven", "a handwritten digit one"])
+    pair = teacher.pairs[0]
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    x_t, target = teacher.rollout(latents, noise, pair, {"prompt_embeds": cond.prompt_embeds})
+    path = teacher.schedule.teacher_path(teacher.stage.teacher_steps, pair.t, pair.t_next)
+    ref = teacher.schedule.rollout(unet_denoiser(sd15.unet, cond, 2.0), x_t, path, pair.t_next)
+    torch.testing.assert_close(target, ref, rtol=0, atol=1e-5)
+    zeros = teacher.schedule.rollout(unet_denoiser(sd15.unet, Conditioning(cond.prompt_embeds), 2.0), x_t, path,
+                                     pair.t_next)
+    assert (zeros - ref).abs().max() > 1e-3
+
+
+def test_export_gives_students_euler_whatever_scheduler_the_teacher_shipped(sd15_dir, tmp_path):
+    """Stable Diffusion 1.5 ships PNDM, which cannot sample an x0 (`prediction_type="sample"`) model: an
+    export's folder gets Euler with trailing timesteps on the teacher's betas, named in model_index.json,
+    and the stock pipeline samples the 1-step student with it."""
+    import shutil
+
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline
+
+    from pipeline.student import student_scheduler
+
+    folder = tmp_path / "student"
+    shutil.copytree(sd15_dir, folder)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   skip_prk_steps=True, steps_offset=1)
+    pipe.save_pretrained(folder)
+    assert json.loads((folder / "model_index.json").read_text())["scheduler"][1] == "PNDMScheduler"
+    student_scheduler(folder, "sample")
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert type(pipe.scheduler) is EulerDiscreteScheduler
+    c = pipe.scheduler.config
+    assert (c.timestep_spacing, c.prediction_type, c.beta_start, c.beta_end) == ("trailing", "sample", 0.00085, 0.012)
+    img = pipe("a handwritten digit seven", num_inference_steps=1, guidance_scale=0, output_type="np").images
+    assert img.shape == (1, 32, 32, 3)
+
+
+def test_model_family_stays_out_of_the_training_hash(tmp_path):
+    """model.family is fixed by the source: a run root trained before the key existed (or with it unset)
+    stays finished when the key is set to the source's family."""
+    from pipeline.storage import RunStorage, hash_json
+    from pipeline.train import train_inputs
+
+    def h(sets):
+        cfg = load_config("smoke", [f"run_root={tmp_path / 'run'}", *sets])
+        return hash_json(train_inputs(cfg, 1, RunStorage.from_config(cfg)))
+
+    assert h([]) == h(["model.family=sdxl"])
 
 
 def test_model_family_is_read_from_the_source_and_checked(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline import zoo
-from pipeline.schedule import Conditioning, unet_denoiser
+from pipeline.schedule import unet_denoiser
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def make_trajectories(pipe, stage, n_ids: int = 32, draws: int = 1, seed: int = 
     target = torch.empty_like(x_t)
     for p in set(pick):
         rows = torch.tensor([i for i, q in enumerate(pick) if q == p])
-        c = Conditioning(cond.prompt_embeds[rows], cond.pooled[rows], cond.time_ids[rows])
+        c = cond.select(rows)
         den = unet_denoiser(pipe.unet, c, stage.guidance_scale)
         path = sched.teacher_path(stage.teacher_steps, p.t, p.t_next)
         target[rows] = sched.rollout(den, x_t[rows], path, p.t_next)
