@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import Conditioning
+from .schedule import Conditioning, sdxl_scheduler
 
 NAME = "sd15"
 PIPELINE = "StableDiffusionPipeline"
@@ -25,10 +25,12 @@ def toy_text_encoders(cfg, tok, text_kw: dict) -> dict:
                 tokenizer=tok)
 
 
-def toy_unet(cfg, unet_kw: dict):
+def toy_denoiser(cfg, unet_kw: dict) -> dict:
+    """The miniature's UNet and its scheduler (Euler, trailing, SDXL's betas)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(**unet_kw)
+    unet = UNet2DConditionModel(**unet_kw)
+    return dict(unet=unet, scheduler=sdxl_scheduler())
 
 
 def make_pipeline(components: dict):

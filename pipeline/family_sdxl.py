@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .schedule import Conditioning
+from .schedule import Conditioning, sdxl_scheduler
 
 NAME = "sdxl"
 PIPELINE = "StableDiffusionXLPipeline"
@@ -27,13 +27,15 @@ def toy_text_encoders(cfg, tok, text_kw: dict) -> dict:
     return dict(text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok)
 
 
-def toy_unet(cfg, unet_kw: dict):
+def toy_denoiser(cfg, unet_kw: dict) -> dict:
+    """The miniature's UNet and its scheduler (Euler, trailing, SDXL's betas)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(**unet_kw, addition_embed_type="text_time",
+    unet = UNet2DConditionModel(**unet_kw, addition_embed_type="text_time",
                                 addition_time_embed_dim=cfg.addition_time_embed_dim,
                                 projection_class_embeddings_input_dim=6 * cfg.addition_time_embed_dim
                                 + cfg.projection_dim)
+    return dict(unet=unet, scheduler=sdxl_scheduler())
 
 
 def make_pipeline(components: dict):

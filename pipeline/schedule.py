@@ -409,3 +409,12 @@ def unet_denoiser(unet, cond: Conditioning, guidance_scale: float = 0.0,
         return cfg(out_u, out_c, guidance_scale)
 
     return guided
+
+
+def sdxl_scheduler(prediction_type: str = "epsilon"):
+    """SDXL's betas with Euler and trailing spacing: what every padistill student samples with."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", timestep_spacing="trailing",
+                                  prediction_type=prediction_type, steps_offset=1)

@@ -16,7 +16,7 @@ import torch
 from . import family as families
 from .data import DIGIT_WORDS
 from .errors import ConfigError, MissingInputError
-from .schedule import Conditioning, Schedule
+from .schedule import Conditioning, FlowMatchSchedule, Schedule, sdxl_scheduler  # noqa: F401 (sdxl_scheduler: re-exported)
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN = {
@@ -106,7 +106,7 @@ def build_components(cfg: ToyModelConfig | None = None, seed: int = 0, family: s
     """Random-weight miniature of `family`: every class its real pipeline uses."""
     from diffusers import AutoencoderKL
 
-    fam = families.get(family)
+    fam = families.MODULES[family] if family in families.MODULES else families.get(family)
     cfg = cfg or ToyModelConfig()
     torch.manual_seed(seed)
     tok = build_tokenizer(cfg.max_length, CAPTION_WORDS + tuple(cfg.extra_words))
@@ -118,31 +118,23 @@ def build_components(cfg: ToyModelConfig | None = None, seed: int = 0, family: s
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                         block_out_channels=cfg.vae_channels, layers_per_block=1,
-                        norm_num_groups=cfg.norm_num_groups, sample_size=cfg.resolution)
+                        norm_num_groups=cfg.norm_num_groups, sample_size=cfg.resolution, **getattr(fam, "VAE_KW", {}))
     latent = cfg.resolution // 2 ** (n - 1)
     m = len(cfg.unet_channels)
-    unet = fam.toy_unet(cfg, dict(
+    denoiser = fam.toy_denoiser(cfg, dict(
         sample_size=latent, in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (m - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (m - 1) + ("UpBlock2D",),
         block_out_channels=cfg.unet_channels, layers_per_block=cfg.unet_layers_per_block,
         attention_head_dim=cfg.attention_head_dim, cross_attention_dim=cfg.cross_attention_dim,
         norm_num_groups=cfg.norm_num_groups, use_linear_projection=True, transformer_layers_per_block=1))
-    return dict(vae=vae, **text, unet=unet, scheduler=sdxl_scheduler())
-
-
-def sdxl_scheduler(prediction_type: str = "epsilon"):
-    """SDXL's betas with Euler and trailing spacing: what every padistill student samples with."""
-    from diffusers import EulerDiscreteScheduler
-
-    return EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                  beta_schedule="scaled_linear", timestep_spacing="trailing",
-                                  prediction_type=prediction_type, steps_offset=1)
+    return dict(vae=vae, **text, **denoiser)
 
 
 def make_pipeline(components: dict):
-    """Assemble the pipeline of the components' family (two text encoders: SDXL, one: SD1.5)."""
-    return families.get("sdxl" if "text_encoder_2" in components else "sd15").make_pipeline(components)
+    """Assemble the pipeline of the components' family (a transformer: SD3; two text encoders: SDXL; one: SD1.5)."""
+    name = "sd3" if "transformer" in components else "sdxl" if "text_encoder_2" in components else "sd15"
+    return families.MODULES[name].make_pipeline(components)
 
 
 def build_pipeline(cfg: ToyModelConfig | None = None, seed: int = 0, family: str = "sdxl"):
@@ -280,20 +272,29 @@ def load_unet(source: str, storage=None, dtype=torch.float32, subfolder: str = "
                                                 dtype=dtype)
 
 
-def schedule_of(pipe_or_folder) -> Schedule:
-    """The Schedule of a pipeline (or folder), from its scheduler config."""
+def schedule_of(pipe_or_folder) -> Schedule | FlowMatchSchedule:
+    """The schedule of a pipeline (or folder), from its scheduler config: `FlowMatchSchedule` for a
+    `FlowMatchEulerDiscreteScheduler` (the SD3 family), else `Schedule` (Euler on its betas)."""
     if isinstance(pipe_or_folder, (str, os.PathLike)):
         cfg = json.loads((Path(pipe_or_folder) / "scheduler" / "scheduler_config.json").read_text())
     else:
-        cfg = dict(pipe_or_folder.scheduler.config)
+        cfg = {**pipe_or_folder.scheduler.config, "_class_name": type(pipe_or_folder.scheduler).__name__}
+    if cfg.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        return FlowMatchSchedule.from_scheduler_config(cfg)
     return Schedule.from_scheduler_config(cfg)
 
 
 def encode_prompts(pipe, captions: list[str], resolution: int | None = None) -> Conditioning:
     """Text conditioning of captions through the pipeline's own `encode_prompt` (its family's kind, with
     the family's unconditional branch)."""
-    res = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    res = resolution or denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
     return families.of_pipeline(pipe).encode_prompts(pipe, captions, res)
+
+
+def denoiser_of(pipe):
+    """A pipeline's denoiser: its UNet, or its transformer (the SD3 family)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
 
 
 def config_dict(cfg: ToyModelConfig) -> dict:

@@ -211,3 +211,32 @@ def test_sd15_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
         merged = unet_denoiser(zoo.load_unet(str(lora_folder)), cond)(x, t)
     assert (after - before).abs().max() > 1e-4
     torch.testing.assert_close(after, merged, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_sd3_prompts_and_flow_matching_sampling_equal_the_stock_pipeline(guidance):
+    """The SD3 family's groundwork (issue 17; its steps are not wired yet): a tiny StableDiffusion3Pipeline
+    built by the zoo (SD3Transformer2DModel, two CLIP encoders, no T5, shift 3.0) is encoded through its own
+    `encode_prompt` (the empty prompt's encoding, pooled embedding included, as the unconditional branch), and
+    padistill's flow-matching schedule with the transformer's call ends where the stock pipeline ends, with
+    classifier-free guidance off and on."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from pipeline.schedule import FlowMatchSchedule
+
+    pipe = zoo.build_pipeline(family="sd3")
+    assert type(pipe) is StableDiffusion3Pipeline and family.of_pipeline(pipe) is family.family_sd3
+    sched = zoo.schedule_of(pipe)
+    assert isinstance(sched, FlowMatchSchedule) and sched.shift == 3.0
+    cond = zoo.encode_prompts(pipe, ["a handwritten digit seven"])
+    _, neg, _, neg_pooled = pipe.encode_prompt(["a handwritten digit seven"], None, None, device="cpu",
+                                               do_classifier_free_guidance=True)
+    torch.testing.assert_close(cond.uncond.prompt_embeds, neg, rtol=0, atol=0)
+    torch.testing.assert_close(cond.uncond.pooled, neg_pooled, rtol=0, atol=0)
+    assert cond.time_ids is None and cond.pooled.shape == (1, 64)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = pipe("a handwritten digit seven", num_inference_steps=4, guidance_scale=guidance, height=32, width=32,
+               latents=latents.clone(), output_type="latent").images
+    ours = sched.sample(unet_denoiser(pipe.transformer, cond, guidance), latents, 4)
+    assert torch.allclose(out, ours, atol=1e-5), (out - ours).abs().max()

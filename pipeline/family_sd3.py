@@ -1,0 +1,67 @@
+"""The Stable Diffusion 3 family (`model.family: sd3`; issue 17, not distilled yet: `pipeline.family` refuses a
+run on it): `StableDiffusion3Pipeline`. An `SD3Transformer2DModel` predicting the rectified-flow velocity
+(`pipeline.schedule.FlowMatchSchedule`); two CLIP text encoders whose states, padded to the transformer's
+joint-attention width, are followed by the T5 encoder's (zeros without one, as the pipeline allows) as the
+prompt embeddings, and whose projected pooled outputs, concatenated, are `pooled_projections`; the
+unconditional branch is the empty prompt's encoding, pooled embedding included. Its toy is the miniature's
+VAE (with a latent shift of 0) and text encoders with a small transformer."""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import Conditioning
+
+NAME = "sd3"
+PIPELINE = "StableDiffusion3Pipeline"
+COND_COLUMNS = ("prompt_embeds", "pooled_embeds")  # what `pipeline.encode` stores per row
+VAE_KW = {"shift_factor": 0.0}  # the pipeline decodes latents / scaling_factor + shift_factor
+
+
+def toy_text_encoders(cfg, tok, text_kw: dict) -> dict:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    te = [CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=h, intermediate_size=2 * h, num_attention_heads=2,
+                                                     projection_dim=cfg.projection_dim, **text_kw))
+          for h in cfg.text_hidden]
+    return dict(text_encoder=te[0], text_encoder_2=te[1], tokenizer=tok, tokenizer_2=tok,
+                text_encoder_3=None, tokenizer_3=None)
+
+
+def toy_denoiser(cfg, unet_kw: dict) -> dict:
+    """A two-block SD3 transformer on the miniature's latents (patch 2, joint attention as wide as the
+    concatenated CLIP states), with SD3's rectified-flow scheduler (shift 3.0, SD3's)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    side = unet_kw["sample_size"]
+    tr = SD3Transformer2DModel(sample_size=side, patch_size=2, in_channels=cfg.latent_channels,
+                               out_channels=cfg.latent_channels, num_layers=2, attention_head_dim=16,
+                               num_attention_heads=4, joint_attention_dim=cfg.cross_attention_dim,
+                               caption_projection_dim=64, pooled_projection_dim=2 * cfg.projection_dim,
+                               pos_embed_max_size=side)
+    return dict(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def make_pipeline(components: dict):
+    from diffusers import StableDiffusion3Pipeline
+
+    parts = {k: v for k, v in components.items() if k not in ("image_encoder", "feature_extractor")}
+    return StableDiffusion3Pipeline(**{"text_encoder_3": None, "tokenizer_3": None, **parts})
+
+
+LOAD_KWARGS: dict = {}
+
+
+@torch.no_grad()
+def _encode(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    pe, _, pooled, _ = pipe.encode_prompt(list(captions), None, None, device=pipe.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+    return pe, pooled
+
+
+def encode_prompts(pipe, captions: list[str], resolution: int) -> Conditioning:
+    """Through the pipeline's own `encode_prompt` (its default T5 length, zeros without a T5 encoder);
+    the unconditional branch is the empty prompt's encoding, as the pipeline's without a negative prompt."""
+    pe, pooled = _encode(pipe, captions)
+    return Conditioning(pe, pooled, uncond=Conditioning(*_encode(pipe, [""])))
+
