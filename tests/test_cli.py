@@ -129,26 +129,14 @@ def test_a_step_run_alone_keeps_ray_datas_notices_off_the_console():
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_source_of_another_model_family_is_one_line_naming_it(where, tmp_path, monkeypatch, capsys, request):
-    """model.source at a real Stable Diffusion 3 pipeline folder (tiny, saved by diffusers; a family padistill
-    does not distil yet), on a local disk or on S3: `distill` says which family it is and which it distils,
+    """model.source at a real Stable Diffusion 3 pipeline folder (the zoo's tiny one, saved by diffusers; a
+    family padistill does not distil yet), on a local disk or on S3: `distill` says which family it is and which it distils,
     exit 2, before its first write to the run root (an S3 source is not downloaded for it: its
     model_index.json alone is read)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
     from pipeline.family import FAMILIES
-    from pipeline.zoo import build_components
+    from pipeline.zoo import build_pipeline
 
-    c = build_components()
-    te = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=len(c["tokenizer"]), num_hidden_layers=1,
-                                                    max_position_embeddings=16, hidden_size=32, intermediate_size=64,
-                                                    num_attention_heads=2, projection_dim=32))
-    tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
-                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
-                               caption_projection_dim=16, pooled_projection_dim=64, pos_embed_max_size=8)
-    StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=c["vae"],
-                             text_encoder=te, tokenizer=c["tokenizer"], text_encoder_2=te, tokenizer_2=c["tokenizer"],
-                             text_encoder_3=None, tokenizer_3=None).save_pretrained(tmp_path / "sd3")
+    build_pipeline(family="sd3").save_pretrained(tmp_path / "sd3")
     assert FAMILIES[json.loads((tmp_path / "sd3" / "model_index.json").read_text())["_class_name"]] == "sd3"
     source, sets = str(tmp_path / "sd3"), []
     if where == "s3":
