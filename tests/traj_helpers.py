@@ -53,7 +53,7 @@ def commit_trajectories(storage, cfg, key, cols: dict) -> str:
     trainer reads only finished, verified trajectories). Returns the file's path."""
     from pipeline import shards
     from pipeline.storage import tensors_to_table
-    from pipeline.trajectories import SCHEMA_VERSION, out_rel, step_name
+    from pipeline.trajectories import COLUMNS, SCHEMA_VERSION, out_rel, step_name
 
     out = out_rel(cfg, key)
     storage.rm(out)
@@ -61,7 +61,8 @@ def commit_trajectories(storage, cfg, key, cols: dict) -> str:
     w.write(tensors_to_table({**cols, "id": [str(i) for i in cols["id"]]}))
     marker = w.commit(inputs_hash="traj_helpers")
     storage.commit_manifest(step_name(cfg, key), inputs={"rows_sha256": marker["sha256"]},
-                            outputs={"path": out, **shards.summarize({0: marker}, 1), "schema_version": SCHEMA_VERSION})
+                            outputs={"path": out, **shards.summarize({0: marker}, 1), "schema_version": SCHEMA_VERSION,
+                                     "columns": [c for c in COLUMNS if c in cols]})
     return storage.path(out, marker["file"])
 
 
