@@ -387,7 +387,7 @@ def model_call(model) -> Callable:
     cross-attention on the prompt embeddings, SDXL's `added_cond_kwargs`) or an SD3Transformer2DModel (joint
     attention on the prompt embeddings, the pooled embedding as `pooled_projections`)."""
     dtype = next(model.parameters()).dtype
-    if hasattr(model.config, "joint_attention_dim"):
+    if hasattr(getattr(model, "module", model).config, "joint_attention_dim"):  # a training engine wraps the model
         return lambda x, t, c: model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=c.prompt_embeds.to(dtype),
                                      pooled_projections=c.pooled.to(dtype), return_dict=False)[0]
     return lambda x, t, c: model(x.to(dtype), t, encoder_hidden_states=c.prompt_embeds.to(dtype),
