@@ -122,6 +122,53 @@ class Backbone(nn.Module):
         return h
 
 
+class TransformerBackbone(nn.Module):
+    """The SD3 family's discriminator backbone (issue 17; not yet used by a run): an `SD3Transformer2DModel`'s
+    patch and positional embedding, timestep + pooled-text embedding, context projection and its first
+    `blocks` joint-attention blocks, copied with their weights and trained whole; the image tokens of the
+    last copied block are laid back out as a 2-D map ([B, inner_dim, H/patch, W/patch]) for `Head`.
+
+    This departs from the paper's design (a copy of the UNet's encoder half, whose mid-block features are
+    the most downsampled and the most semantic): a transformer has no encoder half and no downsampling, so
+    "the encoder" is read as its first blocks, at the patch grid's resolution; how many is a choice (default
+    half of them, as a UNet's encoder is about half its blocks)."""
+
+    def __init__(self, transformer, blocks: int | None = None):
+        super().__init__()
+        cfg = transformer.config
+        n = len(transformer.transformer_blocks)
+        k = n // 2 if blocks is None else int(blocks)
+        if not 1 <= k <= n - 1:  # the last block only updates the image tokens (context_pre_only)
+            raise ValueError(f"discriminator: {k} transformer blocks of {n}; expected 1 to {n - 1}")
+        self.pos_embed = copy.deepcopy(transformer.pos_embed)
+        self.time_text_embed = copy.deepcopy(transformer.time_text_embed)
+        self.context_embedder = copy.deepcopy(transformer.context_embedder)
+        self.transformer_blocks = copy.deepcopy(transformer.transformer_blocks[:k])
+        self.requires_grad_(True)
+        # the last copied block's text-token outputs feed nothing (D reads the image tokens): their weights
+        # would get no gradient, so they are frozen rather than given optimizer state
+        last = self.transformer_blocks[-1]
+        for dead in (last.attn.add_q_proj, last.attn.norm_added_q, last.attn.to_add_out, last.norm2_context,
+                     last.ff_context):
+            if dead is not None:
+                dead.requires_grad_(False)
+        self.patch = int(cfg.patch_size)
+        self.out_channels = int(cfg.num_attention_heads * cfg.attention_head_dim)
+        self.feature_size = max(int(cfg.sample_size) // self.patch, 1)
+
+    def forward(self, x, t, prompt_embeds, pooled, time_ids=None):
+        dtype = self.context_embedder.weight.dtype
+        x = x.to(dtype)
+        b, _, height, width = x.shape
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
+        h = self.pos_embed(x).contiguous()
+        temb = self.time_text_embed(t.to(dtype), pooled.to(dtype))
+        ehs = self.context_embedder(prompt_embeds.to(dtype))
+        for block in self.transformer_blocks:
+            ehs, h = block(hidden_states=h, encoder_hidden_states=ehs, temb=temb)
+        return h.transpose(1, 2).reshape(b, self.out_channels, height // self.patch, width // self.patch)
+
+
 class PlainCNN(nn.Module):
     """A small plain CNN on the latents, for the ablation against the UNet-encoder backbone: 3x3 convs
     (stride 2 while the map is larger than 4x4) with GroupNorm and SiLU, conditioned on the timestep
@@ -159,9 +206,13 @@ class PlainCNN(nn.Module):
 
 
 def make_backbone(unet, kind: str = "trained") -> nn.Module:
-    """D's backbone: 'trained' (the UNet encoder copy, trained whole: the paper), 'frozen' (the same
-    copy with its weights frozen: only the head trains) or 'cnn' (a small plain CNN)."""
+    """D's backbone: 'trained' (the UNet encoder copy, trained whole: the paper; for an SD3 transformer its
+    first blocks, `TransformerBackbone`), 'frozen' (the same copy with its weights frozen: only the head
+    trains) or 'cnn' (a small plain CNN, UNets only)."""
     cfg = unet.config
+    if hasattr(cfg, "joint_attention_dim") and kind in ("trained", "frozen"):
+        bb = TransformerBackbone(unet)
+        return bb if kind == "trained" else bb.requires_grad_(False)
     if kind == "cnn":
         pooled = int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim) \
             if cfg.addition_embed_type == "text_time" else int(cfg.cross_attention_dim)

@@ -240,3 +240,40 @@ def test_sd3_prompts_and_flow_matching_sampling_equal_the_stock_pipeline(guidanc
                latents=latents.clone(), output_type="latent").images
     ours = sched.sample(unet_denoiser(pipe.transformer, cond, guidance), latents, 4)
     assert torch.allclose(out, ours, atol=1e-5), (out - ours).abs().max()
+
+
+def test_sd3_discriminator_backbone_is_the_frozen_teachers_first_blocks_trained_whole():
+    """The SD3 family's discriminator (issue 17, not yet used by a run), built as the trainer builds D: from
+    a frozen teacher. Its backbone is the transformer's first half: its features are the image tokens the
+    teacher itself has after those blocks (laid out on the patch grid), its weights train although the
+    teacher's are frozen, the logits depend on the prompt, every weight that trains gets a gradient (the last copied block's text-token
+    outputs, which feed nothing, are frozen), and both D kinds score a batch."""
+    from pipeline.discriminator import Discriminator, TransformerBackbone
+
+    pipe = zoo.build_pipeline(family="sd3")
+    teacher = pipe.transformer.requires_grad_(False).eval()
+    d = Discriminator(teacher, conditional=True)
+    assert isinstance(d.backbone, TransformerBackbone) and len(d.backbone.transformer_blocks) == 1
+    trained = [p for p in d.backbone.parameters() if p.requires_grad]
+    dead = ("attn.add_q_proj.", "attn.norm_added_q.", "attn.to_add_out.", "norm2_context.", "ff_context.")
+    assert {n.split(".", 1)[1].startswith(dead) for n, p in d.backbone.transformer_blocks.named_parameters()
+            if not p.requires_grad} == {True}  # only the last block's dead text outputs are frozen
+    cond = zoo.encode_prompts(pipe, ["a handwritten digit seven", "a handwritten digit one"])
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([750.0, 250.0])
+    seen = {}
+    hook = teacher.transformer_blocks[0].register_forward_hook(lambda m, a, out: seen.setdefault("h", out[1]))
+    with torch.no_grad():
+        teacher(hidden_states=x, timestep=t, encoder_hidden_states=cond.prompt_embeds, pooled_projections=cond.pooled)
+        feats = d.backbone(x, t, cond.prompt_embeds, cond.pooled)
+    hook.remove()
+    assert feats.shape == (2, 64, 4, 4)
+    torch.testing.assert_close(feats, seen["h"].transpose(1, 2).reshape(2, 64, 4, 4))
+    logits = d(x, t, cond.prompt_embeds, cond.pooled, None, x_t=x, t=t)
+    assert logits.shape == (2,)
+    logits.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained if p.dim() > 1)
+    with torch.no_grad():
+        flipped = d(x, t, cond.prompt_embeds.flip(0), cond.pooled.flip(0), None, x_t=x, t=t)
+        assert (flipped - logits).abs().max() > 1e-6
+        assert d.with_mode(False)(x, t, cond.prompt_embeds, cond.pooled, None).shape == (2,)
