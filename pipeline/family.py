@@ -21,6 +21,12 @@ MODULES: dict[str, ModuleType] = {"sdxl": family_sdxl, "sd15": family_sd15, "sd3
 SUPPORTED = ("sdxl", "sd15")
 
 
+def module(name: str) -> ModuleType:
+    """The module of any family padistill knows (it builds the SD3 toy and encodes its prompts too); a run
+    asks `get`, which refuses a family it does not distil."""
+    return MODULES[name] if name in MODULES else get(name)
+
+
 def get(name: str) -> ModuleType:
     """The module of a family padistill distils (a one-line error for another)."""
     if name not in SUPPORTED:
@@ -41,5 +47,4 @@ def of_folder(folder: str | os.PathLike) -> ModuleType:
 
 def of_pipeline(pipe) -> ModuleType:
     """The module of a loaded pipeline's family (the SD3 one too: its prompts are encoded and sampled)."""
-    name = FAMILIES.get(type(pipe).__name__, "sdxl")
-    return MODULES[name] if name in MODULES else get(name)
+    return module(FAMILIES.get(type(pipe).__name__, "sdxl"))

@@ -320,16 +320,14 @@ class Conditioning:
         return ids.expand(batch, 6).clone()
 
     @staticmethod
-    def from_columns(cols: dict, resolution: int, device=None, uncond: "Conditioning | None" = None,
-                     time_ids: bool = True) -> "Conditioning":
+    def from_columns(cols: dict, resolution: int, device=None, uncond: "Conditioning | None" = None) -> "Conditioning":
         """The conditioning of stored rows (`pipeline.encode`'s columns): SDXL rows carry `pooled_embeds`
-        and get the run's resolution as time ids (`time_ids`; an SD3 row has a pooled embedding and no
-        time ids), SD1.5 rows `prompt_embeds` only."""
+        and get the run's resolution as time ids, SD1.5 rows `prompt_embeds` only."""
         pe = torch.as_tensor(cols["prompt_embeds"]).to(device, torch.float32)
         if "pooled_embeds" not in cols:
             return Conditioning(pe, uncond=uncond)
-        ids = Conditioning.sdxl_time_ids(pe.shape[0], resolution, torch.float32, device) if time_ids else None
-        return Conditioning(pe, torch.as_tensor(cols["pooled_embeds"]).to(device, torch.float32), ids, uncond)
+        return Conditioning(pe, torch.as_tensor(cols["pooled_embeds"]).to(device, torch.float32),
+                            Conditioning.sdxl_time_ids(pe.shape[0], resolution, torch.float32, device), uncond)
 
     def _map(self, f) -> "Conditioning":
         return Conditioning(f(self.prompt_embeds), *(None if v is None else f(v) for v in (self.pooled, self.time_ids)),
@@ -351,10 +349,8 @@ class Conditioning:
             return torch.zeros_like(v) if u is None else u.to(v).expand_as(v)
 
         u = self.uncond
-        if self.pooled is None:
-            return Conditioning(like(u and u.prompt_embeds, self.prompt_embeds), uncond=u)
-        return Conditioning(like(u and u.prompt_embeds, self.prompt_embeds), like(u and u.pooled, self.pooled),
-                            self.time_ids, u)
+        return Conditioning(like(u and u.prompt_embeds, self.prompt_embeds),
+                            None if self.pooled is None else like(u and u.pooled, self.pooled), self.time_ids, u)
 
     def drop(self, keep: torch.Tensor) -> "Conditioning":
         """Caption dropout: row i stays conditional where keep[i] is 1, becomes unconditional where 0."""
@@ -388,7 +384,8 @@ def model_call(model) -> Callable:
     attention on the prompt embeddings, the pooled embedding as `pooled_projections`)."""
     dtype = next(model.parameters()).dtype
     if hasattr(getattr(model, "module", model).config, "joint_attention_dim"):  # a training engine wraps the model
-        return lambda x, t, c: model(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=c.prompt_embeds.to(dtype),
+        return lambda x, t, c: model(hidden_states=x.to(dtype), timestep=t,
+                                     encoder_hidden_states=c.prompt_embeds.to(dtype),
                                      pooled_projections=c.pooled.to(dtype), return_dict=False)[0]
     return lambda x, t, c: model(x.to(dtype), t, encoder_hidden_states=c.prompt_embeds.to(dtype),
                                  added_cond_kwargs=c.added_cond_kwargs(dtype), return_dict=False)[0]

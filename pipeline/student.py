@@ -135,7 +135,7 @@ def student_unet_from_checkpoint(checkpoint_dir: str | os.PathLike, teacher_fold
 
 
 def save_lora_file(lora_sd: dict[str, torch.Tensor], folder: str | os.PathLike, rank: int,
-                   alpha: float | None, unet=None, pipeline_class: str = "StableDiffusionXLPipeline") -> Path:
+                   alpha: float | None, pipeline_class: str, unet=None) -> Path:
     """Write the LoRA file (`pytorch_lora_weights.safetensors`, diffusers' UNet LoRA format with its
     rank/alpha metadata) that the family's pipeline (`pipeline_class`) accepts in `load_lora_weights(folder)`."""
     import diffusers

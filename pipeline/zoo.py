@@ -106,7 +106,7 @@ def build_components(cfg: ToyModelConfig | None = None, seed: int = 0, family: s
     """Random-weight miniature of `family`: every class its real pipeline uses."""
     from diffusers import AutoencoderKL
 
-    fam = families.MODULES[family] if family in families.MODULES else families.get(family)
+    fam = families.module(family)
     cfg = cfg or ToyModelConfig()
     torch.manual_seed(seed)
     tok = build_tokenizer(cfg.max_length, CAPTION_WORDS + tuple(cfg.extra_words))
@@ -118,7 +118,7 @@ def build_components(cfg: ToyModelConfig | None = None, seed: int = 0, family: s
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                         block_out_channels=cfg.vae_channels, layers_per_block=1,
-                        norm_num_groups=cfg.norm_num_groups, sample_size=cfg.resolution, **getattr(fam, "VAE_KW", {}))
+                        norm_num_groups=cfg.norm_num_groups, sample_size=cfg.resolution, **fam.VAE_KW)
     latent = cfg.resolution // 2 ** (n - 1)
     m = len(cfg.unet_channels)
     denoiser = fam.toy_denoiser(cfg, dict(
@@ -134,7 +134,7 @@ def build_components(cfg: ToyModelConfig | None = None, seed: int = 0, family: s
 def make_pipeline(components: dict):
     """Assemble the pipeline of the components' family (a transformer: SD3; two text encoders: SDXL; one: SD1.5)."""
     name = "sd3" if "transformer" in components else "sdxl" if "text_encoder_2" in components else "sd15"
-    return families.MODULES[name].make_pipeline(components)
+    return families.module(name).make_pipeline(components)
 
 
 def build_pipeline(cfg: ToyModelConfig | None = None, seed: int = 0, family: str = "sdxl"):

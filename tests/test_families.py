@@ -163,6 +163,7 @@ def test_sd15_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from jobs.cli import main
+    from lora_checks import assert_lora_loads_like_merged
     from pipeline.dag import run_dag
     from pipeline.storage import RunStorage
     from pipeline.student import LORA_WEIGHT_NAME
@@ -201,16 +202,7 @@ def test_sd15_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
         assert img.size == (32, 32)
     lora_folder = Path(storage.path(cfg.stage_dir(1), "model"))
     assert (lora_folder / LORA_WEIGHT_NAME).exists()
-    base = zoo.load_pipeline(str(teacher))
-    cond = zoo.encode_prompts(base, [prompt] * 2)
-    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([749.0, 749.0])
-    with torch.no_grad():
-        before = unet_denoiser(base.unet, cond)(x, t)
-        base.load_lora_weights(str(lora_folder))
-        after = unet_denoiser(base.unet, cond)(x, t)
-        merged = unet_denoiser(zoo.load_unet(str(lora_folder)), cond)(x, t)
-    assert (after - before).abs().max() > 1e-4
-    torch.testing.assert_close(after, merged, atol=1e-4, rtol=1e-4)
+    assert_lora_loads_like_merged(str(teacher), lora_folder, prompt, min_change=1e-4)
 
 
 @torch.no_grad()
