@@ -106,8 +106,8 @@ def make_loop(cfg, key, overrides: dict, seed: int):
     _, stage = cfg.stage(key)
     storage = RunStorage.from_config(cfg)
     init_dir = zoo.resolve_source(student_init_source(cfg, key, storage))
-    init = zoo.load_unet(str(init_dir))
-    disc = zoo.load_unet(str(zoo.resolve_source(disc_source(cfg, key, storage)))).requires_grad_(False)
+    init = zoo.load_denoiser(str(init_dir))
+    disc = zoo.load_denoiser(str(zoo.resolve_source(disc_source(cfg, key, storage)))).requires_grad_(False)
     sched = zoo.schedule_of(init_dir)  # as the trainer: the student's starting UNet's schedule
     torch.manual_seed(seed)
     return StageLoop(cfg, stage, sched, init, PlainEngines(cfg.train), "cpu", seed=seed, disc_unet=disc)

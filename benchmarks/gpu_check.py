@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         source = str(root / "sdxl-random")
     else:
         source, t_build = "builtin:tiny_random", 0.0
-        ucfg = dict(zoo.load_unet(source).config)
+        ucfg = dict(zoo.load_denoiser(source).config)
     cfg = check_config(root, size, gpus, args.steps, args.rows, args.images, source)
     storage = RunStorage.from_config(cfg)
     quiet = lambda line: None  # noqa: E731  the figures are printed at the end

@@ -84,7 +84,7 @@ def bare_loop(cfg, cols, steps: int, threads: int, warmup: int = 2) -> dict:
 
     torch.set_num_threads(threads)
     _, stage = cfg.stage(1)
-    teacher = zoo.load_unet(cfg.model.source)
+    teacher = zoo.load_denoiser(cfg.model.source)
     loop = StageLoop(cfg, stage, zoo.schedule_of(zoo.resolve_source(cfg.model.source)), teacher,
                      PlainEngines(cfg.train), "cpu", seed=0)
     gb = cfg.train.micro_batch * cfg.train.workers

@@ -177,9 +177,9 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
 
     from . import cluster
 
-    from .zoo import check_source
+    from .zoo import family_module
 
-    check_source(cfg.model.source, cfg.storage, cfg.model.family)  # a wrong path or family fails here in one line, not in an actor
+    family_module(cfg)  # a wrong path, family or stage setting for it fails here in one line, not in an actor
     storage = RunStorage.from_config(cfg)
     storage.write_text("config.yaml", cfg.to_yaml())
     steps = select(build_steps(cfg), cfg, until, only)

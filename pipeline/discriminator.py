@@ -123,7 +123,7 @@ class Backbone(nn.Module):
 
 
 class TransformerBackbone(nn.Module):
-    """The SD3 family's discriminator backbone (issue 17; not yet used by a run): an `SD3Transformer2DModel`'s
+    """The SD3 family's discriminator backbone: an `SD3Transformer2DModel`'s
     patch and positional embedding, timestep + pooled-text embedding, context projection and its first
     `blocks` joint-attention blocks, copied with their weights and trained whole; the image tokens of the
     last copied block are laid back out as a 2-D map ([B, inner_dim, H/patch, W/patch]) for `Head`.

@@ -7,8 +7,9 @@ Output schema (one row per usable source row; `SCHEMA_VERSION`):
     caption       string
     latent        tensor [4, R/8, R/8]   vae.encode(image).latent_dist.mean, then (− shift_factor) × scaling_factor
     prompt_embeds tensor [L, D]          the pipeline's `encode_prompt`: SDXL's two text encoders' penultimate
-                                         states, concatenated; SD1.5's text encoder's last state
-    pooled_embeds tensor [P]             SDXL only: text_encoder_2's projected pooled output
+                                         states, concatenated; SD1.5's text encoder's last state; SD3's
+                                         two CLIP states padded to the joint-attention width, then T5's
+    pooled_embeds tensor [P]             SDXL: text_encoder_2's projected pooled output; SD3: both CLIPs'
     schema_version int32
 
 Tensors are stored in `encode.dtype` (fp16 by default). The latent is the posterior *mean*, not a

@@ -89,7 +89,8 @@ class SampleWorker:
         self.work = tempfile.mkdtemp(prefix="padistill-evalw-")
 
     def _model(self, key: str):
-        """The base pipeline for "teacher"; for any other model its UNet (only that is downloaded)."""
+        """The base pipeline for "teacher"; for any other model its denoiser (only that is downloaded)."""
+        from . import family
         from .zoo import DTYPES, load_pipeline
 
         if key not in self.loaded:
@@ -98,10 +99,11 @@ class SampleWorker:
                 m = load_pipeline(spec["source"], self.cfg.storage, dtype=dtype, device=self.device)
                 m.set_progress_bar_config(disable=True)
             else:
-                from diffusers import UNet2DConditionModel
+                import diffusers
 
-                unet_dir = self.storage.get_dir(f"{spec['rel']}/unet", posixpath.join(self.work, key, "unet"))
-                m = UNet2DConditionModel.from_pretrained(unet_dir, dtype=dtype).to(self.device).eval()
+                sub, cls = family.get(family.name_of_index(self.storage.read_json(f"{spec['rel']}/model_index.json"))).DENOISER
+                local = self.storage.get_dir(f"{spec['rel']}/{sub}", posixpath.join(self.work, key, sub))
+                m = getattr(diffusers, cls).from_pretrained(local, dtype=dtype).to(self.device).eval()
             self.loaded[key] = m
         return self.loaded[key]
 

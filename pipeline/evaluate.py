@@ -105,8 +105,11 @@ def real_features(cfg: RunConfig, storage: RunStorage, prompts: RealPrompts) -> 
     return f
 
 
-def _model_card(cfg: RunConfig, key, metrics: dict, pipeline_class: str) -> str:
+def _model_card(cfg: RunConfig, key, metrics: dict, pipeline_class: str, absent: list[str]) -> str:
+    """The stage folder's README.md; `absent`: the components its model_index.json has none of, which
+    `from_pretrained` wants passed as None."""
     idx, stage = cfg.stage(key)
+    load_args = "".join(f", {k}=None" for k in absent)
     s, t = metrics["student"], metrics["teacher_same_steps"]
     from .metrics import metrics_of
 
@@ -124,7 +127,7 @@ SDXL-Lightning, arXiv 2402.13929) from a {stage.teacher_steps}-step teacher with
 
 ```python
 from diffusers import {pipeline_class}
-pipe = {pipeline_class}.from_pretrained("<this folder>")
+pipe = {pipeline_class}.from_pretrained("<this folder>"{load_args})
 image = pipe(prompt, num_inference_steps={stage.student_steps}, guidance_scale=0).images[0]
 ```
 
@@ -140,9 +143,9 @@ Sampling speedup vs the 32-step teacher with CFG (64 UNet evaluations): {metrics
 
 
 def _prediction_type(storage: RunStorage, model_rel: str) -> str:
-    from .schedule import Schedule
+    from .zoo import schedule_of_config
 
-    return Schedule.from_scheduler_config(storage.read_json(f"{model_rel}/scheduler/scheduler_config.json")).prediction_type
+    return schedule_of_config(storage.read_json(f"{model_rel}/scheduler/scheduler_config.json")).prediction_type
 
 
 def eval_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict | None:
@@ -169,7 +172,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
     """Evaluate stage `key` (skipped when its manifest matches); returns the manifest."""
     from .eval_sampling import SampleSet, sample_sets
     from .images import from_uint8, save_grid
-    from .zoo import resolve_source, schedule_of
+    from .zoo import absent_components, resolve_source, schedule_of
 
     toy = cfg.data.toy
     if not toy:
@@ -192,7 +195,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         teacher_dir = resolve_source(cfg.model.source, cfg.storage)
         g = teacher_guidance(cfg, teacher_dir)
         pred = _prediction_type(storage, f"{sd}/model")
-        unet_cfg = json.loads((teacher_dir / "unet" / "config.json").read_text())
+        unet_cfg = json.loads((teacher_dir / family.denoiser_dir(teacher_dir) / "config.json").read_text())
         shape = (unet_cfg["in_channels"], unet_cfg["sample_size"], unet_cfg["sample_size"])
         N, K, seed = stage.student_steps, cfg.evaluate.samples_per_prompt, cfg.evaluate.seed
         prompts = None if toy else real_prompts(cfg, shape)
@@ -280,7 +283,8 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         save_grid(rows, grid, [f"teacher {32}", f"teacher {N}", f"student {N}"])
         storage.write_bytes(f"{sd}/eval/grid.png", open(grid, "rb").read())
         storage.write_json(f"{sd}/eval/metrics.json", metrics)
-        card = _model_card(cfg, key, metrics, family.of_folder(teacher_dir).PIPELINE)
+        card = _model_card(cfg, key, metrics, family.of_folder(teacher_dir).PIPELINE,
+                           absent_components(json.loads((teacher_dir / "model_index.json").read_text())))
         storage.write_text(f"{sd}/model/README.md", card)
         storage.rm(f"{sd}/eval/units")  # the samples are in samples.npz (and their metrics in metrics.json)
         st, fd = metrics["student"], ("fd" if toy else "fid")

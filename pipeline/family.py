@@ -1,7 +1,7 @@
 """Model families (DESIGN, "Model families"): which one a pipeline folder is, and the module that says how
-that family builds its toy, encodes prompts and forms its unconditional branch (`family_sdxl`,
-`family_sd15`). The schedule, the denoiser call (`pipeline.schedule`) and the discriminator read the
-rest from the models themselves."""
+that family builds its toy, encodes prompts, forms its unconditional branch and where its denoiser lives
+(`family_sdxl`, `family_sd15`, `family_sd3`). The schedule, the denoiser call (`pipeline.schedule`) and the
+discriminator read the rest from the models themselves."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ from .errors import ConfigError
 FAMILIES = {"StableDiffusionXLPipeline": "sdxl", "StableDiffusionPipeline": "sd15",
             "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 MODULES: dict[str, ModuleType] = {"sdxl": family_sdxl, "sd15": family_sd15, "sd3": family_sd3}
-# the families a run distils; the SD3 module builds its toy and encodes prompts, its steps are not wired yet
-SUPPORTED = ("sdxl", "sd15")
+# the families a run distils
+SUPPORTED = ("sdxl", "sd15", "sd3")
 
 
 def module(name: str) -> ModuleType:
-    """The module of any family padistill knows (it builds the SD3 toy and encodes its prompts too); a run
-    asks `get`, which refuses a family it does not distil."""
+    """The module of any family padistill has one for; a run asks `get`, which refuses a family it does not
+    distil."""
     return MODULES[name] if name in MODULES else get(name)
 
 
@@ -31,7 +31,7 @@ def get(name: str) -> ModuleType:
     """The module of a family padistill distils (a one-line error for another)."""
     if name not in SUPPORTED:
         raise ConfigError(f"model.family: {name!r} is not distilled by padistill today (it distils "
-                          f"{', '.join(SUPPORTED)}; the SD3 family is planned, issue 17)")
+                          f"{', '.join(SUPPORTED)})")
     return MODULES[name]
 
 
@@ -46,5 +46,25 @@ def of_folder(folder: str | os.PathLike) -> ModuleType:
 
 
 def of_pipeline(pipe) -> ModuleType:
-    """The module of a loaded pipeline's family (the SD3 one too: its prompts are encoded and sampled)."""
+    """The module of a loaded pipeline's family."""
     return module(FAMILIES.get(type(pipe).__name__, "sdxl"))
+
+
+def denoiser_dir(folder: str | os.PathLike) -> str:
+    """The subfolder of a pipeline folder that holds its denoiser ("unet", or "transformer" for SD3)."""
+    return of_folder(folder).DENOISER[0]
+
+
+def check_stages(name: str, stages) -> None:
+    """Stage settings a family does not support, said in one line: an SD3 student keeps predicting the
+    velocity (no x0 conversion: `prediction_type: sample` refits a UNet's conv_out), and its discriminator
+    is the transformer's first blocks (no plain-CNN ablation)."""
+    if name != "sd3":
+        return
+    for i, st in enumerate(stages):
+        if st.prediction_type == "sample":
+            raise ConfigError(f"stages[{i}].prediction_type: 'sample' (the x0 conversion) is for UNet families; an "
+                              "SD3 student predicts the velocity at every step count (remove the key)")
+        if st.loss == "adversarial" and st.disc_backbone == "cnn":
+            raise ConfigError(f"stages[{i}].disc_backbone: 'cnn' is for UNet families; an SD3 discriminator is "
+                              "the transformer's first blocks ('trained' or 'frozen')")

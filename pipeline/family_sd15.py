@@ -13,6 +13,7 @@ from .schedule import Conditioning, sdxl_scheduler
 NAME = "sd15"
 PIPELINE = "StableDiffusionPipeline"
 VAE_KW: dict = {}  # the miniature's VAE as the zoo builds it
+DENOISER = ("unet", "UNet2DConditionModel")  # its pipeline folder's denoiser: subfolder, diffusers class
 COND_COLUMNS = ("prompt_embeds",)  # what `pipeline.encode` stores per row
 UNCOND_COMPONENTS = ("tokenizer", "text_encoder")  # what `unconditional` reads of a teacher folder
 

@@ -1,5 +1,4 @@
-"""The Stable Diffusion 3 family (`model.family: sd3`; issue 17, not distilled yet: `pipeline.family` refuses a
-run on it): `StableDiffusion3Pipeline`. An `SD3Transformer2DModel` predicting the rectified-flow velocity
+"""The Stable Diffusion 3 family (`model.family: sd3`): `StableDiffusion3Pipeline`. An `SD3Transformer2DModel` predicting the rectified-flow velocity
 (`pipeline.schedule.FlowMatchSchedule`); two CLIP text encoders whose states, padded to the transformer's
 joint-attention width, are followed by the T5 encoder's (zeros without one, as the pipeline allows) as the
 prompt embeddings, and whose projected pooled outputs, concatenated, are `pooled_projections`; the
@@ -14,7 +13,9 @@ from .schedule import Conditioning
 
 NAME = "sd3"
 PIPELINE = "StableDiffusion3Pipeline"
+DENOISER = ("transformer", "SD3Transformer2DModel")  # its pipeline folder's denoiser: subfolder, diffusers class
 COND_COLUMNS = ("prompt_embeds", "pooled_embeds")  # what `pipeline.encode` stores per row
+UNCOND_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")  # what `unconditional` reads
 VAE_KW = {"shift_factor": 0.0}  # the pipeline decodes latents / scaling_factor + shift_factor
 
 
@@ -53,9 +54,9 @@ LOAD_KWARGS: dict = {}
 
 
 @torch.no_grad()
-def _encode(pipe, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    pe, _, pooled, _ = pipe.encode_prompt(list(captions), None, None, device=pipe.device, num_images_per_prompt=1,
-                                          do_classifier_free_guidance=False)
+def _encode(pipe, captions: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    pe, _, pooled, _ = pipe.encode_prompt(list(captions), None, None, device=device or pipe.device,
+                                          num_images_per_prompt=1, do_classifier_free_guidance=False)
     return pe, pooled
 
 
@@ -65,3 +66,27 @@ def encode_prompts(pipe, captions: list[str], resolution: int) -> Conditioning:
     pe, pooled = _encode(pipe, captions)
     return Conditioning(pe, pooled, uncond=Conditioning(*_encode(pipe, [""])))
 
+
+
+def unconditional(folder, dtype=torch.float32) -> Conditioning:
+    """The empty prompt's encoding (prompt embeddings [1, L, D], pooled [1, P]) from a pipeline folder's two
+    CLIP encoders and its transformer's config (without a T5 encoder the pipeline fills T5's part with zeros
+    as wide as the transformer's joint attention; a folder with one is refused: its T5 states would be
+    missing)."""
+    import json
+    from pathlib import Path
+
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    if (json.loads((Path(folder) / "model_index.json").read_text()).get("text_encoder_3") or [None])[0]:
+        raise ValueError(f"{folder}: an SD3 teacher with a T5 encoder is not supported yet (its unconditional "
+                         "branch would need the T5 states)")
+    enc = {f"text_encoder{s}": CLIPTextModelWithProjection.from_pretrained(folder, subfolder=f"text_encoder{s}",
+                                                                           dtype=dtype) for s in ("", "_2")}
+    tok = {f"tokenizer{s}": CLIPTokenizer.from_pretrained(folder, subfolder=f"tokenizer{s}") for s in ("", "_2")}
+    with torch.device("meta"):  # its config only: no weights are read
+        tr = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(folder, subfolder="transformer"))
+    pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=None, vae=None, text_encoder_3=None, tokenizer_3=None,
+                                    **enc, **tok)
+    return Conditioning(*_encode(pipe, [""], enc["text_encoder"].device))

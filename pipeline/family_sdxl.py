@@ -12,6 +12,7 @@ from .schedule import Conditioning, sdxl_scheduler
 NAME = "sdxl"
 PIPELINE = "StableDiffusionXLPipeline"
 VAE_KW: dict = {}  # the miniature's VAE as the zoo builds it
+DENOISER = ("unet", "UNet2DConditionModel")  # its pipeline folder's denoiser: subfolder, diffusers class
 COND_COLUMNS = ("prompt_embeds", "pooled_embeds")  # what `pipeline.encode` stores per row
 UNCOND_COMPONENTS: tuple[str, ...] = ()  # zeros: nothing of a teacher folder to read
 

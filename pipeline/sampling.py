@@ -47,12 +47,12 @@ def sample_captions(pipe, captions: list[str], noise: torch.Tensor, num_steps: i
     steps through `Schedule.sample` (CFG when g > 1), decoded with the pipeline's VAE; `unet` (a student)
     replaces the pipeline's own UNet when given. Each distinct caption is encoded once."""
     from .schedule import unet_denoiser
-    from .zoo import encode_prompts, schedule_of
+    from .zoo import denoiser_of, encode_prompts, schedule_of
 
-    unet = unet if unet is not None else pipe.unet
+    unet = unet if unet is not None else denoiser_of(pipe)
     sched = schedule_of(pipe)
     vae = pipe.vae
-    res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    res = denoiser_of(pipe).config.sample_size * pipe.vae_scale_factor
     distinct = sorted(set(captions))
     where = {c: i for i, c in enumerate(distinct)}
     cond_all = encode_prompts(pipe, distinct, res)
@@ -69,8 +69,10 @@ def sample_captions(pipe, captions: list[str], noise: torch.Tensor, num_steps: i
 
 
 def latent_shape(pipe, unet=None) -> tuple[int, int, int]:
-    unet = unet if unet is not None else pipe.unet
-    side = pipe.unet.config.sample_size
+    from .zoo import denoiser_of
+
+    unet = unet if unet is not None else denoiser_of(pipe)
+    side = denoiser_of(pipe).config.sample_size
     return (unet.config.in_channels, side, side)
 
 
@@ -101,13 +103,14 @@ def sampling_speed(teacher, student_unet, student_steps: int, teacher_guidance: 
     text encoders and schedule, as the evaluation samples it."""
     from .data import caption_for  # the timing does not depend on which captions
     from .schedule import unet_denoiser
-    from .zoo import encode_prompts, schedule_of
+    from .zoo import denoiser_of, encode_prompts, schedule_of
 
     captions = [caption_for(i % 10) for i in range(batch)]
     cond = encode_prompts(teacher, captions)
     sched = schedule_of(teacher)
-    res = teacher.unet.config.sample_size
-    noise = torch.randn(batch, teacher.unet.config.in_channels, res, res,
+    model = denoiser_of(teacher)
+    res = model.config.sample_size
+    noise = torch.randn(batch, model.config.in_channels, res, res,
                         generator=torch.Generator().manual_seed(0)).to(teacher.device)
 
     def now() -> float:
@@ -119,7 +122,7 @@ def sampling_speed(teacher, student_unet, student_steps: int, teacher_guidance: 
     t_times, s_times = [], []
     for _ in range(repeats):
         t0 = now()
-        sched.sample(unet_denoiser(teacher.unet, cond, g), noise, 32)
+        sched.sample(unet_denoiser(model, cond, g), noise, 32)
         t_times.append(now() - t0)
         k = max(1, round(64 / student_steps))
         t0 = now()

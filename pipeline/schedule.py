@@ -5,7 +5,14 @@ flow-matching (rectified-flow) schedule of the SD3 family (`FlowMatchSchedule`).
 `Schedule` works in diffusers' Euler ("sigma") space, the space `EulerDiscreteScheduler` and the
 SDXL pipeline sample in:  x = x0 + sigma_t * eps,  the UNet sees x / sqrt(sigma_t**2 + 1).
 A timestep of -1 stands for "clean" (sigma = 0), the end of every trajectory. `FlowMatchSchedule`
-is the SD3 family's (its docstring; not yet used by the steps).
+is the SD3 family's (its docstring): its noise levels are float sigmas, 0 for clean.
+
+Both schedules speak one interface to the steps, in their own noise levels (`Schedule`: integer
+timesteps, `FlowMatchSchedule`: sigmas): `clean` and `level_dtype`, `stage_pairs`, `stage_path` (what
+a teacher's rollout over one student step evaluates), `forward_diffuse`, `step` / `rollout` / `sample`,
+`sigma` and `scale_input` (what the model sees), `jump_x0` and `renoise` (the discriminator's inputs),
+`model_timestep` (the timestep the model is called with) and `level_of_timestep` (a stage's re-noising
+timesteps t* in the model's 0..1000 units as noise levels).
 
 Precompute (teacher rollouts), training (student steps, re-noising) and evaluation (sampling) all
 call this module; there is no sampling loop outside it, and one in it (`walk`), for both schedules.
@@ -55,14 +62,18 @@ def walk(step: Callable, denoise: Denoiser, x: torch.Tensor, path: Sequence, end
 
 @dataclass(frozen=True)
 class StagePair:
-    """One student step of a stage: from timestep `t` to `t_next` (CLEAN = -1 for x0)."""
+    """One student step of a stage: from noise level `t` to `t_next` (integer timesteps, CLEAN = -1 for x0;
+    sigmas for `FlowMatchSchedule`, 0 for x0)."""
 
-    t: int
-    t_next: int
+    t: int | float
+    t_next: int | float
 
 
 class Schedule:
     """The noise schedule of a diffusion model (its `alphas_cumprod`) and its prediction type."""
+
+    clean = CLEAN
+    level_dtype = torch.long  # noise levels are integer timesteps
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
         if prediction_type not in PREDICTION_TYPES:
@@ -119,6 +130,18 @@ class Schedule:
         if t not in grid or (t_next != CLEAN and t_next not in grid) or (t_next != CLEAN and t_next >= t):
             raise ValueError(f"({t} -> {t_next}) is not a path on the {teacher_steps}-step trailing grid")
         return [s for s in grid if s <= t and (t_next == CLEAN or s > t_next)]
+
+    def stage_path(self, teacher_steps: int, student_steps: int, t: int, t_next: int) -> list[int]:
+        """What a teacher's rollout over the student step (t -> t_next) evaluates: `teacher_path`."""
+        return self.teacher_path(teacher_steps, t, t_next)
+
+    def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep the model is called with at noise level(s) `t` (clean as 0), float."""
+        return torch.as_tensor(t).clamp(min=0).to(torch.float32)
+
+    def level_of_timestep(self, timesteps: Sequence[int]) -> torch.Tensor:
+        """Integer timesteps (the re-noising t*) as noise levels: themselves."""
+        return torch.as_tensor(timesteps, dtype=torch.long)
 
     # ---- conversions ---------------------------------------------------------------------------
     @staticmethod
@@ -206,6 +229,10 @@ class FlowMatchSchedule:
     finer stock grid. The student's own grid stays exactly the stock pipeline's, so an exported student
     samples right with `num_inference_steps=N` and nothing else."""
 
+    clean = 0.0
+    level_dtype = torch.float32  # noise levels are sigmas
+    prediction_type = "flow"  # the velocity eps - x0; a converted student may predict x0 ("sample")
+
     def __init__(self, shift: float = 1.0, num_train_timesteps: int = 1000):
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift}")
@@ -247,6 +274,28 @@ class FlowMatchSchedule:
         """What the transformer is called with at each of those sigmas."""
         return self.sigmas(num_steps) * self.num_train_timesteps
 
+    def stage_pairs(self, student_steps: int, multi_timestep: bool = False) -> list[StagePair]:
+        """The student steps a stage trains on, as sigmas (0: clean). Plain: the student's own stock grid,
+        each step to the next (the last to clean). multi_timestep (1- and 2-step students): from each sigma
+        of the 4-step grid, a jump of 1/N in unshifted time toward clean (clean once it would pass it), as
+        `Schedule.stage_pairs` jumps 1000/N timesteps."""
+        if not multi_timestep:
+            grid = self.sigmas(student_steps).tolist() + [self.clean]
+            return [StagePair(a, b) for a, b in zip(grid[:-1], grid[1:])]
+        if student_steps not in (1, 2):
+            raise ValueError("multi_timestep applies to 1- and 2-step students only")
+        pairs = []
+        for s in self.sigmas(4).tolist():
+            u_next = float(self.unshifted(torch.tensor(s))) - 1.0 / student_steps
+            nxt = float(self.shifted(torch.tensor(u_next))) if u_next > 1e-6 else self.clean
+            pairs.append(StagePair(s, nxt))
+        return pairs
+
+    def stage_path(self, teacher_steps: int, student_steps: int, t: float, t_next: float) -> list[float]:
+        """What a teacher's rollout over the student step (t -> t_next) evaluates: the step cut into
+        teacher_steps / student_steps equal parts in unshifted time (`teacher_path`)."""
+        return self.teacher_path(max(1, teacher_steps // student_steps), t, t_next)
+
     def teacher_path(self, teacher_steps_per_step: int, sigma: float, sigma_next: float) -> list[float]:
         """The sigmas a teacher's n-step rollout from `sigma` to `sigma_next` evaluates at: the interval cut
         into n equal parts in unshifted time (the scheduler's own spacing)."""
@@ -257,8 +306,30 @@ class FlowMatchSchedule:
         a, b = float(self.unshifted(sigma)), float(self.unshifted(sigma_next))
         return [float(self.shifted(a + (b - a) * i / teacher_steps_per_step)) for i in range(teacher_steps_per_step)]
 
+    def model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The timestep the transformer is called with at sigma(s): sigma * 1000."""
+        return torch.as_tensor(sigma, dtype=torch.float32) * self.num_train_timesteps
+
+    def level_of_timestep(self, timesteps: Sequence[int]) -> torch.Tensor:
+        """Timesteps in the model's units (the re-noising t*) as sigmas: t / 1000."""
+        return torch.as_tensor(timesteps, dtype=torch.float32) / self.num_train_timesteps
+
+    def sigma(self, sigma) -> torch.Tensor:
+        """A flow model's noise level is its sigma."""
+        return torch.as_tensor(sigma, dtype=torch.float32)
+
     # ---- conversions ---------------------------------------------------------------------------
     _b = staticmethod(Schedule._b)
+
+    def scale_input(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """The transformer sees x_sigma unscaled."""
+        return x
+
+    def jump_x0(self, x: torch.Tensor, x_next: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+        """The x0 of the one Euler step from `x` at sigma to `x_next` at sigma_next (`step` inverted; at
+        sigma_next = 0 it is x_next), as `Schedule.jump_x0`."""
+        s, sn = self._b(self.sigma(sigma).to(x.device), x), self._b(self.sigma(sigma_next).to(x.device), x)
+        return x - s * (x - x_next) / (s - sn)
 
     def forward_diffuse(self, x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
         """x_sigma = (1 - sigma) x0 + sigma noise (sigma = 1: pure noise, as sampling starts)."""
@@ -275,24 +346,32 @@ class FlowMatchSchedule:
         return (x - x0) / self._b(sigma, x)
 
     # ---- sampling ----------------------------------------------------------------------------------
-    def step(self, denoise: Denoiser, x: torch.Tensor, sigma, sigma_next):
+    def step(self, denoise: Denoiser, x: torch.Tensor, sigma, sigma_next, prediction_type: str | None = None):
         """Evaluate the model at `sigma` and take one Euler step to `sigma_next`, as
-        `FlowMatchEulerDiscreteScheduler.step` does. Returns (x_next, x0)."""
-        s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1)
+        `FlowMatchEulerDiscreteScheduler.step` does (the model's output is the velocity, or x0 for
+        `prediction_type="sample"`). Returns (x_next, x0)."""
+        s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1).to(x.device)
         if s.numel() == 1:
             s = s.expand(x.shape[0])
-        v = denoise(x, (s * self.num_train_timesteps).to(x.device)).to(torch.float32)
+        out = denoise(x, s * self.num_train_timesteps).to(torch.float32)
         x = x.to(torch.float32)
-        sn = torch.as_tensor(sigma_next, dtype=torch.float32)
-        return x + (self._b(sn, x) - self._b(s, x)) * v, self.to_x0(v, x, s)
+        p = prediction_type or self.prediction_type
+        if p not in ("flow", "sample"):
+            raise ValueError(f"a flow-matching model predicts 'flow' (the velocity) or 'sample', not {p!r}")
+        v = out if p == "flow" else self.to_velocity(out, x, s)
+        sn = torch.as_tensor(sigma_next, dtype=torch.float32).to(x.device)
+        return x + (self._b(sn, x) - self._b(s, x)) * v, (self.to_x0(v, x, s) if p == "flow" else out)
 
-    def rollout(self, denoise: Denoiser, x: torch.Tensor, path: Sequence[float], sigma_end: float) -> torch.Tensor:
+    def rollout(self, denoise: Denoiser, x: torch.Tensor, path: Sequence[float], sigma_end: float,
+                prediction_type: str | None = None) -> torch.Tensor:
         """Euler steps through `path` (descending sigmas) ending at `sigma_end` (0 for x0)."""
-        return walk(self.step, denoise, x, [float(s) for s in path], float(sigma_end))
+        return walk(lambda d, x_, a, b: self.step(d, x_, a, b, prediction_type), denoise, x,
+                    [float(s) for s in path], float(sigma_end))
 
-    def sample(self, denoise: Denoiser, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+    def sample(self, denoise: Denoiser, noise: torch.Tensor, num_steps: int,
+               prediction_type: str | None = None) -> torch.Tensor:
         """Full N-step sampling from unit noise, as the stock SD3 pipeline does."""
-        return self.rollout(denoise, noise, self.sigmas(num_steps).tolist(), 0.0)
+        return self.rollout(denoise, noise, self.sigmas(num_steps).tolist(), self.clean, prediction_type)
 
 
 def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -321,8 +400,9 @@ class Conditioning:
 
     @staticmethod
     def from_columns(cols: dict, resolution: int, device=None, uncond: "Conditioning | None" = None) -> "Conditioning":
-        """The conditioning of stored rows (`pipeline.encode`'s columns): SDXL rows carry `pooled_embeds`
-        and get the run's resolution as time ids, SD1.5 rows `prompt_embeds` only."""
+        """The conditioning of stored rows (`pipeline.encode`'s columns): SDXL and SD3 rows carry
+        `pooled_embeds` and get the run's resolution as time ids (an SD3 transformer's call and its
+        discriminator do not read them), SD1.5 rows `prompt_embeds` only."""
         pe = torch.as_tensor(cols["prompt_embeds"]).to(device, torch.float32)
         if "pooled_embeds" not in cols:
             return Conditioning(pe, uncond=uncond)

@@ -19,9 +19,9 @@ from .discriminator import Discriminator, nonsaturating_d_loss, nonsaturating_g_
 from .engines import all_reduce, checkpoint_activations
 from .guard import UpdateWatch, finite_everywhere
 from .phases import Phase, disc_mode_at, phase_at, plan_phases, student_mode_at
-from .schedule import Conditioning, Schedule, unet_denoiser
+from .schedule import Conditioning, FlowMatchSchedule, Schedule, unet_denoiser
 
-# the trajectory columns a micro-batch carries (`pipeline.trajectories` writes them; pooled_embeds: SDXL only)
+# the trajectory columns a micro-batch carries (`pipeline.trajectories` writes them; pooled_embeds: SDXL and SD3)
 TRAIN_COLUMNS = ["t", "t_next", "x_t", "target", "prompt_embeds", "pooled_embeds"]
 
 
@@ -39,7 +39,7 @@ class StageLoop:
     `disc_unet`: the UNet whose encoder initialises the discriminator (the base model, `disc_init`;
     default `init_unet`). The trajectories' targets are the teacher's: the teacher itself is not needed."""
 
-    def __init__(self, cfg: RunConfig, stage: StageConfig, schedule: Schedule, init_unet, engines,
+    def __init__(self, cfg: RunConfig, stage: StageConfig, schedule: Schedule | FlowMatchSchedule, init_unet, engines,
                  device, seed: int = 0, disc_unet=None):
         self.cfg, self.stage, self.schedule, self.engines = cfg, stage, schedule, engines
         self.init_unet = init_unet.requires_grad_(False).eval()
@@ -54,7 +54,7 @@ class StageLoop:
         self.disc = None  # engine
         self.disc_mode: str | None = None
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
-        self.renoise_t = torch.tensor(stage.renoise_timesteps, dtype=torch.long)
+        self.renoise_t = schedule.level_of_timestep(stage.renoise_timesteps)  # t* as noise levels
         self.student_ptype = "sample" if stage.prediction_type == "sample" else schedule.prediction_type
         self.disc_lr = stage.disc_lr or stage.lr
         self.disc_betas = stage.disc_betas or stage.betas
@@ -220,7 +220,7 @@ class StageLoop:
         out = {}
         for k in train_columns(b):
             v = torch.as_tensor(b[k])
-            out[k] = v.to(self.device, torch.long if k in ("t", "t_next") else torch.float32)
+            out[k] = v.to(self.device, self.schedule.level_dtype if k in ("t", "t_next") else torch.float32)
         return out
 
     def cond(self, b: dict) -> Conditioning:
@@ -241,7 +241,7 @@ class StageLoop:
         xt_in = self.schedule.scale_input(b["x_t"], self.schedule.sigma(t.cpu()))
         if not self.stage.uses_renoise:
             sigma = self.schedule.sigma(t_next.cpu())
-            t_hat = t_next.clamp(min=0).to(torch.float32)
+            t_hat = self.schedule.model_timestep(t_next).to(self.device)
             return (self.schedule.scale_input(b["target"], sigma), self.schedule.scale_input(x_next, sigma),
                     t_hat, xt_in)
         g = gen or self.gen
@@ -256,7 +256,7 @@ class StageLoop:
         x0_fake = self.schedule.jump_x0(b["x_t"], x_next, t, t_next)
         real = self.schedule.scale_input(self.schedule.renoise(x0_real, n_real, t_star), sigma)
         fake = self.schedule.scale_input(self.schedule.renoise(x0_fake, n_fake, t_star), sigma)
-        return real, fake, t_star.to(self.device, torch.float32), xt_in
+        return real, fake, self.schedule.model_timestep(t_star).to(self.device), xt_in
 
     def _dcall(self, x_hat, t_hat, cond: Conditioning, xt_in, t, k: int = 1, frozen: bool = False):
         """D's logits. `frozen` (the student's update) calls the module, not the engine: the engine's
@@ -265,7 +265,7 @@ class StageLoop:
         pe, po, ti = c.prompt_embeds, c.pooled, c.time_ids
         d = self.disc.module if frozen else self.disc
         if self.disc_mode == "conditional":
-            return d(x_hat, t_hat, pe, po, ti, x_t=xt_in, t=t.to(torch.float32))
+            return d(x_hat, t_hat, pe, po, ti, x_t=xt_in, t=self.schedule.model_timestep(t))
         return d(x_hat, t_hat, pe, po, ti)
 
     # -- one micro-step of each kind ---------------------------------------------------------------------------
@@ -366,7 +366,7 @@ class StageLoop:
                                  k=2, frozen=True)
             real.append(logits[:m].flatten().cpu())
             fake.append(logits[m:].flatten().cpu())
-            ts.append(b["t"].cpu())
+            ts.append(self.schedule.model_timestep(b["t"]).cpu())  # strata in the model's timestep units
         out = {"held_mse": torch.cat(sq).mean().item()}
         if self.disc is None:
             return out

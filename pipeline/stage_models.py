@@ -42,8 +42,8 @@ def disc_source(cfg: RunConfig, key, storage: RunStorage | None = None) -> str:
 
 
 def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
-    """Sizes and versions (mtime or ETag) of the teacher's UNet and scheduler files: a re-exported
-    teacher invalidates the stage's trajectories."""
+    """Sizes and versions (mtime or ETag) of the teacher's denoiser (UNet, or SD3 transformer) and scheduler
+    files: a re-exported teacher invalidates the stage's trajectories."""
     from .storage import filesystem_for
     from .zoo import resolve_source
 
@@ -54,17 +54,20 @@ def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
     if not fs.exists(f"{root}/model_index.json"):
         raise MissingInputError(f"teacher {source}: not a diffusers pipeline folder (no model_index.json); "
                                 "export the teacher stage first")
+    from . import family
+
+    denoiser = family.get(family.name_of_index(json.loads(fs.cat(f"{root}/model_index.json")))).DENOISER[0]
     out = {}
-    for sub in ("unet", "scheduler"):
+    for sub in (denoiser, "scheduler"):
         for p, info in sorted(fs.find(f"{root}/{sub}", detail=True).items()):
             out[p[len(root) + 1:]] = [info.get("size"), str(info.get("ETag") or info.get("mtime") or "")]
     return out
 
 
 def fetch_teacher(source: str, cfg: RunConfig):
-    """A local folder with the teacher's UNet and scheduler. An s3:// teacher is downloaded (only
-    model_index.json, unet/ and scheduler/, and what its family's unconditional branch is encoded with:
-    SD1.5's tokenizer/ and text_encoder/) into a cache keyed by its URI *and* its files' versions, so a
+    """A local folder with the teacher's denoiser and scheduler. An s3:// teacher is downloaded (only
+    model_index.json, unet/ (SD3: transformer/) and scheduler/, and what its family's unconditional branch
+    is encoded with: SD1.5's and SD3's tokenizers and text encoders) into a cache keyed by its URI *and* its files' versions, so a
     re-exported teacher at the same URI is fetched again rather than served stale."""
     from pathlib import Path
 
@@ -82,7 +85,7 @@ def fetch_teacher(source: str, cfg: RunConfig):
         fs, root = filesystem_for(source, cfg.storage), source[len("s3://"):].rstrip("/")
         fam = family.get(family.name_of_index(json.loads(fs.cat(f"{root}/model_index.json"))))
         tmp = _staging_dir(_cache_dir() / "teachers")
-        for sub in ("unet", "scheduler", *fam.UNCOND_COMPONENTS):
+        for sub in (fam.DENOISER[0], "scheduler", *fam.UNCOND_COMPONENTS):
             fs.get(f"{root}/{sub}/", str(tmp / sub), recursive=True)
         fs.get(f"{root}/model_index.json", str(tmp / "model_index.json"))  # last: marks it complete
         try:

@@ -24,14 +24,17 @@ from .schedule import Schedule
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 STATE_JSON = "state.json"
 # Modules LoRA leaves alone (DESIGN: "except the input/output convs and the time embedding"); the
-# text_time `add_embedding` is SDXL's second (size/crop + pooled text) timestep-style embedding.
-LORA_EXCLUDE = ("conv_in", "conv_out", "time_embedding", "add_embedding")
+# text_time `add_embedding` is SDXL's second (size/crop + pooled text) timestep-style embedding. An SD3
+# transformer's counterparts: its patch embedding and output projection, its timestep + pooled-text embedding,
+# its context projection and the final norm's modulation.
+LORA_EXCLUDE = ("conv_in", "conv_out", "time_embedding", "add_embedding",
+                "pos_embed", "proj_out", "time_text_embed", "context_embedder", "norm_out")
 
 
 # ---- LoRA ----------------------------------------------------------------------------------------------
 def lora_target_modules(unet) -> list[str]:
-    """Full names of every nn.Linear / nn.Conv2d of the UNet except conv_in, conv_out and the time
-    embeddings."""
+    """Full names of every nn.Linear / nn.Conv2d of the UNet (or SD3 transformer) except its input/output
+    layers and time embeddings (`LORA_EXCLUDE`)."""
     names = []
     for name, mod in unet.named_modules():
         if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -100,7 +103,7 @@ def merge_lora(unet):
 
 # ---- x0 conversion ------------------------------------------------------------------------------------
 @torch.no_grad()
-def implied_x0(schedule: Schedule, denoise, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def implied_x0(schedule: Schedule, denoise, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # UNets only
     """The x0 an epsilon model implies at (x_t, t): the conversion target of the 1-step student."""
     _, x0 = schedule.step(denoise, x_t, t, t, prediction_type="epsilon")
     return x0
@@ -113,13 +116,15 @@ def read_state(checkpoint_dir: str | os.PathLike) -> dict:
 
 def student_unet_from_checkpoint(checkpoint_dir: str | os.PathLike, teacher_folder: str | os.PathLike,
                                  merge: bool = True):
-    """The student UNet of a checkpoint on the teacher's architecture (LoRA merged unless merge=False)."""
-    from diffusers import UNet2DConditionModel
+    """The student denoiser (UNet, or SD3 transformer) of a checkpoint on the teacher's architecture (LoRA
+    merged unless merge=False)."""
     from safetensors.torch import load_file
+
+    from .zoo import load_denoiser
 
     ckpt = Path(checkpoint_dir)
     state = read_state(ckpt)
-    unet = UNet2DConditionModel.from_pretrained(teacher_folder, subfolder="unet", dtype=torch.float32)
+    unet = load_denoiser(str(teacher_folder), dtype=torch.float32)
     if state["student_mode"] == "lora":
         add_lora(unet, state["lora"]["rank"], state["lora"]["alpha"])
         load_lora_state_dict(unet, load_file(str(ckpt / "student" / "lora.safetensors")))
@@ -136,8 +141,9 @@ def student_unet_from_checkpoint(checkpoint_dir: str | os.PathLike, teacher_fold
 
 def save_lora_file(lora_sd: dict[str, torch.Tensor], folder: str | os.PathLike, rank: int,
                    alpha: float | None, pipeline_class: str, unet=None) -> Path:
-    """Write the LoRA file (`pytorch_lora_weights.safetensors`, diffusers' UNet LoRA format with its
-    rank/alpha metadata) that the family's pipeline (`pipeline_class`) accepts in `load_lora_weights(folder)`."""
+    """Write the LoRA file (`pytorch_lora_weights.safetensors`, diffusers' UNet or SD3-transformer LoRA format
+    with its rank/alpha metadata) that the family's pipeline (`pipeline_class`) accepts in
+    `load_lora_weights(folder)`."""
     import diffusers
 
     folder = Path(folder)
@@ -146,8 +152,10 @@ def save_lora_file(lora_sd: dict[str, torch.Tensor], folder: str | os.PathLike, 
     if unet is not None:
         cfg = lora_config(unet, rank, alpha)
         meta = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
-    getattr(diffusers, pipeline_class).save_lora_weights(folder, unet_lora_layers=lora_sd, weight_name=LORA_WEIGHT_NAME,
-                                                         unet_lora_adapter_metadata=meta)
+    part = "transformer" if pipeline_class == "StableDiffusion3Pipeline" else "unet"
+    getattr(diffusers, pipeline_class).save_lora_weights(folder, weight_name=LORA_WEIGHT_NAME,
+                                                         **{f"{part}_lora_layers": lora_sd,
+                                                            f"{part}_lora_adapter_metadata": meta})
     return folder / LORA_WEIGHT_NAME
 
 
@@ -172,11 +180,15 @@ def student_scheduler(folder: str | os.PathLike, prediction_type: str) -> dict:
     """Give an exported pipeline folder the students' scheduler: Euler with trailing timesteps on the
     teacher's betas, `prediction_type` ("sample" for the x0 1-step student), whatever scheduler the teacher
     shipped (SD1.5 ships PNDM, which cannot sample an x0 model); `model_index.json` names it. Returns its
-    config."""
+    config. A flow-matching teacher's scheduler (SD3) is the student's as it stands."""
     from diffusers import EulerDiscreteScheduler
 
     folder = Path(folder)
     teacher = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    if teacher.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+        if prediction_type != "flow":
+            raise ValueError(f"a flow-matching student predicts the velocity ('flow'), not {prediction_type!r}")
+        return {**teacher, "prediction_type": "flow"}
     sched = EulerDiscreteScheduler.from_config(teacher, timestep_spacing="trailing", prediction_type=prediction_type)
     shutil.rmtree(folder / "scheduler")
     sched.save_pretrained(folder / "scheduler")
@@ -189,7 +201,7 @@ def student_scheduler(folder: str | os.PathLike, prediction_type: str) -> dict:
 def export_checkpoint(checkpoint_dir: str | os.PathLike, teacher_folder: str | os.PathLike,
                       out_folder: str | os.PathLike, info: dict | None = None) -> Path:
     """Export a training checkpoint's student as a diffusers pipeline folder: the teacher's folder with
-    the student UNet swapped in (LoRA merged), the scheduler set to the student's prediction type
+    the student UNet (or SD3 transformer) swapped in (LoRA merged), the scheduler set to the student's prediction type
     ("sample" for the x0-converted 1-step student), `padistill.json`, and, for a LoRA student, the
     LoRA file that `pipe.load_lora_weights(out_folder)` accepts on the teacher."""
     from safetensors.torch import load_file
@@ -200,9 +212,10 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, teacher_folder: str | o
     out = Path(out_folder)
     tmp = out.with_name(out.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
-    copy_pipeline_components(teacher_folder, tmp, skip=("unet",))
+    sub = family.denoiser_dir(teacher_folder)
+    copy_pipeline_components(teacher_folder, tmp, skip=(sub,))
     unet, state = student_unet_from_checkpoint(checkpoint_dir, teacher_folder, merge=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    unet.save_pretrained(tmp / sub, safe_serialization=True)
     sched_cfg = student_scheduler(tmp, state.get("prediction_type", "epsilon"))
     if state["student_mode"] == "lora":
         save_lora_file(load_file(str(Path(checkpoint_dir) / "student" / "lora.safetensors")), tmp,

@@ -103,7 +103,7 @@ class StageWorker:
         import ray.train
 
         from .stage_models import fetch_teacher
-        from .zoo import load_unet, schedule_of
+        from .zoo import load_denoiser, schedule_of
 
         cluster.quiet_report_lines()
         cluster.quiet_libraries()
@@ -125,11 +125,11 @@ class StageWorker:
         self.train_rel = f"{cfg.stage_dir(args.stage)}/{RUN_NAME}"
         init_dir = fetch_teacher(args.init_source, cfg)
         schedule = schedule_of(init_dir)  # the student's schedule and prediction type are its starting UNet's
-        init_unet = load_unet(str(init_dir)).to(device)
+        init_unet = load_denoiser(str(init_dir)).to(device)
         disc_unet = None
         if self.stage.loss == "adversarial" and args.disc_source != args.init_source:
             # kept on the CPU: only its encoder is copied into D (`build_disc` moves D to the device)
-            disc_unet = load_unet(str(fetch_teacher(args.disc_source, cfg))).requires_grad_(False)
+            disc_unet = load_denoiser(str(fetch_teacher(args.disc_source, cfg))).requires_grad_(False)
         self.engines = DeepSpeedEngines(cfg.train, self.world)
         self.loop = StageLoop(cfg, self.stage, schedule, init_unet, self.engines, device,
                               seed=cfg.train.seed * 7919 + self.rank, disc_unet=disc_unet)

@@ -8,9 +8,10 @@ For every encoded row and each of `trajectories.draws` draws:
   (`draw_seed`: a SHA-256 of the three; the noise is `torch.randn` on the CPU in fp32 from a
   generator seeded with it, so any process on any device regenerates it exactly);
 - x_t = `Schedule.forward_diffuse(latent, noise, t)` (pure noise at t = T, the schedule fix);
-- target = the teacher's n Euler steps from x_t along `Schedule.teacher_path(teacher_steps, t, t_next)`
-  through `Schedule.rollout`, with classifier-free guidance when the stage's `guidance_scale` > 1 (the
-  family's unconditional branch: zeros for SDXL, the empty prompt's embedding for SD1.5).
+- target = the teacher's n Euler steps from x_t along `Schedule.stage_path` (the teacher grid's points
+  between t and t_next) through `Schedule.rollout`, with classifier-free guidance when the stage's
+  `guidance_scale` > 1 (the family's unconditional branch: zeros for SDXL, the empty prompt's encoding for
+  SD1.5 and SD3). The SD3 family does the same on `FlowMatchSchedule`, its noise levels sigmas.
 
 The teacher of stage K is the exported student of stage `teacher_of(K)` (`<root>/<stage_dir>/model/`,
 a diffusers pipeline folder), or `model.source` for the first stage.
@@ -18,7 +19,9 @@ a diffusers pipeline folder), or `model.source` for the first stage.
 Output schema (Euler sigma space, x = x0 + sigma * eps; tensors in `trajectories.dtype`):
 
     id string · draw int32 · t int32 · t_next int32 (−1 = clean) · x_t [4,h,w] · target [4,h,w]
-    prompt_embeds [L,D] · pooled_embeds [P] (SDXL only)
+    prompt_embeds [L,D] · pooled_embeds [P] (SDXL and SD3)
+
+For the SD3 family, t and t_next are float32 sigmas (0 = clean) and x = (1 - sigma) x0 + sigma eps.
 
 The text embeddings are copied from `encoded/` into every stage's rows, so that training streams one
 dataset with no join. Their byte cost per row is recorded in the manifest (`embedding_bytes_per_row`
@@ -43,7 +46,7 @@ from .config import RunConfig
 from .stage_config import StageConfig
 from .layout import manifest_step
 from .errors import MissingInputError
-from .schedule import Conditioning, Schedule, StagePair, unet_denoiser
+from .schedule import Conditioning, FlowMatchSchedule, Schedule, StagePair, unet_denoiser
 from .stage_models import fetch_teacher, teacher_fingerprint, teacher_source
 from .storage import RunStorage, table_to_tensors, tensors_to_table
 
@@ -79,9 +82,9 @@ def pick_pair(row_id: str, draw: int, seed: int, pairs: list[StagePair]) -> Stag
 
 
 class Teacher:
-    """A stage's teacher UNet, schedule and guidance, for rollouts."""
+    """A stage's teacher denoiser (UNet or SD3 transformer), schedule and guidance, for rollouts."""
 
-    def __init__(self, unet, schedule: Schedule, stage: StageConfig, resolution: int, device="cpu",
+    def __init__(self, unet, schedule: Schedule | FlowMatchSchedule, stage: StageConfig, resolution: int, device="cpu",
                  uncond: Conditioning | None = None):
         self.unet, self.schedule, self.stage = unet.eval(), schedule, stage
         self.resolution, self.device = resolution, device
@@ -92,12 +95,12 @@ class Teacher:
     def load(cls, cfg: RunConfig, key, storage: RunStorage | None = None, device="cpu",
              dtype: torch.dtype | None = None) -> "Teacher":
         from . import family
-        from .zoo import DTYPES, load_unet, schedule_of
+        from .zoo import DTYPES, load_denoiser, schedule_of
 
         _, stage = cfg.stage(key)
         folder = fetch_teacher(teacher_source(cfg, key, storage), cfg)
         dtype = dtype or DTYPES[cfg.model.dtype]
-        unet = load_unet(str(folder), dtype=dtype).to(device)
+        unet = load_denoiser(str(folder), dtype=dtype).to(device)
         # the family's unconditional branch, encoded at the model's dtype as encode's prompts were
         uncond = family.of_folder(folder).unconditional(folder, dtype) if stage.guidance_scale > 1 else None
         return cls(unet, schedule_of(folder), stage, cfg.model.resolution, device, uncond)
@@ -106,15 +109,15 @@ class Teacher:
     def rollout(self, latents: torch.Tensor, noise: torch.Tensor, pair: StagePair,
                 text: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, target) for a batch sharing one (t, t_next), conditioned on the rows' text columns
-        (`text`: prompt_embeds, and SDXL's pooled_embeds); everything fp32 on `device`."""
+        (`text`: prompt_embeds, and pooled_embeds where the family has them); everything fp32 on `device`."""
         dev = self.device
         x0 = latents.to(dev, torch.float32)
         b = x0.shape[0]
-        t = torch.full((b,), pair.t, dtype=torch.long)
+        t = torch.full((b,), pair.t, dtype=self.schedule.level_dtype)
         x_t = self.schedule.forward_diffuse(x0, noise.to(dev, torch.float32), t)
         cond = Conditioning.from_columns(text, self.resolution, dev, self.uncond)
         denoise = unet_denoiser(self.unet, cond, self.stage.guidance_scale)
-        path = self.schedule.teacher_path(self.stage.teacher_steps, pair.t, pair.t_next)
+        path = self.schedule.stage_path(self.stage.teacher_steps, self.stage.student_steps, pair.t, pair.t_next)
         target = self.schedule.rollout(denoise, x_t, path, pair.t_next)
         return x_t, target
 
@@ -143,8 +146,9 @@ def compute_rows(teacher: Teacher, rows: dict[str, np.ndarray], items: list[tupl
         n = len(win)
         x_t = np.empty((n, *shape), out_dtype)
         target = np.empty((n, *shape), out_dtype)
-        t = np.empty(n, np.int32)
-        t_next = np.empty(n, np.int32)
+        level = np.int32 if teacher.schedule.level_dtype == torch.long else np.float32  # sigmas: float
+        t = np.empty(n, level)
+        t_next = np.empty(n, level)
         for pair, members in groups.items():
             for s in range(0, len(members), batch_size):
                 pos = np.array(members[s:s + batch_size])
@@ -168,7 +172,7 @@ def compute_rows(teacher: Teacher, rows: dict[str, np.ndarray], items: list[tupl
 
 
 ENCODED_COLUMNS = ["id", "latent", "prompt_embeds", "pooled_embeds"]
-TEXT_COLUMNS = ("prompt_embeds", "pooled_embeds")  # pooled_embeds: SDXL only
+TEXT_COLUMNS = ("prompt_embeds", "pooled_embeds")  # pooled_embeds: SDXL and SD3
 
 
 def text_columns(names) -> list[str]:

@@ -31,7 +31,7 @@ REGENERATE = {"builtin:toy_teacher": "padistill toy-teacher",
               "builtin:toy_fashion_teacher_sd15": "padistill toy-teacher --config toy_fashion_sd15"}
 # Tiny pipelines with random weights, built on demand (seed 0): for smoke tests of the plumbing.
 TINY_RANDOM = "builtin:tiny_random"
-TINY_RANDOM_FAMILIES = {TINY_RANDOM: "sdxl", "builtin:tiny_random_sd15": "sd15"}
+TINY_RANDOM_FAMILIES = {TINY_RANDOM: "sdxl", "builtin:tiny_random_sd15": "sd15", "builtin:tiny_random_sd3": "sd3"}
 
 CAPTION_WORDS = ("a", "handwritten", "digit") + DIGIT_WORDS
 PADISTILL_JSON = "padistill.json"
@@ -176,7 +176,7 @@ def check_family(source: str, index: dict, family: str | None = None) -> str:
     fam = families.name_of_index(index)
     if fam not in families.SUPPORTED:
         raise ConfigError(f"model.source: {source} is a {cls} (model family '{fam}'); padistill distils "
-                          f"the {', '.join(families.SUPPORTED)} families today (SD3 is planned, issue 17)")
+                          f"the {', '.join(families.SUPPORTED)} families today")
     if family is not None and family != fam:
         raise ConfigError(f"model.family: {family!r} but model.source {source} is a {cls} (family '{fam}')")
     return fam
@@ -199,8 +199,11 @@ def check_source(source: str, storage=None, family: str | None = None) -> str:
 
 
 def family_module(cfg):
-    """The family module (`pipeline.family_*`) of a run config's model (`check_source`)."""
-    return families.get(check_source(cfg.model.source, cfg.storage, cfg.model.family))
+    """The family module (`pipeline.family_*`) of a run config's model (`check_source`), its stages checked
+    against what the family supports (`family.check_stages`)."""
+    name = check_source(cfg.model.source, cfg.storage, cfg.model.family)
+    families.check_stages(name, cfg.stages)
+    return families.get(name)
 
 
 def resolve_source(source: str, storage=None) -> Path:
@@ -261,15 +264,29 @@ def load_pipeline(source: str, storage=None, dtype=torch.float32, device="cpu"):
 
     path = resolve_source(source, storage)
     fam = families.of_folder(path)
-    pipe = getattr(diffusers, fam.PIPELINE).from_pretrained(path, dtype=dtype, **fam.LOAD_KWARGS)
+    none = {k: None for k in absent_components(json.loads((path / "model_index.json").read_text()))}
+    pipe = getattr(diffusers, fam.PIPELINE).from_pretrained(path, dtype=dtype, **{**none, **fam.LOAD_KWARGS})
     return pipe.to(device)
 
 
-def load_unet(source: str, storage=None, dtype=torch.float32, subfolder: str = "unet"):
-    from diffusers import UNet2DConditionModel
+def absent_components(index: dict) -> list[str]:
+    """The components a model_index.json says the folder has none of ([null, null]) and that its pipeline
+    class does not take as optional: `from_pretrained` wants them passed as None (an SD3 without T5:
+    text_encoder_3, tokenizer_3)."""
+    import diffusers
 
-    return UNet2DConditionModel.from_pretrained(resolve_source(source, storage), subfolder=subfolder,
-                                                dtype=dtype)
+    optional = getattr(getattr(diffusers, index.get("_class_name", ""), None), "_optional_components", [])
+    return [k for k, v in index.items() if not k.startswith("_") and v == [None, None] and k not in optional]
+
+
+def load_denoiser(source: str, storage=None, dtype=torch.float32):
+    """A pipeline folder's denoiser alone, with its family's class: the UNet, or SD3's transformer."""
+    import diffusers
+
+    path = resolve_source(source, storage)
+    sub, cls = families.of_folder(path).DENOISER
+    return getattr(diffusers, cls).from_pretrained(path, subfolder=sub, dtype=dtype)
+
 
 
 def schedule_of(pipe_or_folder) -> Schedule | FlowMatchSchedule:
@@ -279,6 +296,11 @@ def schedule_of(pipe_or_folder) -> Schedule | FlowMatchSchedule:
         cfg = json.loads((Path(pipe_or_folder) / "scheduler" / "scheduler_config.json").read_text())
     else:
         cfg = {**pipe_or_folder.scheduler.config, "_class_name": type(pipe_or_folder.scheduler).__name__}
+    return schedule_of_config(cfg)
+
+
+def schedule_of_config(cfg: dict) -> Schedule | FlowMatchSchedule:
+    """The schedule of a scheduler config (a `scheduler_config.json`'s contents)."""
     if cfg.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
         return FlowMatchSchedule.from_scheduler_config(cfg)
     return Schedule.from_scheduler_config(cfg)

@@ -127,31 +127,55 @@ def test_a_step_run_alone_keeps_ray_datas_notices_off_the_console():
     assert levels == [logging.WARNING, logging.INFO]
 
 
+def save_tiny_flux(folder) -> None:
+    """A FluxPipeline folder saved by diffusers from the real classes at toy sizes (random weights; a T5
+    tokenizer over a three-word vocabulary): a family padistill does not distil."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from tokenizers import Tokenizer, models
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+    from pipeline.zoo import build_tokenizer
+
+    tok = build_tokenizer()
+    t5tok = T5TokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "</s>": 1, "<unk>": 2},
+                                                                        unk_token="<unk>")),
+                            pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=1,
+                                        vocab_size=len(tok), max_position_embeddings=16))
+    t5 = T5EncoderModel(T5Config(vocab_size=3, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16))
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                axes_dims_rope=[4, 4, 8])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32,), norm_num_groups=16,
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip, tokenizer=tok,
+                 text_encoder_2=t5, tokenizer_2=t5tok, transformer=tr).save_pretrained(folder)
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_source_of_another_model_family_is_one_line_naming_it(where, tmp_path, monkeypatch, capsys, request):
-    """model.source at a real Stable Diffusion 3 pipeline folder (the zoo's tiny one, saved by diffusers; a
-    family padistill does not distil yet), on a local disk or on S3: `distill` says which family it is and which it distils,
+    """model.source at a real FLUX pipeline folder (tiny, saved by diffusers; a family padistill does not
+    distil), on a local disk or on S3: `distill` says which family it is and which it distils,
     exit 2, before its first write to the run root (an S3 source is not downloaded for it: its
     model_index.json alone is read)."""
     from pipeline.family import FAMILIES
-    from pipeline.zoo import build_pipeline
 
-    build_pipeline(family="sd3").save_pretrained(tmp_path / "sd3")
-    assert FAMILIES[json.loads((tmp_path / "sd3" / "model_index.json").read_text())["_class_name"]] == "sd3"
-    source, sets = str(tmp_path / "sd3"), []
+    save_tiny_flux(tmp_path / "flux")
+    assert FAMILIES[json.loads((tmp_path / "flux" / "model_index.json").read_text())["_class_name"]] == "flux"
+    source, sets = str(tmp_path / "flux"), []
     if where == "s3":
         from pipeline.config import StorageConfig
         from pipeline.storage import RunStorage
 
         endpoint = request.getfixturevalue("s3_endpoint")
         store = RunStorage("s3://padistill-test/families", StorageConfig(endpoint_url=endpoint))
-        store.put_dir(source, "sd3")
-        source, sets = store.url("sd3"), ["--set", f"storage.endpoint_url={endpoint}"]
+        store.put_dir(source, "flux")
+        source, sets = store.url("flux"), ["--set", f"storage.endpoint_url={endpoint}"]
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()  # diffusers' saving bar
     assert main(["distill", "--set", f"model.source={source}", "--set", "run_root=run", *sets]) == 2
     err = capsys.readouterr().err.strip()
-    assert "model.source:" in err and "is a StableDiffusion3Pipeline (model family 'sd3')" in err, err
-    assert "distils the sdxl, sd15 families" in err, err
+    assert "model.source:" in err and "is a FluxPipeline (model family 'flux')" in err, err
+    assert "distils the sdxl, sd15, sd3 families" in err, err
     assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "run" / "config.yaml").exists()  # the DAG's first write: nothing ran

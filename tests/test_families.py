@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,6 +22,7 @@ from pipeline.schedule import unet_denoiser
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SD15 = "builtin:tiny_random_sd15"
+SD3 = "builtin:tiny_random_sd3"
 
 
 @pytest.fixture(scope="module")
@@ -141,14 +143,20 @@ def test_model_family_stays_out_of_the_training_hash(tmp_path):
 
 def test_model_family_is_read_from_the_source_and_checked(tmp_path):
     """model.family defaults to the source's family; set to another, the config fails naming both; a family
-    padistill does not distil yet is refused by name."""
+    padistill does not distil is refused by name, and so are stage settings the SD3 family does not support."""
     assert zoo.family_module(load_config("smoke", [f"model.source={SD15}"])) is family.family_sd15
     assert zoo.family_module(load_config("smoke", [])) is family.family_sdxl
     with pytest.raises(ConfigError, match=r"model.family: 'sdxl' but model.source builtin:tiny_random_sd15 is a "
                                           r"StableDiffusionPipeline \(family 'sd15'\)"):
         zoo.family_module(load_config("smoke", [f"model.source={SD15}", "model.family=sdxl"]))
-    with pytest.raises(ConfigError, match="'sd3' is not distilled by padistill today"):
-        family.get("sd3")
+    with pytest.raises(ConfigError, match="'flux' is not distilled by padistill today"):
+        family.get("flux")
+    velocity = ["stages.2.prediction_type=epsilon", "stages.2.conversion_steps=0"]  # the model's own prediction
+    assert zoo.family_module(load_config("smoke", [f"model.source={SD3}", *velocity])) is family.family_sd3
+    with pytest.raises(ConfigError, match=r"stages\[2\].prediction_type: 'sample' \(the x0 conversion\) is for UNet"):
+        zoo.family_module(load_config("smoke", [f"model.source={SD3}"]))
+    with pytest.raises(ConfigError, match=r"stages\[1\].disc_backbone: 'cnn' is for UNet families"):
+        zoo.family_module(load_config("smoke", [f"model.source={SD3}", "stages.1.disc_backbone=cnn", *velocity]))
 
 
 def test_sd15_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
@@ -205,10 +213,66 @@ def test_sd15_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
     assert_lora_loads_like_merged(str(teacher), lora_folder, prompt, min_change=1e-4)
 
 
+def test_sd3_smoke_dag_end_to_end(ray_local, tmp_path):
+    """The smoke DAG distils a tiny random Stable Diffusion 3 (SD3Transformer2DModel, two CLIP encoders and no
+    T5, FlowMatchEulerDiscreteScheduler shift 3.0), shortened to two stages that cover what differs from the
+    UNet families: a 32 -> 8 MSE stage whose student is a transformer LoRA and whose teacher runs with
+    guidance (the empty prompt's encoding, pooled embedding included, as its unconditional branch), and an
+    8 -> 1 adversarial stage at the 1-step student's four noise levels with re-noising, its discriminator
+    the transformer's first blocks. The trajectories' noise levels are float sigmas on the stock grids;
+    every exported folder keeps the flow-matching scheduler, loads in the stock StableDiffusion3Pipeline and
+    generates; the LoRA file loads on the teacher with `load_lora_weights` and gives the merged student's
+    output."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from lora_checks import assert_lora_loads_like_merged
+    from pipeline.dag import run_dag
+    from pipeline.schedule import FlowMatchSchedule
+    from pipeline.storage import RunStorage
+    from pipeline.student import LORA_WEIGHT_NAME
+    from pipeline.trajectories import read_trajectories
+
+    data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    data["run_root"] = str(tmp_path / "run")
+    data["model"].update(source=SD3)
+    first, _, last = data["stages"]
+    first.update(lora={"rank": 4, "steps": first["mse_steps"]})
+    last.update(teacher_steps=8)
+    for k in ("prediction_type", "conversion_steps", "conversion_lr"):
+        last.pop(k)
+    data["stages"] = [first, last]
+    cfg = from_dict(data)
+    run_dag(cfg, log=lambda *_: None)
+    storage = RunStorage.from_config(cfg)
+    fm = FlowMatchSchedule(shift=3.0)
+    for k, st in enumerate(cfg.stages, start=1):
+        rows = read_trajectories(storage, cfg, k, ["t", "t_next"]).to_pydict()
+        pairs = {(p.t, p.t_next) for p in fm.stage_pairs(st.student_steps, st.multi_timestep)}
+        assert {(a, b) for a, b in zip(rows["t"], rows["t_next"])} <= {tuple(np.float32(v) for v in p) for p in pairs}
+        assert len(set(rows["t"])) > 1
+    assert "pooled_embeds" in storage.read_manifest("trajectories-1-8step")["outputs"]["columns"]
+    report = storage.read_text("report.md")
+    prompt = "a handwritten digit seven"
+    for k, st in enumerate(cfg.stages, start=1):
+        folder = Path(storage.path(cfg.stage_dir(k), "model"))
+        assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+        assert f"**student {st.name}**" in report
+        card = (folder / "README.md").read_text()  # no T5: the card says to pass it as None
+        assert 'StableDiffusion3Pipeline.from_pretrained("<this folder>", text_encoder_3=None, tokenizer_3=None)' in card
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+        assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.scheduler.config.shift == 3.0
+        img = pipe(prompt, num_inference_steps=st.student_steps, guidance_scale=0, height=32, width=32,
+                   generator=torch.Generator().manual_seed(0)).images[0]
+        assert img.size == (32, 32)
+    lora_folder = Path(storage.path(cfg.stage_dir(1), "model"))
+    assert (lora_folder / LORA_WEIGHT_NAME).exists()
+    assert_lora_loads_like_merged(SD3, lora_folder, prompt, min_change=1e-4)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("guidance", [0.0, 3.0])
 def test_sd3_prompts_and_flow_matching_sampling_equal_the_stock_pipeline(guidance):
-    """The SD3 family's groundwork (issue 17; its steps are not wired yet): a tiny StableDiffusion3Pipeline
+    """The SD3 family: a tiny StableDiffusion3Pipeline
     built by the zoo (SD3Transformer2DModel, two CLIP encoders, no T5, shift 3.0) is encoded through its own
     `encode_prompt` (the empty prompt's encoding, pooled embedding included, as the unconditional branch), and
     padistill's flow-matching schedule with the transformer's call ends where the stock pipeline ends, with
@@ -235,7 +299,7 @@ def test_sd3_prompts_and_flow_matching_sampling_equal_the_stock_pipeline(guidanc
 
 
 def test_sd3_discriminator_backbone_is_the_frozen_teachers_first_blocks_trained_whole():
-    """The SD3 family's discriminator (issue 17, not yet used by a run), built as the trainer builds D: from
+    """The SD3 family's discriminator, built as the trainer builds D: from
     a frozen teacher. Its backbone is the transformer's first half: its features are the image tokens the
     teacher itself has after those blocks (laid out on the patch grid), its weights train although the
     teacher's are frozen, the logits depend on the prompt, every weight that trains gets a gradient (the last copied block's text-token

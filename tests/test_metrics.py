@@ -128,8 +128,8 @@ def test_the_discriminator_probe_scores_a_fashion_run_with_the_fashion_classifie
 
     cfg = load_config("toy_fashion")
     folder = zoo.resolve_source(cfg.model.source)
-    init = zoo.load_unet(str(folder))
-    disc = zoo.load_unet(str(folder)).requires_grad_(False)
+    init = zoo.load_denoiser(str(folder))
+    disc = zoo.load_denoiser(str(folder)).requires_grad_(False)
     loop = StageLoop(cfg, cfg.stages[1], zoo.schedule_of(folder), init, PlainEngines(cfg.train), "cpu", disc_unet=disc)
     loop.transition(0)  # builds the student (and D), as the probe does before its first FD
     res = toy_fd(cfg, loop, 3)  # 30 samples at the stage's 4 steps, without CFG

@@ -185,3 +185,44 @@ def test_flow_matching_conversions_and_teacher_path():
         FlowMatchSchedule.from_scheduler_config({"shift": 3.0, "stochastic_sampling": True})
     with pytest.raises(ValueError, match=">= 1"):
         fm.teacher_path(0, 1.0, 0.5)
+
+
+def test_flow_matching_stage_pairs_paths_and_discriminator_levels():
+    """What the steps read of the SD3 schedule: a stage's student steps are the stock N-step sigmas in order,
+    the last to clean (0); the 1- and 2-step students' four starting sigmas are the 4-step grid's, each
+    jumping 1/N toward clean in unshifted time; a teacher's rollout over a student step takes
+    teacher_steps / student_steps evaluations and starts at the step's sigma; `jump_x0` inverts a step, an
+    x0 ("sample") prediction steps to the same place as the velocity it implies, and the discriminator's
+    timesteps are sigma x 1000 (the re-noising t* as sigmas t* / 1000)."""
+    from pipeline.schedule import FlowMatchSchedule
+
+    fm = FlowMatchSchedule(shift=3.0)
+    grid = fm.sigmas(4).tolist()
+    assert [(p.t, p.t_next) for p in fm.stage_pairs(4)] == list(zip(grid, grid[1:] + [0.0]))
+    assert all(isinstance(p.t, float) for p in fm.stage_pairs(4))
+    one = fm.stage_pairs(1, multi_timestep=True)
+    assert [p.t for p in one] == grid and {p.t_next for p in one} == {fm.clean}
+    two = fm.stage_pairs(2, multi_timestep=True)
+    assert [p.t for p in two] == grid
+    assert two[0].t_next == pytest.approx(float(fm.shifted(torch.tensor(0.5))))
+    assert float(fm.unshifted(torch.tensor(two[1].t_next))) == pytest.approx(float(fm.unshifted(torch.tensor(grid[1]))) - 0.5)
+    assert [p.t_next for p in two[2:]] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="1- and 2-step"):
+        fm.stage_pairs(4, multi_timestep=True)
+    path = fm.stage_path(32, 8, grid[0], grid[1])
+    assert len(path) == 4 and path[0] == pytest.approx(grid[0])
+    assert len(fm.stage_path(8, 1, 1.0, 0.0)) == 8
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    s, sn = torch.tensor([0.9, 0.4]), torch.tensor([0.5, 0.0])
+    x = fm.forward_diffuse(x0, eps, s)
+    v = torch.randn(2, 4, 8, 8)
+    x_next, pred_x0 = fm.step(lambda x_, t_: v, x, s, sn)
+    torch.testing.assert_close(fm.jump_x0(x, x_next, s, sn), pred_x0, atol=1e-5, rtol=1e-5)
+    x_next_s, got = fm.step(lambda x_, t_: pred_x0, x, s, sn, "sample")
+    torch.testing.assert_close(x_next_s, x_next, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, pred_x0)
+    with pytest.raises(ValueError, match="'flow'"):
+        fm.step(lambda x_, t_: v, x, s, sn, "epsilon")
+    torch.testing.assert_close(fm.model_timestep(torch.tensor([0.25, 0.0])), torch.tensor([250.0, 0.0]))
+    torch.testing.assert_close(fm.level_of_timestep([10, 750]), torch.tensor([0.01, 0.75]))
+    assert fm.scale_input(x, s) is x and fm.sigma(0.3).item() == pytest.approx(0.3)

@@ -159,7 +159,7 @@ def test_discriminator_trains_whole_under_zero3(x0_adv_run, tiny_source):
     last = plan_phases(cfg.stage(3)[1])[-1].end  # the end of the unconditional phase
     ckpt = storage.path(cfg.stage_dir(3), "train", f"checkpoint_{last:07d}")
     sd = get_fp32_state_dict_from_zero_checkpoint(os.path.join(ckpt, "disc", "ds"), tag="ds")
-    base = zoo.load_unet(tiny_source).state_dict()
+    base = zoo.load_denoiser(tiny_source).state_dict()
     backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     assert backbone and set(backbone) <= set(base)
     same = [k for k, v in backbone.items() if torch.equal(v, base[k])]
@@ -184,7 +184,7 @@ def test_x0_conversion_tracks_eps_students_x0(x0_adv_run, tiny_pipeline, tiny_so
     state = student.read_state(ckpt)
     assert state["phase"] == "conversion" and state["prediction_type"] == "sample"
     converted, _ = student.student_unet_from_checkpoint(ckpt, tiny_source)
-    eps = zoo.load_unet(tiny_source)
+    eps = zoo.load_denoiser(tiny_source)
     sched = zoo.schedule_of(tiny_source)
     _, stage = cfg.stage(3)
     cols = make_trajectories(tiny_pipeline, stage, n_ids=16, seed=99)  # fresh latents, noise, prompts order

@@ -55,7 +55,7 @@ def _copy_encoded(src, dst):
 
 
 def test_rows_schema_and_targets_equal_direct_rollout(ray_local, encoded_root):
-    from pipeline.zoo import load_unet, resolve_source, schedule_of
+    from pipeline.zoo import load_denoiser, resolve_source, schedule_of
 
     cfg = load_config("smoke", [f"run_root={encoded_root}"] + OVERRIDES)
     m = tj.run_trajectories(cfg, 1)
@@ -83,7 +83,7 @@ def test_rows_schema_and_targets_equal_direct_rollout(ray_local, encoded_root):
     assert all(len(set(c["t"][s:s + 8].tolist())) >= 3 for s in range(0, 128, 8))
 
     teacher = resolve_source("builtin:tiny_random")
-    unet, schedule = load_unet(str(teacher)).eval(), schedule_of(teacher)
+    unet, schedule = load_denoiser(str(teacher)).eval(), schedule_of(teacher)
     _, stage = cfg.stage(1)
     pairs = {(p.t, p.t_next) for p in schedule.stage_pairs(8)}
     assert set(zip(c["t"].tolist(), c["t_next"].tolist())) <= pairs

@@ -66,7 +66,7 @@ def test_builtin_tiny_random_is_deterministic(tmp_path, monkeypatch):
     path = zoo.resolve_source(zoo.TINY_RANDOM)
     assert (path / "model_index.json").exists()
     assert zoo.resolve_source(zoo.TINY_RANDOM) == path  # cached, not rebuilt
-    a = zoo.load_unet(str(path))
+    a = zoo.load_denoiser(str(path))
     b = zoo.build_components(seed=0)["unet"]
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -82,7 +82,7 @@ def test_load_from_s3(tiny_pipeline_dir, s3_endpoint, tmp_path, monkeypatch):
     store = RunStorage("s3://padistill-test/models", cfg)
     store.put_dir(str(tiny_pipeline_dir), "tiny")
     pipe = zoo.load_pipeline(store.url("tiny"), cfg)
-    ref = zoo.load_unet(str(tiny_pipeline_dir))
+    ref = zoo.load_denoiser(str(tiny_pipeline_dir))
     for (k, p), q in zip(pipe.unet.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(p, q), k
     assert json.loads((zoo.resolve_source(store.url("tiny"), cfg) / "padistill.json").read_text())["stage"] == "tiny"
