@@ -47,10 +47,11 @@ def local_abspath(v: str) -> str:
 
 
 class ModelConfig(_Strict):
-    # builtin:toy_teacher | builtin:toy_fashion_teacher | builtin:toy_fashion_teacher_sd15 | builtin:tiny_random |
-    # builtin:tiny_random_sd15 | a local or s3:// diffusers pipeline folder of the SDXL or SD1.5 family
+    # builtin:toy_teacher | builtin:toy_fashion_teacher | builtin:toy_fashion_teacher_sd15 | builtin:toy_fashion_teacher_sd3
+    # | builtin:tiny_random | builtin:tiny_random_sd15 | builtin:tiny_random_sd3 | a local or s3:// diffusers pipeline
+    # folder of the SDXL, SD1.5 or SD3 family
     source: str = "builtin:toy_teacher"
-    # the source's family (sdxl, sd15; sd3 is refused, planned), read from its model_index.json when unset;
+    # the source's family (sdxl, sd15, sd3), read from its model_index.json when unset;
     # set, it is checked against the source (and `padistill plan`, which reads nothing remote, plans it)
     family: Optional[Literal["sdxl", "sd15", "sd3"]] = None
     resolution: int = Field(32, gt=0)
@@ -195,9 +196,9 @@ class ToyTeacherSection(_Strict):
 
     preset: Literal["full", "smoke"] = "full"
     # the miniature's model family (pipeline.family); default model.family, else sdxl
-    family: Optional[Literal["sdxl", "sd15"]] = None
-    # default: pipeline/assets/toy_teacher, toy_fashion_teacher or toy_fashion_teacher_sd15 (full, by data.kind
-    # and family), <run_root>/toy_teacher (smoke; toy_teacher_sd15 for SD1.5)
+    family: Optional[Literal["sdxl", "sd15", "sd3"]] = None
+    # default: pipeline/assets/toy_teacher, toy_fashion_teacher or toy_fashion_teacher_sd15 / _sd3 (full, by
+    # data.kind and family), <run_root>/toy_teacher (smoke; toy_teacher_sd15 / _sd3 for SD1.5 / SD3)
     output: Optional[str] = None
     vae_steps: Optional[int] = Field(None, gt=0)
     unet_steps: Optional[int] = Field(None, gt=0)

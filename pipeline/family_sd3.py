@@ -30,15 +30,17 @@ def toy_text_encoders(cfg, tok, text_kw: dict) -> dict:
 
 
 def toy_denoiser(cfg, unet_kw: dict) -> dict:
-    """A two-block SD3 transformer on the miniature's latents (patch 2, joint attention as wide as the
-    concatenated CLIP states), with SD3's rectified-flow scheduler (shift 3.0, SD3's)."""
+    """An SD3 transformer on the miniature's latents (patch 2, joint attention as wide as the concatenated
+    CLIP states; `transformer_layers` blocks of `transformer_heads` x `transformer_head_dim`), with SD3's
+    rectified-flow scheduler (shift 3.0, SD3's)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     side = unet_kw["sample_size"]
     tr = SD3Transformer2DModel(sample_size=side, patch_size=2, in_channels=cfg.latent_channels,
-                               out_channels=cfg.latent_channels, num_layers=2, attention_head_dim=16,
-                               num_attention_heads=4, joint_attention_dim=cfg.cross_attention_dim,
-                               caption_projection_dim=64, pooled_projection_dim=2 * cfg.projection_dim,
+                               out_channels=cfg.latent_channels, num_layers=cfg.transformer_layers,
+                               attention_head_dim=cfg.transformer_head_dim, num_attention_heads=cfg.transformer_heads,
+                               joint_attention_dim=cfg.cross_attention_dim,
+                               caption_projection_dim=cfg.transformer_heads * cfg.transformer_head_dim, pooled_projection_dim=2 * cfg.projection_dim,
                                pos_embed_max_size=side)
     return dict(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
 

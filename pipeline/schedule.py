@@ -194,6 +194,16 @@ class Schedule:
         t = torch.as_tensor(t, dtype=torch.long)
         return x0 + self._b(self.sigma(t).to(x0.device), x0) * noise
 
+    def training_draw(self, x0: torch.Tensor, eps: torch.Tensor, g: torch.Generator):
+        """One denoising-training example per row (the toy teacher's objective): a timestep uniform over
+        the T training timesteps, x_t = `forward_diffuse` (pure noise at t = T-1). Returns (model input,
+        its timesteps, the target: eps, or x0 for a "sample" model)."""
+        if self.prediction_type not in ("epsilon", "sample"):
+            raise ValueError(f"training_draw: an {self.prediction_type!r} target is not implemented")
+        t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=g)
+        x_t = self.forward_diffuse(x0, eps, t)
+        return self.scale_input(x_t, self.sigma(t)), t.float(), eps if self.prediction_type == "epsilon" else x0
+
     # ---- sampling ----------------------------------------------------------------------------------
     def step(self, denoise: Denoiser, x: torch.Tensor, t, t_next, prediction_type: str | None = None):
         """Evaluate the model at timestep(s) t and take one Euler step to t_next. Returns (x_next, x0)."""
@@ -344,6 +354,13 @@ class FlowMatchSchedule:
     def to_velocity(self, x0: torch.Tensor, x: torch.Tensor, sigma) -> torch.Tensor:
         """The velocity implied by an x0 estimate at noise level sigma (> 0)."""
         return (x - x0) / self._b(sigma, x)
+
+    def training_draw(self, x0: torch.Tensor, eps: torch.Tensor, g: torch.Generator):
+        """One rectified-flow training example per row (the toy teacher's objective, SD3's recipe): unshifted
+        time logit-normal (sigmoid of a standard normal), shifted to sigma, x_sigma = `forward_diffuse`.
+        Returns (model input, its timesteps sigma * 1000, the target velocity eps - x0)."""
+        sigma = self.shifted(torch.sigmoid(torch.randn(x0.shape[0], generator=g)))
+        return self.forward_diffuse(x0, eps, sigma), sigma * self.num_train_timesteps, eps - x0
 
     # ---- sampling ----------------------------------------------------------------------------------
     def step(self, denoise: Denoiser, x: torch.Tensor, sigma, sigma_next, prediction_type: str | None = None):

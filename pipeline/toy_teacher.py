@@ -1,6 +1,7 @@
-"""Train an embedded toy teacher: a miniature SDXL, or SD1.5 (`toy_teacher.family`; the zoo's real classes at
-tiny sizes) on one of the embedded datasets (`pipeline.data`: the digits, or Fashion-MNIST's train split),
-with Ray Train, and export it as a `StableDiffusionXLPipeline` (`StableDiffusionPipeline`) folder.
+"""Train an embedded toy teacher: a miniature SDXL, SD1.5 or SD3 (`toy_teacher.family`; the zoo's real classes
+at tiny sizes) on one of the embedded datasets (`pipeline.data`: the digits, or Fashion-MNIST's train split),
+with Ray Train, and export it as a `StableDiffusionXLPipeline` (`StableDiffusionPipeline`,
+`StableDiffusion3Pipeline`) folder.
 
 Two phases, each a `TorchTrainer` run on CPU workers (the same loop runs data-parallel on more; the
 loops are in `pipeline.toy_teacher_loops`):
@@ -11,7 +12,9 @@ loops are in `pipeline.toy_teacher_loops`):
    t = T), input scale_input(x_t, sigma_t), target eps; the caption is dropped ~10% of the time to
    the family's unconditional branch (SDXL: zero embeddings, force_zeros_for_empty_prompt; SD1.5: the
    empty prompt's embedding), which is what CFG samples with. AdamW,
-   linear warm-up then cosine decay, an EMA of the weights is what gets exported.
+   linear warm-up then cosine decay, an EMA of the weights is what gets exported. The SD3 family's
+   transformer learns the rectified-flow velocity instead (`FlowMatchSchedule.training_draw`: logit-normal
+   time, shifted; its unconditional branch is the empty prompt's encoding, pooled embedding included).
 
 The CLIP text encoders and the tokenizer stay as the zoo builds them (random but fixed for a
 seed), as in the prototype: ten distinct captions need no trained text model, only distinct codes.
@@ -38,7 +41,7 @@ from .zoo import ASSETS, ToyModelConfig
 DEFAULT_OUTPUT = ASSETS / "toy_teacher"
 DEFAULT_OUTPUTS = {"toy_digits": DEFAULT_OUTPUT, "fashion_mnist": ASSETS / "toy_fashion_teacher"}
 # the full preset's folder of another family: beside the SDXL one, suffixed with the family
-FAMILY_SUFFIX = {"sdxl": "", "sd15": "_sd15"}
+FAMILY_SUFFIX = {"sdxl": "", "sd15": "_sd15", "sd3": "_sd3"}
 
 
 def teacher_model_config() -> ToyModelConfig:
@@ -53,11 +56,15 @@ def fashion_model_config() -> ToyModelConfig:
     the photos' high-frequency energy, where the first teacher's 8x8x8 latents reached 3.33 and 0.66 (and
     0.73 after 1500 steps: its samples could not be sharp). A three-level UNet (32, 64, 96 channels,
     one layer per block: 2.8 M params) keeps a 4x4 mid block for the discriminator's head; at 16x16 it
-    costs 1.18 s per step of 64 on one thread where (48, 96) with two layers cost 2.29."""
+    costs 1.18 s per step of 64 on one thread where (48, 96) with two layers cost 2.29. The SD3 family's
+    transformer (its only use of the transformer sizes): 6 blocks of 4 x 16 (0.89 M params) at 1.37 s per step
+    of 64 on one thread, where 4 x 32 wide cost 2.12 s and 6 x 16 wide 2.31 s (its prompt is 272 tokens: 16
+    CLIP, 256 of T5's zeros, as the stock pipeline pads them)."""
     from .data import FASHION
 
     return ToyModelConfig(latent_channels=4, vae_channels=(32, 64), unet_channels=(32, 64, 96),
-                          unet_layers_per_block=1, extra_words=FASHION.caption_words)
+                          unet_layers_per_block=1, extra_words=FASHION.caption_words,
+                          transformer_layers=6, transformer_heads=4, transformer_head_dim=16)
 
 
 @dataclass
@@ -217,9 +224,10 @@ def train_toy_teacher(output: str | os.PathLike = DEFAULT_OUTPUT, tc: ToyTeacher
         if init_dir.exists():
             shutil.rmtree(init_dir)
         save_pipeline(make_pipeline(comps), init_dir)
-        n_unet = sum(p.numel() for p in comps["unet"].parameters())
+        n_unet = sum(p.numel() for p in comps.get("unet", comps.get("transformer")).parameters())
         n_vae = sum(p.numel() for p in comps["vae"].parameters())
-        print(f"[toy-teacher] {tc.family}: VAE {n_vae / 1e6:.2f} M params, UNet {n_unet / 1e6:.2f} M params; "
+        print(f"[toy-teacher] {tc.family}: VAE {n_vae / 1e6:.2f} M params, {'transformer' if tc.family == 'sd3' else 'UNet'} "
+              f"{n_unet / 1e6:.2f} M params; "
               f"{tc.workers} Ray Train worker(s) x {tc.cpus_per_worker} CPU", flush=True)
         base = {"tc": tc.to_dict(), "init_dir": str(init_dir.resolve()), "resolution": resolution,
                 "holdout_fraction": holdout_fraction, "data_seed": data_seed}
@@ -270,17 +278,18 @@ def train_toy_teacher(output: str | os.PathLike = DEFAULT_OUTPUT, tc: ToyTeacher
 
 def export_teacher(output: Path, init_dir: Path, vae_dir: Path, unet_dir: Path, scaling_factor: float,
                    tc: ToyTeacherConfig, extra: dict | None = None, vae_hist: list | None = None) -> dict:
-    """Assemble the trained VAE and EMA UNet with the fixed text encoders into a pipeline folder."""
+    """Assemble the trained VAE and EMA UNet (SD3: transformer) with the fixed text encoders into a pipeline
+    folder."""
     from diffusers import AutoencoderKL
 
-    from .zoo import load_pipeline, make_pipeline, save_pipeline
+    from .zoo import denoiser_of, load_pipeline, make_pipeline, save_pipeline, schedule_of
 
     pipe = load_pipeline(str(init_dir))
     vae_cfg = dict(pipe.vae.config)
     vae_cfg["scaling_factor"] = float(scaling_factor)
     vae = AutoencoderKL.from_config(vae_cfg)
     vae.load_state_dict(torch.load(Path(vae_dir) / "vae.pt", weights_only=True))
-    pipe.unet.load_state_dict(torch.load(Path(unet_dir) / "unet_ema.pt", weights_only=True))
+    denoiser_of(pipe).load_state_dict(torch.load(Path(unet_dir) / "unet_ema.pt", weights_only=True))
     comps = dict(pipe.components)
     comps["vae"] = vae.eval()
     comps.pop("image_encoder", None)
@@ -292,7 +301,7 @@ def export_teacher(output: Path, init_dir: Path, vae_dir: Path, unet_dir: Path, 
         shutil.rmtree(staging)
     info = {"num_inference_steps": tc.num_inference_steps, "guidance_scale": tc.guidance_scale,
             "resolution": 32, "stage": "toy_teacher", "teacher": None, "source_run": "padistill toy-teacher",
-            "prediction_type": "epsilon", "dataset": tc.dataset}
+            "prediction_type": schedule_of(pipe).prediction_type, "dataset": tc.dataset}
     save_pipeline(final, staging, info)
     unet_hist = json.loads((Path(unet_dir) / "history.json").read_text())
     summary = {"config": tc.to_dict(), "scaling_factor": scaling_factor,

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from . import cluster
-from .schedule import Conditioning, Schedule
+from .schedule import Conditioning, FlowMatchSchedule, Schedule, model_call
 
 
 # ---- helpers shared by the workers ---------------------------------------------------------------------
@@ -187,15 +187,15 @@ def vae_loop(config: dict) -> None:
 def unet_loop(config: dict) -> None:
     import copy
 
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL
 
-    from .zoo import load_pipeline, schedule_of
+    from .zoo import denoiser_of, load_pipeline, schedule_of
 
     tc = config["tc"]
     rank, world = _start_worker(tc, seed_stride=31)
     res = config["resolution"]
     pipe = load_pipeline(config["init_dir"])
-    sched: Schedule = schedule_of(pipe)
+    sched: Schedule | FlowMatchSchedule = schedule_of(pipe)
     vae: AutoencoderKL = pipe.vae
     vae.load_state_dict(torch.load(Path(config["vae_dir"]) / "vae.pt", weights_only=True))
     vae.eval()
@@ -207,14 +207,14 @@ def unet_loop(config: dict) -> None:
         lat_std = torch.cat([p.std for p in post]) * scaling
         cond = class_conditioning(pipe, res, tc["dataset"])
     labels = torch.as_tensor(data.labels)
-    unet: UNet2DConditionModel = pipe.unet
+    unet = denoiser_of(pipe)  # a UNet, or SD3's transformer
     unet.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     model = _wrap_ddp(unet)
+    call = model_call(model)
     opt = torch.optim.AdamW(unet.parameters(), lr=tc["unet_lr"], weight_decay=tc["weight_decay"])
     steps, bs = tc["unet_steps"], max(1, tc["unet_batch"] // world)
     g = torch.Generator().manual_seed(tc["seed"] * 1000 + 7 + rank)
-    T = sched.num_train_timesteps
     hist, t0, run_loss, first = [], time.time(), None, 0
     resumed = _resume_state()
     if resumed is not None:  # a rerun on the same work dir continues from the latest checkpoint
@@ -232,14 +232,12 @@ def unet_loop(config: dict) -> None:
         idx = torch.randint(0, len(labels), (bs,), generator=g)
         x0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g)
         eps = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, T, (bs,), generator=g)
-        x_t = sched.forward_diffuse(x0, eps, t)
+        x_in, t, target = sched.training_draw(x0, eps, g)  # epsilon (UNets) or velocity (SD3) targets
         y = labels[idx]
         keep = (torch.rand(bs, generator=g) >= tc["caption_dropout"]).float()
         c = cond.select(y).drop(keep)  # the family's unconditional branch where a caption is dropped
-        out = model(sched.scale_input(x_t, sched.sigma(t)), t.float(), encoder_hidden_states=c.prompt_embeds,
-                    added_cond_kwargs=c.added_cond_kwargs(), return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(out, eps)
+        out = call(x_in, t, c)
+        loss = torch.nn.functional.mse_loss(out, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -1,4 +1,4 @@
-"""The model zoo: build the toy benchmark's miniature SDXL (or SD1.5) from a config with the real classes,
+"""The model zoo: build the toy benchmark's miniature SDXL (or SD1.5, SD3) from a config with the real classes,
 save it as a pipeline folder, and load any folder of a family padistill distils (tiny or real, local or
 on S3, or a built-in name) through one function. Nothing here reaches the Hugging Face hub."""
 
@@ -23,12 +23,14 @@ BUILTIN = {
     # The shipped, trained toy teachers (DESIGN: "The toy benchmark"): digits, and Fashion-MNIST.
     "builtin:toy_teacher": ASSETS / "toy_teacher",
     "builtin:toy_fashion_teacher": ASSETS / "toy_fashion_teacher",
-    # the Fashion-MNIST teacher of the SD1.5 family (not shipped yet: `REGENERATE` trains it)
+    # the Fashion-MNIST teachers of the SD1.5 and SD3 families (not shipped yet: `REGENERATE` trains them)
     "builtin:toy_fashion_teacher_sd15": ASSETS / "toy_fashion_teacher_sd15",
+    "builtin:toy_fashion_teacher_sd3": ASSETS / "toy_fashion_teacher_sd3",
 }
 REGENERATE = {"builtin:toy_teacher": "padistill toy-teacher",
               "builtin:toy_fashion_teacher": "padistill toy-teacher --config toy_fashion",
-              "builtin:toy_fashion_teacher_sd15": "padistill toy-teacher --config toy_fashion_sd15"}
+              "builtin:toy_fashion_teacher_sd15": "padistill toy-teacher --config toy_fashion_sd15",
+              "builtin:toy_fashion_teacher_sd3": "padistill toy-teacher --config toy_fashion_sd3"}
 # Tiny pipelines with random weights, built on demand (seed 0): for smoke tests of the plumbing.
 TINY_RANDOM = "builtin:tiny_random"
 TINY_RANDOM_FAMILIES = {TINY_RANDOM: "sdxl", "builtin:tiny_random_sd15": "sd15", "builtin:tiny_random_sd3": "sd3"}
@@ -54,6 +56,10 @@ class ToyModelConfig:
     max_length: int = 16  # tokenizer model_max_length (captions are 4 words)
     norm_num_groups: int = 16
     extra_words: tuple[str, ...] = field(default_factory=tuple)
+    # the SD3 family's transformer (patch 2 on the latents; joint attention as wide as the text states)
+    transformer_layers: int = 2
+    transformer_heads: int = 4
+    transformer_head_dim: int = 16
 
     @property
     def cross_attention_dim(self) -> int:

@@ -213,10 +213,10 @@ def test_sd15_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
     assert_lora_loads_like_merged(str(teacher), lora_folder, prompt, min_change=1e-4)
 
 
-def test_sd3_smoke_dag_end_to_end(ray_local, tmp_path):
-    """The smoke DAG distils a tiny random Stable Diffusion 3 (SD3Transformer2DModel, two CLIP encoders and no
-    T5, FlowMatchEulerDiscreteScheduler shift 3.0), shortened to two stages that cover what differs from the
-    UNet families: a 32 -> 8 MSE stage whose student is a transformer LoRA and whose teacher runs with
+def test_sd3_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
+    """The toy-teacher job trains a miniature Stable Diffusion 3 (SD3Transformer2DModel, two CLIP encoders and no
+    T5, FlowMatchEulerDiscreteScheduler shift 3.0; smoke size, on the digits) on the rectified-flow velocity, and
+    the smoke DAG distils it, shortened to two stages that cover what differs from the UNet families: a 32 -> 8 MSE stage whose student is a transformer LoRA and whose teacher runs with
     guidance (the empty prompt's encoding, pooled embedding included, as its unconditional branch), and an
     8 -> 1 adversarial stage at the 1-step student's four noise levels with re-noising, its discriminator
     the transformer's first blocks. The trajectories' noise levels are float sigmas on the stock grids;
@@ -232,9 +232,17 @@ def test_sd3_smoke_dag_end_to_end(ray_local, tmp_path):
     from pipeline.student import LORA_WEIGHT_NAME
     from pipeline.trajectories import read_trajectories
 
+    from jobs.cli import main
+
+    teacher = tmp_path / "teacher"
+    assert main(["toy-teacher", "--config", "smoke", "--output", str(teacher), "--set", f"run_root={tmp_path / 'tt'}",
+                 "--set", "toy_teacher.family=sd3"]) == 0
+    info = json.loads((teacher / "padistill.json").read_text())
+    assert info["prediction_type"] == "flow" and info["guidance_scale"] == 2.0
+    assert json.loads((teacher / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
     data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
     data["run_root"] = str(tmp_path / "run")
-    data["model"].update(source=SD3)
+    data["model"].update(source=str(teacher))
     first, _, last = data["stages"]
     first.update(lora={"rank": 4, "steps": first["mse_steps"]})
     last.update(teacher_steps=8)
@@ -266,7 +274,7 @@ def test_sd3_smoke_dag_end_to_end(ray_local, tmp_path):
         assert img.size == (32, 32)
     lora_folder = Path(storage.path(cfg.stage_dir(1), "model"))
     assert (lora_folder / LORA_WEIGHT_NAME).exists()
-    assert_lora_loads_like_merged(SD3, lora_folder, prompt, min_change=1e-4)
+    assert_lora_loads_like_merged(str(teacher), lora_folder, prompt, min_change=1e-4)
 
 
 @torch.no_grad()

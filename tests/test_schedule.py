@@ -226,3 +226,26 @@ def test_flow_matching_stage_pairs_paths_and_discriminator_levels():
     torch.testing.assert_close(fm.model_timestep(torch.tensor([0.25, 0.0])), torch.tensor([250.0, 0.0]))
     torch.testing.assert_close(fm.level_of_timestep([10, 750]), torch.tensor([0.01, 0.75]))
     assert fm.scale_input(x, s) is x and fm.sigma(0.3).item() == pytest.approx(0.3)
+
+
+def test_training_draws_are_each_schedules_objective():
+    """The toy teacher's training example: for SDXL/SD1.5 (epsilon) the scaled x_t at a uniform integer timestep
+    with eps as the target, drawn as the loop drew it before (timesteps, then nothing else from the
+    generator); for SD3 x_sigma unscaled at timestep sigma x 1000, sigma shifted logit-normal in (0, 1), with
+    the velocity eps - x0 as the target."""
+    from diffusers import EulerDiscreteScheduler
+
+    from pipeline.schedule import FlowMatchSchedule, Schedule
+
+    x0, eps = torch.randn(256, 4, 2, 2), torch.randn(256, 4, 2, 2)
+    s = Schedule(EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod)
+    x_in, t, target = s.training_draw(x0, eps, torch.Generator().manual_seed(3))
+    t_ref = torch.randint(0, 1000, (256,), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(t, t_ref.float()) and target is eps
+    torch.testing.assert_close(x_in, s.scale_input(s.forward_diffuse(x0, eps, t_ref), s.sigma(t_ref)))
+    fm = FlowMatchSchedule(shift=3.0)
+    x_in, t, target = fm.training_draw(x0, eps, torch.Generator().manual_seed(3))
+    sigma = t / 1000
+    assert ((sigma > 0) & (sigma < 1)).all() and sigma.median() > 0.5  # shift 3 leans toward noise
+    torch.testing.assert_close(x_in, fm.forward_diffuse(x0, eps, sigma))
+    torch.testing.assert_close(target, eps - x0)
