@@ -78,8 +78,9 @@ def load_rows(cfg, key, held_rows: int):
         out = {}
         for k in columns:
             col = sub.column(k).combine_chunks()
-            if k in ("t", "t_next"):
-                out[k] = torch.as_tensor(col.to_numpy().astype(np.int64))
+            if k in ("t", "t_next"):  # integer timesteps, or an SD3 run's float sigmas
+                v = col.to_numpy()
+                out[k] = torch.as_tensor(v.astype(np.int64 if np.issubdtype(v.dtype, np.integer) else np.float32))
             else:
                 # Ray's tensor extension type when Ray registered it in this process, else its storage list
                 flat = (col.storage if hasattr(col, "storage") else col).values.to_numpy()
@@ -180,7 +181,7 @@ def d_alone(cfg, key, train, held, arm: str, steps: int, bs: int, seed: int, con
             lg = loop._dcall(torch.cat([r_in, f_in]), torch.cat([t_hat, t_hat]), cond, xt_in, b["t"], k=2, frozen=True)
             real.append(lg[:m])
             fake.append(lg[m:])
-            ts.append(b["t"])
+            ts.append(loop.schedule.model_timestep(b["t"]))  # strata in the model's timestep units
     real, fake = torch.cat(real), torch.cat(fake)
     scores = discriminator_scores(real, fake, torch.cat(ts))
     opt, total = loop.disc_counts

@@ -52,8 +52,10 @@ def read_columns(storage, rel: str, columns: list[str]) -> dict[str, np.ndarray]
 def _tensor_batch(cols: dict[str, np.ndarray], idx) -> dict[str, torch.Tensor]:
     from pipeline.stage_loop import train_columns
 
-    return {k: torch.as_tensor(cols[k][idx].astype(np.int64 if k in ("t", "t_next") else np.float32))
-            for k in train_columns(cols)}
+    def dtype(k):  # integer timesteps stay integers, an SD3 run's float sigmas floats
+        return np.int64 if k in ("t", "t_next") and np.issubdtype(cols[k].dtype, np.integer) else np.float32
+
+    return {k: torch.as_tensor(cols[k][idx].astype(dtype(k))) for k in train_columns(cols)}
 
 
 def offline_batches(traj: dict[str, np.ndarray], bs: int, seed: int):

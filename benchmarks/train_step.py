@@ -38,6 +38,7 @@ from pipeline.cluster import quiet_driver  # noqa: E402
 quiet_driver()  # before Ray is imported: Ray's known-harmless lines off the console
 
 from pipeline import cluster, zoo  # noqa: E402
+from pipeline.sampling import latent_shape  # noqa: E402
 from pipeline.config import CONFIG_DIR, from_dict  # noqa: E402
 from pipeline.storage import RunStorage  # noqa: E402
 from results_io import write_result  # noqa: E402
@@ -65,10 +66,12 @@ def synthetic_trajectories(cfg, storage, rows: int, seed: int = 0):
     g = np.random.default_rng(seed)
     cond = zoo.encode_prompts(pipe, ["a handwritten digit one"], cfg.model.resolution)
     pick = [pairs[i % len(pairs)] for i in range(rows)]
+    level = np.int32 if sched.level_dtype == torch.long else np.float32  # an SD3 schedule's levels are sigmas
+    shape = latent_shape(pipe)
     cols = {"id": [f"r{i}" for i in range(rows)], "draw": np.zeros(rows, np.int32),
-            "t": np.array([p.t for p in pick], np.int32), "t_next": np.array([p.t_next for p in pick], np.int32),
-            "x_t": g.standard_normal((rows, 4, 8, 8)).astype(np.float32),
-            "target": g.standard_normal((rows, 4, 8, 8)).astype(np.float32),
+            "t": np.array([p.t for p in pick], level), "t_next": np.array([p.t_next for p in pick], level),
+            "x_t": g.standard_normal((rows, *shape)).astype(np.float32),
+            "target": g.standard_normal((rows, *shape)).astype(np.float32),
             "prompt_embeds": np.repeat(cond.prompt_embeds.numpy(), rows, 0).astype(np.float32)}
     if cond.pooled is not None:  # SDXL
         cols["pooled_embeds"] = np.repeat(cond.pooled.numpy(), rows, 0).astype(np.float32)

@@ -33,8 +33,8 @@ def add_arguments(p) -> None:
                         "the paper's protocol: 10000 COCO prompts)")
     p.add_argument("--other-bases", action="store_true",
                    help="also count the denoisers of SD1.5, SD3.5-Medium and SD3.5-Large on the meta device "
-                        "(their published configs; SD1.5 is distilled, plan it with model.family: sd15 as in "
-                        "configs/sd15_lightning.yaml; the SD3 family is not trainable yet)")
+                        "(their published configs; to plan a run on one, set model.base: sd-1.5, sd3.5-medium or "
+                        "sd3.5-large, as configs/sd15_lightning.yaml and sd35_*_lightning.yaml do)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
 
 

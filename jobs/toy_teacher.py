@@ -1,5 +1,5 @@
-"""`padistill toy-teacher`: train an embedded toy teacher (a miniature SDXL, or SD1.5 with toy_teacher.family, on
-the config's data.kind: handwritten digits or Fashion-MNIST) and export it."""
+"""`padistill toy-teacher`: train an embedded toy teacher (a miniature SDXL, or SD1.5 or SD3 with
+toy_teacher.family, on the config's data.kind: handwritten digits or Fashion-MNIST) and export it."""
 
 from __future__ import annotations
 
@@ -10,19 +10,20 @@ from pathlib import Path
 from jobs.common import add_config_args, job_main
 
 NAME = "toy-teacher"
-HELP = ("train an embedded toy teacher (a miniature SDXL, or SD1.5 with --config toy_fashion_sd15 or "
-        "--set toy_teacher.family=sd15, on the config's data: digits, or Fashion-MNIST with --config toy_fashion) "
-        "and export it")
+HELP = ("train an embedded toy teacher (a miniature SDXL, or SD1.5 / SD3 with --config toy_fashion_sd15 / "
+        "toy_fashion_sd3 or --set toy_teacher.family=sd15 / sd3, on the config's data: digits, or Fashion-MNIST "
+        "with --config toy_fashion) and export it")
 
 
 def add_arguments(p) -> None:
     add_config_args(p)
     p.add_argument("--output", "-o", default=None,
                    help="pipeline folder to write (default for the full preset: pipeline/assets/toy_teacher, or "
-                        "pipeline/assets/toy_fashion_teacher for Fashion-MNIST, with _sd15 appended for an SD1.5 "
-                        "teacher; <run_root>/toy_teacher (toy_teacher_sd15) for smoke)")
+                        "pipeline/assets/toy_fashion_teacher for Fashion-MNIST, with _sd15 / _sd3 appended for an "
+                        "SD1.5 / SD3 teacher; <run_root>/toy_teacher (toy_teacher_sd15, toy_teacher_sd3) for smoke)")
     p.add_argument("--work-dir", default=None, help="keep Ray Train storage and checkpoints here (default: temporary); "
-                   "rerunning with the same folder reuses its trained VAE and resumes the UNet from its last checkpoint")
+                   "rerunning with the same folder reuses its trained VAE and resumes the UNet (SD3: transformer) from its last "
+                   "checkpoint")
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers")

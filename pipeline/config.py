@@ -54,7 +54,17 @@ class ModelConfig(_Strict):
     # the source's family (sdxl, sd15, sd3), read from its model_index.json when unset;
     # set, it is checked against the source (and `padistill plan`, which reads nothing remote, plans it)
     family: Optional[Literal["sdxl", "sd15", "sd3"]] = None
+    # the published base model `padistill plan` sizes (default: the family's: sdxl-base-1.0, sd-1.5,
+    # sd3.5-medium); the run itself reads the source folder
+    base: Optional[Literal["sdxl-base-1.0", "sd-1.5", "sd3.5-medium", "sd3.5-large"]] = None
     resolution: int = Field(32, gt=0)
+
+    @model_validator(mode="after")
+    def _base_of_family(self) -> "ModelConfig":
+        fam = {"sdxl-base-1.0": "sdxl", "sd-1.5": "sd15", "sd3.5-medium": "sd3", "sd3.5-large": "sd3"}.get(self.base)
+        if fam is not None and self.family is not None and fam != self.family:
+            raise ValueError(f"base: {self.base} is of the {fam} family, model.family is {self.family}")
+        return self
     teacher_steps: int = Field(32, ge=1, description="steps the base model samples with (the first teacher)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

@@ -1,6 +1,7 @@
 """Export a stage's student as DESIGN's export contract says: `<root>/stages/<k>-<name>/model/`, a
 diffusers pipeline folder that loads with its family's stock pipeline class (`StableDiffusionXLPipeline`,
-`StableDiffusionPipeline`) through `from_pretrained` (Euler, trailing; `prediction_type="sample"` for the x0 1-step student), with `padistill.json`, a model card
+`StableDiffusionPipeline`: Euler, trailing, `prediction_type="sample"` for the x0 1-step student;
+`StableDiffusion3Pipeline`: the teacher's flow-matching scheduler) through `from_pretrained`, with `padistill.json`, a model card
 (`README.md`, filled with metrics by evaluation) and, for LoRA students, the LoRA file.
 
 Training exports its final checkpoint through `export_stage` (`pipeline.train.train_stage`); `run_export`

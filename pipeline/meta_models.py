@@ -1,11 +1,13 @@
-"""The real SDXL UNet and the discriminator built on the meta device (no weights, no memory) and what is
-measured on them for `pipeline.plan`:
+"""The real denoisers (SDXL's and SD1.5's UNets, SD3.5-Medium's and -Large's transformers) and the
+discriminator built on the meta device (no weights, no memory) and what is measured on them for `pipeline.plan`:
 - parameter counts: `sum(p.numel())` of the diffusers `UNet2DConditionModel` built from SDXL base's
-  config (`SDXL_UNET_CONFIG`, written out here so nothing is downloaded) and of the discriminator;
+  config (`SDXL_UNET_CONFIG`, written out here so nothing is downloaded; `BASES` for the others) and of the
+  discriminator;
 - activations: one meta-device forward with autograd on, summing the bytes of every tensor autograd
   saves for backward (`torch.autograd.graph.saved_tensors_hooks`), attention counted as a fused
   (flash / memory-efficient) kernel saves it — q, k, v, output and log-sum-exp, no L×L matrix;
-  with gradient checkpointing (diffusers checkpoints each ResnetBlock2D and BasicTransformerBlock):
+  with gradient checkpointing (diffusers checkpoints each ResnetBlock2D and BasicTransformerBlock, an SD3
+  transformer each JointTransformerBlock):
   what is saved outside those units + each unit's input + the largest unit's own saved tensors;
 - FLOPs: `torch.utils.flop_counter.FlopCounterMode` over the same forward.
 """
@@ -93,12 +95,19 @@ SDXL_TEXT_ENCODER_CONFIGS: tuple[dict[str, Any], ...] = (
 
 
 # ---- models on the meta device --------------------------------------------------------------------------
-def build_unet(config: dict | None = None, device: str = "meta"):
-    """The diffusers UNet2DConditionModel of `config` (SDXL base by default) on `device`."""
-    from diffusers import UNet2DConditionModel
+def is_transformer(config: dict) -> bool:
+    """An SD3 transformer's config (joint attention), not a UNet's."""
+    return "joint_attention_dim" in config
 
+
+def build_unet(config: dict | None = None, device: str = "meta"):
+    """The denoiser of `config` (SDXL base's UNet by default; an SD3 transformer for a transformer's config)
+    on `device`."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    config = config or SDXL_UNET_CONFIG
     with torch.device(device):
-        return UNet2DConditionModel(**(config or SDXL_UNET_CONFIG))
+        return (SD3Transformer2DModel if is_transformer(config) else UNet2DConditionModel)(**config)
 
 
 # runwayml/stable-diffusion-v1-5, unet/config.json (the keys that differ from diffusers' defaults). Its text
@@ -108,19 +117,26 @@ SD15_UNET_CONFIG: dict[str, Any] = dict(
     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, cross_attention_dim=768, attention_head_dim=8)
 
+# stabilityai/stable-diffusion-3.5-medium and -large, transformer/config.json (diffusers SD3Transformer2DModel).
+SD35_MEDIUM_CONFIG: dict[str, Any] = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=list(range(13)), qk_norm="rms_norm")
+SD35_LARGE_CONFIG: dict[str, Any] = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+    pos_embed_max_size=192, dual_attention_layers=[], qk_norm="rms_norm")
+# SD3's conditioning: CLIP-L and CLIP-G states (77 tokens) followed by T5-XXL's (the stock pipeline's 256
+# tokens), all 4096 wide; pooled: both CLIPs' projections, 2048.
+SD3_TEXT_TOKENS = 77 + 256
+
 # Other base models, for sizing the model-family work (issue 17): their denoisers' published configs
 # (diffusers' unet/ or transformer/config.json of runwayml/stable-diffusion-v1-5,
 # stabilityai/stable-diffusion-3.5-medium and -large), with the parameter counts their publishers state.
 OTHER_BASES: dict[str, dict[str, Any]] = {
     "SD1.5 UNet": dict(cls="UNet2DConditionModel", published=0.86e9, config=SD15_UNET_CONFIG),
-    "SD3.5-Medium MMDiT-X": dict(cls="SD3Transformer2DModel", published=2.5e9, config=dict(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=384, dual_attention_layers=list(range(13)), qk_norm="rms_norm")),
-    "SD3.5-Large MMDiT": dict(cls="SD3Transformer2DModel", published=8.1e9, config=dict(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
-        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
-        pos_embed_max_size=192, dual_attention_layers=[], qk_norm="rms_norm")),
+    "SD3.5-Medium MMDiT-X": dict(cls="SD3Transformer2DModel", published=2.5e9, config=SD35_MEDIUM_CONFIG),
+    "SD3.5-Large MMDiT": dict(cls="SD3Transformer2DModel", published=8.1e9, config=SD35_LARGE_CONFIG),
 }
 
 
@@ -140,6 +156,14 @@ def other_base_params() -> list[dict]:
     return rows
 
 
+# SD3.5's VAE (vae/config.json): SDXL's architecture with 16 latent channels and no quant convs.
+SD3_VAE_CONFIG: dict[str, Any] = {**SDXL_VAE_CONFIG, "latent_channels": 16, "scaling_factor": 1.5305,
+                                  "shift_factor": 0.0609, "use_quant_conv": False, "use_post_quant_conv": False}
+# SD3.5's third text encoder: T5 v1.1 XXL's encoder (text_encoder_3/config.json, transformers T5EncoderModel).
+SD3_T5_CONFIG: dict[str, Any] = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                     feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+
+
 def build_vae(config: dict | None = None, device: str = "meta"):
     """The diffusers AutoencoderKL of `config` (SDXL base's by default) on `device`."""
     from diffusers import AutoencoderKL
@@ -149,24 +173,46 @@ def build_vae(config: dict | None = None, device: str = "meta"):
 
 
 def text_encoder_params(family: str = "sdxl") -> int:
-    """Parameters of a family's text encoders (SDXL: two, SD1.5: the first of them, CLIP ViT-L), built on
-    the meta device from their configs."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """Parameters of a family's text encoders (SDXL: two, SD1.5: the first of them, CLIP ViT-L; SD3: both
+    CLIPs with projections and T5-XXL's encoder), built on the meta device from their configs."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     n = 0
     configs = SDXL_TEXT_ENCODER_CONFIGS[:1] if family == "sd15" else SDXL_TEXT_ENCODER_CONFIGS
-    for cls, c in zip((CLIPTextModel, CLIPTextModelWithProjection), configs):
+    classes = (CLIPTextModelWithProjection,) * 2 if family == "sd3" else (CLIPTextModel, CLIPTextModelWithProjection)
+    for cls, c in zip(classes, configs):
         with torch.device("meta"):
             n += count_params(cls(CLIPTextConfig(**c)))
+    if family == "sd3":
+        with torch.device("meta"):
+            n += count_params(T5EncoderModel(T5Config(**SD3_T5_CONFIG)))
     return n
 
 
-# the denoiser a family's plan is measured on (`pipeline.plan`): its published UNet config
-FAMILY_UNET_CONFIGS = {"sdxl": SDXL_UNET_CONFIG, "sd15": SD15_UNET_CONFIG}
+# the published base models `padistill plan` sizes (`model.base`): family, display name, denoiser config
+BASES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "sdxl-base-1.0": ("sdxl", "SDXL", SDXL_UNET_CONFIG),
+    "sd-1.5": ("sd15", "SD1.5", SD15_UNET_CONFIG),
+    "sd3.5-medium": ("sd3", "SD3.5-Medium", SD35_MEDIUM_CONFIG),
+    "sd3.5-large": ("sd3", "SD3.5-Large", SD35_LARGE_CONFIG),
+}
+FAMILY_BASES = {"sdxl": "sdxl-base-1.0", "sd15": "sd-1.5", "sd3": "sd3.5-medium"}  # a family's default
+FAMILY_VAES = {"sdxl": SDXL_VAE_CONFIG, "sd15": SDXL_VAE_CONFIG, "sd3": SD3_VAE_CONFIG}
+
+
+def text_shape(config: dict) -> tuple[int, int]:
+    """(tokens, width) of a denoiser's prompt embeddings: SDXL / SD1.5 77 x cross-attention width, SD3 77 CLIP
+    + 256 T5 tokens x the joint-attention width."""
+    if is_transformer(config):
+        return SD3_TEXT_TOKENS, config["joint_attention_dim"]
+    return SDXL_TEXT_TOKENS, config["cross_attention_dim"]
 
 
 def pooled_dim(unet_config: dict) -> int:
-    """The pooled text embedding a UNet takes (SDXL's `text_time`), 0 for one without (SD1.5)."""
+    """The pooled text embedding a denoiser takes (SDXL's `text_time`, SD3's `pooled_projections`), 0 for one
+    without (SD1.5)."""
+    if is_transformer(unet_config):
+        return unet_config["pooled_projection_dim"]
     if unet_config.get("addition_embed_type") != "text_time":
         return 0
     return unet_config["projection_class_embeddings_input_dim"] - SDXL_TIME_IDS * unet_config["addition_time_embed_dim"]
@@ -190,8 +236,9 @@ class _Decode(nn.Module):
 
 def build_discriminator(conditional: bool = True, unet_config: dict | None = None, latent_size: int = 128,
                         device: str = "meta") -> nn.Module:
-    """The training code's discriminator (`pipeline.discriminator`) on a UNet of `unet_config`
-    (SDXL base by default), built on `device` (meta: no weights, no memory)."""
+    """The training code's discriminator (`pipeline.discriminator`) on a denoiser of `unet_config` (SDXL
+    base's UNet by default; an SD3 transformer's first half of blocks), built on `device` (meta: no weights,
+    no memory)."""
     from .discriminator import Discriminator
 
     cfg = {**(unet_config or SDXL_UNET_CONFIG), "sample_size": latent_size}  # D's head is sized for this
@@ -270,10 +317,10 @@ def _fused_attention():
 
 
 def _unit_types():
-    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    return (ResnetBlock2D, BasicTransformerBlock)
+    return (ResnetBlock2D, BasicTransformerBlock, JointTransformerBlock)
 
 
 @dataclass
@@ -337,21 +384,28 @@ def measure(module: nn.Module, inputs: dict, dtype: torch.dtype) -> Activations:
 
 
 def _cond_inputs(unet_config: dict, latent_size: int, dtype: torch.dtype) -> dict:
-    """One sample's inputs; SDXL's pooled text and time ids only for a `text_time` UNet (else None)."""
+    """One sample's inputs; the pooled text for SDXL's `text_time` UNet and SD3's transformer, SDXL's time ids
+    (else None)."""
     m = dict(device="meta", dtype=dtype)
-    text_time = pooled_dim(unet_config) > 0
+    pooled = pooled_dim(unet_config) > 0
+    text_time = pooled and not is_transformer(unet_config)
     return dict(
         timestep=torch.full((1,), 999.0, device="meta"),
-        encoder_hidden_states=torch.empty(1, SDXL_TEXT_TOKENS, unet_config["cross_attention_dim"], **m),
-        text_embeds=torch.empty(1, pooled_dim(unet_config), **m) if text_time else None,
+        encoder_hidden_states=torch.empty(1, *text_shape(unet_config), **m),
+        text_embeds=torch.empty(1, pooled_dim(unet_config), **m) if pooled else None,
         time_ids=torch.empty(1, SDXL_TIME_IDS, **m) if text_time else None,
         latent=torch.empty(1, unet_config["in_channels"], latent_size, latent_size, **m),
     )
 
 
 def measure_unet(unet, unet_config: dict, latent_size: int, dtype: torch.dtype) -> Activations:
+    """One denoiser forward (a UNet, or an SD3 transformer) of one sample."""
     c = _cond_inputs(unet_config, latent_size, dtype)
     unet = nn.Module.to(unet, dtype)  # (diffusers' own .to() warns about from_pretrained)
+    if is_transformer(unet_config):
+        return measure(unet, dict(hidden_states=c["latent"], timestep=c["timestep"],
+                                  encoder_hidden_states=c["encoder_hidden_states"],
+                                  pooled_projections=c["text_embeds"]), dtype)
     added = {"text_embeds": c["text_embeds"], "time_ids": c["time_ids"]} if c["text_embeds"] is not None else None
     return measure(unet, dict(sample=c["latent"], timestep=c["timestep"],
                               encoder_hidden_states=c["encoder_hidden_states"], added_cond_kwargs=added), dtype)

@@ -1,5 +1,6 @@
-"""Capacity plan for a run: parameter counts and activations of the real UNet of the run's model family
-(SDXL base's or SD1.5's published config) and the discriminator (measured on the meta device,
+"""Capacity plan for a run: parameter counts and activations of the real denoiser of the run's published
+base model (`model.base`, by default the family's: SDXL base's or SD1.5's UNet, SD3.5-Medium's transformer;
+SD3.5-Large's on request) and the discriminator (measured on the meta device,
 `pipeline.meta_models`), per-GPU memory under DeepSpeed ZeRO-2/3,
 trajectory storage per stage, and GPU-hours from a throughput the user supplies.
 
@@ -21,13 +22,14 @@ from typing import Optional
 
 from .config import RunConfig
 from .stage_config import StageConfig
-from .meta_models import (DTYPES, FAMILY_UNET_CONFIGS, SDXL_TEXT_TOKENS, VAE_FACTOR, build_discriminator,
-                          build_unet, build_vae, count_params, discriminator_source, head_blocks, largest_layer,
+from .meta_models import (BASES, DTYPES, FAMILY_BASES, FAMILY_VAES, VAE_FACTOR, build_discriminator, build_unet,
+                          build_vae, count_params, discriminator_source, head_blocks, is_transformer, largest_layer,
                           lora_params, measure_discriminator, measure_unet, measure_vae_decode, other_base_params,
-                          pooled_dim, text_encoder_params)
+                          pooled_dim, text_encoder_params, text_shape)
+
+from .student import LORA_EXCLUDE as TRAINING_LORA_EXCLUDE
 
 GiB = 1024 ** 3
-FAMILY_NAMES = {"sdxl": "SDXL", "sd15": "SD1.5"}
 _BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
@@ -81,6 +83,9 @@ class Plan:
     config: str
     family: str
     family_from: str
+    base: str  # the published base model sized (`model.base`, meta_models.BASES)
+    denoiser: str  # "UNet" or "transformer"
+    latent_channels: int
     text_tokens: int
     text_dim: int
     pooled_dim: int
@@ -120,7 +125,8 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
               unet_config: dict | None = None, config_name: str = "", eval_prompts: int | None = None,
               other_bases: bool = False, latent_size: int | None = None) -> Plan:
     family, family_from = plan_family(cfg)
-    ucfg = copy.deepcopy(unet_config or FAMILY_UNET_CONFIGS[family])
+    base = cfg.model.base or FAMILY_BASES[family]
+    ucfg = copy.deepcopy(unet_config or BASES[base][2])
     gpus = gpus or cfg.train.workers
     mb = micro_batch or cfg.train.micro_batch
     precision = cfg.train.precision
@@ -131,7 +137,8 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
 
     unet = build_unet(ucfg)
     n_unet = count_params(unet)
-    n_lora = lora_params(unet, rank)
+    # an SD3 transformer's LoRA as the trainer places it (`student.LORA_EXCLUDE`)
+    n_lora = lora_params(unet, rank, *((TRAINING_LORA_EXCLUDE,) if is_transformer(ucfg) else ()))
     live_unet = largest_layer(unet)
     ua = measure_unet(unet, ucfg, latent, dtype)
     del unet
@@ -172,7 +179,8 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
     tb = _BYTES[cfg.trajectories.dtype]
     eb = _BYTES[cfg.encode.dtype]
     lat = ucfg["in_channels"] * latent * latent
-    emb = SDXL_TEXT_TOKENS * ucfg["cross_attention_dim"] + pooled_dim(ucfg)
+    tokens, width = text_shape(ucfg)
+    emb = tokens * width + pooled_dim(ucfg)
     row = 2 * lat * tb + emb * tb + 3 * 8  # + id, t, t_next
     encoded = samples * (lat * eb + emb * eb)
     storage, compute = [], []
@@ -202,8 +210,9 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
 
     evaluation = eval_plan(cfg, n_unet, f_u, latent, dtype, peak_tflops * 1e12 * (mfu if mfu is not None else 0.35),
                            eval_prompts, family)
-    return Plan(config=config_name or cfg.name, family=family, family_from=family_from,
-                text_tokens=SDXL_TEXT_TOKENS, text_dim=ucfg["cross_attention_dim"], pooled_dim=pooled_dim(ucfg),
+    return Plan(config=config_name or cfg.name, family=family, family_from=family_from, base=base,
+                denoiser="transformer" if is_transformer(ucfg) else "UNet", latent_channels=ucfg["in_channels"],
+                text_tokens=tokens, text_dim=width, pooled_dim=pooled_dim(ucfg),
                 gpus=gpus, micro_batch=mb, grad_accum=cfg.train.grad_accum,
                 precision=precision, samples=samples, latent_size=latent, gpu_memory_gib=gpu_memory_gib,
                 unet_params=n_unet, disc_params_conditional=n_dc, disc_params_unconditional=n_du,
@@ -214,8 +223,8 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
 
 
 def plan_family(cfg: RunConfig) -> tuple[str, str]:
-    """The run's model family and where it was read: `model.family`, else the source folder's
-    model_index.json when the folder is on this machine (a plan downloads nothing), else SDXL, said so."""
+    """The run's model family and where it was read: `model.family`, else `model.base`'s, else the source
+    folder's model_index.json when the folder is on this machine (a plan downloads nothing), else SDXL, said so."""
     from pathlib import Path
 
     from . import family
@@ -224,6 +233,8 @@ def plan_family(cfg: RunConfig) -> tuple[str, str]:
     if cfg.model.family is not None:
         family.get(cfg.model.family)  # one line for a family padistill does not distil
         return cfg.model.family, "model.family"
+    if cfg.model.base is not None:
+        return BASES[cfg.model.base][0], "model.base"
     src = cfg.model.source
     if src in TINY_RANDOM_FAMILIES:
         return TINY_RANDOM_FAMILIES[src], src
@@ -245,9 +256,9 @@ def eval_plan(cfg: RunConfig, n_unet: int, unet_flops: float, latent: int, dtype
     text encoding are not counted (each well under a UNet pass per image)."""
     ev = cfg.evaluate
     n = prompts or (10 * ev.samples_per_prompt if cfg.data.toy else ev.prompts)
-    vae = build_vae()
+    vae = build_vae(FAMILY_VAES[family])  # SD1.5's VAE has SDXL's architecture, SD3's 16 latent channels
     f_vae = measure_vae_decode(vae, latent, dtype).forward_flops
-    n_vae, n_text = count_params(vae), text_encoder_params(family)  # SD1.5's VAE has SDXL's architecture
+    n_vae, n_text = count_params(vae), text_encoder_params(family)
     del vae
     g, g_from = teacher_guidance(cfg)
     cfg_passes = 2 if g > 1.0 else 1
@@ -306,30 +317,31 @@ def render(p: Plan) -> str:
     L = []
     L.append(f"## Capacity plan: `{p.config}`")
     L.append("")
-    L.append(f"Model family: {FAMILY_NAMES[p.family]} ({p.family_from}).")
+    L.append(f"Model family: {p.family} ({p.family_from}); sized as {BASES[p.base][1]} (`model.base`: {p.base}).")
     L.append("")
     L.append(f"{p.gpus} GPUs x {p.gpu_memory_gib:g} GiB, micro-batch {p.micro_batch}, grad-accum {p.grad_accum} "
-             f"(global batch {p.gpus * p.micro_batch * p.grad_accum}), {p.precision}, latent 4x{p.latent_size}x"
+             f"(global batch {p.gpus * p.micro_batch * p.grad_accum}), {p.precision}, latent {p.latent_channels}x{p.latent_size}x"
              f"{p.latent_size}, {p.samples:,} samples.")
     L.append("")
     L.append("### Parameters (built on the meta device)")
     L.append("")
     L.append("| model | parameters |")
     L.append("|---|---:|")
-    L.append(f"| {FAMILY_NAMES[p.family]} UNet (student / teacher) | {p.unet_params:,} ({p.unet_params / 1e9:.3f} B) |")
-    L.append(f"| discriminator, conditional (UNet encoder + {p.disc_head_blocks}-block head) | "
+    L.append(f"| {BASES[p.base][1]} {p.denoiser} (student / teacher) | {p.unet_params:,} ({p.unet_params / 1e9:.3f} B) |")
+    enc = "the transformer's first half of blocks" if p.denoiser == "transformer" else "UNet encoder"
+    L.append(f"| discriminator, conditional ({enc} + {p.disc_head_blocks}-block head) | "
              f"{p.disc_params_conditional:,} ({p.disc_params_conditional / 1e9:.3f} B) |")
     L.append(f"| discriminator, unconditional | {p.disc_params_unconditional:,} "
              f"({p.disc_params_unconditional / 1e9:.3f} B) |")
-    L.append(f"| LoRA rank {p.lora_rank} on the UNet | {p.lora_params:,} ({p.lora_params / 1e6:.1f} M) |")
+    L.append(f"| LoRA rank {p.lora_rank} on the {p.denoiser} | {p.lora_params:,} ({p.lora_params / 1e6:.1f} M) |")
     L.append("")
     L.append(f"Discriminator: {p.disc_source}.")
     L.append("")
     ua, da = p.unet_act, p.disc_act
     L.append("Activations saved for backward per sample (measured on meta, fused attention): "
-             f"UNet {ua['saved'] / GiB:.2f} GiB ({ua['saved_ckpt'] / GiB:.2f} GiB with gradient checkpointing), "
+             f"{p.denoiser} {ua['saved'] / GiB:.2f} GiB ({ua['saved_ckpt'] / GiB:.2f} GiB with gradient checkpointing), "
              f"conditional discriminator call {da['saved'] / GiB:.2f} GiB ({da['saved_ckpt'] / GiB:.2f} GiB). "
-             f"Forward FLOPs per sample: UNet {ua['forward_flops'] / 1e12:.2f} TFLOP, "
+             f"Forward FLOPs per sample: {p.denoiser} {ua['forward_flops'] / 1e12:.2f} TFLOP, "
              f"discriminator {da['forward_flops'] / 1e12:.2f} TFLOP.")
     L.append("")
     L.append(f"### Per-GPU memory (GiB) on {p.gpus} GPUs, micro-batch {p.micro_batch}")
@@ -405,8 +417,8 @@ def render(p: Plan) -> str:
                      f"({b['total'] / 1e9:.3f} B) | {b['published'] / 1e9:g} B |")
         L.append("")
         L.append("The SD3 transformers' fixed positional-embedding table is a buffer in diffusers and a weight in "
-                 "the publisher's checkpoint (and count). These rows size the model-family work (SD3 is not "
-                 f"distilled yet); the memory and GPU-hours above are the {FAMILY_NAMES[p.family]} UNet's.")
+                 "the publisher's checkpoint (and count). The memory and GPU-hours above are the "
+                 f"{BASES[p.base][1]} {p.denoiser}'s (`model.base` sizes another).")
         L.append("")
     return "\n".join(L)
 

@@ -234,9 +234,8 @@ class FlowMatchSchedule:
     unscaled at timestep sigma * 1000 and predicts the velocity v = eps - x0; an Euler step is
     x + (sigma_next - sigma) * v. Noise levels are floats (sigmas), not integer indices as in `Schedule`:
     a flow model's N-step grid is the scheduler's own (N points evenly spaced in unshifted time, then
-    shifted), and those grids are not nested across N, so a teacher's rollout over one student step
-    subdivides that step's interval evenly in unshifted time (`teacher_path`) instead of walking a
-    finer stock grid. The student's own grid stays exactly the stock pipeline's, so an exported student
+    shifted), and those grids are not nested across N, so a teacher's rollout over one student step starts
+    at the step's sigma and then walks the teacher's own grid points inside the step (`teacher_path`). The student's own grid stays exactly the stock pipeline's, so an exported student
     samples right with `num_inference_steps=N` and nothing else."""
 
     clean = 0.0
@@ -288,10 +287,12 @@ class FlowMatchSchedule:
         """The student steps a stage trains on, as sigmas (0: clean). Plain: the student's own stock grid,
         each step to the next (the last to clean). multi_timestep (1- and 2-step students): from each sigma
         of the 4-step grid, a jump of 1/N in unshifted time toward clean (clean once it would pass it), as
-        `Schedule.stage_pairs` jumps 1000/N timesteps."""
+        `Schedule.stage_pairs` jumps 1000/N timesteps, and the student's own stock steps where those jumps
+        miss them (the stock 2-step grid is 1 -> the smallest sigma -> 0, which no 1/2 jump takes)."""
+        own = [StagePair(a, b) for a, b in zip(self.sigmas(student_steps).tolist(),
+                                               self.sigmas(student_steps).tolist()[1:] + [self.clean])]
         if not multi_timestep:
-            grid = self.sigmas(student_steps).tolist() + [self.clean]
-            return [StagePair(a, b) for a, b in zip(grid[:-1], grid[1:])]
+            return own
         if student_steps not in (1, 2):
             raise ValueError("multi_timestep applies to 1- and 2-step students only")
         pairs = []
@@ -299,22 +300,24 @@ class FlowMatchSchedule:
             u_next = float(self.unshifted(torch.tensor(s))) - 1.0 / student_steps
             nxt = float(self.shifted(torch.tensor(u_next))) if u_next > 1e-6 else self.clean
             pairs.append(StagePair(s, nxt))
-        return pairs
+        return pairs + [p for p in own if p not in pairs]
 
     def stage_path(self, teacher_steps: int, student_steps: int, t: float, t_next: float) -> list[float]:
-        """What a teacher's rollout over the student step (t -> t_next) evaluates: the step cut into
-        teacher_steps / student_steps equal parts in unshifted time (`teacher_path`)."""
-        return self.teacher_path(max(1, teacher_steps // student_steps), t, t_next)
+        """What a teacher's rollout over the student step (t -> t_next) evaluates: `teacher_path` (the
+        student's step count does not enter: the teacher walks its own grid)."""
+        return self.teacher_path(teacher_steps, t, t_next)
 
-    def teacher_path(self, teacher_steps_per_step: int, sigma: float, sigma_next: float) -> list[float]:
-        """The sigmas a teacher's n-step rollout from `sigma` to `sigma_next` evaluates at: the interval cut
-        into n equal parts in unshifted time (the scheduler's own spacing)."""
+    def teacher_path(self, teacher_steps: int, sigma: float, sigma_next: float) -> list[float]:
+        """The sigmas a teacher's rollout from `sigma` to `sigma_next` evaluates at: `sigma` (where x_t is),
+        then the points of the teacher's own stock `teacher_steps` grid between the two; the rollout's last
+        step ends at `sigma_next` on the teacher's own Euler line (a distilled teacher is evaluated where it
+        was trained, except at a `sigma` off its grid: the stock grids are not nested across N)."""
         if not 0 <= sigma_next < sigma <= 1:
             raise ValueError(f"({sigma} -> {sigma_next}) is not a step toward clean")
-        if teacher_steps_per_step < 1:
-            raise ValueError(f"teacher steps per student step must be >= 1, got {teacher_steps_per_step}")
-        a, b = float(self.unshifted(sigma)), float(self.unshifted(sigma_next))
-        return [float(self.shifted(a + (b - a) * i / teacher_steps_per_step)) for i in range(teacher_steps_per_step)]
+        if teacher_steps < 1:
+            raise ValueError(f"teacher_steps must be >= 1, got {teacher_steps}")
+        eps = 1e-6  # float32 grid points that equal `sigma` are `sigma` itself
+        return [float(sigma)] + [p for p in self.sigmas(teacher_steps).tolist() if sigma_next + eps < p < sigma - eps]
 
     def model_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The timestep the transformer is called with at sigma(s): sigma * 1000."""

@@ -95,6 +95,9 @@ def train_stage(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps:
     `restart` discards the stage's checkpoints first (`claim_train_dir`). Returns a summary: final
     metrics (`resumed_from` among them: the step it resumed at, -1 for a fresh start), checkpoint path,
     model URL."""
+    from .zoo import family_module
+
+    family_module(cfg)  # settings the model's family does not support fail here in one line, not in a worker
     storage = RunStorage.from_config(cfg)
     idx, stage = cfg.stage(key)
     claim_train_dir(cfg, key, storage, restart=restart, log=log)
@@ -150,9 +153,10 @@ def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
     _, stage = cfg.stage(key)
     traj = storage.read_manifest(traj_step(cfg, key)) or {}
     out = {"stage": stage.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-           # model.family is fixed by the source (and checked against it): a run root trained before the key
-           # existed, or with the key set to what the source is, stays finished
-           "model": cfg.model.model_dump(mode="json", exclude={"family"}), "trajectories": traj.get("inputs_hash")}
+           # model.family is fixed by the source (and checked against it), model.base only sizes `padistill
+           # plan`: a run root trained before the keys existed, or with them set, stays finished
+           "model": cfg.model.model_dump(mode="json", exclude={"family", "base"}),
+           "trajectories": traj.get("inputs_hash")}
     if cfg.student_init_of(key) != cfg.teacher_of(key):  # a student that starts from another stage's student
         try:
             out["student_init"] = teacher_fingerprint(student_init_source(cfg, key, storage), cfg)

@@ -315,6 +315,9 @@ def intact(cfg: RunConfig, key, manifest: dict, storage: RunStorage | None = Non
 
 def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict:
     """Run (or resume, or skip when finished) stage `key`'s trajectories; returns the manifest."""
+    from .zoo import family_module
+
+    family_module(cfg)  # settings the model's family does not support fail here in one line, not in an actor
     storage = RunStorage.from_config(cfg)
     k, stage = cfg.stage(key)
     enc = storage.read_manifest(encode_mod.STEP)

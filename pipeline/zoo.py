@@ -188,27 +188,32 @@ def check_family(source: str, index: dict, family: str | None = None) -> str:
     return fam
 
 
-def check_source(source: str, storage=None, family: str | None = None) -> str:
-    """Before any work: a model source that is no pipeline folder, of a family padistill does not distil or
-    not of the config's `family` fails in one line; returns its family. An s3:// source is not downloaded
-    for it: its model_index.json alone is read."""
+def source_index(source: str, storage=None) -> dict:
+    """A model source's model_index.json (an s3:// source is not downloaded for it: that file alone is
+    read; a local or built-in one is resolved, which checks its family)."""
     if not source.startswith("s3://"):
-        path = resolve_source(source, storage)
-        return check_family(source, json.loads((path / "model_index.json").read_text()), family)
+        return json.loads((resolve_source(source, storage) / "model_index.json").read_text())
     from .storage import filesystem_for
 
     try:
-        index = json.loads(filesystem_for(source, storage).cat(source.rstrip("/") + "/model_index.json"))
+        return json.loads(filesystem_for(source, storage).cat(source.rstrip("/") + "/model_index.json"))
     except FileNotFoundError:
         raise _not_a_pipeline(source) from None
-    return check_family(source, index, family)
+
+
+def check_source(source: str, storage=None, family: str | None = None) -> str:
+    """Before any work: a model source that is no pipeline folder, of a family padistill does not distil or
+    not of the config's `family` fails in one line; returns its family."""
+    return check_family(source, source_index(source, storage), family)
 
 
 def family_module(cfg):
     """The family module (`pipeline.family_*`) of a run config's model (`check_source`), its stages checked
-    against what the family supports (`family.check_stages`)."""
-    name = check_source(cfg.model.source, cfg.storage, cfg.model.family)
-    families.check_stages(name, cfg.stages)
+    against what the family supports (`family.check_stages`). Called before any step's work (the DAG,
+    `encode`, `trajectories`, `train-stage`)."""
+    index = source_index(cfg.model.source, cfg.storage)
+    name = check_family(cfg.model.source, index, cfg.model.family)
+    families.check_stages(name, cfg.stages, index)
     return families.get(name)
 
 

@@ -143,7 +143,8 @@ def test_model_family_stays_out_of_the_training_hash(tmp_path):
 
 def test_model_family_is_read_from_the_source_and_checked(tmp_path):
     """model.family defaults to the source's family; set to another, the config fails naming both; a family
-    padistill does not distil is refused by name, and so are stage settings the SD3 family does not support."""
+    padistill does not distil is refused by name, and so are stage settings the SD3 family does not support
+    (the x0 conversion, the plain-CNN D, a guided stage on a folder with a T5 encoder)."""
     assert zoo.family_module(load_config("smoke", [f"model.source={SD15}"])) is family.family_sd15
     assert zoo.family_module(load_config("smoke", [])) is family.family_sdxl
     with pytest.raises(ConfigError, match=r"model.family: 'sdxl' but model.source builtin:tiny_random_sd15 is a "
@@ -157,6 +158,16 @@ def test_model_family_is_read_from_the_source_and_checked(tmp_path):
         zoo.family_module(load_config("smoke", [f"model.source={SD3}"]))
     with pytest.raises(ConfigError, match=r"stages\[1\].disc_backbone: 'cnn' is for UNet families"):
         zoo.family_module(load_config("smoke", [f"model.source={SD3}", "stages.1.disc_backbone=cnn", *velocity]))
+    t5 = tmp_path / "sd3_t5"  # an SD3 folder whose model_index.json names a T5 encoder: guided stages refused
+    zoo.save_pipeline(zoo.build_pipeline(family="sd3"), t5)
+    index = json.loads((t5 / "model_index.json").read_text())
+    index.update(text_encoder_3=["transformers", "T5EncoderModel"], tokenizer_3=["transformers", "T5TokenizerFast"])
+    (t5 / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=r"an SD3 base model with a T5 encoder \(text_encoder_3\) is distilled "
+                                          r"without guidance only"):
+        zoo.family_module(load_config("smoke", [f"model.source={t5}", *velocity]))
+    assert zoo.family_module(load_config("smoke", [f"model.source={t5}", "stages.0.guidance_scale=1.0", *velocity])) \
+        is family.family_sd3
 
 
 def test_sd15_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):

@@ -174,5 +174,40 @@ def test_plan_of_an_sd15_run_measures_the_sd15_unet(capsys):
     assert json.loads(capsys.readouterr().out)["family"] == "sd15"
     assert main(["plan", "--config", "sd15_lightning", "--set", "model.family=null"]) == 0
     out = capsys.readouterr().out
-    assert "Model family: SDXL (s3://my-bucket/models/stable-diffusion-v1-5 is not on this machine: planned as " \
-           "SDXL (set model.family))." in out
+    assert "Model family: sdxl (s3://my-bucket/models/stable-diffusion-v1-5 is not on this machine: planned as " \
+           "SDXL (set model.family)); sized as SDXL (`model.base`: sdxl-base-1.0)." in out
+
+
+@pytest.mark.parametrize("size", ["medium", "large"])
+def test_plan_of_an_sd35_run_measures_its_transformer(size, capsys):
+    """`configs/sd35_<size>_lightning.yaml` (model.base sd3.5-medium / -large) is planned on that published
+    SD3.5 transformer built on meta (the counts `--other-bases` checks against the publishers' 2.5 B and 8.1 B,
+    without the positional table, a buffer), 16-channel latents, its discriminator the transformer's first
+    half of blocks, rows holding 77 CLIP + 256 T5 tokens x 4096 and the 2048 pooled embedding, the T5-XXL
+    encoder among the evaluation's text encoders; with gradient checkpointing the adversarial stages fit in
+    80 GiB at the config's ZeRO stage, without it they do not. model.base of another family is refused."""
+    from jobs.cli import main
+    from pipeline import meta_models as mm
+
+    assert main(["plan", "--config", f"sd35_{size}_lightning", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    spec = mm.BASES[f"sd3.5-{size}"][2]
+    with torch.device("meta"):
+        from diffusers import SD3Transformer2DModel
+
+        n = mm.count_params(SD3Transformer2DModel(**spec))
+    assert (d["family"], d["base"], d["denoiser"]) == ("sd3", f"sd3.5-{size}", "transformer")
+    assert d["unet_params"] == n == {"medium": 2_243_171_520, "large": 8_056_627_520}[size]
+    assert (d["latent_channels"], d["latent_size"], d["text_tokens"], d["text_dim"], d["pooled_dim"]) == \
+        (16, 128, 333, 4096, 2048)
+    assert d["storage"][0]["bytes_per_row"] == 2 * 16 * 128 * 128 * 2 + (333 * 4096 + 2048) * 2 + 3 * 8
+    blocks = spec["num_layers"] // 2
+    assert d["disc_params_conditional"] < n * (blocks + 2) / spec["num_layers"]  # half the blocks and the embeddings
+    assert d["evaluation"]["text_encoder_params"] > 4.7e9  # T5-XXL's encoder with the two CLIPs
+    zero = {"medium": "ZeRO-2", "large": "ZeRO-3"}[size]
+    adv = [m for m in d["memory"] if m["phase"].startswith("adversarial: full") and m["zero"] == zero][0]
+    assert adv["fits_ckpt"] and not adv["fits"]
+    with pytest.raises(Exception, match="base: sd3.5-large is of the sd3 family, model.family is sdxl"):
+        load_config("smoke", ["model.base=sd3.5-large", "model.family=sdxl"])
+    assert main(["plan", "--config", "toy_fashion_sd3", "--json"]) == 0  # the family's default base
+    assert json.loads(capsys.readouterr().out)["base"] == "sd3.5-medium"

@@ -160,8 +160,8 @@ def test_flow_matching_grids_and_sampling_match_diffusers(shift):
 
 def test_flow_matching_conversions_and_teacher_path():
     """x_sigma from x0 and noise; the true velocity gives x0 back and one Euler step lands on the same
-    line; a teacher's n-step path cuts a student step evenly in unshifted time and starts at its sigma;
-    scheduler options that bend the grid are refused by name."""
+    line; a teacher's path starts at the step's sigma and then walks the teacher's own grid points inside
+    the step; scheduler options that bend the grid are refused by name."""
     from pipeline.schedule import FlowMatchSchedule
 
     fm = FlowMatchSchedule(shift=3.0)
@@ -174,9 +174,10 @@ def test_flow_matching_conversions_and_teacher_path():
     x_next, got_x0 = fm.step(lambda x_, t_: eps - x0, x, s, torch.tensor([0.5, 0.2, 0.0]))
     torch.testing.assert_close(x_next, fm.forward_diffuse(x0, eps, torch.tensor([0.5, 0.2, 0.0])), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_x0, x0, atol=1e-5, rtol=1e-5)
-    path = fm.teacher_path(4, 1.0, float(fm.shifted(0.5)))
-    assert len(path) == 4 and path[0] == pytest.approx(1.0)
-    assert [float(fm.unshifted(p)) for p in path] == pytest.approx([1.0, 0.875, 0.75, 0.625])
+    grid8 = fm.sigmas(8).tolist()
+    assert fm.teacher_path(8, 1.0, float(fm.shifted(0.5))) == grid8[:4]  # u = 1, 0.857, 0.714, 0.572 > 0.5
+    off = float(fm.shifted(0.9))  # a start off the teacher's grid: there first, then the grid's points
+    assert fm.teacher_path(8, off, 0.0) == [off] + grid8[1:]
     with pytest.raises(ValueError, match="toward clean"):
         fm.teacher_path(2, 0.3, 0.5)
     with pytest.raises(ValueError, match="use_dynamic_shifting"):
@@ -190,8 +191,8 @@ def test_flow_matching_conversions_and_teacher_path():
 def test_flow_matching_stage_pairs_paths_and_discriminator_levels():
     """What the steps read of the SD3 schedule: a stage's student steps are the stock N-step sigmas in order,
     the last to clean (0); the 1- and 2-step students' four starting sigmas are the 4-step grid's, each
-    jumping 1/N toward clean in unshifted time; a teacher's rollout over a student step takes
-    teacher_steps / student_steps evaluations and starts at the step's sigma; `jump_x0` inverts a step, an
+    jumping 1/N toward clean in unshifted time, plus their own stock steps those jumps miss; a teacher's
+    rollout over a student step starts at the step's sigma and walks the teacher's own grid inside it; `jump_x0` inverts a step, an
     x0 ("sample") prediction steps to the same place as the velocity it implies, and the discriminator's
     timesteps are sigma x 1000 (the re-noising t* as sigmas t* / 1000)."""
     from pipeline.schedule import FlowMatchSchedule
@@ -203,15 +204,18 @@ def test_flow_matching_stage_pairs_paths_and_discriminator_levels():
     one = fm.stage_pairs(1, multi_timestep=True)
     assert [p.t for p in one] == grid and {p.t_next for p in one} == {fm.clean}
     two = fm.stage_pairs(2, multi_timestep=True)
-    assert [p.t for p in two] == grid
+    assert [p.t for p in two[:4]] == grid
     assert two[0].t_next == pytest.approx(float(fm.shifted(torch.tensor(0.5))))
     assert float(fm.unshifted(torch.tensor(two[1].t_next))) == pytest.approx(float(fm.unshifted(torch.tensor(grid[1]))) - 0.5)
-    assert [p.t_next for p in two[2:]] == [0.0, 0.0]
+    assert [p.t_next for p in two[2:4]] == [0.0, 0.0]
+    # the stock 2-step grid is 1 -> the smallest sigma -> 0: its first step, which no 1/2 jump takes, is trained too
+    two_grid = fm.sigmas(2).tolist()
+    assert two_grid[1] == grid[-1] < 0.01 and [(p.t, p.t_next) for p in two[4:]] == [(1.0, two_grid[1])]
     with pytest.raises(ValueError, match="1- and 2-step"):
         fm.stage_pairs(4, multi_timestep=True)
-    path = fm.stage_path(32, 8, grid[0], grid[1])
-    assert len(path) == 4 and path[0] == pytest.approx(grid[0])
-    assert len(fm.stage_path(8, 1, 1.0, 0.0)) == 8
+    grid8, grid32 = fm.sigmas(8).tolist(), fm.sigmas(32).tolist()
+    assert fm.stage_path(32, 8, grid8[0], grid8[1]) == grid32[:5]  # u = 1, 0.968, 0.936, 0.904, 0.871 > 0.857
+    assert fm.stage_path(4, 1, grid[1], 0.0) == grid[1:]  # the 1-step stage's 4-step teacher: on its own grid
     x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     s, sn = torch.tensor([0.9, 0.4]), torch.tensor([0.5, 0.0])
     x = fm.forward_diffuse(x0, eps, s)
