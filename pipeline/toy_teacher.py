@@ -161,7 +161,10 @@ def _run_phase(loop, config: dict, tc: ToyTeacherConfig, storage: Path, name: st
     return result.checkpoint
 
 
-def _plot_curves(vae_hist: list, unet_hist: list, path: Path) -> None:
+def _plot_curves(vae_hist: list, unet_hist: list, path: Path, denoiser: str = "UNet epsilon MSE",
+                 vae_note: str = "") -> None:
+    """The two phases' losses; `denoiser` titles the second (SD3: the transformer's velocity MSE), `vae_note`
+    stands in the first when the VAE was reused (no history of its own)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,8 +179,13 @@ def _plot_curves(vae_hist: list, unet_hist: list, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, hist, key, title in ((axes[0], vae_hist, "mse", "VAE reconstruction MSE"),
-                                 (axes[1], unet_hist, "loss", "UNet epsilon MSE")):
+                                 (axes[1], unet_hist, "loss", denoiser)):
         v = [h[key] for h in hist]
+        if not v:
+            ax.text(0.5, 0.5, vae_note or "no history", ha="center", va="center", wrap=True, transform=ax.transAxes)
+            ax.set_title(title)
+            ax.set_axis_off()
+            continue
         ax.plot(range(1, len(v) + 1), v, alpha=0.3, lw=0.7, label="per step")
         s = smooth(v)
         ax.plot(np.arange(len(s)) + (len(v) - len(s)) + 1, s, lw=1.5, label="moving average")
@@ -308,7 +316,10 @@ def export_teacher(output: Path, init_dir: Path, vae_dir: Path, unet_dir: Path, 
                "final_unet_loss": json.loads((Path(unet_dir) / "final.json").read_text()).get("loss"),
                **(extra or {})}
     (staging / "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    _plot_curves(vae_hist or [], unet_hist, staging / "loss_curves.png")
+    reused = (extra or {}).get("vae_reused_from")
+    _plot_curves(vae_hist or [], unet_hist, staging / "loss_curves.png",
+                 "transformer velocity MSE" if tc.family == "sd3" else "UNet epsilon MSE",
+                 f"VAE reused from {reused}" if reused else "")
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
