@@ -150,3 +150,27 @@ def test_toy_teacher_settings_meet_in_one_place(tmp_path):
         from_run_config(load_config("smoke", ["toy_teacher.output=s3://bucket/teacher"]))
     with pytest.raises(ConfigError, match="data.kind"):
         from_run_config(load_config("smoke", ["data.kind=parquet", "data.path=/nowhere"]))
+
+
+def test_shipped_sd3_teacher_runs_in_stock_diffusers_and_draws_the_prompted_class():
+    """The shipped SD3 Fashion-MNIST teacher (issue 17): small, its flow-matching scheduler (shift 3.0) and
+    recommended guidance recorded, it loads in the stock StableDiffusion3Pipeline (no T5: passed as None) and
+    draws an object, and padistill's sampler draws the prompted class (30 samples at 32 steps)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from pipeline import metrics, sampling
+    from pipeline.zoo import load_pipeline, read_info
+
+    folder = BUILTIN["builtin:toy_fashion_teacher_sd3"]
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= 15_000_000
+    info = read_info(folder)
+    assert (info["dataset"], info["prediction_type"], info["guidance_scale"]) == ("fashion_mnist", "flow", 2.0)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 3.0
+    image = pipe("a photo of a sneaker", num_inference_steps=8, guidance_scale=2.0, height=32, width=32,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32) and np.asarray(image).std() > 20
+    s = sampling.sample_classes(load_pipeline(str(folder)), 32, 2.0, samples_per_digit=3, seed=4321,
+                                dataset="fashion_mnist")
+    acc = float((metrics.predict(s.images, metrics.load_classifier(dataset="fashion_mnist")) == s.labels).mean())
+    assert acc >= FASHION_ACC, f"prompt accuracy {acc}"
