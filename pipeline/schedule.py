@@ -8,7 +8,7 @@ A timestep of -1 stands for "clean" (sigma = 0), the end of every trajectory. `F
 is the SD3 family's (its docstring): its noise levels are float sigmas, 0 for clean.
 
 Both schedules speak one interface to the steps, in their own noise levels (`Schedule`: integer
-timesteps, `FlowMatchSchedule`: sigmas): `clean` and `level_dtype`, `stage_pairs`, `stage_path` (what
+timesteps, `FlowMatchSchedule`: sigmas): `clean` and `level_dtype`, `stage_pairs`, `teacher_path` (what
 a teacher's rollout over one student step evaluates), `forward_diffuse`, `step` / `rollout` / `sample`,
 `sigma` and `scale_input` (what the model sees), `jump_x0` and `renoise` (the discriminator's inputs),
 `model_timestep` (the timestep the model is called with) and `level_of_timestep` (a stage's re-noising
@@ -130,10 +130,6 @@ class Schedule:
         if t not in grid or (t_next != CLEAN and t_next not in grid) or (t_next != CLEAN and t_next >= t):
             raise ValueError(f"({t} -> {t_next}) is not a path on the {teacher_steps}-step trailing grid")
         return [s for s in grid if s <= t and (t_next == CLEAN or s > t_next)]
-
-    def stage_path(self, teacher_steps: int, student_steps: int, t: int, t_next: int) -> list[int]:
-        """What a teacher's rollout over the student step (t -> t_next) evaluates: `teacher_path`."""
-        return self.teacher_path(teacher_steps, t, t_next)
 
     def model_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep the model is called with at noise level(s) `t` (clean as 0), float."""
@@ -301,11 +297,6 @@ class FlowMatchSchedule:
             nxt = float(self.shifted(torch.tensor(u_next))) if u_next > 1e-6 else self.clean
             pairs.append(StagePair(s, nxt))
         return pairs + [p for p in own if p not in pairs]
-
-    def stage_path(self, teacher_steps: int, student_steps: int, t: float, t_next: float) -> list[float]:
-        """What a teacher's rollout over the student step (t -> t_next) evaluates: `teacher_path` (the
-        student's step count does not enter: the teacher walks its own grid)."""
-        return self.teacher_path(teacher_steps, t, t_next)
 
     def teacher_path(self, teacher_steps: int, sigma: float, sigma_next: float) -> list[float]:
         """The sigmas a teacher's rollout from `sigma` to `sigma_next` evaluates at: `sigma` (where x_t is),

@@ -8,7 +8,7 @@ For every encoded row and each of `trajectories.draws` draws:
   (`draw_seed`: a SHA-256 of the three; the noise is `torch.randn` on the CPU in fp32 from a
   generator seeded with it, so any process on any device regenerates it exactly);
 - x_t = `Schedule.forward_diffuse(latent, noise, t)` (pure noise at t = T, the schedule fix);
-- target = the teacher's n Euler steps from x_t along `Schedule.stage_path` (the teacher grid's points
+- target = the teacher's n Euler steps from x_t along `Schedule.teacher_path` (the teacher grid's points
   between t and t_next) through `Schedule.rollout`, with classifier-free guidance when the stage's
   `guidance_scale` > 1 (the family's unconditional branch: zeros for SDXL, the empty prompt's encoding for
   SD1.5 and SD3). The SD3 family does the same on `FlowMatchSchedule`, its noise levels sigmas.
@@ -117,7 +117,7 @@ class Teacher:
         x_t = self.schedule.forward_diffuse(x0, noise.to(dev, torch.float32), t)
         cond = Conditioning.from_columns(text, self.resolution, dev, self.uncond)
         denoise = unet_denoiser(self.unet, cond, self.stage.guidance_scale)
-        path = self.schedule.stage_path(self.stage.teacher_steps, self.stage.student_steps, pair.t, pair.t_next)
+        path = self.schedule.teacher_path(self.stage.teacher_steps, pair.t, pair.t_next)
         target = self.schedule.rollout(denoise, x_t, path, pair.t_next)
         return x_t, target
 

@@ -170,6 +170,18 @@ def test_model_family_is_read_from_the_source_and_checked(tmp_path):
         is family.family_sd3
 
 
+def smoke_toy_teacher(tmp_path, family_name: str, pipeline_class: str):
+    """The toy-teacher job's smoke preset for `family_name` (the CLI, as a user runs it), into tmp_path/teacher:
+    the folder and its padistill.json, the folder checked to be of `pipeline_class`."""
+    from jobs.cli import main
+
+    teacher = tmp_path / "teacher"
+    assert main(["toy-teacher", "--config", "smoke", "--output", str(teacher), "--set", f"run_root={tmp_path / 'tt'}",
+                 "--set", f"toy_teacher.family={family_name}"]) == 0
+    assert json.loads((teacher / "model_index.json").read_text())["_class_name"] == pipeline_class
+    return teacher, json.loads((teacher / "padistill.json").read_text())
+
+
 def test_sd15_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
     """The toy-teacher job trains a miniature SD1.5 (smoke size, on the digits: its Fashion-MNIST preset encodes
     the 60,000 train photos, minutes on 2 cores), and the smoke DAG distils
@@ -181,18 +193,13 @@ def test_sd15_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
     `load_lora_weights` and gives the merged student's output."""
     from diffusers import StableDiffusionPipeline
 
-    from jobs.cli import main
     from lora_checks import assert_lora_loads_like_merged
     from pipeline.dag import run_dag
     from pipeline.storage import RunStorage
     from pipeline.student import LORA_WEIGHT_NAME
 
-    teacher = tmp_path / "teacher"
-    assert main(["toy-teacher", "--config", "smoke", "--output", str(teacher), "--set", f"run_root={tmp_path / 'tt'}",
-                 "--set", "toy_teacher.family=sd15"]) == 0
-    info = json.loads((teacher / "padistill.json").read_text())
+    teacher, info = smoke_toy_teacher(tmp_path, "sd15", "StableDiffusionPipeline")
     assert info["dataset"] == "toy_digits" and info["guidance_scale"] == 2.0
-    assert json.loads((teacher / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
 
     data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
     data["run_root"] = str(tmp_path / "run")
@@ -243,14 +250,8 @@ def test_sd3_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
     from pipeline.student import LORA_WEIGHT_NAME
     from pipeline.trajectories import read_trajectories
 
-    from jobs.cli import main
-
-    teacher = tmp_path / "teacher"
-    assert main(["toy-teacher", "--config", "smoke", "--output", str(teacher), "--set", f"run_root={tmp_path / 'tt'}",
-                 "--set", "toy_teacher.family=sd3"]) == 0
-    info = json.loads((teacher / "padistill.json").read_text())
+    teacher, info = smoke_toy_teacher(tmp_path, "sd3", "StableDiffusion3Pipeline")
     assert info["prediction_type"] == "flow" and info["guidance_scale"] == 2.0
-    assert json.loads((teacher / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
     data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
     data["run_root"] = str(tmp_path / "run")
     data["model"].update(source=str(teacher))

@@ -214,8 +214,8 @@ def test_flow_matching_stage_pairs_paths_and_discriminator_levels():
     with pytest.raises(ValueError, match="1- and 2-step"):
         fm.stage_pairs(4, multi_timestep=True)
     grid8, grid32 = fm.sigmas(8).tolist(), fm.sigmas(32).tolist()
-    assert fm.stage_path(32, 8, grid8[0], grid8[1]) == grid32[:5]  # u = 1, 0.968, 0.936, 0.904, 0.871 > 0.857
-    assert fm.stage_path(4, 1, grid[1], 0.0) == grid[1:]  # the 1-step stage's 4-step teacher: on its own grid
+    assert fm.teacher_path(32, grid8[0], grid8[1]) == grid32[:5]  # u = 1, 0.968, 0.936, 0.904, 0.871 > 0.857
+    assert fm.teacher_path(4, grid[1], 0.0) == grid[1:]  # the 1-step stage's 4-step teacher: on its own grid
     x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     s, sn = torch.tensor([0.9, 0.4]), torch.tensor([0.5, 0.0])
     x = fm.forward_diffuse(x0, eps, s)
