@@ -140,10 +140,10 @@ def student_unet_from_checkpoint(checkpoint_dir: str | os.PathLike, teacher_fold
 
 
 def save_lora_file(lora_sd: dict[str, torch.Tensor], folder: str | os.PathLike, rank: int,
-                   alpha: float | None, pipeline_class: str, unet=None) -> Path:
+                   alpha: float | None, family, unet=None) -> Path:
     """Write the LoRA file (`pytorch_lora_weights.safetensors`, diffusers' UNet or SD3-transformer LoRA format
-    with its rank/alpha metadata) that the family's pipeline (`pipeline_class`) accepts in
-    `load_lora_weights(folder)`."""
+    with its rank/alpha metadata) that the family's pipeline (`family`: its module, `pipeline.family_*`) accepts
+    in `load_lora_weights(folder)`."""
     import diffusers
 
     folder = Path(folder)
@@ -152,8 +152,8 @@ def save_lora_file(lora_sd: dict[str, torch.Tensor], folder: str | os.PathLike, 
     if unet is not None:
         cfg = lora_config(unet, rank, alpha)
         meta = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules)}
-    part = "transformer" if pipeline_class == "StableDiffusion3Pipeline" else "unet"
-    getattr(diffusers, pipeline_class).save_lora_weights(folder, weight_name=LORA_WEIGHT_NAME,
+    part = family.DENOISER[0]  # unet_lora_layers, or an SD3 pipeline's transformer_lora_layers
+    getattr(diffusers, family.PIPELINE).save_lora_weights(folder, weight_name=LORA_WEIGHT_NAME,
                                                          **{f"{part}_lora_layers": lora_sd,
                                                             f"{part}_lora_adapter_metadata": meta})
     return folder / LORA_WEIGHT_NAME
@@ -220,7 +220,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike, teacher_folder: str | o
     if state["student_mode"] == "lora":
         save_lora_file(load_file(str(Path(checkpoint_dir) / "student" / "lora.safetensors")), tmp,
                        state["lora"]["rank"], state["lora"]["alpha"], unet=unet,
-                       pipeline_class=family.of_folder(teacher_folder).PIPELINE)
+                       family=family.of_folder(teacher_folder))
     meta = {**read_info(teacher_folder), **(info or {}), "train_step": state["step"],
             "prediction_type": sched_cfg["prediction_type"], "student_mode": state["student_mode"]}
     (tmp / PADISTILL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -23,7 +23,7 @@ BUILTIN = {
     # The shipped, trained toy teachers (DESIGN: "The toy benchmark"): digits, and Fashion-MNIST.
     "builtin:toy_teacher": ASSETS / "toy_teacher",
     "builtin:toy_fashion_teacher": ASSETS / "toy_fashion_teacher",
-    # the Fashion-MNIST teachers of the SD1.5 and SD3 families (not shipped yet: `REGENERATE` trains them)
+    # the Fashion-MNIST teachers of the SD1.5 (not shipped yet: `REGENERATE` trains it) and SD3 families
     "builtin:toy_fashion_teacher_sd15": ASSETS / "toy_fashion_teacher_sd15",
     "builtin:toy_fashion_teacher_sd3": ASSETS / "toy_fashion_teacher_sd3",
 }
@@ -201,14 +201,9 @@ def source_index(source: str, storage=None) -> dict:
         raise _not_a_pipeline(source) from None
 
 
-def check_source(source: str, storage=None, family: str | None = None) -> str:
-    """Before any work: a model source that is no pipeline folder, of a family padistill does not distil or
-    not of the config's `family` fails in one line; returns its family."""
-    return check_family(source, source_index(source, storage), family)
-
-
 def family_module(cfg):
-    """The family module (`pipeline.family_*`) of a run config's model (`check_source`), its stages checked
+    """The family module (`pipeline.family_*`) of a run config's model: a source that is no pipeline folder, of a
+    family padistill does not distil or not of `model.family` fails in one line (`check_family`), its stages checked
     against what the family supports (`family.check_stages`). Called before any step's work (the DAG,
     `encode`, `trajectories`, `train-stage`)."""
     index = source_index(cfg.model.source, cfg.storage)
