@@ -130,8 +130,8 @@ class TransformerBackbone(nn.Module):
 
     This departs from the paper's design (a copy of the UNet's encoder half, whose mid-block features are
     the most downsampled and the most semantic): a transformer has no encoder half and no downsampling, so
-    "the encoder" is read as its first blocks, at the patch grid's resolution; how many is a choice (default
-    half of them, as a UNet's encoder is about half its blocks)."""
+    "the encoder" is read as its first blocks, at the patch grid's resolution; how many is a choice (a stage's
+    `disc_blocks`; default half of them, as a UNet's encoder is about half its blocks)."""
 
     def __init__(self, transformer, blocks: int | None = None):
         super().__init__()
@@ -139,7 +139,7 @@ class TransformerBackbone(nn.Module):
         n = len(transformer.transformer_blocks)
         k = n // 2 if blocks is None else int(blocks)
         if not 1 <= k <= n - 1:  # the last block only updates the image tokens (context_pre_only)
-            raise ValueError(f"discriminator: {k} transformer blocks of {n}; expected 1 to {n - 1}")
+            raise ValueError(f"disc_blocks: {k} transformer blocks of {n}; expected 1 to {n - 1}")
         self.pos_embed = copy.deepcopy(transformer.pos_embed)
         self.time_text_embed = copy.deepcopy(transformer.time_text_embed)
         self.context_embedder = copy.deepcopy(transformer.context_embedder)
@@ -205,13 +205,13 @@ class PlainCNN(nn.Module):
         return h
 
 
-def make_backbone(unet, kind: str = "trained") -> nn.Module:
+def make_backbone(unet, kind: str = "trained", blocks: int | None = None) -> nn.Module:
     """D's backbone: 'trained' (the UNet encoder copy, trained whole: the paper; for an SD3 transformer its
-    first blocks, `TransformerBackbone`), 'frozen' (the same copy with its weights frozen: only the head
+    first `blocks`, `TransformerBackbone`), 'frozen' (the same copy with its weights frozen: only the head
     trains) or 'cnn' (a small plain CNN, UNets only)."""
     cfg = unet.config
     if hasattr(cfg, "joint_attention_dim") and kind in ("trained", "frozen"):
-        bb = TransformerBackbone(unet)
+        bb = TransformerBackbone(unet, blocks)
         return bb if kind == "trained" else bb.requires_grad_(False)
     if kind == "cnn":
         pooled = int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim) \
@@ -229,9 +229,9 @@ class Discriminator(nn.Module):
     """D(x_t, x_hat, t, c) when `conditional`, else D'(x_hat, c). Returns one logit per sample."""
 
     def __init__(self, unet=None, conditional: bool = True, *, backbone: nn.Module | None = None,
-                 backbone_kind: str = "trained"):
+                 backbone_kind: str = "trained", blocks: int | None = None):
         super().__init__()
-        self.backbone = backbone if backbone is not None else make_backbone(unet, backbone_kind)
+        self.backbone = backbone if backbone is not None else make_backbone(unet, backbone_kind, blocks)
         self.conditional = bool(conditional)
         c = self.backbone.out_channels
         self.head = Head(2 * c if self.conditional else c, c, self.backbone.feature_size)

@@ -55,12 +55,18 @@ def denoiser_dir(folder: str | os.PathLike) -> str:
     return of_folder(folder).DENOISER[0]
 
 
-def check_stages(name: str, stages, index: dict | None = None) -> None:
+def check_stages(name: str, stages, index: dict | None = None, denoiser: dict | None = None) -> None:
     """Stage settings a family does not support, said in one line: an SD3 student keeps predicting the
     velocity (no x0 conversion: `prediction_type: sample` refits a UNet's conv_out), its discriminator is
-    the transformer's first blocks (no plain-CNN ablation), and a guided stage of a base model with a T5
-    encoder (`index`: its model_index.json) would need T5's unconditional states, which are not encoded."""
+    the transformer's first blocks (no plain-CNN ablation; `disc_blocks` of them, 1 to its block count - 1:
+    `denoiser` is its config), a UNet's is its encoder half (no `disc_blocks`), and a guided stage of an SD3
+    base model with a T5 encoder (`index`: its model_index.json) would need T5's unconditional states, which
+    are not encoded."""
     if name != "sd3":
+        for i, st in enumerate(stages):
+            if st.disc_blocks is not None:
+                raise ConfigError(f"stages[{i}].disc_blocks: for transformer families (sd3); a {name} discriminator "
+                                  "copies the UNet's encoder half (remove the key)")
         return
     if index is not None and (index.get("text_encoder_3") or [None])[0] and any(
             st.guidance_scale > 1 for st in stages):
@@ -74,3 +80,7 @@ def check_stages(name: str, stages, index: dict | None = None) -> None:
         if st.loss == "adversarial" and st.disc_backbone == "cnn":
             raise ConfigError(f"stages[{i}].disc_backbone: 'cnn' is for UNet families; an SD3 discriminator is "
                               "the transformer's first blocks ('trained' or 'frozen')")
+        n = None if denoiser is None else int(denoiser["num_layers"])
+        if st.disc_blocks is not None and n is not None and not st.disc_blocks <= n - 1:
+            raise ConfigError(f"stages[{i}].disc_blocks: {st.disc_blocks}, but the transformer has {n} blocks; D "
+                              f"copies 1 to {n - 1} of them (its last block updates the image tokens only)")

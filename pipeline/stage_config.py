@@ -56,6 +56,9 @@ class StageConfig(_Strict):
     disc_backbone: Literal["trained", "frozen", "cnn"] = Field("trained", description=(
         "trained: the UNet encoder copy trains whole with its head (the paper); frozen: only the head trains "
         "(an ablation); cnn: a small plain CNN on the latents instead of the UNet encoder (an ablation)"))
+    disc_blocks: Optional[int] = Field(None, ge=1, description="SD3: how many of the transformer's first blocks "
+                                       "D's backbone copies (default half; 1 to its block count - 1); UNet families "
+                                       "copy the encoder half and refuse the key")
     disc_warmup_steps: int = Field(0, ge=0, description="steps that train the conditional discriminator alone "
                                    "(the student frozen) before the conditional phase (not in the paper; default 0)")
     disc_steps: int = Field(1, ge=1, description="discriminator updates per student update in the adversarial "

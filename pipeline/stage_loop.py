@@ -156,7 +156,8 @@ class StageLoop:
             self.engines.destroy(self.disc)
             self.disc = None
             gc.collect()
-        d = Discriminator(self.disc_unet, conditional=(mode == "conditional"), backbone_kind=self.stage.disc_backbone)
+        d = Discriminator(self.disc_unet, conditional=(mode == "conditional"), backbone_kind=self.stage.disc_backbone,
+                          blocks=self.stage.disc_blocks)
         if backbone_state is not None:
             d.backbone.load_state_dict(backbone_state)
         d = d.to(self.device)
@@ -203,8 +204,15 @@ class StageLoop:
         want_d = disc_mode_at(phase_at(self.phases, step))
         if want_d is not None and self.disc is None:
             self.build_disc(want_d)
-            src = "a plain CNN" if self.stage.disc_backbone == "cnn" else \
-                f"the {'base model' if self.stage.disc_init == 'base' else 'teacher'}'s encoder ({self.stage.disc_backbone})"
+            whose = f"the {'base model' if self.stage.disc_init == 'base' else 'teacher'}'s"
+            blocks = getattr(self.disc.module.backbone, "transformer_blocks", None)
+            if self.stage.disc_backbone == "cnn":
+                src = "a plain CNN"
+            elif blocks is not None:
+                src = (f"{whose} first {len(blocks)} of {len(self.disc_unet.transformer_blocks)} transformer "
+                       f"blocks ({self.stage.disc_backbone})")
+            else:
+                src = f"{whose} encoder ({self.stage.disc_backbone})"
             opt, total = self.disc_counts
             events.append(f"discriminator ({want_d}) built from {src} at step {step}: {opt:,} of {total:,} "
                           "parameters train")

@@ -152,7 +152,9 @@ def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
 
     _, stage = cfg.stage(key)
     traj = storage.read_manifest(traj_step(cfg, key)) or {}
-    out = {"stage": stage.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+    # a key added since (disc_blocks) is left out at its default, so a stage trained before it stays finished
+    out = {"stage": stage.model_dump(mode="json", exclude={"disc_blocks"} if stage.disc_blocks is None else None),
+           "train": cfg.train.model_dump(mode="json"),
            # model.family is fixed by the source (and checked against it), model.base only sizes `padistill
            # plan`: a run root trained before the keys existed, or with them set, stays finished
            "model": cfg.model.model_dump(mode="json", exclude={"family", "base"}),

@@ -191,25 +191,37 @@ def check_family(source: str, index: dict, family: str | None = None) -> str:
 def source_index(source: str, storage=None) -> dict:
     """A model source's model_index.json (an s3:// source is not downloaded for it: that file alone is
     read; a local or built-in one is resolved, which checks its family)."""
+    return source_json(source, "model_index.json", storage)
+
+
+def source_json(source: str, rel: str, storage=None) -> dict:
+    """A JSON file of a model source (e.g. "transformer/config.json"), read without loading the model (an
+    s3:// source: that file alone)."""
     if not source.startswith("s3://"):
-        return json.loads((resolve_source(source, storage) / "model_index.json").read_text())
+        return json.loads((resolve_source(source, storage) / rel).read_text())
     from .storage import filesystem_for
 
     try:
-        return json.loads(filesystem_for(source, storage).cat(source.rstrip("/") + "/model_index.json"))
+        return json.loads(filesystem_for(source, storage).cat(source.rstrip("/") + "/" + rel))
     except FileNotFoundError:
-        raise _not_a_pipeline(source) from None
+        if rel == "model_index.json":
+            raise _not_a_pipeline(source) from None
+        raise
 
 
 def family_module(cfg):
     """The family module (`pipeline.family_*`) of a run config's model: a source that is no pipeline folder, of a
     family padistill does not distil or not of `model.family` fails in one line (`check_family`), its stages checked
-    against what the family supports (`family.check_stages`). Called before any step's work (the DAG,
-    `encode`, `trajectories`, `train-stage`)."""
+    against what the family supports (`family.check_stages`, which reads the denoiser's config when a stage
+    sets the discriminator's block count). Called before any step's work (the DAG, `encode`, `trajectories`,
+    `train-stage`)."""
     index = source_index(cfg.model.source, cfg.storage)
     name = check_family(cfg.model.source, index, cfg.model.family)
-    families.check_stages(name, cfg.stages, index)
-    return families.get(name)
+    module = families.get(name)
+    denoiser = source_json(cfg.model.source, f"{module.DENOISER[0]}/config.json", cfg.storage) \
+        if name == "sd3" and any(st.disc_blocks is not None for st in cfg.stages) else None
+    families.check_stages(name, cfg.stages, index, denoiser)
+    return module
 
 
 def resolve_source(source: str, storage=None) -> Path:

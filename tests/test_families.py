@@ -158,6 +158,14 @@ def test_model_family_is_read_from_the_source_and_checked(tmp_path):
         zoo.family_module(load_config("smoke", [f"model.source={SD3}"]))
     with pytest.raises(ConfigError, match=r"stages\[1\].disc_backbone: 'cnn' is for UNet families"):
         zoo.family_module(load_config("smoke", [f"model.source={SD3}", "stages.1.disc_backbone=cnn", *velocity]))
+    # D's block count: checked against the source's transformer (the tiny one has 2 blocks), refused on a UNet
+    assert zoo.family_module(load_config("smoke", [f"model.source={SD3}", "stages.1.disc_blocks=1", *velocity])) \
+        is family.family_sd3
+    with pytest.raises(ConfigError, match=r"stages\[1\].disc_blocks: 2, but the transformer has 2 blocks; D copies "
+                                          r"1 to 1 of them"):
+        zoo.family_module(load_config("smoke", [f"model.source={SD3}", "stages.1.disc_blocks=2", *velocity]))
+    with pytest.raises(ConfigError, match=r"stages\[1\].disc_blocks: for transformer families \(sd3\); a sd15"):
+        zoo.family_module(load_config("smoke", [f"model.source={SD15}", "stages.1.disc_blocks=1"]))
     t5 = tmp_path / "sd3_t5"  # an SD3 folder whose model_index.json names a T5 encoder: guided stages refused
     zoo.save_pipeline(zoo.build_pipeline(family="sd3"), t5)
     index = json.loads((t5 / "model_index.json").read_text())
@@ -353,3 +361,32 @@ def test_sd3_discriminator_backbone_is_the_frozen_teachers_first_blocks_trained_
         flipped = d(x, t, cond.prompt_embeds.flip(0), cond.pooled.flip(0), None, x_t=x, t=t)
         assert (flipped - logits).abs().max() > 1e-6
         assert d.with_mode(False)(x, t, cond.prompt_embeds, cond.pooled, None).shape == (2,)
+
+
+@pytest.mark.parametrize("blocks", [None, 3])
+def test_sd3_discriminator_copies_the_stages_disc_blocks_as_the_trainer_builds_it(blocks):
+    """A stage's `disc_blocks` reaches D as the trainer builds it (`StageLoop`, from a frozen 4-block
+    transformer): that many first blocks (default half), copied with their weights, and D's optimizer holds
+    every backbone weight that trains; the training log says how many blocks D has."""
+    import copy
+
+    from pipeline.config import CONFIG_DIR
+    from pipeline.engines import PlainEngines
+    from pipeline.stage_loop import StageLoop
+
+    pipe = zoo.build_pipeline(zoo.ToyModelConfig(transformer_layers=4), family="sd3")
+    data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    data["stages"][1]["disc_blocks"] = blocks
+    cfg = from_dict(data)
+    _, stage = cfg.stage(2)
+    base = copy.deepcopy(pipe.transformer).requires_grad_(False)  # as the worker loads it
+    loop = StageLoop(cfg, stage, zoo.schedule_of(pipe), copy.deepcopy(pipe.transformer), PlainEngines(cfg.train),
+                     "cpu", seed=0, disc_unet=base)
+    events = loop.transition(0)
+    bb = loop.disc.module.backbone
+    k = 2 if blocks is None else blocks
+    assert len(bb.transformer_blocks) == k and f"first {k} of 4 transformer blocks" in events[-1]
+    assert all(torch.equal(p, base.get_parameter(f"transformer_blocks.{n}"))
+               for n, p in bb.transformer_blocks.named_parameters())
+    in_opt = {id(p) for g in loop.disc.optimizer.param_groups for p in g["params"]}
+    assert {id(p) for p in bb.parameters() if p.requires_grad} <= in_opt
