@@ -55,24 +55,17 @@ def denoiser_dir(folder: str | os.PathLike) -> str:
     return of_folder(folder).DENOISER[0]
 
 
-def check_stages(name: str, stages, index: dict | None = None, denoiser: dict | None = None) -> None:
+def check_stages(name: str, stages, denoiser: dict | None = None) -> None:
     """Stage settings a family does not support, said in one line: an SD3 student keeps predicting the
     velocity (no x0 conversion: `prediction_type: sample` refits a UNet's conv_out), its discriminator is
     the transformer's first blocks (no plain-CNN ablation; `disc_blocks` of them, 1 to its block count - 1:
-    `denoiser` is its config), a UNet's is its encoder half (no `disc_blocks`), and a guided stage of an SD3
-    base model with a T5 encoder (`index`: its model_index.json) would need T5's unconditional states, which
-    are not encoded."""
+    `denoiser` is its config), and a UNet's is its encoder half (no `disc_blocks`)."""
     if name != "sd3":
         for i, st in enumerate(stages):
             if st.disc_blocks is not None:
                 raise ConfigError(f"stages[{i}].disc_blocks: for transformer families (sd3); a {name} discriminator "
                                   "copies the UNet's encoder half (remove the key)")
         return
-    if index is not None and (index.get("text_encoder_3") or [None])[0] and any(
-            st.guidance_scale > 1 for st in stages):
-        raise ConfigError("model.source: an SD3 base model with a T5 encoder (text_encoder_3) is distilled without "
-                          "guidance only (padistill encodes the unconditional branch from the CLIP encoders); set "
-                          "every stage's guidance_scale <= 1, or use a folder without T5")
     for i, st in enumerate(stages):
         if st.prediction_type == "sample":
             raise ConfigError(f"stages[{i}].prediction_type: 'sample' (the x0 conversion) is for UNet families; an "

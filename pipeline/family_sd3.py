@@ -15,7 +15,8 @@ NAME = "sd3"
 PIPELINE = "StableDiffusion3Pipeline"
 DENOISER = ("transformer", "SD3Transformer2DModel")  # its pipeline folder's denoiser: subfolder, diffusers class
 COND_COLUMNS = ("prompt_embeds", "pooled_embeds")  # what `pipeline.encode` stores per row
-UNCOND_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")  # what `unconditional` reads
+# what `unconditional` reads (T5's parts when the folder has them: [null, null] in model_index.json when not)
+UNCOND_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3")
 VAE_KW = {"shift_factor": 0.0}  # the pipeline decodes latents / scaling_factor + shift_factor
 
 
@@ -71,24 +72,28 @@ def encode_prompts(pipe, captions: list[str], resolution: int) -> Conditioning:
 
 
 def unconditional(folder, dtype=torch.float32) -> Conditioning:
-    """The empty prompt's encoding (prompt embeddings [1, L, D], pooled [1, P]) from a pipeline folder's two
-    CLIP encoders and its transformer's config (without a T5 encoder the pipeline fills T5's part with zeros
-    as wide as the transformer's joint attention; a folder with one is refused: its T5 states would be
-    missing)."""
+    """The empty prompt's encoding (prompt embeddings [1, L, D], pooled [1, P]) from a pipeline folder's text
+    encoders and its transformer's config (the transformer on the meta device: no weights read): the two CLIP
+    encoders, and T5 when the folder has one (its states for the empty prompt; without it the pipeline fills
+    T5's part with zeros as wide as the transformer's joint attention). The encoders are freed on return."""
     import json
     from pathlib import Path
 
+    import transformers
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-    if (json.loads((Path(folder) / "model_index.json").read_text()).get("text_encoder_3") or [None])[0]:
-        raise ValueError(f"{folder}: an SD3 teacher with a T5 encoder is not supported yet (its unconditional "
-                         "branch would need the T5 states)")
-    enc = {f"text_encoder{s}": CLIPTextModelWithProjection.from_pretrained(folder, subfolder=f"text_encoder{s}",
-                                                                           dtype=dtype) for s in ("", "_2")}
-    tok = {f"tokenizer{s}": CLIPTokenizer.from_pretrained(folder, subfolder=f"tokenizer{s}") for s in ("", "_2")}
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+
+    def part(name):  # a text encoder or tokenizer of the folder, by the class its model_index.json names
+        cls = getattr(transformers, index[name][1])
+        if name.startswith("tokenizer"):
+            return cls.from_pretrained(folder, subfolder=name)
+        return cls.from_pretrained(folder, subfolder=name, dtype=dtype)
+
+    names = [n for n in UNCOND_COMPONENTS if (index.get(n) or [None])[0]]
+    parts = {n: part(n) for n in names}
     with torch.device("meta"):  # its config only: no weights are read
         tr = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(folder, subfolder="transformer"))
-    pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=None, vae=None, text_encoder_3=None, tokenizer_3=None,
-                                    **enc, **tok)
-    return Conditioning(*_encode(pipe, [""], enc["text_encoder"].device))
+    pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=None, vae=None,
+                                    **{"text_encoder_3": None, "tokenizer_3": None, **parts})
+    return Conditioning(*_encode(pipe, [""], parts["text_encoder"].device))

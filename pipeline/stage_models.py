@@ -83,10 +83,12 @@ def fetch_teacher(source: str, cfg: RunConfig):
         from . import family
 
         fs, root = filesystem_for(source, cfg.storage), source[len("s3://"):].rstrip("/")
-        fam = family.get(family.name_of_index(json.loads(fs.cat(f"{root}/model_index.json"))))
+        index = json.loads(fs.cat(f"{root}/model_index.json"))
+        fam = family.get(family.name_of_index(index))
         tmp = _staging_dir(_cache_dir() / "teachers")
         for sub in (fam.DENOISER[0], "scheduler", *fam.UNCOND_COMPONENTS):
-            fs.get(f"{root}/{sub}/", str(tmp / sub), recursive=True)
+            if (index.get(sub) or [None])[0]:  # a component the folder has none of ([null, null]) is skipped
+                fs.get(f"{root}/{sub}/", str(tmp / sub), recursive=True)
         fs.get(f"{root}/model_index.json", str(tmp / "model_index.json"))  # last: marks it complete
         try:
             tmp.rename(path)

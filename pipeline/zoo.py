@@ -220,7 +220,7 @@ def family_module(cfg):
     module = families.get(name)
     denoiser = source_json(cfg.model.source, f"{module.DENOISER[0]}/config.json", cfg.storage) \
         if name == "sd3" and any(st.disc_blocks is not None for st in cfg.stages) else None
-    families.check_stages(name, cfg.stages, index, denoiser)
+    families.check_stages(name, cfg.stages, denoiser)
     return module
 
 

@@ -166,16 +166,50 @@ def test_model_family_is_read_from_the_source_and_checked(tmp_path):
         zoo.family_module(load_config("smoke", [f"model.source={SD3}", "stages.1.disc_blocks=2", *velocity]))
     with pytest.raises(ConfigError, match=r"stages\[1\].disc_blocks: for transformer families \(sd3\); a sd15"):
         zoo.family_module(load_config("smoke", [f"model.source={SD15}", "stages.1.disc_blocks=1"]))
-    t5 = tmp_path / "sd3_t5"  # an SD3 folder whose model_index.json names a T5 encoder: guided stages refused
-    zoo.save_pipeline(zoo.build_pipeline(family="sd3"), t5)
-    index = json.loads((t5 / "model_index.json").read_text())
-    index.update(text_encoder_3=["transformers", "T5EncoderModel"], tokenizer_3=["transformers", "T5TokenizerFast"])
-    (t5 / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ConfigError, match=r"an SD3 base model with a T5 encoder \(text_encoder_3\) is distilled "
-                                          r"without guidance only"):
-        zoo.family_module(load_config("smoke", [f"model.source={t5}", *velocity]))
-    assert zoo.family_module(load_config("smoke", [f"model.source={t5}", "stages.0.guidance_scale=1.0", *velocity])) \
-        is family.family_sd3
+
+
+def save_tiny_sd3_with_t5(folder):
+    """The tiny SD3 with a third text encoder: a tiny T5 encoder (as wide as the transformer's joint attention, as
+    SD3's T5-XXL is) and a T5 tokenizer of a small unigram vocabulary, saved as a pipeline folder."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    pipe = zoo.build_pipeline(family="sd3")
+    width = pipe.transformer.config.joint_attention_dim
+    words = ["a", "handwritten", "digit", "seven", "one", "photo", "of"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *[("\u2581" + w, -1.0) for w in words],
+             *[(c, -5.0) for c in "\u2581abcdefghijklmnopqrstuvwxyz"]]
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=width, d_kv=8, d_ff=2 * width, num_layers=1,
+                                 num_heads=2))
+    full = StableDiffusion3Pipeline(**{**pipe.components, "text_encoder_3": t5,
+                                       "tokenizer_3": T5Tokenizer(vocab=vocab, extra_ids=0)})
+    return zoo.save_pipeline(full, folder)
+
+
+def test_sd3_with_a_t5_encoder_distils_guided_stages_its_unconditional_branch_holds_t5s_states(tmp_path):
+    """An SD3 base model with a T5 encoder (SD3.5 as published): a guided stage is accepted, and the unconditional
+    branch the trajectories build from the folder's text encoders (`unconditional`, the transformer on the meta
+    device) is the stock pipeline's own encoding of the empty prompt, T5's states included (not zeros), the
+    same as encode's unconditional branch; the tokens the prompts are encoded to hold T5's part too."""
+    from diffusers import StableDiffusion3Pipeline
+
+    folder = save_tiny_sd3_with_t5(tmp_path / "sd3_t5")
+    velocity = ["stages.2.prediction_type=epsilon", "stages.2.conversion_steps=0"]
+    cfg = load_config("smoke", [f"model.source={folder}", *velocity])
+    assert cfg.stages[0].guidance_scale > 1 and zoo.family_module(cfg) is family.family_sd3
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder)  # the stock pipeline, T5 loaded
+    assert type(pipe.text_encoder_3).__name__ == "T5EncoderModel"
+    with torch.no_grad():
+        stock, _, stock_pooled, _ = pipe.encode_prompt("", None, None, do_classifier_free_guidance=False)
+    ours = family.family_sd3.unconditional(folder)
+    torch.testing.assert_close(ours.prompt_embeds, stock)
+    torch.testing.assert_close(ours.pooled, stock_pooled)
+    clip = pipe.tokenizer.model_max_length  # CLIP's tokens, then T5's 256
+    assert stock.shape[1] == clip + 256 and stock[:, clip:].abs().sum() > 0  # T5's states for the empty prompt
+    enc = family.family_sd3.encode_prompts(zoo.load_pipeline(str(folder)), ["a handwritten digit seven"], 32)
+    torch.testing.assert_close(enc.uncond.prompt_embeds, ours.prompt_embeds)
+    assert enc.prompt_embeds.shape == stock.shape and enc.prompt_embeds[:, clip:].abs().sum() > 0
 
 
 def smoke_toy_teacher(tmp_path, family_name: str, pipeline_class: str):
