@@ -75,7 +75,8 @@ def unconditional(folder, dtype=torch.float32) -> Conditioning:
     """The empty prompt's encoding (prompt embeddings [1, L, D], pooled [1, P]) from a pipeline folder's text
     encoders and its transformer's config (the transformer on the meta device: no weights read): the two CLIP
     encoders, and T5 when the folder has one (its states for the empty prompt; without it the pipeline fills
-    T5's part with zeros as wide as the transformer's joint attention). The encoders are freed on return."""
+    T5's part with zeros as wide as the transformer's joint attention). They load and encode on the CPU, once
+    per trajectory actor (T5-XXL: ~9.5 GB of host memory in bf16 while it encodes), and are freed on return."""
     import json
     from pathlib import Path
 
@@ -91,6 +92,9 @@ def unconditional(folder, dtype=torch.float32) -> Conditioning:
         return cls.from_pretrained(folder, subfolder=name, dtype=dtype)
 
     names = [n for n in UNCOND_COMPONENTS if (index.get(n) or [None])[0]]
+    if "text_encoder" not in names or "text_encoder_2" not in names:
+        raise ValueError(f"{folder}: an SD3 pipeline folder names text_encoder and text_encoder_2 in its "
+                         "model_index.json (the unconditional branch is encoded with them)")
     parts = {n: part(n) for n in names}
     with torch.device("meta"):  # its config only: no weights are read
         tr = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(folder, subfolder="transformer"))

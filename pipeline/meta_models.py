@@ -235,16 +235,16 @@ class _Decode(nn.Module):
 
 
 def build_discriminator(conditional: bool = True, unet_config: dict | None = None, latent_size: int = 128,
-                        device: str = "meta") -> nn.Module:
+                        device: str = "meta", blocks: int | None = None) -> nn.Module:
     """The training code's discriminator (`pipeline.discriminator`) on a denoiser of `unet_config` (SDXL
-    base's UNet by default; an SD3 transformer's first half of blocks), built on `device` (meta: no weights,
-    no memory)."""
+    base's UNet by default; an SD3 transformer's first `blocks`, default half), built on `device` (meta: no
+    weights, no memory)."""
     from .discriminator import Discriminator
 
     cfg = {**(unet_config or SDXL_UNET_CONFIG), "sample_size": latent_size}  # D's head is sized for this
     unet = build_unet(cfg, device)
     with torch.device(device):
-        return Discriminator(unet, conditional)
+        return Discriminator(unet, conditional, blocks=blocks)
 
 
 def discriminator_source() -> str:

@@ -114,6 +114,7 @@ class Plan:
     encoded_bytes: int = 0
     evaluation: dict = field(default_factory=dict)  # the DAG's evaluation steps: UNet passes, decodes, GPU-h, memory
     other_bases: list[dict] = field(default_factory=list)  # --other-bases: SD1.5 / SD3.5 denoisers counted on meta
+    disc_blocks: Optional[int] = None  # a transformer D's copied blocks (the stages' largest `disc_blocks`, default half)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,8 +143,11 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
     live_unet = largest_layer(unet)
     ua = measure_unet(unet, ucfg, latent, dtype)
     del unet
-    d_cond = build_discriminator(True, ucfg, latent)
-    d_unc = build_discriminator(False, ucfg, latent)
+    # a transformer D as deep as the deepest any adversarial stage asks for (`disc_blocks`; default half)
+    blocks = max((st.disc_blocks or ucfg["num_layers"] // 2 for st in cfg.stages if st.loss == "adversarial"),
+                 default=ucfg["num_layers"] // 2) if is_transformer(ucfg) else None
+    d_cond = build_discriminator(True, ucfg, latent, blocks=blocks)
+    d_unc = build_discriminator(False, ucfg, latent, blocks=blocks)
     n_dc, n_du = count_params(d_cond), count_params(d_unc)
     live_d = largest_layer(d_cond)
     da = measure_discriminator(d_cond, ucfg, latent, dtype)
@@ -219,7 +223,8 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
                 disc_head_blocks=n_head_blocks, disc_source=discriminator_source(), lora_rank=rank, lora_params=n_lora,
                 unet_act=asdict(ua), disc_act=asdict(da), memory=memory, storage=storage, compute=compute,
                 throughput=throughput, throughput_source=source, rollout_throughput=rollout_throughput,
-                encoded_bytes=encoded, evaluation=evaluation, other_bases=other_base_params() if other_bases else [])
+                encoded_bytes=encoded, evaluation=evaluation, other_bases=other_base_params() if other_bases else [],
+                disc_blocks=blocks)
 
 
 def plan_family(cfg: RunConfig) -> tuple[str, str]:
@@ -328,7 +333,7 @@ def render(p: Plan) -> str:
     L.append("| model | parameters |")
     L.append("|---|---:|")
     L.append(f"| {BASES[p.base][1]} {p.denoiser} (student / teacher) | {p.unet_params:,} ({p.unet_params / 1e9:.3f} B) |")
-    enc = "the transformer's first half of blocks" if p.denoiser == "transformer" else "UNet encoder"
+    enc = f"the transformer's first {p.disc_blocks} blocks" if p.denoiser == "transformer" else "UNet encoder"
     L.append(f"| discriminator, conditional ({enc} + {p.disc_head_blocks}-block head) | "
              f"{p.disc_params_conditional:,} ({p.disc_params_conditional / 1e9:.3f} B) |")
     L.append(f"| discriminator, unconditional | {p.disc_params_unconditional:,} "

@@ -64,10 +64,13 @@ def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
     return out
 
 
+FETCHED = 2  # the version of what `fetch_teacher` copies (2: SD3's T5 parts too), part of its cache key
+
+
 def fetch_teacher(source: str, cfg: RunConfig):
     """A local folder with the teacher's denoiser and scheduler. An s3:// teacher is downloaded (only
     model_index.json, unet/ (SD3: transformer/) and scheduler/, and what its family's unconditional branch
-    is encoded with: SD1.5's and SD3's tokenizers and text encoders) into a cache keyed by its URI *and* its files' versions, so a
+    is encoded with: SD1.5's and SD3's tokenizers and text encoders, T5's where it has one) into a cache keyed by its URI *and* its files' versions, so a
     re-exported teacher at the same URI is fetched again rather than served stale."""
     from pathlib import Path
 
@@ -77,7 +80,9 @@ def fetch_teacher(source: str, cfg: RunConfig):
     if not source.startswith("s3://"):
         return resolve_source(source, cfg.storage)
     fp = teacher_fingerprint(source, cfg)
-    key = hashlib.sha256(json.dumps([source, fp], sort_keys=True).encode()).hexdigest()[:16]
+    # FETCHED: which components a cached teacher holds; a cache from before a change (e.g. without SD3's T5) is
+    # not served: its key differs
+    key = hashlib.sha256(json.dumps([source, fp, FETCHED], sort_keys=True).encode()).hexdigest()[:16]
     path = _cache_dir() / "teachers" / key
     if not (path / "model_index.json").exists():
         from . import family

@@ -218,8 +218,14 @@ def family_module(cfg):
     index = source_index(cfg.model.source, cfg.storage)
     name = check_family(cfg.model.source, index, cfg.model.family)
     module = families.get(name)
-    denoiser = source_json(cfg.model.source, f"{module.DENOISER[0]}/config.json", cfg.storage) \
-        if name == "sd3" and any(st.disc_blocks is not None for st in cfg.stages) else None
+    denoiser = None
+    if name == "sd3" and any(st.disc_blocks is not None for st in cfg.stages):
+        rel = f"{module.DENOISER[0]}/config.json"
+        try:
+            denoiser = source_json(cfg.model.source, rel, cfg.storage)
+        except FileNotFoundError:
+            raise ConfigError(f"model.source: {cfg.model.source} has no {rel} (needed to check stages' "
+                              "disc_blocks)") from None
     families.check_stages(name, cfg.stages, denoiser)
     return module
 

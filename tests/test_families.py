@@ -424,3 +424,17 @@ def test_sd3_discriminator_copies_the_stages_disc_blocks_as_the_trainer_builds_i
                for n, p in bb.transformer_blocks.named_parameters())
     in_opt = {id(p) for g in loop.disc.optimizer.param_groups for p in g["params"]}
     assert {id(p) for p in bb.parameters() if p.requires_grad} <= in_opt
+
+
+def test_disc_blocks_left_at_its_default_keeps_the_train_hash_of_runs_trained_before_it(tmp_path):
+    """`disc_blocks` came after runs were trained: unset, a stage's training inputs are the stage as it was dumped
+    before the key existed (so those runs stay finished); set, it is part of them (a changed D retrains)."""
+    from pipeline.storage import RunStorage
+    from pipeline.train import train_inputs
+
+    cfg = load_config("smoke", [f"run_root={tmp_path}"])
+    storage = RunStorage.from_config(cfg)
+    before = {k: v for k, v in cfg.stages[1].model_dump(mode="json").items() if k != "disc_blocks"}
+    assert train_inputs(cfg, 2, storage)["stage"] == before
+    deeper = load_config("smoke", [f"run_root={tmp_path}", "stages.1.disc_blocks=1"])
+    assert train_inputs(deeper, 2, storage)["stage"] == {**before, "disc_blocks": 1}

@@ -184,7 +184,7 @@ def test_plan_of_an_sd35_run_measures_its_transformer(size, capsys):
     SD3.5 transformer built on meta (the counts `--other-bases` checks against the publishers' 2.5 B and 8.1 B,
     without the positional table, a buffer), 16-channel latents, its discriminator the transformer's first
     half of blocks, rows holding 77 CLIP + 256 T5 tokens x 4096 and the 2048 pooled embedding, the T5-XXL
-    encoder among the evaluation's text encoders; with gradient checkpointing the adversarial stages fit in
+    encoder among the evaluation's text encoders (a stage's `disc_blocks` sizes a deeper D); with gradient checkpointing the adversarial stages fit in
     80 GiB at the config's ZeRO stage, without it they do not. model.base of another family is refused."""
     from jobs.cli import main
     from pipeline import meta_models as mm
@@ -203,6 +203,14 @@ def test_plan_of_an_sd35_run_measures_its_transformer(size, capsys):
     assert d["storage"][0]["bytes_per_row"] == 2 * 16 * 128 * 128 * 2 + (333 * 4096 + 2048) * 2 + 3 * 8
     # half the blocks and the embeddings, and a head of 4x4 convs as wide as the tokens: more than half, less than all
     assert n / 2 < d["disc_params_unconditional"] < d["disc_params_conditional"] < n
+    layers = spec["num_layers"]
+    assert d["disc_blocks"] == layers // 2
+    # a deeper discriminator (`disc_blocks` on an adversarial stage) is planned as deep, and says so
+    adv_stage = next(i for i, st in enumerate(load_config(f"sd35_{size}_lightning").stages) if st.loss == "adversarial")
+    assert main(["plan", "--config", f"sd35_{size}_lightning", "--json", "--set",
+                 f"stages.{adv_stage}.disc_blocks={layers - 1}"]) == 0
+    deep = json.loads(capsys.readouterr().out)
+    assert deep["disc_blocks"] == layers - 1 and deep["disc_params_conditional"] > d["disc_params_conditional"] + n / 3
     assert d["evaluation"]["text_encoder_params"] > 4.7e9  # T5-XXL's encoder with the two CLIPs
     zero = {"medium": "ZeRO-2", "large": "ZeRO-3"}[size]
     adv = [m for m in d["memory"] if m["phase"].startswith("adversarial: full") and m["zero"] == zero][0]
