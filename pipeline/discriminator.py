@@ -122,6 +122,16 @@ class Backbone(nn.Module):
         return h
 
 
+def transformer_block_count(n: int, blocks: int | None = None) -> int:
+    """How many of a transformer's `n` blocks D copies: `blocks` (a stage's `disc_blocks`), default half; 1 to
+    n - 1, since the last block only updates the image tokens (context_pre_only)."""
+    k = n // 2 if blocks is None else int(blocks)
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"{k}, but the transformer has {n} blocks; D copies 1 to {n - 1} of them (its last block "
+                         "updates the image tokens only)")
+    return k
+
+
 class TransformerBackbone(nn.Module):
     """The SD3 family's discriminator backbone: an `SD3Transformer2DModel`'s
     patch and positional embedding, timestep + pooled-text embedding, context projection and its first
@@ -136,10 +146,7 @@ class TransformerBackbone(nn.Module):
     def __init__(self, transformer, blocks: int | None = None):
         super().__init__()
         cfg = transformer.config
-        n = len(transformer.transformer_blocks)
-        k = n // 2 if blocks is None else int(blocks)
-        if not 1 <= k <= n - 1:  # the last block only updates the image tokens (context_pre_only)
-            raise ValueError(f"disc_blocks: {k} transformer blocks of {n}; expected 1 to {n - 1}")
+        k = transformer_block_count(len(transformer.transformer_blocks), blocks)
         self.pos_embed = copy.deepcopy(transformer.pos_embed)
         self.time_text_embed = copy.deepcopy(transformer.time_text_embed)
         self.context_embedder = copy.deepcopy(transformer.context_embedder)

@@ -73,7 +73,10 @@ def check_stages(name: str, stages, denoiser: dict | None = None) -> None:
         if st.loss == "adversarial" and st.disc_backbone == "cnn":
             raise ConfigError(f"stages[{i}].disc_backbone: 'cnn' is for UNet families; an SD3 discriminator is "
                               "the transformer's first blocks ('trained' or 'frozen')")
-        n = None if denoiser is None else int(denoiser["num_layers"])
-        if st.disc_blocks is not None and n is not None and not st.disc_blocks <= n - 1:
-            raise ConfigError(f"stages[{i}].disc_blocks: {st.disc_blocks}, but the transformer has {n} blocks; D "
-                              f"copies 1 to {n - 1} of them (its last block updates the image tokens only)")
+        if st.disc_blocks is not None and denoiser is not None:
+            from .discriminator import transformer_block_count
+
+            try:
+                transformer_block_count(int(denoiser["num_layers"]), st.disc_blocks)
+            except ValueError as e:
+                raise ConfigError(f"stages[{i}].disc_blocks: {e}") from None

@@ -143,9 +143,8 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
     live_unet = largest_layer(unet)
     ua = measure_unet(unet, ucfg, latent, dtype)
     del unet
-    # a transformer D as deep as the deepest any adversarial stage asks for (`disc_blocks`; default half)
-    blocks = max((st.disc_blocks or ucfg["num_layers"] // 2 for st in cfg.stages if st.loss == "adversarial"),
-                 default=ucfg["num_layers"] // 2) if is_transformer(ucfg) else None
+    # a transformer D as deep as the deepest any adversarial stage asks for (`disc_blocks`; unset: its default)
+    blocks = max((st.disc_blocks for st in cfg.stages if st.loss == "adversarial" and st.disc_blocks), default=None)
     d_cond = build_discriminator(True, ucfg, latent, blocks=blocks)
     d_unc = build_discriminator(False, ucfg, latent, blocks=blocks)
     n_dc, n_du = count_params(d_cond), count_params(d_unc)
@@ -153,6 +152,7 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
     da = measure_discriminator(d_cond, ucfg, latent, dtype)
     # `da` is one conditional D call: two backbone passes (x_t, x_{t-ns}) + the head.
     n_head_blocks = head_blocks(d_cond)
+    n_disc_blocks = len(d_cond.backbone.transformer_blocks) if is_transformer(ucfg) else None
     del d_cond, d_unc
 
     # Activations per micro-batch. Adversarial step (alternating): generator update = student
@@ -224,7 +224,7 @@ def make_plan(cfg: RunConfig, gpus: int | None = None, micro_batch: int | None =
                 unet_act=asdict(ua), disc_act=asdict(da), memory=memory, storage=storage, compute=compute,
                 throughput=throughput, throughput_source=source, rollout_throughput=rollout_throughput,
                 encoded_bytes=encoded, evaluation=evaluation, other_bases=other_base_params() if other_bases else [],
-                disc_blocks=blocks)
+                disc_blocks=n_disc_blocks)
 
 
 def plan_family(cfg: RunConfig) -> tuple[str, str]:
