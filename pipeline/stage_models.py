@@ -64,14 +64,16 @@ def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
     return out
 
 
-FETCHED = 2  # the version of what `fetch_teacher` copies (2: SD3's T5 parts too), part of its cache key
+FETCHED = 3  # the version of what `fetch_teacher` copies (3: text parts only when asked), part of its cache key
 
 
-def fetch_teacher(source: str, cfg: RunConfig):
+def fetch_teacher(source: str, cfg: RunConfig, *, text: bool = False):
     """A local folder with the teacher's denoiser and scheduler. An s3:// teacher is downloaded (only
-    model_index.json, unet/ (SD3: transformer/) and scheduler/, and what its family's unconditional branch
-    is encoded with: SD1.5's and SD3's tokenizers and text encoders, T5's where it has one) into a cache keyed by its URI *and* its files' versions, so a
-    re-exported teacher at the same URI is fetched again rather than served stale."""
+    model_index.json, unet/ (SD3: transformer/) and scheduler/; with `text`, also what its family's
+    unconditional branch is encoded with: SD1.5's and SD3's tokenizers and text encoders, T5's where it has
+    one, which a guided stage's trajectories need and nothing else does: SD3.5's T5-XXL alone is ~9.5 GB) into
+    a cache keyed by its URI, the parts fetched *and* its files' versions, so a re-exported teacher at the same
+    URI is fetched again rather than served stale."""
     from pathlib import Path
 
     from .storage import filesystem_for
@@ -80,9 +82,8 @@ def fetch_teacher(source: str, cfg: RunConfig):
     if not source.startswith("s3://"):
         return resolve_source(source, cfg.storage)
     fp = teacher_fingerprint(source, cfg)
-    # FETCHED: which components a cached teacher holds; a cache from before a change (e.g. without SD3's T5) is
-    # not served: its key differs
-    key = hashlib.sha256(json.dumps([source, fp, FETCHED], sort_keys=True).encode()).hexdigest()[:16]
+    # FETCHED and `text`: which components a cached teacher holds; a cache that holds other parts is not served
+    key = hashlib.sha256(json.dumps([source, fp, FETCHED, text], sort_keys=True).encode()).hexdigest()[:16]
     path = _cache_dir() / "teachers" / key
     if not (path / "model_index.json").exists():
         from . import family
@@ -91,7 +92,7 @@ def fetch_teacher(source: str, cfg: RunConfig):
         index = json.loads(fs.cat(f"{root}/model_index.json"))
         fam = family.get(family.name_of_index(index))
         tmp = _staging_dir(_cache_dir() / "teachers")
-        for sub in (fam.DENOISER[0], "scheduler", *fam.UNCOND_COMPONENTS):
+        for sub in (fam.DENOISER[0], "scheduler", *(fam.UNCOND_COMPONENTS if text else ())):
             if (index.get(sub) or [None])[0]:  # a component the folder has none of ([null, null]) is skipped
                 fs.get(f"{root}/{sub}/", str(tmp / sub), recursive=True)
         fs.get(f"{root}/model_index.json", str(tmp / "model_index.json"))  # last: marks it complete

@@ -98,11 +98,12 @@ class Teacher:
         from .zoo import DTYPES, load_denoiser, schedule_of
 
         _, stage = cfg.stage(key)
-        folder = fetch_teacher(teacher_source(cfg, key, storage), cfg)
+        guided = stage.guidance_scale > 1  # only then are the teacher's text encoders fetched and loaded
+        folder = fetch_teacher(teacher_source(cfg, key, storage), cfg, text=guided)
         dtype = dtype or DTYPES[cfg.model.dtype]
         unet = load_denoiser(str(folder), dtype=dtype).to(device)
         # the family's unconditional branch, encoded at the model's dtype as encode's prompts were
-        uncond = family.of_folder(folder).unconditional(folder, dtype) if stage.guidance_scale > 1 else None
+        uncond = family.of_folder(folder).unconditional(folder, dtype) if guided else None
         return cls(unet, schedule_of(folder), stage, cfg.model.resolution, device, uncond)
 
     @torch.no_grad()

@@ -212,6 +212,39 @@ def test_sd3_with_a_t5_encoder_distils_guided_stages_its_unconditional_branch_ho
     assert enc.prompt_embeds.shape == stock.shape and enc.prompt_embeds[:, clip:].abs().sum() > 0
 
 
+def test_an_s3_teacher_is_fetched_with_its_text_encoders_only_for_a_guided_stage(s3_endpoint, tmp_path):
+    """An SD3 teacher with a T5 encoder on S3 (SD3.5 as published, where T5-XXL alone is ~9.5 GB): the training
+    workers and an unguided stage's trajectory actors fetch only its transformer, scheduler and model_index.json;
+    a guided stage's trajectories (`Teacher.load`) fetch its text encoders too, T5's included, and encode the
+    same unconditional branch as the local folder gives."""
+    from pipeline.stage_models import fetch_teacher
+    from pipeline.storage import RunStorage
+    from pipeline.trajectories import Teacher
+
+    folder = save_tiny_sd3_with_t5(tmp_path / "sd3_t5")
+    velocity = ["stages.2.prediction_type=epsilon", "stages.2.conversion_steps=0"]
+    source = "s3://padistill-test/teachers/sd3_t5"
+    cfg = load_config("smoke", [f"model.source={source}", f"storage.endpoint_url={s3_endpoint}",
+                                "run_root=s3://padistill-test/fetch-run", *velocity])
+    st = RunStorage.from_config(cfg)
+    st.fs.put(str(folder) + "/", source[len("s3://"):], recursive=True)
+    st.put_dir(str(folder), cfg.stage_dir(1) + "/model")  # stage 1's export: stage 2's (unguided) teacher
+
+    bare = fetch_teacher(source, cfg)  # what a training worker fetches
+    assert sorted(p.name for p in bare.iterdir()) == ["model_index.json", "scheduler", "transformer"]
+    torch.testing.assert_close(zoo.load_denoiser(str(bare)).state_dict(), zoo.load_denoiser(str(folder)).state_dict())
+
+    assert cfg.stages[0].guidance_scale > 1 and cfg.stages[1].guidance_scale <= 1
+    unguided = Teacher.load(cfg, 2, st)
+    assert unguided.uncond is None
+    guided = Teacher.load(cfg, 1, st)
+    with_text = fetch_teacher(source, cfg, text=True)  # the guided teacher's cached folder
+    assert {"text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer_3"} <= {p.name for p in with_text.iterdir()}
+    ours = family.family_sd3.unconditional(folder)
+    torch.testing.assert_close(guided.uncond.prompt_embeds, ours.prompt_embeds)
+    torch.testing.assert_close(guided.uncond.pooled, ours.pooled)
+
+
 def smoke_toy_teacher(tmp_path, family_name: str, pipeline_class: str):
     """The toy-teacher job's smoke preset for `family_name` (the CLI, as a user runs it), into tmp_path/teacher:
     the folder and its padistill.json, the folder checked to be of `pipeline_class`."""
