@@ -73,7 +73,8 @@ def fetch_teacher(source: str, cfg: RunConfig, *, text: bool = False):
     unconditional branch is encoded with: SD1.5's and SD3's tokenizers and text encoders, T5's where it has
     one, which a guided stage's trajectories need and nothing else does: SD3.5's T5-XXL alone is ~9.5 GB) into
     a cache keyed by its URI, the parts fetched *and* its files' versions, so a re-exported teacher at the same
-    URI is fetched again rather than served stale."""
+    URI is fetched again rather than served stale. A cached copy with the text parts serves a call without:
+    the first stage's trajectories fetch the base model with them, and its training then reuses that copy."""
     from pathlib import Path
 
     from .storage import filesystem_for
@@ -81,20 +82,28 @@ def fetch_teacher(source: str, cfg: RunConfig, *, text: bool = False):
 
     if not source.startswith("s3://"):
         return resolve_source(source, cfg.storage)
-    fp = teacher_fingerprint(source, cfg)
-    # FETCHED and `text`: which components a cached teacher holds; a cache that holds other parts is not served
-    key = hashlib.sha256(json.dumps([source, fp, FETCHED, text], sort_keys=True).encode()).hexdigest()[:16]
-    path = _cache_dir() / "teachers" / key
-    if not (path / "model_index.json").exists():
-        from . import family
+    from . import family
 
-        fs, root = filesystem_for(source, cfg.storage), source[len("s3://"):].rstrip("/")
-        index = json.loads(fs.cat(f"{root}/model_index.json"))
-        fam = family.get(family.name_of_index(index))
+    fp = teacher_fingerprint(source, cfg)
+    fs, root = filesystem_for(source, cfg.storage), source[len("s3://"):].rstrip("/")
+    index = json.loads(fs.cat(f"{root}/model_index.json"))
+    fam = family.get(family.name_of_index(index))
+
+    def parts(with_text: bool) -> list[str]:  # a component the folder has none of ([null, null]) is skipped
+        subs = (fam.DENOISER[0], "scheduler", *(fam.UNCOND_COMPONENTS if with_text else ()))
+        return [sub for sub in subs if (index.get(sub) or [None])[0]]
+
+    def cached(subs: list[str]) -> Path:  # FETCHED and the parts: a cache that holds other parts is not served
+        key = hashlib.sha256(json.dumps([source, fp, FETCHED, subs], sort_keys=True).encode()).hexdigest()[:16]
+        return _cache_dir() / "teachers" / key
+
+    path = cached(parts(text))
+    if (cached(parts(True)) / "model_index.json").exists():
+        path = cached(parts(True))  # the superset
+    if not (path / "model_index.json").exists():
         tmp = _staging_dir(_cache_dir() / "teachers")
-        for sub in (fam.DENOISER[0], "scheduler", *(fam.UNCOND_COMPONENTS if text else ())):
-            if (index.get(sub) or [None])[0]:  # a component the folder has none of ([null, null]) is skipped
-                fs.get(f"{root}/{sub}/", str(tmp / sub), recursive=True)
+        for sub in parts(text):
+            fs.get(f"{root}/{sub}/", str(tmp / sub), recursive=True)
         fs.get(f"{root}/model_index.json", str(tmp / "model_index.json"))  # last: marks it complete
         try:
             tmp.rename(path)

@@ -214,9 +214,10 @@ def test_sd3_with_a_t5_encoder_distils_guided_stages_its_unconditional_branch_ho
 
 def test_an_s3_teacher_is_fetched_with_its_text_encoders_only_for_a_guided_stage(s3_endpoint, tmp_path):
     """An SD3 teacher with a T5 encoder on S3 (SD3.5 as published, where T5-XXL alone is ~9.5 GB): the training
-    workers and an unguided stage's trajectory actors fetch only its transformer, scheduler and model_index.json;
-    a guided stage's trajectories (`Teacher.load`) fetch its text encoders too, T5's included, and encode the
-    same unconditional branch as the local folder gives."""
+    workers, and an unguided stage's trajectory actors for their teacher (the previous stage's export), fetch
+    only the transformer, scheduler and model_index.json; a guided stage's trajectories (`Teacher.load`) fetch
+    the text encoders too, T5's included, and encode the same unconditional branch as the local folder gives;
+    once that copy is cached, a fetch without the text parts is served from it (no second download)."""
     from pipeline.stage_models import fetch_teacher
     from pipeline.storage import RunStorage
     from pipeline.trajectories import Teacher
@@ -235,11 +236,14 @@ def test_an_s3_teacher_is_fetched_with_its_text_encoders_only_for_a_guided_stage
     torch.testing.assert_close(zoo.load_denoiser(str(bare)).state_dict(), zoo.load_denoiser(str(folder)).state_dict())
 
     assert cfg.stages[0].guidance_scale > 1 and cfg.stages[1].guidance_scale <= 1
-    unguided = Teacher.load(cfg, 2, st)
+    unguided = Teacher.load(cfg, 2, st)  # its teacher: stage 1's export, fetched without its text encoders
     assert unguided.uncond is None
+    export = fetch_teacher(st.url(cfg.stage_dir(1), "model"), cfg)  # the cached folder Teacher.load used
+    assert sorted(p.name for p in export.iterdir()) == ["model_index.json", "scheduler", "transformer"]
     guided = Teacher.load(cfg, 1, st)
     with_text = fetch_teacher(source, cfg, text=True)  # the guided teacher's cached folder
     assert {"text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer_3"} <= {p.name for p in with_text.iterdir()}
+    assert fetch_teacher(source, cfg) == with_text  # from now on it serves the training workers too: no 2nd copy
     ours = family.family_sd3.unconditional(folder)
     torch.testing.assert_close(guided.uncond.prompt_embeds, ours.prompt_embeds)
     torch.testing.assert_close(guided.uncond.pooled, ours.pooled)
