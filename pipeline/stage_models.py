@@ -41,9 +41,10 @@ def disc_source(cfg: RunConfig, key, storage: RunStorage | None = None) -> str:
     return cfg.model.source if stage.disc_init == "base" else teacher_source(cfg, key, storage)
 
 
-def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
-    """Sizes and versions (mtime or ETag) of the teacher's denoiser (UNet, or SD3 transformer) and scheduler
-    files: a re-exported teacher invalidates the stage's trajectories."""
+def _open_teacher(source: str, cfg: RunConfig):
+    """A teacher folder's filesystem, root path, model_index.json and family module (local or s3://); one line
+    naming the source when it is not a diffusers pipeline folder."""
+    from . import family
     from .storage import filesystem_for
     from .zoo import resolve_source
 
@@ -54,14 +55,23 @@ def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
     if not fs.exists(f"{root}/model_index.json"):
         raise MissingInputError(f"teacher {source}: not a diffusers pipeline folder (no model_index.json); "
                                 "export the teacher stage first")
-    from . import family
+    index = json.loads(fs.cat(f"{root}/model_index.json"))
+    return fs, root, index, family.get(family.name_of_index(index))
 
-    denoiser = family.get(family.name_of_index(json.loads(fs.cat(f"{root}/model_index.json")))).DENOISER[0]
+
+def _fingerprint(fs, root: str, fam) -> dict:
     out = {}
-    for sub in (denoiser, "scheduler"):
+    for sub in (fam.DENOISER[0], "scheduler"):
         for p, info in sorted(fs.find(f"{root}/{sub}", detail=True).items()):
             out[p[len(root) + 1:]] = [info.get("size"), str(info.get("ETag") or info.get("mtime") or "")]
     return out
+
+
+def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
+    """Sizes and versions (mtime or ETag) of the teacher's denoiser (UNet, or SD3 transformer) and scheduler
+    files: a re-exported teacher invalidates the stage's trajectories."""
+    fs, root, _, fam = _open_teacher(source, cfg)
+    return _fingerprint(fs, root, fam)
 
 
 FETCHED = 3  # the version of what `fetch_teacher` copies (3: text parts only when asked), part of its cache key
@@ -77,17 +87,12 @@ def fetch_teacher(source: str, cfg: RunConfig, *, text: bool = False):
     the first stage's trajectories fetch the base model with them, and its training then reuses that copy."""
     from pathlib import Path
 
-    from .storage import filesystem_for
     from .zoo import _cache_dir, _staging_dir, resolve_source
 
     if not source.startswith("s3://"):
         return resolve_source(source, cfg.storage)
-    from . import family
-
-    fp = teacher_fingerprint(source, cfg)
-    fs, root = filesystem_for(source, cfg.storage), source[len("s3://"):].rstrip("/")
-    index = json.loads(fs.cat(f"{root}/model_index.json"))
-    fam = family.get(family.name_of_index(index))
+    fs, root, index, fam = _open_teacher(source, cfg)
+    fp = _fingerprint(fs, root, fam)
 
     def parts(with_text: bool) -> list[str]:  # a component the folder has none of ([null, null]) is skipped
         subs = (fam.DENOISER[0], "scheduler", *(fam.UNCOND_COMPONENTS if with_text else ()))
@@ -97,9 +102,8 @@ def fetch_teacher(source: str, cfg: RunConfig, *, text: bool = False):
         key = hashlib.sha256(json.dumps([source, fp, FETCHED, subs], sort_keys=True).encode()).hexdigest()[:16]
         return _cache_dir() / "teachers" / key
 
-    path = cached(parts(text))
-    if (cached(parts(True)) / "model_index.json").exists():
-        path = cached(parts(True))  # the superset
+    full = cached(parts(True))  # with the text parts: it serves a call without them too
+    path = full if (full / "model_index.json").exists() else cached(parts(text))
     if not (path / "model_index.json").exists():
         tmp = _staging_dir(_cache_dir() / "teachers")
         for sub in parts(text):
