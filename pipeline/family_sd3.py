@@ -76,7 +76,8 @@ def unconditional(folder, dtype=torch.float32) -> Conditioning:
     encoders and its transformer's config (the transformer on the meta device: no weights read): the two CLIP
     encoders, and T5 when the folder has one (its states for the empty prompt; without it the pipeline fills
     T5's part with zeros as wide as the transformer's joint attention). They load and encode on the CPU, once
-    per trajectory actor (T5-XXL: ~9.5 GB of host memory in bf16 while it encodes), and are freed on return."""
+    per guided stage's trajectories, in one Ray task (T5-XXL: ~9.5 GB of host memory in bf16 while it
+    encodes), and are freed on return."""
     import json
     from pathlib import Path
 

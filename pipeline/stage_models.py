@@ -81,10 +81,11 @@ def fetch_teacher(source: str, cfg: RunConfig, *, text: bool = False):
     """A local folder with the teacher's denoiser and scheduler. An s3:// teacher is downloaded (only
     model_index.json, unet/ (SD3: transformer/) and scheduler/; with `text`, also what its family's
     unconditional branch is encoded with: SD1.5's and SD3's tokenizers and text encoders, T5's where it has
-    one, which a guided stage's trajectories need and nothing else does: SD3.5's T5-XXL alone is ~9.5 GB) into
-    a cache keyed by its URI, the parts fetched *and* its files' versions, so a re-exported teacher at the same
-    URI is fetched again rather than served stale. A cached copy with the text parts serves a call without:
-    the first stage's trajectories fetch the base model with them, and its training then reuses that copy."""
+    one, which only a guided stage's unconditional branch needs (`trajectories.unconditional_branch`, one Ray
+    task a step): SD3.5's T5-XXL alone is ~9.5 GB) into a cache keyed by its URI, the parts fetched *and* its
+    files' versions, so a re-exported teacher at the same URI is fetched again rather than served stale. A
+    cached copy with the text parts serves a call without: on the node that encoded the first stage's branch,
+    its actors and training workers reuse that copy."""
     from pathlib import Path
 
     from .zoo import _cache_dir, _staging_dir, resolve_source

@@ -11,7 +11,8 @@ For every encoded row and each of `trajectories.draws` draws:
 - target = the teacher's n Euler steps from x_t along `Schedule.teacher_path` (the teacher grid's points
   between t and t_next) through `Schedule.rollout`, with classifier-free guidance when the stage's
   `guidance_scale` > 1 (the family's unconditional branch: zeros for SDXL, the empty prompt's encoding for
-  SD1.5 and SD3). The SD3 family does the same on `FlowMatchSchedule`, its noise levels sigmas.
+  SD1.5 and SD3, encoded once per step in one Ray task and handed to every actor, so no actor loads a text
+  encoder). The SD3 family does the same on `FlowMatchSchedule`, its noise levels sigmas.
 
 The teacher of stage K is the exported student of stage `teacher_of(K)` (`<root>/<stage_dir>/model/`,
 a diffusers pipeline folder), or `model.source` for the first stage.
@@ -81,6 +82,29 @@ def pick_pair(row_id: str, draw: int, seed: int, pairs: list[StagePair]) -> Stag
     return pairs[draw_seed(row_id, draw, seed)[1] % len(pairs)]
 
 
+def unconditional_branch(cfg: RunConfig, key, storage: RunStorage | None = None,
+                         dtype: torch.dtype | None = None) -> Conditioning | None:
+    """The unconditional branch of stage `key`'s guided rollouts: the empty prompt's encoding by the teacher's
+    text encoders (SD1.5, SD3; T5-XXL included where the teacher has it), at the model's dtype as encode's
+    prompts were; None for an unguided stage and for SDXL (zeros). The only use of text encoders in a stage's
+    rollouts: `run_trajectories` encodes it once, in one Ray task, and hands it to every actor."""
+    from . import family
+    from .zoo import DTYPES
+
+    if not _has_unconditional(cfg, key):
+        return None
+    folder = fetch_teacher(teacher_source(cfg, key, storage), cfg, text=True)
+    return family.of_folder(folder).unconditional(folder, dtype or DTYPES[cfg.model.dtype])
+
+
+def _has_unconditional(cfg: RunConfig, key) -> bool:
+    """Whether stage `key`'s rollouts need an encoded unconditional branch: guided, in a family whose branch
+    is not zeros."""
+    from .zoo import family_module
+
+    return cfg.stage(key)[1].guidance_scale > 1 and bool(family_module(cfg).UNCOND_COMPONENTS)
+
+
 class Teacher:
     """A stage's teacher denoiser (UNet or SD3 transformer), schedule and guidance, for rollouts."""
 
@@ -93,17 +117,18 @@ class Teacher:
 
     @classmethod
     def load(cls, cfg: RunConfig, key, storage: RunStorage | None = None, device="cpu",
-             dtype: torch.dtype | None = None) -> "Teacher":
-        from . import family
+             dtype: torch.dtype | None = None, uncond: "Conditioning | None | str" = "encode") -> "Teacher":
+        """The teacher's denoiser and schedule (its folder fetched without text encoders) and the stage's
+        unconditional branch: `uncond` as `unconditional_branch` gave it (what the step's actors get), or
+        "encode" to encode it here."""
         from .zoo import DTYPES, load_denoiser, schedule_of
 
         _, stage = cfg.stage(key)
-        guided = stage.guidance_scale > 1  # only then are the teacher's text encoders fetched and loaded
-        folder = fetch_teacher(teacher_source(cfg, key, storage), cfg, text=guided)
         dtype = dtype or DTYPES[cfg.model.dtype]
+        if isinstance(uncond, str):
+            uncond = unconditional_branch(cfg, key, storage, dtype)
+        folder = fetch_teacher(teacher_source(cfg, key, storage), cfg)
         unet = load_denoiser(str(folder), dtype=dtype).to(device)
-        # the family's unconditional branch, encoded at the model's dtype as encode's prompts were
-        uncond = family.of_folder(folder).unconditional(folder, dtype) if guided else None
         return cls(unet, schedule_of(folder), stage, cfg.model.resolution, device, uncond)
 
     @torch.no_grad()
@@ -185,7 +210,8 @@ def text_columns(names) -> list[str]:
 class TrajectoryWorker:
     """A Ray Data actor: the teacher is loaded once; each call rolls out and commits one unit."""
 
-    def __init__(self, cfg_json: str, stage_key: str, inputs_hash: str, threads: int = 1):
+    def __init__(self, cfg_json: str, stage_key: str, inputs_hash: str, uncond: Conditioning | None,
+                 threads: int = 1):
         torch.set_num_threads(threads)
         cluster.quiet_libraries()
         self.cfg = RunConfig.model_validate_json(cfg_json)
@@ -193,7 +219,8 @@ class TrajectoryWorker:
         self.storage = RunStorage.from_config(self.cfg)
         tc = self.cfg.trajectories
         device = encode_mod.device_for(tc.gpus_per_actor)
-        self.teacher = Teacher.load(self.cfg, stage_key, self.storage, device)
+        # the unconditional branch comes encoded (`unconditional_branch`): no actor loads a text encoder
+        self.teacher = Teacher.load(self.cfg, stage_key, self.storage, device, uncond=uncond)
         self.out = out_rel(self.cfg, stage_key)
         self.out_dtype = np.float16 if tc.dtype == "float16" else np.float32
         self._pf = None
@@ -346,8 +373,9 @@ def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> 
         f"{len(done)} already committed, {len(todo)} to run -> {storage.url(out)}")
     t0 = time.perf_counter()
     cluster.ensure_ray(cfg)
+    uncond = _encode_unconditional(cfg, k) if todo else None
     shards.run_units(todo, TrajectoryWorker,
-                     {"cfg_json": cfg.model_dump_json(), "stage_key": str(k), "inputs_hash": ih},
+                     {"cfg_json": cfg.model_dump_json(), "stage_key": str(k), "inputs_hash": ih, "uncond": uncond},
                      actors=tc.actors, gpus_per_actor=tc.gpus_per_actor,
                      on_marker=lambda m: log(f"  unit {m['index']}: {m['rows']} rows, {m['bytes']} B"))
     elapsed = time.perf_counter() - t0
@@ -369,6 +397,22 @@ def run_trajectories(cfg: RunConfig, key, *, force: bool = False, log=print) -> 
         f"{summary['bytes_per_row']:.0f} B/row stored vs {raw} B/row raw tensors "
         f"({emb} B/row of them embeddings copied from encoded/)")
     return manifest
+
+
+def _encode_unconditional(cfg: RunConfig, k: int) -> Conditioning | None:
+    """`unconditional_branch` in one Ray task (1 CPU, any node: SD3.5's T5-XXL is loaded there once, not in
+    every actor; its node fetches the teacher's text encoders, the actors' nodes do not)."""
+    import ray
+
+    if not _has_unconditional(cfg, k):
+        return None
+    task = ray.remote(num_cpus=1)(_unconditional_task).options(name=f"padistill:uncond-{k}")
+    return ray.get(task.remote(cfg.model_dump_json(), k))
+
+
+def _unconditional_task(cfg_json: str, k: int) -> Conditioning | None:
+    cluster.quiet_libraries()
+    return unconditional_branch(RunConfig.model_validate_json(cfg_json), k)
 
 
 def row_tensor_bytes(storage: RunStorage, out: str, summary: dict) -> tuple[int, int]:

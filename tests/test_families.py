@@ -212,15 +212,17 @@ def test_sd3_with_a_t5_encoder_distils_guided_stages_its_unconditional_branch_ho
     assert enc.prompt_embeds.shape == stock.shape and enc.prompt_embeds[:, clip:].abs().sum() > 0
 
 
-def test_an_s3_teacher_is_fetched_with_its_text_encoders_only_for_a_guided_stage(s3_endpoint, tmp_path):
+def test_an_s3_teacher_is_fetched_with_its_text_encoders_only_to_encode_a_guided_stages_branch(s3_endpoint, tmp_path):
     """An SD3 teacher with a T5 encoder on S3 (SD3.5 as published, where T5-XXL alone is ~9.5 GB): the training
     workers, and an unguided stage's trajectory actors for their teacher (the previous stage's export), fetch
-    only the transformer, scheduler and model_index.json; a guided stage's trajectories (`Teacher.load`) fetch
-    the text encoders too, T5's included, and encode the same unconditional branch as the local folder gives;
-    once that copy is cached, a fetch without the text parts is served from it (no second download)."""
+    only the transformer, scheduler and model_index.json; a guided stage's unconditional branch
+    (`unconditional_branch`, encoded once per step) fetches the text encoders too, T5's included, and is the
+    branch the local folder gives; once that copy is cached, a fetch without the text parts is served from it
+    (no second download). A guided stage's trajectory actor, handed the branch, needs no text encoder: it
+    runs from a copy of the teacher that has none."""
     from pipeline.stage_models import fetch_teacher
     from pipeline.storage import RunStorage
-    from pipeline.trajectories import Teacher
+    from pipeline.trajectories import Teacher, TrajectoryWorker
 
     folder = save_tiny_sd3_with_t5(tmp_path / "sd3_t5")
     velocity = ["stages.2.prediction_type=epsilon", "stages.2.conversion_steps=0"]
@@ -247,6 +249,15 @@ def test_an_s3_teacher_is_fetched_with_its_text_encoders_only_for_a_guided_stage
     ours = family.family_sd3.unconditional(folder)
     torch.testing.assert_close(guided.uncond.prompt_embeds, ours.prompt_embeds)
     torch.testing.assert_close(guided.uncond.pooled, ours.pooled)
+
+    bare_source = "s3://padistill-test/teachers/sd3_t5_bare"  # the teacher without its text encoders
+    for sub in ("transformer", "scheduler", "model_index.json"):
+        st.fs.put(str(folder / sub) + ("/" if sub != "model_index.json" else ""),
+                  f"{bare_source[len('s3://'):]}/{sub}", recursive=True)
+    bare_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": bare_source})})
+    actor = TrajectoryWorker(bare_cfg.model_dump_json(), "1", "inputs", uncond=guided.uncond)
+    assert actor.teacher.uncond is guided.uncond and actor.teacher.stage.guidance_scale > 1
+    torch.testing.assert_close(actor.teacher.unet.state_dict(), guided.unet.state_dict())
 
 
 def smoke_toy_teacher(tmp_path, family_name: str, pipeline_class: str):
@@ -350,6 +361,7 @@ def test_sd3_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
         assert {(a, b) for a, b in zip(rows["t"], rows["t_next"])} <= {tuple(np.float32(v) for v in p) for p in pairs}
         assert len(set(rows["t"])) > 1
     assert "pooled_embeds" in storage.read_manifest("trajectories-1-8step")["outputs"]["columns"]
+    assert_guided_rows_use_the_empty_prompt(cfg, storage)
     report = storage.read_text("report.md")
     prompt = "a handwritten digit seven"
     for k, st in enumerate(cfg.stages, start=1):
@@ -366,6 +378,38 @@ def test_sd3_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
     lora_folder = Path(storage.path(cfg.stage_dir(1), "model"))
     assert (lora_folder / LORA_WEIGHT_NAME).exists()
     assert_lora_loads_like_merged(str(teacher), lora_folder, prompt, min_change=1e-4)
+
+
+@torch.no_grad()
+def assert_guided_rows_use_the_empty_prompt(cfg, storage):
+    """The guided first stage's stored targets (rolled out by the actors, which load no text encoder: the step
+    encodes the unconditional branch once and hands it to them) equal this process's rollout of the same
+    rows with the empty prompt's encoding as the unconditional branch, and not with zeros."""
+    from pipeline import trajectories as tj
+    from pipeline.storage import table_to_tensors
+
+    teacher = tj.Teacher.load(cfg, 1)  # encodes the branch here, from the teacher's text encoders
+    assert teacher.uncond is not None and teacher.stage.guidance_scale > 1
+    rows = table_to_tensors(tj.read_trajectories(storage, cfg, 1))
+    enc = table_to_tensors(storage.read_table("encoded"))
+    ids = list(enc["id"])
+    pairs = {(np.float32(p.t), np.float32(p.t_next)): p for p in teacher.pairs}
+    gaps, uncond = [], teacher.uncond
+    for r in (0, 17, 40):
+        e = ids.index(rows["id"][r])
+        noise = tj.draw_noise(tj.draw_seed(rows["id"][r], int(rows["draw"][r]), cfg.trajectories.seed)[0],
+                              enc["latent"][e].shape)[None]
+        text = {c: torch.from_numpy(enc[c][e][None].astype(np.float32)) for c in ("prompt_embeds", "pooled_embeds")}
+        latent = torch.from_numpy(enc["latent"][e][None].astype(np.float32))
+        pair = pairs[(rows["t"][r], rows["t_next"][r])]
+        _, target = teacher.rollout(latent, noise, pair, text)
+        stored = torch.from_numpy(rows["target"][r].astype(np.float32))
+        torch.testing.assert_close(stored, target[0], rtol=0, atol=2e-3)
+        teacher.uncond = None
+        zeros = teacher.rollout(latent, noise, pair, text)[1]
+        teacher.uncond = uncond
+        gaps.append(float((zeros[0] - stored).abs().max()))
+    assert max(gaps) > 2e-2, gaps  # zeros as the unconditional branch would give other targets
 
 
 @torch.no_grad()
