@@ -118,14 +118,16 @@ class Teacher:
     @classmethod
     def load(cls, cfg: RunConfig, key, storage: RunStorage | None = None, device="cpu",
              dtype: torch.dtype | None = None, uncond: "Conditioning | None | str" = "encode") -> "Teacher":
-        """The teacher's denoiser and schedule (its folder fetched without text encoders) and the stage's
-        unconditional branch: `uncond` as `unconditional_branch` gave it (what the step's actors get), or
-        "encode" to encode it here."""
+        """The teacher's denoiser and schedule and the stage's unconditional branch: `uncond` as
+        `unconditional_branch` gave it (what the step's actors get: their teacher folder is fetched without text
+        encoders), or "encode" to encode it here (a guided SD1.5 or SD3 stage then fetches them too)."""
         from .zoo import DTYPES, load_denoiser, schedule_of
 
         _, stage = cfg.stage(key)
         dtype = dtype or DTYPES[cfg.model.dtype]
         if isinstance(uncond, str):
+            if uncond != "encode":
+                raise ValueError(f"Teacher.load: uncond={uncond!r} (a Conditioning, None or 'encode')")
             uncond = unconditional_branch(cfg, key, storage, dtype)
         folder = fetch_teacher(teacher_source(cfg, key, storage), cfg)
         unet = load_denoiser(str(folder), dtype=dtype).to(device)
