@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install test reliability-table demo demo-mse demo-compare bench bench-teacher teacher-fashion bench-comparison bench-probe bench-ablations bench-report bench-fashion-report bench-fashion-long-report teacher clean
+.PHONY: install test reliability-table demo demo-mse demo-compare bench bench-teacher teacher-fashion bench-comparison bench-probe bench-ablations bench-report bench-fashion-report bench-fashion-probe bench-fashion-long-report teacher clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,15 @@ bench-fashion-ablation-%: install
 
 bench-fashion-report: install
 	$(BIN)/python benchmarks/distill.py --benchmark fashion --part report
+
+# the discriminator probe on the sharp benchmark with the shipped config (about 12 min): stage 1 and the 8->4
+# stage's trajectories (reused when finished), then D alone per arm, three probe seeds
+PROBE_ROOT := runs/probe/toy_fashion-s0
+bench-fashion-probe: install
+	$(BIN)/padistill distill --config toy_fashion --set run_root=$(PROBE_ROOT) --until 1
+	$(BIN)/padistill distill --config toy_fashion --set run_root=$(PROBE_ROOT) --only traj-2
+	for s in 0 1 2; do $(BIN)/python benchmarks/discriminator.py --config $(PROBE_ROOT)/config.yaml --run $(PROBE_ROOT) \
+		--stage 2 --d-steps 300 --seed $$s --out benchmarks/results/discriminator_fashion_shipped_seed$$s || exit 1; done
 
 # the sharp benchmark with 4x longer adversarial stages (200 D-only warm-up updates first) and disc_lr 1e-4:
 # adversarial ~30 min a seed, MSE-only ~12-20 min (stage 1 and the teacher's samples reused)

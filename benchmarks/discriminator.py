@@ -266,7 +266,8 @@ def markdown(res: dict) -> str:
              f"{res.get('control_sigma', 0):.2f} px (latent) to the real/fake RMS distance "
              f"{res.get('real_fake_rms', 0):.4f}") if res["arms"] else \
         f"; games at batch {res['batch']}, from the stage's first D or student update"
-    lines = [f"# Discriminator probe: `{res['run_root']}` stage {res['stage']}\n",
+    seed = f", probe seed {res['seed']}" if "seed" in res else ""
+    lines = [f"# Discriminator probe: `{res['run_root']}` stage {res['stage']}{seed}\n",
              f"{res['train_rows']} training rows, {res['held_rows']} held rows{alone}.\n"]
     if res["arms"]:
         strata = sorted({k for a in res["arms"] for k in a if k.startswith("pacc_t")}, key=lambda k: int(k[6:]))
@@ -326,7 +327,7 @@ def main(argv=None) -> int:
     train, held = load_rows(cfg, args.stage, args.held)
     print(f"{cfg.stage_dir(args.stage)}: {len(train['t'])} training rows, {len(held['t'])} held rows")
     res = {"run_root": cfg.run_root, "stage": args.stage, "train_rows": len(train["t"]), "held_rows": len(held["t"]),
-           "d_steps": args.d_steps, "arm_overrides": parse_game(":" + args.arm_set)[1], "batch": args.batch, "fd_samples": args.fd_samples, "arms": [], "games": []}
+           "d_steps": args.d_steps, "arm_overrides": parse_game(":" + args.arm_set)[1], "batch": args.batch, "fd_samples": args.fd_samples, "seed": args.seed, "arms": [], "games": []}
     arms = [a for a in args.arms.split(",") if a]
     if arms:
         probe = make_loop(cfg, args.stage, {}, args.seed)

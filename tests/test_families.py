@@ -304,6 +304,7 @@ def test_sd15_toy_teacher_and_smoke_dag_end_to_end(ray_local, tmp_path):
     assert storage.read_manifest("encode")["outputs"]["columns"] == \
         ["id", "caption", "latent", "prompt_embeds", "schema_version"]
     assert "pooled_embeds" not in storage.read_manifest("trajectories-1-8step")["outputs"]["columns"]
+    assert_guided_rows_use_the_empty_prompt(cfg, storage)
     report = storage.read_text("report.md")
     prompt = "a handwritten digit seven"
     for k, st in enumerate(cfg.stages, start=1):
@@ -399,7 +400,7 @@ def assert_guided_rows_use_the_empty_prompt(cfg, storage):
         e = ids.index(rows["id"][r])
         noise = tj.draw_noise(tj.draw_seed(rows["id"][r], int(rows["draw"][r]), cfg.trajectories.seed)[0],
                               enc["latent"][e].shape)[None]
-        text = {c: torch.from_numpy(enc[c][e][None].astype(np.float32)) for c in ("prompt_embeds", "pooled_embeds")}
+        text = {c: torch.from_numpy(enc[c][e][None].astype(np.float32)) for c in tj.text_columns(enc)}
         latent = torch.from_numpy(enc["latent"][e][None].astype(np.float32))
         pair = pairs[(rows["t"][r], rows["t_next"][r])]
         _, target = teacher.rollout(latent, noise, pair, text)
