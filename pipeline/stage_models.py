@@ -59,19 +59,29 @@ def _open_teacher(source: str, cfg: RunConfig):
     return fs, root, index, family.get(family.name_of_index(index))
 
 
-def _fingerprint(fs, root: str, fam) -> dict:
+def _parts(index: dict, fam, text: bool) -> list[str]:
+    """The subfolders of a teacher folder that are fetched and fingerprinted: its denoiser and scheduler, and
+    with `text` what its family's unconditional branch is encoded with; a component the folder has none of
+    ([null, null] in model_index.json) is skipped."""
+    subs = (fam.DENOISER[0], "scheduler", *(fam.UNCOND_COMPONENTS if text else ()))
+    return [sub for sub in subs if (index.get(sub) or [None])[0]]
+
+
+def _fingerprint(fs, root: str, subs: list[str]) -> dict:
     out = {}
-    for sub in (fam.DENOISER[0], "scheduler"):
+    for sub in subs:
         for p, info in sorted(fs.find(f"{root}/{sub}", detail=True).items()):
             out[p[len(root) + 1:]] = [info.get("size"), str(info.get("ETag") or info.get("mtime") or "")]
     return out
 
 
-def teacher_fingerprint(source: str, cfg: RunConfig) -> dict:
+def teacher_fingerprint(source: str, cfg: RunConfig, *, text: bool = False) -> dict:
     """Sizes and versions (mtime or ETag) of the teacher's denoiser (UNet, or SD3 transformer) and scheduler
-    files: a re-exported teacher invalidates the stage's trajectories."""
-    fs, root, _, fam = _open_teacher(source, cfg)
-    return _fingerprint(fs, root, fam)
+    files, and with `text` of the text encoders and tokenizers its unconditional branch is encoded with (a
+    guided SD1.5 or SD3 stage): a re-exported teacher, or new text encoders beside the same denoiser,
+    invalidates the stage's trajectories."""
+    fs, root, index, fam = _open_teacher(source, cfg)
+    return _fingerprint(fs, root, _parts(index, fam, text))
 
 
 FETCHED = 3  # the version of what `fetch_teacher` copies (3: text parts only when asked), part of its cache key
@@ -93,21 +103,19 @@ def fetch_teacher(source: str, cfg: RunConfig, *, text: bool = False):
     if not source.startswith("s3://"):
         return resolve_source(source, cfg.storage)
     fs, root, index, fam = _open_teacher(source, cfg)
-    fp = _fingerprint(fs, root, fam)
+    fp = _fingerprint(fs, root, _parts(index, fam, True))  # the text parts' files too: one listing serves both keys
 
-    def parts(with_text: bool) -> list[str]:  # a component the folder has none of ([null, null]) is skipped
-        subs = (fam.DENOISER[0], "scheduler", *(fam.UNCOND_COMPONENTS if with_text else ()))
-        return [sub for sub in subs if (index.get(sub) or [None])[0]]
-
-    def cached(subs: list[str]) -> Path:  # FETCHED and the parts: a cache that holds other parts is not served
-        key = hashlib.sha256(json.dumps([source, fp, FETCHED, subs], sort_keys=True).encode()).hexdigest()[:16]
+    def cached(subs: list[str]) -> Path:  # FETCHED, the parts and their files' versions: a cache that holds
+        # other parts, or other versions of them, is not served
+        mine = {k: v for k, v in fp.items() if k.split("/", 1)[0] in subs}
+        key = hashlib.sha256(json.dumps([source, mine, FETCHED, subs], sort_keys=True).encode()).hexdigest()[:16]
         return _cache_dir() / "teachers" / key
 
-    full = cached(parts(True))  # with the text parts: it serves a call without them too
-    path = full if (full / "model_index.json").exists() else cached(parts(text))
+    full = cached(_parts(index, fam, True))  # with the text parts: it serves a call without them too
+    path = full if (full / "model_index.json").exists() else cached(_parts(index, fam, text))
     if not (path / "model_index.json").exists():
         tmp = _staging_dir(_cache_dir() / "teachers")
-        for sub in parts(text):
+        for sub in _parts(index, fam, text):
             fs.get(f"{root}/{sub}/", str(tmp / sub), recursive=True)
         fs.get(f"{root}/model_index.json", str(tmp / "model_index.json"))  # last: marks it complete
         try:

@@ -298,7 +298,7 @@ def trajectory_inputs(cfg: RunConfig, key, storage: RunStorage, enc_manifest: di
     tc = cfg.trajectories
     return {"encoded": {"inputs_hash": enc_manifest["inputs_hash"], "finished_at": enc_manifest["finished_at"]},
             "stage_index": k, "stage": rollout_settings(stage), "teacher": teacher_identity(cfg, k),
-            "teacher_files": teacher_fingerprint(src, cfg), "model_dtype": cfg.model.dtype,
+            "teacher_files": teacher_fingerprint(src, cfg, text=_has_unconditional(cfg, k)), "model_dtype": cfg.model.dtype,
             "resolution": cfg.model.resolution, "draws": tc.draws, "seed": tc.seed, "dtype": tc.dtype,
             "max_rows_per_file": tc.max_rows_per_file, "schema_version": SCHEMA_VERSION}
 

@@ -260,6 +260,49 @@ def test_an_s3_teacher_is_fetched_with_its_text_encoders_only_to_encode_a_guided
     torch.testing.assert_close(handed.unet.state_dict(), guided.unet.state_dict())
 
 
+def test_new_text_encoders_beside_the_same_transformer_invalidate_only_a_guided_stages_trajectories(s3_endpoint,
+                                                                                                   tmp_path):
+    """The unconditional branch of a guided SD3 stage is encoded from the teacher's text encoders, so their files
+    are part of that stage's trajectory inputs (`teacher_files`) and of the cached copy's key: a base model on S3
+    uploaded again with other text encoders and the same transformer is fetched again and gives another branch,
+    the guided first stage's trajectories are no longer the finished ones, and the unguided second stage's (its
+    teacher stage 1's export) are."""
+    from transformers import CLIPTextModelWithProjection
+
+    from pipeline.stage_models import fetch_teacher, teacher_fingerprint
+    from pipeline.storage import RunStorage
+    from pipeline.trajectories import trajectory_inputs, unconditional_branch
+
+    folder = zoo.save_pipeline(zoo.build_pipeline(family="sd3"), tmp_path / "sd3")
+    source = "s3://padistill-test/teachers/sd3_text_swap"
+    cfg = load_config("smoke", [f"model.source={source}", f"storage.endpoint_url={s3_endpoint}",
+                                "run_root=s3://padistill-test/text-swap-run", "stages.2.prediction_type=epsilon",
+                                "stages.2.conversion_steps=0"])
+    st = RunStorage.from_config(cfg)
+    st.fs.put(str(folder) + "/", source[len("s3://"):], recursive=True)
+    st.put_dir(str(folder), cfg.stage_dir(1) + "/model")
+    enc = {"inputs_hash": "encoded", "finished_at": "then"}
+    assert cfg.stages[0].guidance_scale > 1 and cfg.stages[1].guidance_scale <= 1
+    before = {k: trajectory_inputs(cfg, k, st, enc) for k in (1, 2)}
+    assert any(f.startswith("text_encoder/") for f in before[1]["teacher_files"])
+    assert not any(f.startswith("text_encoder") for f in before[2]["teacher_files"])
+    uncond, copy = unconditional_branch(cfg, 1, st), fetch_teacher(source, cfg, text=True)
+
+    te = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder")
+    with torch.no_grad():
+        for p in te.parameters():
+            p.add_(0.05)
+    te.save_pretrained(tmp_path / "te")
+    st.fs.put(str(tmp_path / "te") + "/", f"{source[len('s3://'):]}/text_encoder", recursive=True)
+
+    assert teacher_fingerprint(source, cfg) == {k: v for k, v in before[1]["teacher_files"].items()
+                                                if not k.startswith(("text_encoder", "tokenizer"))}
+    after = {k: trajectory_inputs(cfg, k, st, enc) for k in (1, 2)}
+    assert after[1] != before[1] and after[2] == before[2]
+    assert fetch_teacher(source, cfg, text=True) != copy  # fetched again, not served stale
+    assert not torch.allclose(unconditional_branch(cfg, 1, st).prompt_embeds, uncond.prompt_embeds)
+
+
 def smoke_toy_teacher(tmp_path, family_name: str, pipeline_class: str):
     """The toy-teacher job's smoke preset for `family_name` (the CLI, as a user runs it), into tmp_path/teacher:
     the folder and its padistill.json, the folder checked to be of `pipeline_class`."""
