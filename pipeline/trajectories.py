@@ -303,11 +303,16 @@ def trajectory_inputs(cfg: RunConfig, key, storage: RunStorage, enc_manifest: di
             "max_rows_per_file": tc.max_rows_per_file, "schema_version": SCHEMA_VERSION}
 
 
+TEXT_PARTS = ("text_encoder", "tokenizer")  # the subfolders of the text encoders and tokenizers, every family
+
+
 def _legacy_finished(manifest: dict | None, inputs: dict) -> bool:
     """A manifest an earlier padistill wrote whose inputs are otherwise today's: one naming the teacher by
     its full URL (<= 0.1.0, before `teacher_identity`), or holding the whole stage, training keys too
-    (before `rollout_settings`), compared on the rollouts' keys. It is kept as written: the later steps'
-    manifests hash its `inputs_hash`, so rewriting it would retrain every stage after it."""
+    (before `rollout_settings`), compared on the rollouts' keys, or, for a guided SD1.5 or SD3 stage, fingerprinting
+    the teacher's denoiser and scheduler alone (before its text encoders counted), compared on those files (a
+    text-encoder swap made before that goes unnoticed; one made after it re-rolls the stage). It is kept as
+    written: the later steps' manifests hash its `inputs_hash`, so rewriting it would retrain every stage after it."""
     if not manifest:
         return False
     old = dict(manifest.get("inputs") or {})
@@ -317,6 +322,9 @@ def _legacy_finished(manifest: dict | None, inputs: dict) -> bool:
         return False
     if isinstance(old.get("stage"), dict):
         old["stage"] = rollout_settings(old["stage"])
+    files = inputs["teacher_files"]
+    if old.get("teacher_files") == {f: v for f, v in files.items() if not f.startswith(TEXT_PARTS)}:
+        old["teacher_files"] = files
     return {**old, "teacher": inputs["teacher"]} == inputs
 
 

@@ -266,12 +266,14 @@ def test_new_text_encoders_beside_the_same_transformer_invalidate_only_a_guided_
     are part of that stage's trajectory inputs (`teacher_files`) and of the cached copy's key: a base model on S3
     uploaded again with other text encoders and the same transformer is fetched again and gives another branch,
     the guided first stage's trajectories are no longer the finished ones, and the unguided second stage's (its
-    teacher stage 1's export) are."""
+    teacher stage 1's export) are. A manifest from before the text encoders counted stays finished (the swap
+    before the upgrade goes unnoticed: the alternative re-rolls every guided stage of an upgraded run)."""
     from transformers import CLIPTextModelWithProjection
 
     from pipeline.stage_models import fetch_teacher, teacher_fingerprint
     from pipeline.storage import RunStorage
-    from pipeline.trajectories import trajectory_inputs, unconditional_branch
+    from pipeline.shards import inputs_hash
+    from pipeline.trajectories import TEXT_PARTS, _legacy_finished, trajectory_inputs, unconditional_branch
 
     folder = zoo.save_pipeline(zoo.build_pipeline(family="sd3"), tmp_path / "sd3")
     source = "s3://padistill-test/teachers/sd3_text_swap"
@@ -299,7 +301,15 @@ def test_new_text_encoders_beside_the_same_transformer_invalidate_only_a_guided_
                                                 if not k.startswith(("text_encoder", "tokenizer"))}
     after = {k: trajectory_inputs(cfg, k, st, enc) for k in (1, 2)}
     assert after[1] != before[1] and after[2] == before[2]
+    # a manifest written before the text encoders counted (denoiser and scheduler files alone) stays finished
+    # while those are today's; one that fingerprinted the text encoders does not once they change
+    bare = {f: v for f, v in before[1]["teacher_files"].items() if not f.startswith(TEXT_PARTS)}
+    legacy = {**before[1], "teacher_files": bare}
+    assert _legacy_finished({"inputs": legacy, "inputs_hash": inputs_hash(legacy)}, before[1])
+    assert _legacy_finished({"inputs": legacy, "inputs_hash": inputs_hash(legacy)}, after[1])
+    assert not _legacy_finished({"inputs": before[1], "inputs_hash": inputs_hash(before[1])}, after[1])
     assert fetch_teacher(source, cfg, text=True) != copy  # fetched again, not served stale
+    assert fetch_teacher(source, cfg) == fetch_teacher(source, cfg, text=True)  # the new copy serves both
     assert not torch.allclose(unconditional_branch(cfg, 1, st).prompt_embeds, uncond.prompt_embeds)
 
 
