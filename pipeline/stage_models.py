@@ -67,6 +67,11 @@ def _parts(index: dict, fam, text: bool) -> list[str]:
     return [sub for sub in subs if (index.get(sub) or [None])[0]]
 
 
+def files_under(files: dict, subs) -> dict:
+    """The entries of a fingerprint (`teacher_fingerprint`'s relative paths) under the subfolders `subs`."""
+    return {f: v for f, v in files.items() if f.split("/", 1)[0] in subs}
+
+
 def _fingerprint(fs, root: str, subs: list[str]) -> dict:
     out = {}
     for sub in subs:
@@ -107,8 +112,7 @@ def fetch_teacher(source: str, cfg: RunConfig, *, text: bool = False):
 
     def cached(subs: list[str]) -> Path:  # FETCHED, the parts and their files' versions: a cache that holds
         # other parts, or other versions of them, is not served
-        mine = {k: v for k, v in fp.items() if k.split("/", 1)[0] in subs}
-        key = hashlib.sha256(json.dumps([source, mine, FETCHED, subs], sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([source, files_under(fp, subs), FETCHED, subs], sort_keys=True).encode()).hexdigest()[:16]
         return _cache_dir() / "teachers" / key
 
     full = cached(_parts(index, fam, True))  # with the text parts: it serves a call without them too

@@ -48,7 +48,7 @@ from .stage_config import StageConfig
 from .layout import manifest_step
 from .errors import MissingInputError
 from .schedule import Conditioning, FlowMatchSchedule, Schedule, StagePair, unet_denoiser
-from .stage_models import fetch_teacher, teacher_fingerprint, teacher_source
+from .stage_models import fetch_teacher, files_under, teacher_fingerprint, teacher_source
 from .storage import RunStorage, table_to_tensors, tensors_to_table
 
 SCHEMA_VERSION = 2  # 2: rows in item order (mixed timesteps), not grouped by timestep
@@ -303,9 +303,6 @@ def trajectory_inputs(cfg: RunConfig, key, storage: RunStorage, enc_manifest: di
             "max_rows_per_file": tc.max_rows_per_file, "schema_version": SCHEMA_VERSION}
 
 
-TEXT_PARTS = ("text_encoder", "tokenizer")  # the subfolders of the text encoders and tokenizers, every family
-
-
 def _legacy_finished(manifest: dict | None, inputs: dict) -> bool:
     """A manifest an earlier padistill wrote whose inputs are otherwise today's: one naming the teacher by
     its full URL (<= 0.1.0, before `teacher_identity`), or holding the whole stage, training keys too
@@ -322,9 +319,9 @@ def _legacy_finished(manifest: dict | None, inputs: dict) -> bool:
         return False
     if isinstance(old.get("stage"), dict):
         old["stage"] = rollout_settings(old["stage"])
-    files = inputs["teacher_files"]
-    if old.get("teacher_files") == {f: v for f, v in files.items() if not f.startswith(TEXT_PARTS)}:
-        old["teacher_files"] = files
+    files, old_files = inputs["teacher_files"], old.get("teacher_files") or {}
+    if old_files and old_files == files_under(files, {f.split("/", 1)[0] for f in old_files}):
+        old["teacher_files"] = files  # compared on the subfolders it fingerprinted (the text encoders did not count)
     return {**old, "teacher": inputs["teacher"]} == inputs
 
 

@@ -273,7 +273,7 @@ def test_new_text_encoders_beside_the_same_transformer_invalidate_only_a_guided_
     from pipeline.stage_models import fetch_teacher, teacher_fingerprint
     from pipeline.storage import RunStorage
     from pipeline.shards import inputs_hash
-    from pipeline.trajectories import TEXT_PARTS, _legacy_finished, trajectory_inputs, unconditional_branch
+    from pipeline.trajectories import _legacy_finished, trajectory_inputs, unconditional_branch
 
     folder = zoo.save_pipeline(zoo.build_pipeline(family="sd3"), tmp_path / "sd3")
     source = "s3://padistill-test/teachers/sd3_text_swap"
@@ -296,14 +296,15 @@ def test_new_text_encoders_beside_the_same_transformer_invalidate_only_a_guided_
             p.add_(0.05)
     te.save_pretrained(tmp_path / "te")
     st.fs.put(str(tmp_path / "te") + "/", f"{source[len('s3://'):]}/text_encoder", recursive=True)
+    st.put_dir(str(tmp_path / "te"), cfg.stage_dir(1) + "/model/text_encoder")  # stage 2's (unguided) teacher too
 
-    assert teacher_fingerprint(source, cfg) == {k: v for k, v in before[1]["teacher_files"].items()
-                                                if not k.startswith(("text_encoder", "tokenizer"))}
+    text = family.family_sd3.UNCOND_COMPONENTS
+    bare = {f: v for f, v in before[1]["teacher_files"].items() if f.split("/", 1)[0] not in text}
+    assert teacher_fingerprint(source, cfg) == bare
     after = {k: trajectory_inputs(cfg, k, st, enc) for k in (1, 2)}
     assert after[1] != before[1] and after[2] == before[2]
     # a manifest written before the text encoders counted (denoiser and scheduler files alone) stays finished
     # while those are today's; one that fingerprinted the text encoders does not once they change
-    bare = {f: v for f, v in before[1]["teacher_files"].items() if not f.startswith(TEXT_PARTS)}
     legacy = {**before[1], "teacher_files": bare}
     assert _legacy_finished({"inputs": legacy, "inputs_hash": inputs_hash(legacy)}, before[1])
     assert _legacy_finished({"inputs": legacy, "inputs_hash": inputs_hash(legacy)}, after[1])
