@@ -51,11 +51,11 @@ demo-compare: demo demo-mse
 		--labels adversarial,MSE-only --out benchmarks/results/toy_fashion_demo
 
 # The benchmark in parts, each one command under 90 minutes on 2 cores (the comparison one arm and training
-# seed at a time: the adversarial arm ~65-90 min, the MSE-only arm, which reuses its seed's first stage,
-# ~35 min; the ablations one at a time, ~60-90 min each); finished runs are reused, and every part rewrites
+# seed at a time: the adversarial arm 10-15 min, the MSE-only arm, which reuses its seed's first stage,
+# 5 min; the ablations one at a time, ABLATION_TIMES); finished runs are reused, and every part rewrites
 # benchmarks/results/distill.{json,md} from all the runs finished so far.
-ABLATIONS := conditional-only no-re-noising-1-2-steps d-backbone-frozen d-plain-cnn mse-adversarial \
-	mse-adversarial-at-1-step lora-then-full-4-2-steps
+ABLATIONS := conditional-only no-re-noising-1-2-steps d-backbone-frozen d-plain-cnn \
+	adversarial-alone-no-mse-term mse-term-at-every-stage-10x lora-then-full-4-2-steps
 bench: bench-teacher bench-comparison bench-probe bench-ablations
 .SECONDARY:  # the per-seed and per-ablation parts are commands, not files: nothing to delete
 

@@ -161,11 +161,11 @@ def test_toy_comparison_arms_are_budget_matched():
         check_fair(abl, mse)
         for st in abl.stages:
             plan_phases(st)  # the trainer accepts its step counts (LoRA + full = the stage's steps)
-    assert [student_updates(st) for st in adv.stages] == [150, 150, 150, 250]  # 1-step: conversion + 150
+    assert [student_updates(st) for st in adv.stages] == [150, 60, 60, 100]  # 1-step: conversion + 60
     # what the bench copies instead of recomputing: the arms share the MSE first stage, an ablation of the
     # 1-step stage the three stages before it
     assert shared_stages(adv, mse) == 1
-    assert shared_stages(adv, load_config("toy_digits", ablations()["MSE + adversarial at 1 step"])) == 3
+    assert shared_stages(adv, load_config("toy_digits", ablations()["adversarial alone (no MSE term)"])) == 3
     with pytest.raises(ConfigError, match="stage 3: .*student updates"):
         check_fair(load_config("toy_digits", ["stages.2.conditional_steps=120"]), mse)
     with pytest.raises(ConfigError, match="stage 4: .*teacher"):
@@ -204,6 +204,9 @@ def test_the_fashion_demo_and_its_mse_baseline_are_a_fair_pair():
     abl = ablations("toy_fashion", bench["set"])
     assert "adversarial alone (no MSE term)" in abl and "MSE + adversarial" not in abl
     assert {st.mse_weight for st in load_config("toy_fashion", abl["adversarial alone (no MSE term)"]).stages} == {0}
+    # it mixes the MSE into the 1-step stage only: another ablation mixes the same 10x into every adversarial stage
+    every = load_config("toy_fashion", abl["MSE term at every stage (10x)"])
+    assert {st.mse_weight for st in every.stages if st.loss == "adversarial"} == {10}
     for name, overrides in abl.items():
         a = load_config("toy_fashion", [*bench["set"], *overrides])
         check_fair(a, mse_b)

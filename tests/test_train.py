@@ -115,6 +115,7 @@ def x0_adv_run(ray_local, tiny_pipeline, tiny_source, tmp_path_factory):
                      stage_3={"conversion_steps": X0_CONVERSION_STEPS, "conditional_steps": 6,
                               "unconditional_steps": 6, "conversion_lr": 1e-3, "lr": 1e-5, "disc_lr": 1e-3},
                      train={"zero_stage": 3, "micro_batch": 8, "checkpoint_every": 1000, "log_every": 4,
+                            "held_every": 4,  # the game on the held rows, as the benchmarks read it
                             "gradient_checkpointing": True})  # as SDXL at micro-batch 8 needs, under ZeRO-3
     cfg = from_dict(data)
     storage = RunStorage.from_config(cfg)
@@ -141,6 +142,33 @@ def test_adversarial_runs_both_phases_and_d_separates(x0_adv_run):
     assert m["held_d_real"] > m["held_d_fake"], m
     assert m["held_d_pacc"] > 0.7, m
     assert {f"held_d_pacc_t{t}" for t in (999, 749, 499, 249)} <= set(m), sorted(m)
+
+
+def test_the_benchmark_reads_the_stages_game_from_the_history_the_trainer_wrote(x0_adv_run):
+    """benchmarks/distill.py's `games` (issue 13: every adversarial stage trains), on a real trainer's history:
+    the game starts where the student's adversarial updates do, after the x0 conversion; its conditional
+    phase ends at the last held evaluation inside it; D's paired accuracy is read at those points (D is not
+    scored during the conversion). Stages that did not train here (1 and 2) have no game."""
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from benchmarks.distill import game_table, games, stages_train
+    from pipeline.phases import plan_phases
+
+    cfg, storage, _ = x0_adv_run
+    hist = storage.read_json(f"{cfg.stage_dir(3)}/train/history.json")
+    conversion, conditional, _ = plan_phases(cfg.stage(3)[1])
+    at = {h["step"]: h for h in hist if "held_mse" in h}
+    cond = [s for s in at if conditional.start < s <= conditional.end]
+    assert conversion.end in at and cond, sorted(at)  # held evaluations at those points (held_every 4)
+    [g] = games(cfg, storage)
+    assert (g["stage"], g["steps"], g["loss"]) == (3, 1, "adversarial")
+    assert g["mse_start"] == at[conversion.end]["held_mse"] != hist[0]["start_held_mse"]  # after the conversion
+    assert g["mse_cond_end"] == at[max(cond)]["held_mse"] and g["mse_end"] == at[max(at)]["held_mse"]
+    assert g["pacc_start"] is at[conversion.end].get("held_d_pacc") is None  # D is not scored in the conversion
+    assert g["pacc_cond_min"] == min(at[s]["held_d_pacc"] for s in cond) and 0 <= g["pacc_cond_min"] <= 1
+    [row] = stages_train([{"games": [g]}])
+    assert row["met"] == (g["mse_cond_end"] < g["mse_start"] and g["pacc_cond_min"] >= 0.6)
+    assert f"{g['mse_start']:.4f} -> {g['mse_cond_end']:.4f}" in row["note"]
+    assert "| adversarial | 1 |" in game_table({"adversarial": [{"games": [g]}]})
 
 
 def test_discriminator_trains_whole_under_zero3(x0_adv_run, tiny_source):
