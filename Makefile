@@ -52,7 +52,7 @@ demo-compare: demo demo-mse
 
 # The benchmark in parts, each one command under 90 minutes on 2 cores (the comparison one arm and training
 # seed at a time: the adversarial arm 10-15 min, the MSE-only arm, which reuses its seed's first stage,
-# 5 min; the ablations one at a time, ABLATION_TIMES); finished runs are reused, and every part rewrites
+# 5 min; the ablations one at a time, 3-8 min each); finished runs are reused, and every part rewrites
 # benchmarks/results/distill.{json,md} from all the runs finished so far.
 ABLATIONS := conditional-only no-re-noising-1-2-steps d-backbone-frozen d-plain-cnn \
 	adversarial-alone-no-mse-term mse-term-at-every-stage-10x lora-then-full-4-2-steps
@@ -73,9 +73,11 @@ bench-mse-%: install
 
 bench-comparison: bench-seed-0 bench-seed-1 bench-seed-2
 
+# the discriminator probe on the comparison's seed-0 run (bench-adv-0 first): D alone per arm against the 8->4
+# stage's start student (the trainer's own game per stage is in the comparison's report, "The games")
 bench-probe: install
-	$(BIN)/python benchmarks/discriminator.py --run runs/bench/toy_digits-s0 --stage 2 \
-		--game "recipe:" --game "base:lr=1e-6,disc_steps=1"
+	$(BIN)/python benchmarks/discriminator.py --config runs/bench/toy_digits-s0/config.yaml \
+		--run runs/bench/toy_digits-s0 --stage 2 --d-steps 300 --out benchmarks/results/discriminator_digits
 
 # the sharp benchmark: the demo's configs at 500 samples a model, one arm and training seed at a time
 bench-fashion-adv-%: install

@@ -291,14 +291,19 @@ def games(cfg, storage) -> list[dict]:
         held = [h for h in hist if "held_mse" in h]
         if not held:  # not trained here, or too few rows to hold any out
             continue
-        before = [h for h in held if h["phase"] in ("conversion", "disc_warmup")]
+        adversarial = st.loss == "adversarial"
+        # the phases before the student's game (an adversarial stage may start with an MSE phase), and the game's
+        # first phase: the conditional one, or an MSE stage's only one
+        ahead, game = (("conversion", "mse", "disc_warmup"), "conditional") if adversarial else (("conversion",), "mse")
+        before = [h for h in held if h["phase"] in ahead]
         first = before[-1] if before else {key[6:]: v for key, v in hist[0].items() if key.startswith("start_held_")}
-        cond = [h for h in held if h["phase"] in ("conditional", "mse")]
+        cond = [h for h in held if h["phase"] == game]
         g = {"stage": k, "steps": st.student_steps, "loss": st.loss, "mse_start": first.get("held_mse"),
              "mse_cond_end": cond[-1]["held_mse"] if cond else None, "mse_end": held[-1]["held_mse"]}
-        if st.loss == "adversarial":
+        if adversarial:
+            paccs = [h["held_d_pacc"] for h in cond if "held_d_pacc" in h]
             g.update(pacc_start=first.get("held_d_pacc"), pacc_end=held[-1].get("held_d_pacc"),
-                     pacc_cond_min=min((h["held_d_pacc"] for h in cond), default=None))
+                     pacc_cond_min=min(paccs, default=None))
         out.append(g)
     return out
 
@@ -388,7 +393,7 @@ def targets(adv: list[dict], mse: list[dict], bench: str = "digits") -> list[dic
             spread = max(fd[n]["max"] - fd[n]["min"], all_mse[n]["max"] - all_mse[n]["min"])
             apart, how = beyond_noise(pfd[n], mfd[n], spread, noise)
             add(f"adversarial {n}-step FD < MSE-only's (mean over the seeds both arms finished)", pfd[n]["mean"],
-                mfd[n]["mean"], better, ("a difference" if apart else "no difference")
+                mfd[n]["mean"], better and apart, ("a difference" if apart else "no difference")
                 + f" ({how}; seeds {', '.join(map(str, common))})")
     start = per_steps(adv, "student_start", "fd")
     for n in fd:
@@ -419,7 +424,8 @@ def stages_train(adv: list[dict]) -> list[dict]:
     INFORMATIVE_D throughout it on every seed. (The FD half is the target above it.)"""
     out = []
     for n, gs in per_stage_games(adv).items():
-        gs = [g for g in gs if g["loss"] == "adversarial" and g["mse_cond_end"] is not None]
+        gs = [g for g in gs if g["loss"] == "adversarial" and None not in (g["mse_start"], g["mse_cond_end"],
+                                                                          g["pacc_cond_min"])]
         if not gs:
             continue
         falls = [g["mse_cond_end"] - g["mse_start"] for g in gs]
@@ -437,7 +443,8 @@ def game_table(arms: dict[str, list[dict]]) -> str:
     """The games on the held rows, per arm and stage, mean [min, max] over seeds: the student's MSE to its
     teacher when its updates start, at the end of the conditional (or MSE) phase and at the end; D's paired
     accuracy when the student starts, its lowest through the conditional phase, and at the end."""
-    cols = (("mse_start", "held MSE at start"), ("mse_cond_end", "after the conditional phase"), ("mse_end", "at end"),
+    cols = (("mse_start", "held MSE at start"), ("mse_cond_end", "after the conditional phase (MSE stages: the stage)"),
+            ("mse_end", "at end"),
             ("pacc_start", "D paired acc. at start"), ("pacc_cond_min", "lowest in the conditional phase"),
             ("pacc_end", "at end"))
     lines = ["| arm | steps | " + " | ".join(name for _, name in cols) + " | seeds |",
@@ -555,6 +562,7 @@ def markdown(result: dict) -> str:
              game_table(result["comparison"]), "",
              "## Ablations (seed 0, same student updates)\n", ablation_table(
                  result.get("ablation_base"), result["ablations"], BENCHMARKS[bench]["arms"]["adversarial"]), "",
+             "The ablations' games (as above):\n", game_table({name: [r] for name, r in result["ablations"].items()}), "",
              "## Targets\n", "| target | value | limit | met | note |", "| --- | ---: | ---: | :---: | --- |"]
     lines += [f"| {c['target']} | {c['value']:.4f} | {c['limit']:.4f} | {'yes' if c['met'] else '**no**'} | "
               f"{c['note']} |" for c in result["targets"]]

@@ -302,3 +302,40 @@ def test_the_sharp_benchmark_judges_the_papers_central_claim():
     # one seed each: 0.79x, but a gap inside FD-patch's evaluation noise (1.9) is no difference
     assert claim([run(0, 6.0, 0.9)], [run(0, 7.6, 0.7)])["adversarial 2-step FD-patch <= 0.8x MSE-only's (mean)"] is False
     assert not [t for t in targets(sharp_adv, blurry_mse) if "sharpness" in t["target"]]  # digits: no such rows
+
+
+def test_the_benchmarks_game_starts_after_any_phase_that_is_not_the_students_game(tmp_path):
+    """benchmarks/distill.py's `games` on the shapes of history the trainer writes (a real one: test_train's ZeRO-3
+    x0 stage): an MSE stage's game starts before its first update (the history's start_held_* values); an
+    adversarial stage's after its D-only warm-up, or after an MSE phase before it (whose records carry no D
+    scores); a stage without held rows has none; and `stages_train` judges only games with every value."""
+    import sys
+
+    sys.path.insert(0, str(CONFIG_DIR.parent))
+    from benchmarks.distill import games, stages_train
+    from pipeline.storage import RunStorage
+
+    cfg = load_config("toy_digits", [f"run_root={tmp_path}"])
+    storage = RunStorage.from_config(cfg)
+
+    def rec(step, phase, mse, pacc=None):
+        return {"step": step, "phase": phase, "held_mse": mse, **({} if pacc is None else {"held_d_pacc": pacc})}
+
+    histories = {
+        1: [{"step": 10, "phase": "mse", "loss": 1.0, "start_held_mse": 0.5}, rec(20, "mse", 0.2), rec(40, "mse", 0.1)],
+        2: [rec(50, "disc_warmup", 0.3, 0.9), rec(100, "disc_warmup", 0.3, 0.95), rec(120, "conditional", 0.4, 0.2),
+            rec(140, "conditional", 0.35, 0.5), rec(160, "unconditional", 0.33, 0.6)],
+        3: [rec(20, "mse", 0.8), rec(40, "mse", 0.6), rec(60, "conditional", 0.5, 0.7), rec(80, "unconditional", 0.45, 0.8)],
+        4: [{"step": 10, "phase": "conversion", "loss": 1.0}],  # no held rows
+    }
+    for k, hist in histories.items():
+        storage.write_json(f"{cfg.stage_dir(k)}/train/history.json", hist)
+    by = {g["stage"]: g for g in games(cfg, storage)}
+    assert set(by) == {1, 2, 3}
+    assert (by[1]["mse_start"], by[1]["mse_cond_end"], by[1]["mse_end"]) == (0.5, 0.1, 0.1) and "pacc_start" not in by[1]
+    assert (by[2]["mse_start"], by[2]["mse_cond_end"], by[2]["mse_end"]) == (0.3, 0.35, 0.33)
+    assert (by[2]["pacc_start"], by[2]["pacc_cond_min"], by[2]["pacc_end"]) == (0.95, 0.2, 0.6)
+    assert (by[3]["mse_start"], by[3]["mse_cond_end"], by[3]["pacc_start"], by[3]["pacc_cond_min"]) == (0.6, 0.5, None, 0.7)
+    rows = {r["target"].split("-")[0]: r for r in stages_train([{"games": list(by.values())}])}
+    assert not rows["4"]["met"] and rows["4"]["value"] == 0.2  # the held MSE rose and D fell to 0.2
+    assert rows["2"]["met"]  # stage 3 (2 steps): the MSE fell 0.6 -> 0.5 with D at 0.7
