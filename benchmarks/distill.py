@@ -284,6 +284,8 @@ def games(cfg, storage) -> list[dict]:
     or change its output's kind), at the end of the conditional phase and at the end; for an adversarial
     stage also D's paired accuracy P(D(real) > D(fake)) then, its lowest through the conditional phase, and
     at the end."""
+    from pipeline.phases import plan_phases
+
     out = []
     for k, st in enumerate(cfg.stages, start=1):
         rel = f"{cfg.stage_dir(k)}/train/history.json"
@@ -292,12 +294,14 @@ def games(cfg, storage) -> list[dict]:
         if not held:  # not trained here, or too few rows to hold any out
             continue
         adversarial = st.loss == "adversarial"
-        # the phases before the student's game (an adversarial stage may start with an MSE phase), and the game's
-        # first phase: the conditional one, or an MSE stage's only one
-        ahead, game = (("conversion", "mse", "disc_warmup"), "conditional") if adversarial else (("conversion",), "mse")
-        before = [h for h in held if h["phase"] in ahead]
+        # the game's first phase, from the trainer's own plan: an adversarial stage's first with D and the student
+        # (after any x0 conversion, MSE warm-up or D-only warm-up), an MSE stage's MSE phase; a history record's
+        # step counts the updates done, and every phase end is evaluated on the held rows
+        game = next(ph for ph in plan_phases(st)
+                    if ph.name in (("conditional", "unconditional") if adversarial else ("mse",)))
+        before = [h for h in held if h["step"] <= game.start]
         first = before[-1] if before else {key[6:]: v for key, v in hist[0].items() if key.startswith("start_held_")}
-        cond = [h for h in held if h["phase"] == game]
+        cond = [h for h in held if game.start < h["step"] <= game.end]
         g = {"stage": k, "steps": st.student_steps, "loss": st.loss, "mse_start": first.get("held_mse"),
              "mse_cond_end": cond[-1]["held_mse"] if cond else None, "mse_end": held[-1]["held_mse"]}
         if adversarial:

@@ -315,7 +315,7 @@ def test_the_benchmarks_game_starts_after_any_phase_that_is_not_the_students_gam
     from benchmarks.distill import games, stages_train
     from pipeline.storage import RunStorage
 
-    cfg = load_config("toy_digits", [f"run_root={tmp_path}"])
+    cfg = load_config("toy_digits", [f"run_root={tmp_path}", "stages.2.mse_steps=40"])  # stage 3: an MSE phase first
     storage = RunStorage.from_config(cfg)
 
     def rec(step, phase, mse, pacc=None):
@@ -325,7 +325,7 @@ def test_the_benchmarks_game_starts_after_any_phase_that_is_not_the_students_gam
         1: [{"step": 10, "phase": "mse", "loss": 1.0, "start_held_mse": 0.5}, rec(20, "mse", 0.2), rec(40, "mse", 0.1)],
         2: [rec(50, "disc_warmup", 0.3, 0.9), rec(100, "disc_warmup", 0.3, 0.95), rec(120, "conditional", 0.4, 0.2),
             rec(140, "conditional", 0.35, 0.5), rec(160, "unconditional", 0.33, 0.6)],
-        3: [rec(20, "mse", 0.8), rec(40, "mse", 0.6), rec(60, "conditional", 0.5, 0.7), rec(80, "unconditional", 0.45, 0.8)],
+        3: [rec(20, "mse", 0.8), rec(40, "mse", 0.6), rec(160, "conditional", 0.5, 0.7), rec(200, "unconditional", 0.45, 0.8)],
         4: [{"step": 10, "phase": "conversion", "loss": 1.0}],  # no held rows
     }
     for k, hist in histories.items():
