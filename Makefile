@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install test reliability-table demo demo-mse demo-compare bench bench-teacher teacher-fashion bench-comparison bench-probe bench-ablations bench-report bench-fashion-report bench-fashion-probe bench-fashion-long-report teacher clean
+.PHONY: install test reliability-table demo demo-mse demo-compare bench bench-teacher teacher-fashion bench-comparison bench-balanced-report bench-probe bench-ablations bench-report bench-fashion-report bench-fashion-probe bench-fashion-long-report teacher clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,17 @@ bench-mse-%: install
 	$(BIN)/python benchmarks/distill.py --part comparison --arms mse --seeds $* $(BENCH_ARGS)
 
 bench-comparison: bench-seed-0 bench-seed-1 bench-seed-2
+
+# the digits with a balanced game at 4 and 2 steps (10x MSE, a LoRA through the conditional phase; docs/method.md):
+# adversarial about 10 min a seed, MSE-only 5 (its seed's first stage reused) -> benchmarks/results/distill_balanced.md
+bench-balanced-adv-%: install
+	$(BIN)/python benchmarks/distill.py --benchmark digits_balanced --part comparison --arms adversarial --seeds $* $(BENCH_ARGS)
+
+bench-balanced-mse-%: install
+	$(BIN)/python benchmarks/distill.py --benchmark digits_balanced --part comparison --arms mse --seeds $* $(BENCH_ARGS)
+
+bench-balanced-report: install
+	$(BIN)/python benchmarks/distill.py --benchmark digits_balanced --part report
 
 # the discriminator probe on the comparison's seed-0 run (bench-adv-0 first): D alone per arm against the 8->4
 # stage's start student (the trainer's own game per stage is in the comparison's report, "The games")

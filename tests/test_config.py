@@ -308,7 +308,8 @@ def test_the_benchmarks_game_starts_after_any_phase_that_is_not_the_students_gam
     """benchmarks/distill.py's `games` on the shapes of history the trainer writes (a real one: test_train's ZeRO-3
     x0 stage): an MSE stage's game starts before its first update (the history's start_held_* values); an
     adversarial stage's after its D-only warm-up, or after an MSE phase before it (whose records carry no D
-    scores); a stage without held rows has none; and `stages_train` judges only games with every value."""
+    scores); a stage without held rows has none; and `stages_train` judges only games with every value, D's
+    balance in the timestep strata D separated when the student's updates started."""
     import sys
 
     sys.path.insert(0, str(CONFIG_DIR.parent))
@@ -318,14 +319,17 @@ def test_the_benchmarks_game_starts_after_any_phase_that_is_not_the_students_gam
     cfg = load_config("toy_digits", [f"run_root={tmp_path}", "stages.2.mse_steps=40"])  # stage 3: an MSE phase first
     storage = RunStorage.from_config(cfg)
 
-    def rec(step, phase, mse, pacc=None):
-        return {"step": step, "phase": phase, "held_mse": mse, **({} if pacc is None else {"held_d_pacc": pacc})}
+    def rec(step, phase, mse, pacc=None, **strata):  # strata: t999=0.9 -> held_d_pacc_t999
+        return {"step": step, "phase": phase, "held_mse": mse, **({} if pacc is None else {"held_d_pacc": pacc}),
+                **{f"held_d_pacc_{t}": v for t, v in strata.items()}}
 
     histories = {
         1: [{"step": 10, "phase": "mse", "loss": 1.0, "start_held_mse": 0.5}, rec(20, "mse", 0.2), rec(40, "mse", 0.1)],
         2: [rec(50, "disc_warmup", 0.3, 0.9), rec(100, "disc_warmup", 0.3, 0.95), rec(120, "conditional", 0.4, 0.2),
             rec(140, "conditional", 0.35, 0.5), rec(160, "unconditional", 0.33, 0.6)],
-        3: [rec(20, "mse", 0.8), rec(40, "mse", 0.6), rec(160, "conditional", 0.5, 0.7), rec(200, "unconditional", 0.45, 0.8)],
+        # stage 3: D separates the t=999 stratum after its warm-up, not t=249; the student inverts it there at once
+        3: [rec(20, "mse", 0.8), rec(40, "mse", 0.6), rec(140, "disc_warmup", 0.6, 0.7, t999=0.9, t249=0.5),
+            rec(160, "conditional", 0.5, 0.45, t999=0.8, t249=0.1), rec(200, "unconditional", 0.45, 0.8)],
         4: [{"step": 10, "phase": "conversion", "loss": 1.0}],  # no held rows
     }
     for k, hist in histories.items():
@@ -335,7 +339,13 @@ def test_the_benchmarks_game_starts_after_any_phase_that_is_not_the_students_gam
     assert (by[1]["mse_start"], by[1]["mse_cond_end"], by[1]["mse_end"]) == (0.5, 0.1, 0.1) and "pacc_start" not in by[1]
     assert (by[2]["mse_start"], by[2]["mse_cond_end"], by[2]["mse_end"]) == (0.3, 0.35, 0.33)
     assert (by[2]["pacc_start"], by[2]["pacc_cond_min"], by[2]["pacc_end"]) == (0.95, 0.2, 0.6)
-    assert (by[3]["mse_start"], by[3]["mse_cond_end"], by[3]["pacc_start"], by[3]["pacc_cond_min"]) == (0.6, 0.5, None, 0.7)
+    assert (by[3]["mse_start"], by[3]["mse_cond_end"], by[3]["pacc_start"], by[3]["pacc_cond_min"]) == (0.6, 0.5, 0.7, 0.45)
+    assert (by[3]["strata_resolved"], by[3]["strata_total"], by[3]["pacc_cond_min_resolved"]) == ([999], 2, 0.8)
+    assert by[2]["strata_resolved"] == [] and by[2]["pacc_cond_min_resolved"] is None  # no per-stratum scores
     rows = {r["target"].split("-")[0]: r for r in stages_train([{"games": list(by.values())}])}
     assert not rows["4"]["met"] and rows["4"]["value"] == 0.2  # the held MSE rose and D fell to 0.2
-    assert rows["2"]["met"]  # stage 3 (2 steps): the MSE fell 0.6 -> 0.5 with D at 0.7
+    # stage 3 (2 steps): the MSE fell 0.6 -> 0.5 with D at 0.8 in the stratum it separated (0.45 over both)
+    assert rows["2"]["met"] and rows["2"]["value"] == 0.8 and "over all strata 0.45" in rows["2"]["note"]
+    unscored = {**by[3], "strata_resolved": [], "pacc_cond_min_resolved": None}  # D not scored when the game began
+    [row] = stages_train([{"games": [unscored]}])
+    assert not row["met"] and row["value"] == 0.45
