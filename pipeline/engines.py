@@ -114,6 +114,14 @@ def weights_only_load(path: str, map_location=None):
                                     "the stage's checkpoints to restart it, or find out who altered them") from e
 
 
+def set_lr(engine, lr: float) -> None:
+    """Set the learning rate of every parameter group of `engine`'s optimizer (a DeepSpeed engine's ZeRO
+    optimizer exposes its wrapped optimizer's groups, as DeepSpeed's own lr schedulers use them; a
+    PlainEngine's is torch's)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
 def optimised_counts(module, params) -> tuple[int, int]:
     """(parameters handed to the optimizer, parameters of the module)."""
     return sum(p.numel() for p in params), sum(p.numel() for p in module.parameters())

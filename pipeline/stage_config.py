@@ -43,6 +43,9 @@ class StageConfig(_Strict):
     lr: float = Field(1e-5, gt=0)
     disc_lr: Optional[float] = Field(None, gt=0)
     conversion_lr: Optional[float] = Field(None, gt=0, description="student lr of the x0 conversion (default lr)")
+    lr_warmup_steps: int = Field(0, ge=0, description="the student's lr rises linearly to lr over its first "
+                                 "lr_warmup_steps updates against the discriminator, so that D keeps up with the "
+                                 "student's first moves (not in the paper; default 0: off)")
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     full_lr: Optional[float] = Field(None, gt=0, description="student lr on the full UNet after a LoRA phase is "
@@ -105,9 +108,9 @@ class StageConfig(_Strict):
             for k in ("disc_lr", "disc_betas", "renoise", "renoise_stable_weights"):
                 if getattr(self, k) is not None:
                     raise ValueError(f"{k}: is for adversarial stages (this stage's loss is mse)")
-            if self.mse_weight or self.disc_warmup_steps:
-                raise ValueError(f"{'mse_weight' if self.mse_weight else 'disc_warmup_steps'}: is for adversarial "
-                                 "stages (this stage's loss is mse)")
+            for k in ("mse_weight", "disc_warmup_steps", "lr_warmup_steps"):
+                if getattr(self, k):
+                    raise ValueError(f"{k}: is for adversarial stages (this stage's loss is mse)")
         plan_phases(self)  # the trainer's own plan: step counts that make no phases are rejected here
         if self.name is None:
             self.name = f"{self.student_steps}step"

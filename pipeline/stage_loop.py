@@ -16,7 +16,7 @@ from . import student as student_mod
 from .config import RunConfig
 from .stage_config import StageConfig
 from .discriminator import Discriminator, nonsaturating_d_loss, nonsaturating_g_loss
-from .engines import all_reduce, checkpoint_activations
+from .engines import all_reduce, checkpoint_activations, set_lr
 from .guard import UpdateWatch, finite_everywhere
 from .phases import Phase, disc_mode_at, phase_at, plan_phases, student_mode_at
 from .schedule import Conditioning, FlowMatchSchedule, Schedule, unet_denoiser
@@ -83,6 +83,16 @@ class StageLoop:
         if self.stage.full_lr and student_mode_at(self.stage, step) == "full":
             return self.stage.full_lr
         return self.stage.lr
+
+    def student_lr_scale_at(self, step: int) -> float:
+        """The factor on the student's lr at `step`: with `lr_warmup_steps` N it rises linearly, 1/N, 2/N, ... 1,
+        over the student's first N updates against the discriminator (from the start of its first adversarial
+        phase with student updates); 1 otherwise."""
+        n = self.stage.lr_warmup_steps
+        start = next((p.start for p in self.phases if p.name in ("conditional", "unconditional")), None)
+        if not n or start is None or step < start:
+            return 1.0
+        return min(1.0, (step - start + 1) / n)
 
     def build_student(self, mode: str, state_dict: dict | None = None,
                       init_batches: list[dict] | None = None, lr: float | None = None) -> None:
@@ -201,6 +211,7 @@ class StageLoop:
             self.build_student(self.student_mode, self.engines.full_state_dict(self.student),
                                lr=self.student_lr_at(step))
             events.append(f"student optimizer restarted at lr {self.student_lr:g} at step {step}")
+        set_lr(self.student, self.student_lr * self.student_lr_scale_at(step))  # the warm-up, if any
         want_d = disc_mode_at(phase_at(self.phases, step))
         if want_d is not None and self.disc is None:
             self.build_disc(want_d)

@@ -144,6 +144,10 @@ def claim_train_dir(cfg: RunConfig, key, storage: RunStorage, *, restart: bool =
         storage.write_json(rel, {"inputs_hash": ih})
 
 
+# stage keys added after runs were trained, with their defaults (a stage at the default hashes as before the key)
+LATER_STAGE_KEYS = {"disc_blocks": None, "lr_warmup_steps": 0}
+
+
 def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
     """What a stage's training depends on (its manifest's inputs): the stage, the train section, the
     model, and the trajectories it reads."""
@@ -152,8 +156,10 @@ def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
 
     _, stage = cfg.stage(key)
     traj = storage.read_manifest(traj_step(cfg, key)) or {}
-    # a key added since (disc_blocks) is left out at its default, so a stage trained before it stays finished
-    out = {"stage": stage.model_dump(mode="json", exclude={"disc_blocks"} if stage.disc_blocks is None else None),
+    # keys added since (disc_blocks, lr_warmup_steps) are left out at their defaults, so a stage trained before
+    # them stays finished
+    later = {k for k, default in LATER_STAGE_KEYS.items() if getattr(stage, k) == default}
+    out = {"stage": stage.model_dump(mode="json", exclude=later or None),
            "train": cfg.train.model_dump(mode="json"),
            # model.family is fixed by the source (and checked against it), model.base only sizes `padistill
            # plan`: a run root trained before the keys existed, or with them set, stays finished

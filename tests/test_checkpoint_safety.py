@@ -2,7 +2,8 @@
 run code from it. DeepSpeed's own checkpoint engine unpickles with `weights_only=False`; padistill's
 engines load with `weights_only=True`. The real DeepSpeed engine (ZeRO-2 and 3, one gloo process, its
 own interpreter so its process group stays out of the test session) saves, resumes bit-exact, and
-refuses a checkpoint whose optimizer file was replaced by one that runs a command."""
+refuses a checkpoint whose optimizer file was replaced by one that runs a command; an lr set on it (`set_lr`,
+the student's warm-up) is the one its next step uses."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 dist.init_process_group("gloo", rank=0, world_size=1)
-from pipeline.engines import DeepSpeedEngines
+from pipeline.engines import DeepSpeedEngines, set_lr
 work, marker = sys.argv[1], sys.argv[2]
 
 class Payload:
@@ -58,6 +59,13 @@ for stage in (2, 3):
         res["tampered"] = "loaded"
     except Exception as e:
         res["tampered"] = type(e).__name__ + ": " + str(e)
+    eng = fresh()  # a learning rate set on the engine (the student's warm-up) is the one its next step uses
+    set_lr(eng, 1e-5)
+    before = engines.full_state_dict(eng)
+    eng.backward(eng(torch.randn(2, 4)).sum()); eng.step()
+    after = engines.full_state_dict(eng)
+    res["get_lr"] = eng.get_lr()
+    res["first_step"] = max((after[k] - before[k]).abs().max().item() for k in before)
     out[stage] = res
 print("RESULT " + json.dumps(out))
 """
@@ -75,6 +83,8 @@ def test_a_deepspeed_checkpoint_resumes_exactly_and_one_that_runs_code_is_refuse
         msg = out[stage]["tampered"]
         assert msg.startswith("UnsafeCheckpointError: ") and "optim_states.pt: not loaded" in msg, msg
         assert "GLOBAL posix.system" in msg and "weights_only=False" not in msg, msg
+        # Adam's first step moves a weight by about the lr in force: 1e-5 as set, not the 1e-3 it was built with
+        assert out[stage]["get_lr"] == [1e-5] and 0.9e-5 < out[stage]["first_step"] < 1.1e-5, out
     assert not marker.exists()  # the payload never ran
     record(request, "a stage checkpoint in the run root altered to run code when unpickled (ZeRO-2 and 3)",
            "refused with one line (`UnsafeCheckpointError`, naming the file and the object): DeepSpeed's "

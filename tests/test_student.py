@@ -108,6 +108,69 @@ def test_disc_warmup_trains_d_only(tiny_pipeline):
     assert any(not torch.equal(v, loop.student.module.state_dict()[k]) for k, v in s0.items())
 
 
+def test_the_students_lr_warms_up_over_its_first_updates_against_d(tiny_pipeline):
+    """`lr_warmup_steps` N: the student's lr is lr/N, 2lr/N, ... lr over its first N updates against D (after D's
+    warm-up), and the optimizer uses it: Adam's first update moves every weight by at most the lr in force, lr/N
+    (beta1 0: the bias-corrected step is lr * g/|g|), where without the warm-up it moves them by lr."""
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline import zoo
+    from pipeline.config import CONFIG_DIR, from_dict
+    from pipeline.engines import PlainEngines
+    from pipeline.stage_loop import TRAIN_COLUMNS, StageLoop
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from traj_helpers import make_trajectories
+
+    data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    lr = 1e-4
+    moved = {}
+    for n in (0, 4):
+        data["stages"][1].update(disc_warmup_steps=1, conditional_steps=4, unconditional_steps=2, lr=lr,
+                                 lr_warmup_steps=n)
+        cfg = from_dict(data)
+        _, stage = cfg.stage(2)
+        loop = StageLoop(cfg, stage, zoo.schedule_of(tiny_pipeline), copy.deepcopy(tiny_pipeline.unet),
+                         PlainEngines(cfg.train), "cpu", seed=0)
+        lrs = []
+        for s in range(loop.total):
+            loop.transition(s)
+            lrs.append(loop.student.optimizer.param_groups[0]["lr"])
+        expect = [lr] + ([lr / 4, lr / 2, 3 * lr / 4, lr] if n else [lr] * 4) + [lr] * 2
+        assert lrs == pytest.approx(expect, rel=1e-12), (n, lrs)
+
+        loop = StageLoop(cfg, stage, zoo.schedule_of(tiny_pipeline), copy.deepcopy(tiny_pipeline.unet),
+                         PlainEngines(cfg.train), "cpu", seed=0)
+        rows = make_trajectories(tiny_pipeline, stage, n_ids=8, seed=4)
+        b = loop.batch_to({k: torch.as_tensor(rows[k]) for k in TRAIN_COLUMNS})
+        loop.transition(1)  # the first student update against D
+        before = {k: v.clone() for k, v in loop.student.module.state_dict().items()}
+        loop.micro_step(phase_at(loop.phases, 1), b)
+        after = loop.student.module.state_dict()
+        moved[n] = max((after[k] - v).abs().max().item() for k, v in before.items())
+    assert moved[0] == pytest.approx(lr, rel=0.02) and moved[4] == pytest.approx(lr / 4, rel=0.02), moved
+
+
+def test_lr_warmup_is_for_adversarial_stages_and_leaves_older_runs_finished(tmp_path):
+    """An MSE stage refuses `lr_warmup_steps` by name; left at 0 the key stays out of a stage's training inputs (a
+    stage trained before it existed stays finished), set it is part of them (the stage retrains)."""
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.storage import RunStorage
+    from pipeline.train import train_inputs
+
+    with pytest.raises(ConfigError, match="lr_warmup_steps: is for adversarial stages"):
+        load_config("smoke", [f"run_root={tmp_path}", "stages.0.lr_warmup_steps=5"])
+    cfg = load_config("smoke", [f"run_root={tmp_path}"])
+    storage = RunStorage.from_config(cfg)
+    assert "lr_warmup_steps" not in train_inputs(cfg, 2, storage)["stage"]
+    warm = load_config("smoke", [f"run_root={tmp_path}", "stages.1.lr_warmup_steps=5"])
+    assert train_inputs(warm, 2, storage)["stage"]["lr_warmup_steps"] == 5
+
+
 def test_conversion_starts_from_least_squares_conv_out(tiny_pipeline):
     """The x0 conversion's start (no Ray: the plain-torch engines of the benchmark): conv_out alone is
     refitted by least squares and the sample output gets closer to the implied x0 on rows it never
