@@ -43,9 +43,10 @@ class StageConfig(_Strict):
     lr: float = Field(1e-5, gt=0)
     disc_lr: Optional[float] = Field(None, gt=0)
     conversion_lr: Optional[float] = Field(None, gt=0, description="student lr of the x0 conversion (default lr)")
-    lr_warmup_steps: int = Field(0, ge=0, description="the student's lr rises linearly to lr over its first "
-                                 "lr_warmup_steps updates against the discriminator, so that D keeps up with the "
-                                 "student's first moves (not in the paper; default 0: off)")
+    lr_warmup_steps: int = Field(0, ge=0, description="the student's lr rises linearly to the lr in force (lr; "
+                                 "full_lr after a LoRA merge) over its first lr_warmup_steps steps against the "
+                                 "discriminator, so that D keeps up with the student's first moves (not in the "
+                                 "paper; default 0: off)")
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     full_lr: Optional[float] = Field(None, gt=0, description="student lr on the full UNet after a LoRA phase is "
@@ -111,6 +112,10 @@ class StageConfig(_Strict):
             for k in ("mse_weight", "disc_warmup_steps", "lr_warmup_steps"):
                 if getattr(self, k):
                     raise ValueError(f"{k}: is for adversarial stages (this stage's loss is mse)")
+        against_d = self.conditional_steps + self.unconditional_steps
+        if self.loss == "adversarial" and self.lr_warmup_steps > against_d:
+            raise ValueError(f"lr_warmup_steps: {self.lr_warmup_steps} is more than the stage's {against_d} student "
+                             "steps against the discriminator (conditional_steps + unconditional_steps)")
         plan_phases(self)  # the trainer's own plan: step counts that make no phases are rejected here
         if self.name is None:
             self.name = f"{self.student_steps}step"

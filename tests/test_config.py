@@ -325,8 +325,9 @@ def test_the_benchmarks_game_starts_after_any_phase_that_is_not_the_students_gam
 
     histories = {
         1: [{"step": 10, "phase": "mse", "loss": 1.0, "start_held_mse": 0.5}, rec(20, "mse", 0.2), rec(40, "mse", 0.1)],
-        2: [rec(50, "disc_warmup", 0.3, 0.9), rec(100, "disc_warmup", 0.3, 0.95), rec(120, "conditional", 0.4, 0.2),
-            rec(140, "conditional", 0.35, 0.5), rec(160, "unconditional", 0.33, 0.6)],
+        2: [rec(50, "disc_warmup", 0.3, 0.9, t999=0.9), rec(100, "disc_warmup", 0.3, 0.95, t999=0.95),
+            rec(120, "conditional", 0.4, 0.2, t999=0.2), rec(140, "conditional", 0.35, 0.5, t999=0.5),
+            rec(160, "unconditional", 0.33, 0.6, t999=0.6)],
         # stage 3: D separates the t=999 stratum after its warm-up, not t=249; the student inverts it there at once
         3: [rec(20, "mse", 0.8), rec(40, "mse", 0.6), rec(140, "disc_warmup", 0.6, 0.7, t999=0.9, t249=0.5),
             rec(160, "conditional", 0.5, 0.45, t999=0.8, t249=0.1), rec(200, "unconditional", 0.45, 0.8)],
@@ -341,11 +342,18 @@ def test_the_benchmarks_game_starts_after_any_phase_that_is_not_the_students_gam
     assert (by[2]["pacc_start"], by[2]["pacc_cond_min"], by[2]["pacc_end"]) == (0.95, 0.2, 0.6)
     assert (by[3]["mse_start"], by[3]["mse_cond_end"], by[3]["pacc_start"], by[3]["pacc_cond_min"]) == (0.6, 0.5, 0.7, 0.45)
     assert (by[3]["strata_resolved"], by[3]["strata_total"], by[3]["pacc_cond_min_resolved"]) == ([999], 2, 0.8)
-    assert by[2]["strata_resolved"] == [] and by[2]["pacc_cond_min_resolved"] is None  # no per-stratum scores
+    assert (by[2]["strata_resolved"], by[2]["strata_total"], by[2]["pacc_cond_min_resolved"]) == ([999], 1, 0.2)
     rows = {r["target"].split("-")[0]: r for r in stages_train([{"games": list(by.values())}])}
     assert not rows["4"]["met"] and rows["4"]["value"] == 0.2  # the held MSE rose and D fell to 0.2
+    [row] = stages_train([{"games": [{**by[2], "pacc_cond_min_resolved": 0.9}]}])
+    assert not row["met"] and row["value"] == 0.9  # D kept its strata, but the held MSE rose 0.3 -> 0.35
     # stage 3 (2 steps): the MSE fell 0.6 -> 0.5 with D at 0.8 in the stratum it separated (0.45 over both)
     assert rows["2"]["met"] and rows["2"]["value"] == 0.8 and "over all strata 0.45" in rows["2"]["note"]
-    unscored = {**by[3], "strata_resolved": [], "pacc_cond_min_resolved": None}  # D not scored when the game began
-    [row] = stages_train([{"games": [unscored]}])
-    assert not row["met"] and row["value"] == 0.45
+    none = {**by[3], "strata_resolved": [], "pacc_cond_min_resolved": None}  # D separated no stratum in its warm-up
+    [row] = stages_train([{"games": [none]}])
+    assert not row["met"] and row["value"] == 0.45 and row["note"].startswith("not met")
+    # no D warm-up (D untrained when the game began): judged over all strata, 0.45 there
+    [row] = stages_train([{"games": [{**by[3], "strata_resolved": None, "pacc_cond_min_resolved": None}]}])
+    assert not row["met"] and row["value"] == 0.45 and "over all strata (no D warm-up" in row["note"]
+    [row] = stages_train([{"games": [{**by[3], "strata_resolved": None, "pacc_cond_min": 0.7}]}])
+    assert row["met"]

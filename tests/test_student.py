@@ -155,7 +155,7 @@ def test_the_students_lr_warms_up_over_its_first_updates_against_d(tiny_pipeline
 
 
 def test_lr_warmup_is_for_adversarial_stages_and_leaves_older_runs_finished(tmp_path):
-    """An MSE stage refuses `lr_warmup_steps` by name; left at 0 the key stays out of a stage's training inputs (a
+    """An MSE stage refuses `lr_warmup_steps` by name, an adversarial one a warm-up longer than its steps against D; left at 0 the key stays out of a stage's training inputs (a
     stage trained before it existed stays finished), set it is part of them (the stage retrains)."""
     from pipeline.config import load_config
     from pipeline.errors import ConfigError
@@ -164,11 +164,13 @@ def test_lr_warmup_is_for_adversarial_stages_and_leaves_older_runs_finished(tmp_
 
     with pytest.raises(ConfigError, match="lr_warmup_steps: is for adversarial stages"):
         load_config("smoke", [f"run_root={tmp_path}", "stages.0.lr_warmup_steps=5"])
+    with pytest.raises(ConfigError, match="lr_warmup_steps: 5 is more than the stage's 4 student steps against"):
+        load_config("smoke", [f"run_root={tmp_path}", "stages.1.lr_warmup_steps=5"])
     cfg = load_config("smoke", [f"run_root={tmp_path}"])
     storage = RunStorage.from_config(cfg)
     assert "lr_warmup_steps" not in train_inputs(cfg, 2, storage)["stage"]
-    warm = load_config("smoke", [f"run_root={tmp_path}", "stages.1.lr_warmup_steps=5"])
-    assert train_inputs(warm, 2, storage)["stage"]["lr_warmup_steps"] == 5
+    warm = load_config("smoke", [f"run_root={tmp_path}", "stages.1.lr_warmup_steps=3"])
+    assert train_inputs(warm, 2, storage)["stage"]["lr_warmup_steps"] == 3
 
 
 def test_conversion_starts_from_least_squares_conv_out(tiny_pipeline):
