@@ -290,6 +290,7 @@ def finished(config: str, root: str, overrides: list[str]) -> dict | None:
 
 # D's held paired accuracy the issue's "well above 0.5" is read as (issue 13: every adversarial stage trains)
 INFORMATIVE_D = 0.6
+STRATUM = "held_d_pacc_t"  # a held record's paired accuracy in one timestep stratum (StageLoop.evaluate)
 
 
 def games(cfg, storage) -> list[dict]:
@@ -312,8 +313,7 @@ def games(cfg, storage) -> list[dict]:
         # the game's first phase, from the trainer's own plan: an adversarial stage's first with D and the student
         # (after any x0 conversion, MSE warm-up or D-only warm-up), an MSE stage's MSE phase; a history record's
         # step counts the updates done, and every phase end is evaluated on the held rows
-        game = next(ph for ph in plan_phases(st)
-                    if ph.name in (("conditional", "unconditional") if adversarial else ("mse",)))
+        game = next(ph for ph in plan_phases(st) if (ph.against_d if adversarial else ph.name == "mse"))
         before = [h for h in held if h["step"] <= game.start]
         first = before[-1] if before else {key[6:]: v for key, v in hist[0].items() if key.startswith("start_held_")}
         cond = [h for h in held if game.start < h["step"] <= game.end]
@@ -327,10 +327,10 @@ def games(cfg, storage) -> list[dict]:
             # game can stay balanced (where D never separated the student from its teacher, the student's first
             # updates against D invert it). Without a warm-up D has not trained then: no strata (None), and the
             # game is judged over all of them. A check missing a stratum's score counts as 0 there.
-            if first.get("phase") == "disc_warmup":
-                resolved = [k for k, v in first.items() if k.startswith("held_d_pacc_t") and v >= INFORMATIVE_D]
-                g.update(strata_resolved=[int(k[len("held_d_pacc_t"):]) for k in resolved],
-                         strata_total=sum(k.startswith("held_d_pacc_t") for k in first),
+            if st.disc_warmup_steps:
+                strata = [k for k in first if k.startswith(STRATUM)]  # the trainer's held_d_pacc_t<t> scores
+                resolved = [k for k in strata if first[k] >= INFORMATIVE_D]
+                g.update(strata_resolved=[int(k[len(STRATUM):]) for k in resolved], strata_total=len(strata),
                          pacc_cond_min_resolved=min((sum(h.get(k, 0.0) for k in resolved) / len(resolved)
                                                      for h in cond), default=None) if resolved else None)
             else:

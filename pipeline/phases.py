@@ -49,6 +49,11 @@ class Phase:
         """A phase with a discriminator (the D warm-up trains D only)."""
         return self.name in ("disc_warmup", "conditional", "unconditional")
 
+    @property
+    def against_d(self) -> bool:
+        """A phase whose student updates are against the discriminator (the game itself)."""
+        return self.name in ("conditional", "unconditional")
+
 
 def plan_phases(stage: StageConfig) -> list[Phase]:
     """The stage's phases in order (and a check that its step counts make sense)."""

@@ -112,10 +112,10 @@ class StageConfig(_Strict):
             for k in ("mse_weight", "disc_warmup_steps", "lr_warmup_steps"):
                 if getattr(self, k):
                     raise ValueError(f"{k}: is for adversarial stages (this stage's loss is mse)")
-        against_d = self.conditional_steps + self.unconditional_steps
-        if self.loss == "adversarial" and self.lr_warmup_steps > against_d:
-            raise ValueError(f"lr_warmup_steps: {self.lr_warmup_steps} is more than the stage's {against_d} student "
-                             "steps against the discriminator (conditional_steps + unconditional_steps)")
+        if self.lr_warmup_steps > self.conditional_steps + self.unconditional_steps:  # (MSE stages refused above)
+            raise ValueError(f"lr_warmup_steps: {self.lr_warmup_steps} is more than the stage's "
+                             f"{self.conditional_steps + self.unconditional_steps} student steps against the "
+                             "discriminator (conditional_steps + unconditional_steps)")
         plan_phases(self)  # the trainer's own plan: step counts that make no phases are rejected here
         if self.name is None:
             self.name = f"{self.student_steps}step"

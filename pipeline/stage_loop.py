@@ -89,10 +89,10 @@ class StageLoop:
         over the student's first N updates against the discriminator (from the start of its first adversarial
         phase with student updates); 1 otherwise."""
         n = self.stage.lr_warmup_steps
-        start = next((p.start for p in self.phases if p.name in ("conditional", "unconditional")), None)
-        if not n or start is None or step < start:
+        game = next((p for p in self.phases if p.against_d), None)
+        if not n or game is None or step < game.start:
             return 1.0
-        return min(1.0, (step - start + 1) / n)
+        return min(1.0, (step - game.start + 1) / n)
 
     def build_student(self, mode: str, state_dict: dict | None = None,
                       init_batches: list[dict] | None = None, lr: float | None = None) -> None:
