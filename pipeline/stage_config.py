@@ -47,6 +47,11 @@ class StageConfig(_Strict):
                                  "full_lr after a LoRA merge) over its first lr_warmup_steps steps against the "
                                  "discriminator, so that D keeps up with the student's first moves (not in the "
                                  "paper; default 0: off)")
+    lr_decay: Literal["none", "cosine"] = Field("none", description="cosine: the student's lr falls from the lr in "
+                                                "force to 0 by a half cosine over the stage's steps at its main lr "
+                                                "(the mse phase of an MSE stage; the conditional and unconditional "
+                                                "phases of an adversarial one), so that the last updates are small "
+                                                "(not in the paper; default none: constant)")
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     full_lr: Optional[float] = Field(None, gt=0, description="student lr on the full UNet after a LoRA phase is "

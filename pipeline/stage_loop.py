@@ -18,7 +18,7 @@ from .stage_config import StageConfig
 from .discriminator import Discriminator, nonsaturating_d_loss, nonsaturating_g_loss
 from .engines import all_reduce, checkpoint_activations, set_lr
 from .guard import UpdateWatch, finite_everywhere
-from .phases import Phase, disc_mode_at, phase_at, plan_phases, student_mode_at
+from .phases import Phase, disc_mode_at, phase_at, plan_phases, student_lr_scale, student_mode_at
 from .schedule import Conditioning, FlowMatchSchedule, Schedule, unet_denoiser
 
 # the trajectory columns a micro-batch carries (`pipeline.trajectories` writes them; pooled_embeds: SDXL and SD3)
@@ -85,14 +85,8 @@ class StageLoop:
         return self.stage.lr
 
     def student_lr_scale_at(self, step: int) -> float:
-        """The factor on the student's lr at `step`: with `lr_warmup_steps` N it rises linearly, 1/N, 2/N, ... 1,
-        over the student's first N updates against the discriminator (from the start of its first adversarial
-        phase with student updates); 1 otherwise."""
-        n = self.stage.lr_warmup_steps
-        game = next((p for p in self.phases if p.against_d), None)
-        if not n or game is None or step < game.start:
-            return 1.0
-        return min(1.0, (step - game.start + 1) / n)
+        """The factor on the student's lr at `step` (its warm-up and decay: `phases.student_lr_scale`)."""
+        return student_lr_scale(self.stage, self.phases, step)
 
     def build_student(self, mode: str, state_dict: dict | None = None,
                       init_batches: list[dict] | None = None, lr: float | None = None) -> None:
@@ -211,7 +205,7 @@ class StageLoop:
             self.build_student(self.student_mode, self.engines.full_state_dict(self.student),
                                lr=self.student_lr_at(step))
             events.append(f"student optimizer restarted at lr {self.student_lr:g} at step {step}")
-        set_lr(self.student, self.student_lr * self.student_lr_scale_at(step))  # the warm-up, if any
+        set_lr(self.student, self.student_lr * self.student_lr_scale_at(step))  # its warm-up and decay, if any
         want_d = disc_mode_at(phase_at(self.phases, step))
         if want_d is not None and self.disc is None:
             self.build_disc(want_d)

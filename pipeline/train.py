@@ -145,7 +145,7 @@ def claim_train_dir(cfg: RunConfig, key, storage: RunStorage, *, restart: bool =
 
 
 # stage keys added after runs were trained, with their defaults (a stage at the default hashes as before the key)
-LATER_STAGE_KEYS = {"disc_blocks": None, "lr_warmup_steps": 0}
+LATER_STAGE_KEYS = {"disc_blocks": None, "lr_warmup_steps": 0, "lr_decay": "none"}
 
 
 def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
@@ -156,7 +156,7 @@ def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
 
     _, stage = cfg.stage(key)
     traj = storage.read_manifest(traj_step(cfg, key)) or {}
-    # keys added since (disc_blocks, lr_warmup_steps) are left out at their defaults, so a stage trained before
+    # keys added since (disc_blocks, lr_warmup_steps, lr_decay) are left out at their defaults, so a stage trained before
     # them stays finished
     later = {k for k, default in LATER_STAGE_KEYS.items() if getattr(stage, k) == default}
     out = {"stage": stage.model_dump(mode="json", exclude=later or None),

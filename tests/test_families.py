@@ -571,7 +571,7 @@ def test_disc_blocks_left_at_its_default_keeps_the_train_hash_of_runs_trained_be
     cfg = load_config("smoke", [f"run_root={tmp_path}"])
     storage = RunStorage.from_config(cfg)
     before = {k: v for k, v in cfg.stages[1].model_dump(mode="json").items()
-              if k not in ("disc_blocks", "lr_warmup_steps")}  # the keys added since (both at their defaults)
+              if k not in ("disc_blocks", "lr_warmup_steps", "lr_decay")}  # the keys added since (at their defaults)
     assert train_inputs(cfg, 2, storage)["stage"] == before
     deeper = load_config("smoke", [f"run_root={tmp_path}", "stages.1.disc_blocks=1"])
     assert train_inputs(deeper, 2, storage)["stage"] == {**before, "disc_blocks": 1}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -154,6 +155,71 @@ def test_the_students_lr_warms_up_over_its_first_updates_against_d(tiny_pipeline
     assert moved[0] == pytest.approx(lr, rel=0.02) and moved[4] == pytest.approx(lr / 4, rel=0.02), moved
 
 
+def test_cosine_lr_decay_spans_the_steps_at_the_main_lr():
+    """`lr_decay: cosine` lowers the student's lr by a half cosine over the steps at the stage's main lr: the whole
+    of an MSE stage; in an adversarial one the steps against D only (not the x0 conversion, not D's warm-up), on
+    top of the lr warm-up; `none` leaves it constant."""
+    import math
+
+    from pipeline.config import load_config
+    from pipeline.phases import plan_phases, student_lr_scale
+
+    def scales(stage):
+        phases = plan_phases(stage)
+        return [student_lr_scale(stage, phases, s) for s in range(phases[-1].end)]
+
+    cos = [0.5 * (1 + math.cos(math.pi * i / 4)) for i in range(4)]  # 1, 0.854, 0.5, 0.146
+    cfg = load_config("smoke", ["stages.0.lr_decay=cosine", "stages.1.lr_decay=cosine", "stages.1.disc_warmup_steps=2",
+                                "stages.1.lr_warmup_steps=2", "stages.2.lr_decay=cosine"])
+    assert scales(cfg.stages[0]) == pytest.approx(cos)  # MSE: 4 steps
+    assert scales(cfg.stages[1]) == pytest.approx([1, 1] + [c * w for c, w in zip(cos, [0.5, 1, 1, 1])])
+    assert scales(cfg.stages[2]) == pytest.approx([1, 1] + cos)  # after the 2 conversion steps
+    assert scales(load_config("smoke").stages[0]) == [1.0] * 4
+
+
+def test_the_optimizer_follows_the_cosine_decay_and_its_last_update_is_small(tiny_pipeline):
+    """An MSE stage with `lr_decay: cosine` through StageLoop and the plain engines: the optimizer's lr at each
+    step is lr x the half cosine, and Adam's update on the last step (lr x 0.146 of 4 steps, beta1 0) moves the
+    weights by that lr, not by lr."""
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline import zoo
+    from pipeline.config import CONFIG_DIR, from_dict
+    from pipeline.engines import PlainEngines
+    from pipeline.stage_loop import TRAIN_COLUMNS, StageLoop
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from traj_helpers import make_trajectories
+
+    data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    lr = 1e-4
+    data["stages"][0].update(lr=lr, lr_decay="cosine", betas=[0.0, 0.99])
+    cfg = from_dict(data)
+    _, stage = cfg.stage(1)
+    loop = StageLoop(cfg, stage, zoo.schedule_of(tiny_pipeline), copy.deepcopy(tiny_pipeline.unet),
+                     PlainEngines(cfg.train), "cpu", seed=0)
+    lrs = []
+    for s in range(loop.total):
+        loop.transition(s)
+        lrs.append(loop.student.optimizer.param_groups[0]["lr"])
+    last = lr * 0.5 * (1 + math.cos(math.pi * 3 / 4))
+    assert lrs == pytest.approx([lr, lr * 0.5 * (1 + math.cos(math.pi / 4)), lr / 2, last], rel=1e-12)
+
+    rows = make_trajectories(tiny_pipeline, stage, n_ids=8, seed=4)
+    b = loop.batch_to({k: torch.as_tensor(rows[k]) for k in TRAIN_COLUMNS})
+    loop = StageLoop(cfg, stage, zoo.schedule_of(tiny_pipeline), copy.deepcopy(tiny_pipeline.unet),
+                     PlainEngines(cfg.train), "cpu", seed=0)
+    loop.transition(3)  # a fresh optimizer at the last step: its first Adam step is lr_in_force * sign(g)
+    before = {k: v.clone() for k, v in loop.student.module.state_dict().items()}
+    loop.micro_step(phase_at(loop.phases, 3), b)
+    after = loop.student.module.state_dict()
+    moved = max((after[k] - v).abs().max().item() for k, v in before.items())
+    assert moved == pytest.approx(last, rel=0.02), (moved, last)
+
+
 def test_lr_warmup_is_for_adversarial_stages_and_leaves_older_runs_finished(tmp_path):
     """An MSE stage refuses `lr_warmup_steps` by name, an adversarial one a warm-up longer than its steps against D; left at 0 the key stays out of a stage's training inputs (a
     stage trained before it existed stays finished), set it is part of them (the stage retrains)."""
@@ -171,6 +237,11 @@ def test_lr_warmup_is_for_adversarial_stages_and_leaves_older_runs_finished(tmp_
     assert "lr_warmup_steps" not in train_inputs(cfg, 2, storage)["stage"]
     warm = load_config("smoke", [f"run_root={tmp_path}", "stages.1.lr_warmup_steps=3"])
     assert train_inputs(warm, 2, storage)["stage"]["lr_warmup_steps"] == 3
+    assert "lr_decay" not in train_inputs(cfg, 1, storage)["stage"]  # lr_decay likewise
+    decay = load_config("smoke", [f"run_root={tmp_path}", "stages.0.lr_decay=cosine"])
+    assert train_inputs(decay, 1, storage)["stage"]["lr_decay"] == "cosine"
+    with pytest.raises(ConfigError, match="lr_decay"):
+        load_config("smoke", [f"run_root={tmp_path}", "stages.0.lr_decay=linear"])
 
 
 def test_conversion_starts_from_least_squares_conv_out(tiny_pipeline):
