@@ -344,7 +344,9 @@ def plot_curves(history: list[dict], path: str, title: str = "") -> None:
 
     keys = [k for k in ("loss", "mse", "d_loss", "d_real", "d_fake", "held_mse", "held_d_real", "held_d_fake",
                         "held_d_pacc") if any(k in h for h in history)]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    with_d = any(k.startswith(("d_", "held_d")) for k in keys)  # an MSE stage has only the losses panel
+    fig, axes = plt.subplots(1, 3 if with_d else 1, figsize=(15 if with_d else 5, 4), squeeze=False)
+    axes = list(axes[0])
     for k in keys:
         pts = [(0, h[f"start_{k}"]) for h in history[:1] if f"start_{k}" in h] + \
             [(h["step"], h[k]) for h in history if k in h]  # held_mse from the student before training
@@ -352,20 +354,18 @@ def plot_curves(history: list[dict], path: str, title: str = "") -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 30 else None)
     axes[0].set_yscale("log" if all(h.get("loss", 1) > 0 for h in history) else "linear")
     axes[0].set_title("losses")
-    axes[1].set_title("discriminator logits")
-    axes[2].axhline(0.5, color="grey", lw=0.5, ls="--")
-    axes[2].set_title("held: D's paired accuracy (0.5 = chance)")
+    if with_d:
+        axes[1].set_title("discriminator logits")
+        axes[2].axhline(0.5, color="grey", lw=0.5, ls="--")
+        axes[2].set_title("held: D's paired accuracy (0.5 = chance)")
     for ax in axes:
         ax.set_xlabel("step")
-        if ax.get_legend_handles_labels()[0]:  # an MSE stage draws nothing on D's panels
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    phases = sorted({(h["phase"], h["step"]) for h in history}, key=lambda x: x[1])
-    seen = set()
-    for name, s in phases:
-        if name not in seen:
-            seen.add(name)
+    for prev, h in zip(history, history[1:]):  # a phase ends at a checkpoint, so at a record: a line there
+        if h["phase"] != prev["phase"]:
             for ax in axes:
-                ax.axvline(s, color="grey", lw=0.5)
+                ax.axvline(prev["step"], color="grey", lw=0.5)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -78,6 +78,8 @@ def test_mse_overfits_and_exports(mse_lora_run, tiny_source):
     # observability: TensorBoard events, loss curves, manifest written last, model exported
     assert any(n.startswith("events.out.tfevents") for n in storage.ls(cfg.stage_dir(1), "train", "tensorboard"))
     assert storage.exists(cfg.stage_dir(1), "train", "loss_curves.png")
+    from PIL import Image  # an MSE stage's curves: the losses panel alone, no empty discriminator panels
+    assert Image.open(storage.path(cfg.stage_dir(1), "train", "loss_curves.png")).size[0] < 600
     m = storage.read_manifest("train-1-8step")
     assert m is not None and m["steps"] == 60
     model = storage.path(cfg.stage_dir(1), "model")
@@ -142,6 +144,8 @@ def test_adversarial_runs_both_phases_and_d_separates(x0_adv_run):
     assert m["held_d_real"] > m["held_d_fake"], m
     assert m["held_d_pacc"] > 0.7, m
     assert {f"held_d_pacc_t{t}" for t in (999, 749, 499, 249)} <= set(m), sorted(m)
+    from PIL import Image  # the curves: losses, D's logits and its held paired accuracy, side by side
+    assert Image.open(storage.path(cfg.stage_dir(3), "train", "loss_curves.png")).size[0] > 1200
 
 
 def test_the_benchmark_reads_the_stages_game_from_the_history_the_trainer_wrote(x0_adv_run):
