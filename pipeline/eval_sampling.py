@@ -25,6 +25,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -191,10 +192,23 @@ def sample_sets(cfg: RunConfig, storage: RunStorage, sets: list[SampleSet], mode
     if units:
         cluster.ensure_ray(cfg)
         out = shards.run_units(units, SampleWorker, {"cfg_json": cfg.model_dump_json(), "models": models},
-                               actors=ec.actors, gpus_per_actor=ec.gpus_per_actor)
+                               actors=ec.actors, gpus_per_actor=ec.gpus_per_actor, on_marker=_progress(len(units), log))
         timed = {"speed": m["speed"] for m in out if m.get("kind") == "speed"}
     return {**timed, **{s.name: read_set(storage, s.out_rel, hashes[s.name], n_units[s.name], len(s.captions),
                              keep_images=KEEP_IMAGES if s.features else None) for s in sets}}
+
+
+def _progress(n: int, log: Callable[[str], None], lines: int = 5) -> Callable[[dict], None]:
+    """An `on_marker` that logs about `lines` progress lines over `n` units: units done, the set of the last,
+    time since the start."""
+    t0, done, every = time.perf_counter(), [0], max(1, -(-n // lines))
+
+    def on_marker(m: dict) -> None:
+        done[0] += 1
+        if done[0] % every == 0 or done[0] == n:
+            log(f"  {done[0]}/{n} units drawn (last: {m.get('set', 'the speed timing')}), "
+                f"{time.perf_counter() - t0:.0f} s")
+    return on_marker
 
 
 KEEP_IMAGES = 10  # images a set with features returns (the grid's): 10,000 SDXL images are 30 GB

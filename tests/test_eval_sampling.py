@@ -43,6 +43,8 @@ def test_two_actors_draw_what_one_process_draws(ray_local, tiny_pipeline_dir, ti
     lines = []
     got = es.sample_sets(cfg, st, sets, {"teacher": {"source": cfg.model.source}}, log=lines.append)
     assert "10 sampling units (0 already committed, 10 to run)" in lines[0], lines
+    # progress: about five lines over the ten units, the last one when all are drawn
+    assert [ln.split(" units")[0].strip() for ln in lines[1:]] == ["2/10", "4/10", "6/10", "8/10", "10/10"], lines
     # 30 samples in units of 6 (batches of 100 in one process): the same images, and the same metrics
     want = sample_classes(tiny_pipeline, 4, 2.0, 3, cfg.evaluate.seed)
     assert got["teacher-4"]["image"].dtype == torch.float32 and got["teacher-4"]["image"].shape == want.images.shape
@@ -96,7 +98,7 @@ def test_killed_evaluation_sampling_reruns_only_the_missing_units(ray_local, tin
 
     lines = []
     got = es.sample_sets(cfg, st, [s], {"teacher": {"source": cfg.model.source}}, log=lines.append)
-    assert f"({len(before)} already committed, {20 - len(before)} to run)" in lines[-1], lines
+    assert any(f"({len(before)} already committed, {20 - len(before)} to run)" in ln for ln in lines), lines
     after = shards.read_markers(st, s.out_rel)
     assert len(after) == 20 and all(json.dumps(after[i]) == json.dumps(m) for i, m in before.items())
     want = sample_classes(tiny_pipeline, 32, 2.0, 4, cfg.evaluate.seed)
