@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -42,10 +42,12 @@ def fixed_noise(samples_per_digit: int, seed: int = DEFAULT_SEED, shape=(4, 8, 8
 
 @torch.no_grad()
 def sample_captions(pipe, captions: list[str], noise: torch.Tensor, num_steps: int, guidance_scale: float = 0.0,
-                    unet=None, batch_size: int = 200, prediction_type: Optional[str] = None) -> torch.Tensor:
+                    unet=None, batch_size: int = 200, prediction_type: Optional[str] = None,
+                    sampler: Optional[Callable] = None) -> torch.Tensor:
     """Images [N, 3, R, R] in [-1, 1] of `captions` from `noise` (one latent each) with N trailing Euler
     steps through `Schedule.sample` (CFG when g > 1), decoded with the pipeline's VAE; `unet` (a student)
-    replaces the pipeline's own UNet when given. Each distinct caption is encoded once."""
+    replaces the pipeline's own UNet when given. Each distinct caption is encoded once. `sampler(cond,
+    noise) -> latents`, when given, draws a batch's latents instead (num_steps, guidance and unet unused)."""
     from .schedule import unet_denoiser
     from .zoo import denoiser_of, encode_prompts, schedule_of
 
@@ -60,8 +62,11 @@ def sample_captions(pipe, captions: list[str], noise: torch.Tensor, num_steps: i
     for i in range(0, len(captions), batch_size):
         y = torch.as_tensor([where[c] for c in captions[i:i + batch_size]])
         cond = cond_all.select(y)
-        den = unet_denoiser(unet, cond, guidance_scale)
-        lat = sched.sample(den, noise[i:i + batch_size].to(torch.float32), num_steps, prediction_type)
+        x = noise[i:i + batch_size].to(torch.float32)
+        if sampler is not None:
+            lat = sampler(cond, x)
+        else:
+            lat = sched.sample(unet_denoiser(unet, cond, guidance_scale), x, num_steps, prediction_type)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         img = vae.decode((lat / vae.config.scaling_factor + shift).to(vae.dtype)).sample
         out.append(img.float().clamp(-1, 1))

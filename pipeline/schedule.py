@@ -217,11 +217,14 @@ class Schedule:
         return walk(lambda d, x_, a, b: self.step(d, x_, a, b, prediction_type), denoise, x,
                     [int(s) for s in path], int(t_end))
 
+    def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """The latents sampling starts from, given unit noise (scaled to the largest sigma, as diffusers does)."""
+        return noise * self.init_noise_sigma()
+
     def sample(self, denoise: Denoiser, noise: torch.Tensor, num_steps: int,
                prediction_type: str | None = None) -> torch.Tensor:
         """Full N-step trailing Euler sampling from unit noise, as the stock pipeline does."""
-        x = noise * self.init_noise_sigma()
-        return self.rollout(denoise, x, self.timesteps(num_steps), CLEAN, prediction_type)
+        return self.rollout(denoise, self.start(noise), self.timesteps(num_steps), CLEAN, prediction_type)
 
 
 class FlowMatchSchedule:
@@ -379,10 +382,14 @@ class FlowMatchSchedule:
         return walk(lambda d, x_, a, b: self.step(d, x_, a, b, prediction_type), denoise, x,
                     [float(s) for s in path], float(sigma_end))
 
+    def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """The latents sampling starts from, given unit noise (at sigma 1 they are the noise)."""
+        return noise
+
     def sample(self, denoise: Denoiser, noise: torch.Tensor, num_steps: int,
                prediction_type: str | None = None) -> torch.Tensor:
         """Full N-step sampling from unit noise, as the stock SD3 pipeline does."""
-        return self.rollout(denoise, noise, self.sigmas(num_steps).tolist(), self.clean, prediction_type)
+        return self.rollout(denoise, self.start(noise), self.sigmas(num_steps).tolist(), self.clean, prediction_type)
 
 
 def cfg(uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
