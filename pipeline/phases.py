@@ -95,25 +95,27 @@ def plan_phases(stage: StageConfig) -> list[Phase]:
     return phases
 
 
-def main_lr_span(stage: StageConfig, phases: list[Phase]) -> tuple[int, int]:
+def main_lr_span(stage: StageConfig, phases: list[Phase]) -> tuple[int, int] | None:
     """The steps [start, end) in which the student trains at the stage's main lr: from the mse phase of an MSE
     stage (after any x0 conversion), from the first phase against the discriminator of an adversarial one (after
-    any MSE or D-only warm-up), to the stage's end."""
-    first = next(p for p in phases if (p.against_d if stage.loss == "adversarial" else p.name == "mse"))
-    return first.start, phases[-1].end
+    any MSE or D-only warm-up), to the stage's end; None when the stage has no such phase."""
+    first = next((p for p in phases if (p.against_d if stage.loss == "adversarial" else p.name == "mse")), None)
+    return None if first is None else (first.start, phases[-1].end)
 
 
 def student_lr_scale(stage: StageConfig, phases: list[Phase], step: int) -> float:
     """The factor on the student's lr at `step`: `lr_warmup_steps` N lifts it linearly, 1/N, 2/N, ... 1, over the
-    student's first N updates against D; `lr_decay` cosine lowers it by a half cosine, 1 -> 0, over the steps at
-    the main lr (`main_lr_span`); both multiply. 1 outside them."""
+    student's first N updates against D; `lr_decay` cosine lowers it by a half cosine over the steps at the main lr
+    (`main_lr_span`), from 1 at its first step towards 0 (which it would reach just after its last); both multiply.
+    1 outside them. The decay runs on across a LoRA merge: the full UNet starts at full_lr times the factor then."""
     scale = 1.0
     game = next((p for p in phases if p.against_d), None)
     n = stage.lr_warmup_steps
     if n and game is not None and step >= game.start:
         scale = min(1.0, (step - game.start + 1) / n)
-    if stage.lr_decay == "cosine":
-        start, end = main_lr_span(stage, phases)
+    span = main_lr_span(stage, phases) if stage.lr_decay == "cosine" else None
+    if span is not None:  # (a cosine decay without a span is refused by the config)
+        start, end = span
         if step >= start:
             scale *= 0.5 * (1.0 + math.cos(math.pi * (step - start) / (end - start)))
     return scale

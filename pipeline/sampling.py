@@ -47,7 +47,8 @@ def sample_captions(pipe, captions: list[str], noise: torch.Tensor, num_steps: i
     """Images [N, 3, R, R] in [-1, 1] of `captions` from `noise` (one latent each) with N trailing Euler
     steps through `Schedule.sample` (CFG when g > 1), decoded with the pipeline's VAE; `unet` (a student)
     replaces the pipeline's own UNet when given. Each distinct caption is encoded once. `sampler(cond,
-    noise) -> latents`, when given, draws a batch's latents instead (num_steps, guidance and unet unused)."""
+    noise) -> latents`, when given, draws a batch's latents instead (num_steps, guidance, unet and prediction_type
+    unused)."""
     from .schedule import unet_denoiser
     from .zoo import denoiser_of, encode_prompts, schedule_of
 

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .phases import plan_phases
+from .phases import main_lr_span, plan_phases
 
 
 class _Strict(BaseModel):
@@ -48,10 +48,11 @@ class StageConfig(_Strict):
                                  "discriminator, so that D keeps up with the student's first moves (not in the "
                                  "paper; default 0: off)")
     lr_decay: Literal["none", "cosine"] = Field("none", description="cosine: the student's lr falls from the lr in "
-                                                "force to 0 by a half cosine over the stage's steps at its main lr "
-                                                "(the mse phase of an MSE stage; the conditional and unconditional "
-                                                "phases of an adversarial one), so that the last updates are small "
-                                                "(not in the paper; default none: constant)")
+                                                "force towards 0 by a half cosine over the stage's steps at its main "
+                                                "lr (the mse phase of an MSE stage, after any x0 conversion; the "
+                                                "conditional and unconditional phases of an adversarial one, across "
+                                                "a LoRA merge), so that the last updates are small (not in the "
+                                                "paper; default none: constant)")
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     full_lr: Optional[float] = Field(None, gt=0, description="student lr on the full UNet after a LoRA phase is "
@@ -121,7 +122,11 @@ class StageConfig(_Strict):
             raise ValueError(f"lr_warmup_steps: {self.lr_warmup_steps} is more than the stage's "
                              f"{self.conditional_steps + self.unconditional_steps} student steps against the "
                              "discriminator (conditional_steps + unconditional_steps)")
-        plan_phases(self)  # the trainer's own plan: step counts that make no phases are rejected here
+        phases = plan_phases(self)  # the trainer's own plan: step counts that make no phases are rejected here
+        if self.lr_decay != "none" and main_lr_span(self, phases) is None:
+            raise ValueError(f"lr_decay: {self.lr_decay} decays the lr of the stage's "
+                             + ("steps against the discriminator (conditional_steps + unconditional_steps), and "
+                                "it has none" if self.loss == "adversarial" else "mse phase, and it has no mse_steps"))
         if self.name is None:
             self.name = f"{self.student_steps}step"
         return self

@@ -178,7 +178,7 @@ class StageLoop:
 
     def transition(self, step: int, next_batch: Callable[[], dict] | None = None) -> list[str]:
         """Bring the models to what step `step` needs (merge the LoRA, start or switch the
-        discriminator, set the student's lr with its warm-up). Collective under ZeRO-3: every rank calls it at the same steps. A fresh
+        discriminator, set the student's lr with its warm-up and decay). Collective under ZeRO-3: every rank calls it at the same steps. A fresh
         student whose first phase is the x0 conversion starts from the least-squares `conv_out`
         (`fit_conversion_head`, on `conversion_init_batches` micro-batches drawn with `next_batch`)."""
         events = []

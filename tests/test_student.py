@@ -175,6 +175,10 @@ def test_cosine_lr_decay_spans_the_steps_at_the_main_lr():
     assert scales(cfg.stages[1]) == pytest.approx([1, 1] + [c * w for c, w in zip(cos, [0.5, 1, 1, 1])])
     assert scales(cfg.stages[2]) == pytest.approx([1, 1] + cos)  # after the 2 conversion steps
     assert scales(load_config("smoke").stages[0]) == [1.0] * 4
+    # an MSE warm-up at mse_lr stays undecayed; the decay runs on across a LoRA merge
+    lora = load_config("smoke", ["stages.1.mse_steps=2", "stages.1.lr_decay=cosine", "stages.1.lora={rank: 4, steps: 3}",
+                                 "stages.1.full_lr=5.0e-5"]).stages[1]
+    assert scales(lora) == pytest.approx([1, 1] + cos)
 
 
 def test_the_optimizer_follows_the_cosine_decay_and_its_last_update_is_small(tiny_pipeline):
@@ -242,6 +246,10 @@ def test_lr_warmup_is_for_adversarial_stages_and_leaves_older_runs_finished(tmp_
     assert train_inputs(decay, 1, storage)["stage"]["lr_decay"] == "cosine"
     with pytest.raises(ConfigError, match="lr_decay"):
         load_config("smoke", [f"run_root={tmp_path}", "stages.0.lr_decay=linear"])
+    # a decay with no steps to decay over is refused by name (an adversarial stage of MSE warm-up alone)
+    with pytest.raises(ConfigError, match="lr_decay: cosine decays .* against the discriminator .* it has none"):
+        load_config("smoke", [f"run_root={tmp_path}", "stages.1.mse_steps=4", "stages.1.conditional_steps=0",
+                              "stages.1.unconditional_steps=0", "stages.1.lr_decay=cosine"])
 
 
 def test_conversion_starts_from_least_squares_conv_out(tiny_pipeline):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.takeover import steps_of, takeover_sampler  # noqa: E402
+from benchmarks.takeover import default_takeovers, steps_of, takeover_sampler  # noqa: E402
 
 
 def _student_of(teacher, seed: int = 0):
@@ -42,10 +42,15 @@ def test_taking_no_step_is_the_students_sampling_and_every_step_the_teachers(fam
         torch.testing.assert_close(alone, own, atol=1e-5, rtol=0)
         first = takeover_sampler(sched, teacher, student, 32, 2.0, 8, {0})(cond, noise)
         assert (first - own).abs().max() > 1e-3  # the teacher's first step changed the sample
+        every = takeover_sampler(sched, teacher, student, 32, 2.0, 8, set(range(8)))(cond, noise)
+        guided = unet_denoiser(teacher, cond, 2.0)
         if family == "sdxl":  # trailing grids nest: the 8-step grid's points are the 32-step grid's
-            every = takeover_sampler(sched, teacher, student, 32, 2.0, 8, set(range(8)))(cond, noise)
-            guided = sched.sample(unet_denoiser(teacher, cond, 2.0), noise, 32)
-            torch.testing.assert_close(every, guided, atol=1e-5, rtol=0)
+            torch.testing.assert_close(every, sched.sample(guided, noise, 32), atol=1e-5, rtol=0)
+        else:  # a flow model's grids do not nest: the teacher walks the union of both grids' sigmas
+            union = sorted(set(sched.sigmas(8).tolist()) | set(sched.sigmas(32).tolist()), reverse=True)
+            assert len(union) > 32
+            torch.testing.assert_close(every, sched.rollout(guided, sched.start(noise), union, sched.clean),
+                                       atol=1e-5, rtol=0)
 
 
 def test_step_ranges_are_one_based_inclusive_and_bad_ones_are_named():
@@ -56,3 +61,9 @@ def test_step_ranges_are_one_based_inclusive_and_bad_ones_are_named():
         steps_of("9", 8)
     with pytest.raises(ValueError, match="'a-b' is not a step or a range"):
         steps_of("a-b", 8)
+    with pytest.raises(ValueError, match="'3-' is not a step or a range"):
+        steps_of("3-", 8)
+    with pytest.raises(ValueError, match="'4-2' runs backwards"):
+        steps_of("4-2", 8)
+    assert default_takeovers(8) == ["1", "1-4", "5-8", "3-8"] and default_takeovers(1) == ["1"]
+    assert all(steps_of(s, 4) for s in default_takeovers(4))
