@@ -109,49 +109,70 @@ def test_disc_warmup_trains_d_only(tiny_pipeline):
     assert any(not torch.equal(v, loop.student.module.state_dict()[k]) for k, v in s0.items())
 
 
-def test_the_students_lr_warms_up_over_its_first_updates_against_d(tiny_pipeline):
-    """`lr_warmup_steps` N: the student's lr is lr/N, 2lr/N, ... lr over its first N updates against D (after D's
-    warm-up), and the optimizer uses it: Adam's first update moves every weight by at most the lr in force, lr/N
-    (beta1 0: the bias-corrected step is lr * g/|g|), where without the warm-up it moves them by lr."""
+def _smoke_stage(key: int, **changes):
+    """The smoke config with `changes` to stage `key` (1-based), and that stage."""
+    import yaml
+
+    from pipeline.config import CONFIG_DIR, from_dict
+
+    data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    data["stages"][key - 1].update(changes)
+    cfg = from_dict(data)
+    return cfg, cfg.stage(key)[1]
+
+
+def _plain_loop(cfg, stage, pipe):
+    """A StageLoop on the plain-torch engines (no Ray, no DeepSpeed), the student a copy of `pipe`'s UNet."""
+    from pipeline import zoo
+    from pipeline.engines import PlainEngines
+    from pipeline.stage_loop import StageLoop
+
+    return StageLoop(cfg, stage, zoo.schedule_of(pipe), copy.deepcopy(pipe.unet), PlainEngines(cfg.train), "cpu", seed=0)
+
+
+def _lr_per_step(cfg, stage, pipe) -> list[float]:
+    """The lr the student's optimizer holds at each step of the stage."""
+    loop, lrs = _plain_loop(cfg, stage, pipe), []
+    for s in range(loop.total):
+        loop.transition(s)
+        lrs.append(loop.student.optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def _first_update_size(cfg, stage, pipe, step: int) -> float:
+    """How far a fresh student's first update, at `step`, moves its weights (the largest change): with Adam's beta1
+    0 the bias-corrected step is lr * g/|g|, so this is the lr in force."""
     import sys
     from pathlib import Path
 
-    import yaml
-
-    from pipeline import zoo
-    from pipeline.config import CONFIG_DIR, from_dict
-    from pipeline.engines import PlainEngines
-    from pipeline.stage_loop import TRAIN_COLUMNS, StageLoop
+    from pipeline.stage_loop import TRAIN_COLUMNS
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from traj_helpers import make_trajectories
 
-    data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
+    loop = _plain_loop(cfg, stage, pipe)
+    rows = make_trajectories(pipe, stage, n_ids=8, seed=4)
+    b = loop.batch_to({k: torch.as_tensor(rows[k]) for k in TRAIN_COLUMNS})
+    loop.transition(step)
+    before = {k: v.clone() for k, v in loop.student.module.state_dict().items()}
+    loop.micro_step(phase_at(loop.phases, step), b)
+    after = loop.student.module.state_dict()
+    return max((after[k] - v).abs().max().item() for k, v in before.items())
+
+
+def test_the_students_lr_warms_up_over_its_first_updates_against_d(tiny_pipeline):
+    """`lr_warmup_steps` N: the student's lr is lr/N, 2lr/N, ... lr over its first N updates against D (after D's
+    warm-up), and the optimizer uses it: Adam's first update moves every weight by at most the lr in force, lr/N
+    (beta1 0: the bias-corrected step is lr * g/|g|), where without the warm-up it moves them by lr."""
     lr = 1e-4
     moved = {}
     for n in (0, 4):
-        data["stages"][1].update(disc_warmup_steps=1, conditional_steps=4, unconditional_steps=2, lr=lr,
-                                 lr_warmup_steps=n)
-        cfg = from_dict(data)
-        _, stage = cfg.stage(2)
-        loop = StageLoop(cfg, stage, zoo.schedule_of(tiny_pipeline), copy.deepcopy(tiny_pipeline.unet),
-                         PlainEngines(cfg.train), "cpu", seed=0)
-        lrs = []
-        for s in range(loop.total):
-            loop.transition(s)
-            lrs.append(loop.student.optimizer.param_groups[0]["lr"])
+        cfg, stage = _smoke_stage(2, disc_warmup_steps=1, conditional_steps=4, unconditional_steps=2, lr=lr,
+                                  lr_warmup_steps=n)
         expect = [lr] + ([lr / 4, lr / 2, 3 * lr / 4, lr] if n else [lr] * 4) + [lr] * 2
+        lrs = _lr_per_step(cfg, stage, tiny_pipeline)
         assert lrs == pytest.approx(expect, rel=1e-12), (n, lrs)
-
-        loop = StageLoop(cfg, stage, zoo.schedule_of(tiny_pipeline), copy.deepcopy(tiny_pipeline.unet),
-                         PlainEngines(cfg.train), "cpu", seed=0)
-        rows = make_trajectories(tiny_pipeline, stage, n_ids=8, seed=4)
-        b = loop.batch_to({k: torch.as_tensor(rows[k]) for k in TRAIN_COLUMNS})
-        loop.transition(1)  # the first student update against D
-        before = {k: v.clone() for k, v in loop.student.module.state_dict().items()}
-        loop.micro_step(phase_at(loop.phases, 1), b)
-        after = loop.student.module.state_dict()
-        moved[n] = max((after[k] - v).abs().max().item() for k, v in before.items())
+        moved[n] = _first_update_size(cfg, stage, tiny_pipeline, 1)  # the first student update against D
     assert moved[0] == pytest.approx(lr, rel=0.02) and moved[4] == pytest.approx(lr / 4, rel=0.02), moved
 
 
@@ -185,42 +206,12 @@ def test_the_optimizer_follows_the_cosine_decay_and_its_last_update_is_small(tin
     """An MSE stage with `lr_decay: cosine` through StageLoop and the plain engines: the optimizer's lr at each
     step is lr x the half cosine, and Adam's update on the last step (lr x 0.146 of 4 steps, beta1 0) moves the
     weights by that lr, not by lr."""
-    import sys
-    from pathlib import Path
-
-    import yaml
-
-    from pipeline import zoo
-    from pipeline.config import CONFIG_DIR, from_dict
-    from pipeline.engines import PlainEngines
-    from pipeline.stage_loop import TRAIN_COLUMNS, StageLoop
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from traj_helpers import make_trajectories
-
-    data = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
     lr = 1e-4
-    data["stages"][0].update(lr=lr, lr_decay="cosine", betas=[0.0, 0.99])
-    cfg = from_dict(data)
-    _, stage = cfg.stage(1)
-    loop = StageLoop(cfg, stage, zoo.schedule_of(tiny_pipeline), copy.deepcopy(tiny_pipeline.unet),
-                     PlainEngines(cfg.train), "cpu", seed=0)
-    lrs = []
-    for s in range(loop.total):
-        loop.transition(s)
-        lrs.append(loop.student.optimizer.param_groups[0]["lr"])
+    cfg, stage = _smoke_stage(1, lr=lr, lr_decay="cosine", betas=[0.0, 0.99])
     last = lr * 0.5 * (1 + math.cos(math.pi * 3 / 4))
+    lrs = _lr_per_step(cfg, stage, tiny_pipeline)
     assert lrs == pytest.approx([lr, lr * 0.5 * (1 + math.cos(math.pi / 4)), lr / 2, last], rel=1e-12)
-
-    rows = make_trajectories(tiny_pipeline, stage, n_ids=8, seed=4)
-    b = loop.batch_to({k: torch.as_tensor(rows[k]) for k in TRAIN_COLUMNS})
-    loop = StageLoop(cfg, stage, zoo.schedule_of(tiny_pipeline), copy.deepcopy(tiny_pipeline.unet),
-                     PlainEngines(cfg.train), "cpu", seed=0)
-    loop.transition(3)  # a fresh optimizer at the last step: its first Adam step is lr_in_force * sign(g)
-    before = {k: v.clone() for k, v in loop.student.module.state_dict().items()}
-    loop.micro_step(phase_at(loop.phases, 3), b)
-    after = loop.student.module.state_dict()
-    moved = max((after[k] - v).abs().max().item() for k, v in before.items())
+    moved = _first_update_size(cfg, stage, tiny_pipeline, 3)  # a fresh optimizer at the last step
     assert moved == pytest.approx(last, rel=0.02), (moved, last)
 
 
