@@ -300,7 +300,7 @@ def games(cfg, storage) -> list[dict]:
     stage also D's paired accuracy P(D(real) > D(fake)) then, its lowest through the conditional phase, and
     at the end, and the timestep strata D separated after its D-only warm-up (`strata_resolved`; None without
     one) with D's lowest accuracy averaged over them through the conditional phase (`pacc_cond_min_resolved`)."""
-    from pipeline.phases import plan_phases
+    from pipeline.phases import main_phase, plan_phases
 
     out = []
     for k, st in enumerate(cfg.stages, start=1):
@@ -313,7 +313,7 @@ def games(cfg, storage) -> list[dict]:
         # the game's first phase, from the trainer's own plan: an adversarial stage's first with D and the student
         # (after any x0 conversion, MSE warm-up or D-only warm-up), an MSE stage's MSE phase; a history record's
         # step counts the updates done, and every phase end is evaluated on the held rows
-        game = next(ph for ph in plan_phases(st) if (ph.against_d if adversarial else ph.name == "mse"))
+        game = main_phase(st, plan_phases(st))
         before = [h for h in held if h["step"] <= game.start]
         first = before[-1] if before else {key[6:]: v for key, v in hist[0].items() if key.startswith("start_held_")}
         cond = [h for h in held if game.start < h["step"] <= game.end]

@@ -95,11 +95,16 @@ def plan_phases(stage: StageConfig) -> list[Phase]:
     return phases
 
 
+def main_phase(stage: StageConfig, phases: list[Phase]) -> Phase | None:
+    """The first phase in which the student trains at the stage's main lr on the stage's own loss: the mse phase of
+    an MSE stage (after any x0 conversion), the first phase against the discriminator of an adversarial one (after
+    any MSE or D-only warm-up); None when the stage has none."""
+    return next((p for p in phases if (p.against_d if stage.loss == "adversarial" else p.name == "mse")), None)
+
+
 def main_lr_span(stage: StageConfig, phases: list[Phase]) -> tuple[int, int] | None:
-    """The steps [start, end) in which the student trains at the stage's main lr: from the mse phase of an MSE
-    stage (after any x0 conversion), from the first phase against the discriminator of an adversarial one (after
-    any MSE or D-only warm-up), to the stage's end; None when the stage has no such phase."""
-    first = next((p for p in phases if (p.against_d if stage.loss == "adversarial" else p.name == "mse")), None)
+    """The steps [start, end) at the stage's main lr: from its `main_phase` to the stage's end; None without one."""
+    first = main_phase(stage, phases)
     return None if first is None else (first.start, phases[-1].end)
 
 
