@@ -7,7 +7,8 @@ images as the FID reference, weights from paths in `evaluate`), plus the wall-cl
 against the teacher with CFG, image grids, and the stage's model card updated with the numbers.
 
 Every image is drawn by the actor pool of `pipeline.eval_sampling` (restartable units; on a non-toy run
-the actors also extract the metrics' features). Writes `<root>/stages/<k>-<name>/eval/metrics.json`,
+the actors also extract the metrics' features). Writes `<root>/stages/<k>-<name>/eval/metrics.json` (and a
+copy under `eval/seeds/<evaluate.seed>.json`, which an evaluation at another seed leaves in place),
 `eval/grid.png`, `eval/samples.npz`; teacher samples are cached per step count under
 `<root>/eval/teacher/` so later stages reuse them (a non-toy run keeps there the features of every
 sample and the grid's first 10 images, in `samples.npz` those 10), a non-toy run's real-image features
@@ -27,7 +28,7 @@ import torch
 from . import family, real_metrics
 from .config import RunConfig
 from .errors import MissingInputError
-from .layout import REAL_DIR, manifest_step, teacher_cache_rel
+from .layout import EVAL_SEEDS_DIR, REAL_DIR, manifest_step, teacher_cache_rel
 from .storage import RunStorage, hash_json
 
 # 2: toy evaluations also score the stage's starting student at the student's step count, without CFG
@@ -131,7 +132,7 @@ pipe = {pipeline_class}.from_pretrained("<this folder>"{load_args})
 image = pipe(prompt, num_inference_steps={stage.student_steps}, guidance_scale=0).images[0]
 ```
 
-## Evaluation (fixed prompts and seeds, {s['n']} samples)
+## Evaluation (fixed prompts and seeds, {s['n']} samples, evaluation seed {metrics['seed']})
 
 | metric | this student ({stage.student_steps} steps) | teacher at {stage.student_steps} steps | teacher at 32 steps |
 | --- | --- | --- | --- |
@@ -274,7 +275,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
                       labels=np.asarray(prompts.captions[:len(shown)]))
             rows = [from_uint8(x[shown]) for x in (t32, tN, images)]
         metrics = {
-            "stage": idx, "name": stage.name, "student_steps": N, "teacher_guidance_scale": g, **scores,
+            "stage": idx, "name": stage.name, "student_steps": N, "teacher_guidance_scale": g, "seed": seed, **scores,
             "speed": drawn["speed"],
         }
         if not toy:
@@ -283,6 +284,9 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         save_grid(rows, grid, [f"teacher {32}", f"teacher {N}", f"student {N}"])
         storage.write_bytes(f"{sd}/eval/grid.png", open(grid, "rb").read())
         storage.write_json(f"{sd}/eval/metrics.json", metrics)
+        # kept per evaluation seed too: an evaluation at another `evaluate.seed` replaces metrics.json, not these
+        # (benchmarks/eval_seeds.py pairs them across seeds and runs)
+        storage.write_json(f"{sd}/{EVAL_SEEDS_DIR}/{seed}.json", metrics)
         card = _model_card(cfg, key, metrics, family.of_folder(teacher_dir).PIPELINE,
                            absent_components(json.loads((teacher_dir / "model_index.json").read_text())))
         storage.write_text(f"{sd}/model/README.md", card)

@@ -14,6 +14,7 @@ CKPT_PREFIX = "checkpoint_"  # its checkpoint folders, checkpoint_<step:07d>
 HISTORY_JSON = "history.json"  # beside them: the stage's metrics every log_every steps,
 CURVES_PNG = "loss_curves.png"  # their plot,
 TB_DIR = "tensorboard"  # and its TensorBoard events
+EVAL_SEEDS_DIR = "eval/seeds"  # <stage_dir>/eval/seeds/<evaluate.seed>.json: a stage's metrics per evaluation seed
 
 
 def manifest_step(cfg: RunConfig, key, kind: str) -> str:

@@ -129,6 +129,8 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
         assert img.size == (32, 32)
         metrics = storage.read_json(f"{cfg.stage_dir(k)}/eval/metrics.json")
         assert metrics["student_steps"] == st.student_steps and metrics["speed"]["speedup"] > 1
+        # kept per evaluation seed as well (an evaluation at another seed replaces metrics.json, not this)
+        assert storage.read_json(f"{cfg.stage_dir(k)}/eval/seeds/{cfg.evaluate.seed}.json") == metrics
         # the student the stage started from, scored at the same step count: what training had to improve on
         assert set(metrics["student_start"]) == set(metrics["student"])
         train_outputs = storage.read_manifest(f"train-{cfg.stage_dir(k).split('/', 1)[1]}")["outputs"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,17 @@ def test_non_toy_run_is_evaluated_with_fid_and_clip(ray_local, stand_ins, tmp_pa
     assert "FID-Whole ↓" in report and "| **student 8step** | 8 |" in report
     assert (tmp_path / "run" / "report" / "grid.png").stat().st_size > 1000
     card = (tmp_path / "run" / cfg.stage_dir(1) / "model" / "README.md").read_text()
-    assert "| clip_score |" in card
+    assert "| clip_score |" in card and f"evaluation seed {cfg.evaluate.seed})" in card
+    # the evaluation kept per seed, paired with the teacher's by benchmarks/eval_seeds.py (FID and CLIP on a
+    # non-toy run)
+    from benchmarks.eval_seeds import main as eval_seeds
+
+    assert storage.read_json(f"{cfg.stage_dir(1)}/eval/seeds/{cfg.evaluate.seed}.json") == m
+    eval_seeds(["run", "--stage", "1", "--tolerance", "0.5", "--out", "seeds"])
+    (row,) = json.loads((tmp_path / "seeds.json").read_text())["rows"]
+    assert row["seed"] == cfg.evaluate.seed and row["fd_key"] == "fid" and row["acc_key"] == "clip_score"
+    assert row["fd_margin"] == m["student"]["fid"] - m["teacher_same_steps"]["fid"]
+    assert row["acc_margin"] == m["student"]["clip_score"] - (m["teacher_same_steps"]["clip_score"] - 0.5)
     # every output the stage's manifest lists is in the run root, named relative to it
     train_outputs = storage.read_manifest("train-1-8step")["outputs"]
     for name in ("history", "loss_curves", "tensorboard", "model", "checkpoint"):
