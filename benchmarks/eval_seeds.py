@@ -87,7 +87,8 @@ def main(argv=None) -> int:
     if len({r["steps"] for r in rows}) > 1:
         raise SystemExit(f"--stage {args.stage}: the runs' stages have different step counts "
                          f"({sorted({r['steps'] for r in rows})}); pair one step count at a time")
-    fd, acc, n = rows[0]["fd_key"], rows[0]["acc_key"], rows[0]["steps"]
+    names = {"fd": "FD", "prompt_accuracy": "accuracy", "fid": "FID-Whole", "clip_score": "CLIP score"}
+    fd, acc, n = names[rows[0]["fd_key"]], names[rows[0]["acc_key"]], rows[0]["steps"]
     fd_s, acc_s = summary([r["fd_margin"] for r in rows]), summary([r["acc_margin"] for r in rows])
     md = [f"Stage {args.stage}: the {n}-step student against the teacher at {n} steps, paired by evaluation seed. "
           f"{fd} margin = student - teacher (below 0: the student wins); {acc} margin = student - (teacher - "
