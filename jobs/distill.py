@@ -17,7 +17,8 @@ def add_arguments(p) -> None:
     add_config_args(p)
     p.add_argument("--until", default=None, metavar="STAGE", help="stop after this stage (index or name)")
     p.add_argument("--only", default=None, metavar="STEP",
-                   help="run one step: encode, traj-K, train-K, eval-K or report (its inputs must exist)")
+                   help="run one step: encode, traj-K, train-K, eval-K or report (every step upstream of it must be "
+                        "finished with these settings; else it names them)")
 
 
 def run(args) -> int:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .config import ConfigError, RunConfig
+from .errors import MissingInputError
 from .layout import TIMINGS_DIR
 from .storage import RunStorage
 
@@ -119,7 +120,7 @@ def build_steps(cfg: RunConfig) -> list[Step]:
 
 def select(steps: list[Step], cfg: RunConfig, until: str | None = None, only: str | None = None) -> list[Step]:
     """--until STAGE: every step up to and including that stage's eval (and a report of what exists);
-    --only STEP: that step alone (its inputs must be finished)."""
+    --only STEP: that step alone (its inputs must be finished: `run_dag` checks, `check_only_inputs`)."""
     names = [s.name for s in steps]
     if only is not None:
         if only not in names:
@@ -131,6 +132,26 @@ def select(steps: list[Step], cfg: RunConfig, until: str | None = None, only: st
         out = [s for s in steps if s.name in keep]
         return out + [Step("report", _report, [f"eval-{i}" for i in range(1, k + 1)])]
     return steps
+
+
+def check_only_inputs(cfg: RunConfig, step: Step) -> None:
+    """--only STEP runs that step on what its inputs' manifests name, so every step upstream of it (its inputs,
+    theirs, ...; not the evaluation before an evaluation, which only orders them) must be finished with today's
+    settings; else the step would take a stale output for today's (an evaluation scoring a student trained
+    from an earlier stage 1, whose own manifests still match each other)."""
+    by_name = {s.name: s for s in build_steps(cfg)}
+    upstream, todo = [], [d for d in step.deps if not d.startswith("eval-")]
+    while todo:
+        d = todo.pop()
+        if d not in upstream:
+            upstream.append(d)
+            todo += [e for e in by_name[d].deps if not e.startswith("eval-")]
+    stale = [d for d in by_name if d in upstream and by_name[d].finished(cfg) is None]  # in DAG order
+    if stale:
+        raise MissingInputError(
+            f"--only {step.name}: {', '.join(stale)} {'is' if len(stale) == 1 else 'are'} not finished with these "
+            f"settings (not run yet, or run with other settings since); run without --only (or --until) to "
+            f"bring {'it' if len(stale) == 1 else 'them'} up to date first")
 
 
 def _timed(step: Step, cfg: RunConfig) -> dict:
@@ -181,8 +202,10 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
 
     family_module(cfg)  # a wrong path, family or stage setting for it fails here in one line, not in an actor
     storage = RunStorage.from_config(cfg)
-    storage.write_text("config.yaml", cfg.to_yaml())
     steps = select(build_steps(cfg), cfg, until, only)
+    if only is not None:
+        check_only_inputs(cfg, steps[0])
+    storage.write_text("config.yaml", cfg.to_yaml())
     if not cfg.data.toy and any(s.name.startswith("eval-") for s in steps):
         from . import real_metrics
 

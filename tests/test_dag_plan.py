@@ -37,3 +37,19 @@ def test_until_and_only():
         select(build_steps(cfg), cfg, only="train-9")
     with pytest.raises(ConfigError, match="no such stage"):
         select(build_steps(cfg), cfg, until="3step")
+
+
+def test_only_refuses_a_step_whose_inputs_are_not_finished(tmp_path):
+    """`--only STEP` on a run root where the steps upstream of STEP have not run: refused before anything is
+    written or any Ray starts, naming every one of them in DAG order (an evaluation's own ordering input, the
+    evaluation before it, is not among them)."""
+    from pipeline.dag import run_dag
+    from pipeline.errors import MissingInputError
+
+    cfg = load_config("smoke", [f"run_root={tmp_path / 'run'}"])
+    with pytest.raises(MissingInputError, match=r"^--only eval-2: encode, traj-1, train-1, traj-2, train-2 are not "
+                                                r"finished with these settings"):
+        run_dag(cfg, only="eval-2")
+    with pytest.raises(MissingInputError, match=r"^--only traj-1: encode is not finished"):
+        run_dag(cfg, only="traj-1")
+    assert not (tmp_path / "run").exists()

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline import shards
@@ -159,6 +160,18 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     assert run_train_stage(cfg, 1, log=said.append) == storage.read_manifest("train-1-8step")
     assert run_evaluate(cfg, 3, log=said.append) == storage.read_manifest("eval-3-1step")
     assert said == ["padistill train-stage: train-1-8step is up to date", "padistill evaluate: stage 3 is up to date"]
+    # `--only STEP` runs on finished inputs: here it skips, as the step is finished; under a stage 1 changed since,
+    # evaluating stage 2 alone would score a student from the old chain, and is refused before anything runs
+    from pipeline.dag import run_dag
+    from pipeline.errors import MissingInputError
+
+    said = []
+    assert [r["ran"] for r in run_dag(cfg, only="eval-3", log=said.append)] == [False]
+    assert said == ["padistill distill: eval-3 already finished, skipped in 0.0s"]
+    written = storage.read_text("config.yaml")
+    with pytest.raises(MissingInputError, match=r"^--only eval-2: train-1 is not finished with these settings"):
+        run_dag(load_config("smoke", [*sets, "stages.0.lr=2.0e-5"]), only="eval-2")
+    assert storage.read_text("config.yaml") == written  # the refused run wrote nothing
     assert {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE - {"report"}} == \
         {m: stamps[m] for m in EXPECTED_SMOKE - {"report"}}
     # a benchmark reads a finished run's figures only under the settings it ran with: the same root under
