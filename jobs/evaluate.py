@@ -22,17 +22,31 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from pipeline.dag import build_steps
+    from pipeline.dag import build_steps, check_only_inputs, stale_upstream
     from pipeline.evaluate import run_evaluate
     from pipeline.report import write_report
     from pipeline.storage import RunStorage
 
     cfg = config_from_args(args)
     storage = RunStorage.from_config(cfg)
-    keys = args.stage or [k for k in range(1, len(cfg.stages) + 1)
-                          if storage.exists(f"{cfg.stage_dir(k)}/model/model_index.json")]
+    steps = {s.name: s for s in build_steps(cfg)}
+    if args.stage:  # a named stage's student, when there is one, must come from these settings (else refused)
+        keys = [cfg.stage(k)[0] for k in args.stage]
+        for k in keys:
+            if storage.exists(f"{cfg.stage_dir(k)}/model/model_index.json"):
+                check_only_inputs(cfg, steps[f"eval-{k}"], f"padistill evaluate --stage {k}")
+    else:  # every stage with a model, but not one trained under other settings than these
+        keys = []
+        for k in range(1, len(cfg.stages) + 1):
+            if storage.exists(f"{cfg.stage_dir(k)}/model/model_index.json"):
+                if stale := stale_upstream(cfg, steps[f"eval-{k}"]):
+                    print(f"padistill evaluate: stage {k} skipped: its student is not from these settings "
+                          f"({', '.join(stale)} not finished with them)", file=sys.stderr)
+                else:
+                    keys.append(k)
     if not keys:
-        print(f"padistill evaluate: no stage of {storage.url()} has an exported model yet", file=sys.stderr)
+        print(f"padistill evaluate: no stage of {storage.url()} has an exported model from these settings yet",
+              file=sys.stderr)
         return 2
     for k in keys:
         run_evaluate(cfg, k, force=args.force)

@@ -134,24 +134,29 @@ def select(steps: list[Step], cfg: RunConfig, until: str | None = None, only: st
     return steps
 
 
-def check_only_inputs(cfg: RunConfig, step: Step) -> None:
-    """--only STEP runs that step on what its inputs' manifests name, so every step upstream of it (its inputs,
-    theirs, ...; not the evaluation before an evaluation, which only orders them) must be finished with today's
-    settings; else the step would take a stale output for today's (an evaluation scoring a student trained
-    from an earlier stage 1, whose own manifests still match each other)."""
+def stale_upstream(cfg: RunConfig, step: Step) -> list[str]:
+    """The steps upstream of `step` (its inputs, theirs, ...; not the evaluation before an evaluation, which only
+    orders them) that are not finished with today's settings, in DAG order; by manifests, without Ray."""
     by_name = {s.name: s for s in build_steps(cfg)}
-    upstream, todo = [], [d for d in step.deps if not d.startswith("eval-")]
+    upstream, todo = set(), [d for d in step.deps if not d.startswith("eval-")]
     while todo:
         d = todo.pop()
         if d not in upstream:
-            upstream.append(d)
+            upstream.add(d)
             todo += [e for e in by_name[d].deps if not e.startswith("eval-")]
-    stale = [d for d in by_name if d in upstream and by_name[d].finished(cfg) is None]  # in DAG order
-    if stale:
+    return [d for d in by_name if d in upstream and by_name[d].finished(cfg) is None]
+
+
+def check_only_inputs(cfg: RunConfig, step: Step, what: str | None = None) -> None:
+    """A step run alone (`--only STEP`, `padistill evaluate --stage K`) uses what its inputs' manifests name, so
+    every step upstream of it must be finished with today's settings; else it would take a stale output for
+    today's (an evaluation scoring a student trained from an earlier stage 1, whose own manifests still match
+    each other). Raises MissingInputError naming them."""
+    if stale := stale_upstream(cfg, step):
         raise MissingInputError(
-            f"--only {step.name}: {', '.join(stale)} {'is' if len(stale) == 1 else 'are'} not finished with these "
-            f"settings (not run yet, or run with other settings since); run without --only (or --until) to "
-            f"bring {'it' if len(stale) == 1 else 'them'} up to date first")
+            f"{what or f'--only {step.name}'}: {', '.join(stale)} {'is' if len(stale) == 1 else 'are'} not finished "
+            f"with these settings (not run yet, or run with other settings since); bring {'it' if len(stale) == 1 else 'them'} "
+            f"up to date first: `padistill distill` (with --until STAGE to stop there) runs what is missing")
 
 
 def _timed(step: Step, cfg: RunConfig) -> dict:

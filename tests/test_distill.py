@@ -72,7 +72,7 @@ def _run_logged(cmd: list[str], cwd: Path, name: str, timeout: float = 1200) -> 
     return text
 
 
-def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s3_endpoint, tmp_path, request):
+def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s3_endpoint, tmp_path, request, capsys):
     """The whole smoke DAG (three stages) with its run root on S3 (moto): `distill` SIGKILLed (its whole
     session) inside stage 1, once Ray Train has registered a checkpoint; `distill` again resumes that stage
     from exactly that checkpoint (every rank's ZeRO shard), skips the finished encode and trajectories, and
@@ -172,6 +172,12 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     with pytest.raises(MissingInputError, match=r"^--only eval-2: train-1 is not finished with these settings"):
         run_dag(load_config("smoke", [*sets, "stages.0.lr=2.0e-5"]), only="eval-2")
     assert storage.read_text("config.yaml") == written  # the refused run wrote nothing
+    from jobs.cli import main as padistill
+
+    changed = ["--config", "smoke", *[a for kv in [*sets, "stages.0.lr=2.0e-5"] for a in ("--set", kv)]]
+    assert padistill(["evaluate", *changed, "--stage", "2"]) == 2  # `padistill evaluate` asks the same
+    err = capsys.readouterr().err
+    assert "padistill evaluate --stage 2: train-1 is not finished with these settings" in err, err
     assert {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE - {"report"}} == \
         {m: stamps[m] for m in EXPECTED_SMOKE - {"report"}}
     # a benchmark reads a finished run's figures only under the settings it ran with: the same root under
