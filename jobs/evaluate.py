@@ -34,7 +34,7 @@ def run(args) -> int:
         keys = [cfg.stage(k)[0] for k in args.stage]
         for k in keys:
             if storage.exists(f"{cfg.stage_dir(k)}/model/model_index.json"):
-                check_only_inputs(cfg, steps[f"eval-{k}"], f"padistill evaluate --stage {k}")
+                check_only_inputs(cfg, steps[f"eval-{k}"], f"--stage {k}")
     else:  # every stage with a model, but not one trained under other settings than these
         keys = []
         for k in range(1, len(cfg.stages) + 1):

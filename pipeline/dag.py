@@ -155,8 +155,10 @@ def check_only_inputs(cfg: RunConfig, step: Step, what: str | None = None) -> No
     if stale := stale_upstream(cfg, step):
         raise MissingInputError(
             f"{what or f'--only {step.name}'}: {', '.join(stale)} {'is' if len(stale) == 1 else 'are'} not finished "
-            f"with these settings (not run yet, or run with other settings since); bring {'it' if len(stale) == 1 else 'them'} "
-            f"up to date first: `padistill distill` (with --until STAGE to stop there) runs what is missing")
+            f"with these settings (not run yet, or run with other settings since). If the run was made with other "
+            f"settings, pass them (`--config <run root>/config.yaml` holds its last); else bring "
+            f"{'it' if len(stale) == 1 else 'them'} up to date first: `padistill distill` (with --until STAGE to stop "
+            f"there) runs what is missing")
 
 
 def _timed(step: Step, cfg: RunConfig) -> dict:
@@ -208,7 +210,7 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
     family_module(cfg)  # a wrong path, family or stage setting for it fails here in one line, not in an actor
     storage = RunStorage.from_config(cfg)
     steps = select(build_steps(cfg), cfg, until, only)
-    if only is not None:
+    if only is not None and not cfg.ray.address:  # through a Ray client the driver may not see the data: not asked
         check_only_inputs(cfg, steps[0])
     storage.write_text("config.yaml", cfg.to_yaml())
     if not cfg.data.toy and any(s.name.startswith("eval-") for s in steps):

@@ -162,6 +162,20 @@ def eval_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict | None:
             "noise_version": NOISE_VERSION, "data": cfg.data.model_dump(mode="json"), "rows": ROWS_VERSION}
 
 
+def evaluation_key(inputs: dict) -> str:
+    """A hash of what an evaluation depends on but its seed (`eval_inputs` less `evaluate.seed`): the same
+    student, teacher, data and evaluation settings. Kept in each `eval/seeds/<seed>.json`, so that evaluations
+    at several seeds are paired only when they scored the same student the same way."""
+    return hash_json({**inputs, "evaluate": {k: v for k, v in inputs["evaluate"].items() if k != "seed"}})
+
+
+def keep_per_seed(storage: RunStorage, sd: str, metrics: dict, inputs: dict) -> None:
+    """`<sd>/eval/seeds/<seed>.json`: the metrics of this evaluation's seed, beside `metrics.json` (which an
+    evaluation at another seed replaces), with its `evaluation_key`."""
+    storage.write_json(f"{sd}/{EVAL_SEEDS_DIR}/{metrics['seed']}.json",
+                       {**metrics, "evaluation_key": evaluation_key(inputs)})
+
+
 def finished(cfg: RunConfig, key, storage: RunStorage | None = None) -> dict | None:
     """Stage `key`'s evaluation manifest when it finished with today's inputs; else None (no Ray)."""
     storage = storage or RunStorage.from_config(cfg)
@@ -187,6 +201,10 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
                                 f"run `padistill train-stage --stage {idx}` first")
     step = step_name(cfg, key)
     if not force and (manifest := storage.finished_manifest(step, inputs)) is not None:
+        seed_rel = f"{sd}/{EVAL_SEEDS_DIR}/{cfg.evaluate.seed}.json"
+        if not storage.exists(seed_rel):  # evaluated before the per-seed files were kept: kept now
+            keep_per_seed(storage, sd, {**storage.read_json(f"{sd}/eval/metrics.json"), "seed": cfg.evaluate.seed},
+                          inputs)
         log(f"padistill evaluate: stage {idx} is up to date")
         return manifest
     storage.invalidate(step)
@@ -284,9 +302,7 @@ def run_evaluate(cfg: RunConfig, key, *, force: bool = False, log=print) -> dict
         save_grid(rows, grid, [f"teacher {32}", f"teacher {N}", f"student {N}"])
         storage.write_bytes(f"{sd}/eval/grid.png", open(grid, "rb").read())
         storage.write_json(f"{sd}/eval/metrics.json", metrics)
-        # kept per evaluation seed too: an evaluation at another `evaluate.seed` replaces metrics.json, not these
-        # (benchmarks/eval_seeds.py pairs them across seeds and runs)
-        storage.write_json(f"{sd}/{EVAL_SEEDS_DIR}/{seed}.json", metrics)
+        keep_per_seed(storage, sd, metrics, inputs)  # benchmarks/eval_seeds.py pairs them across seeds and runs
         card = _model_card(cfg, key, metrics, family.of_folder(teacher_dir).PIPELINE,
                            absent_components(json.loads((teacher_dir / "model_index.json").read_text())))
         storage.write_text(f"{sd}/model/README.md", card)

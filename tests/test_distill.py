@@ -131,7 +131,8 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
         metrics = storage.read_json(f"{cfg.stage_dir(k)}/eval/metrics.json")
         assert metrics["student_steps"] == st.student_steps and metrics["speed"]["speedup"] > 1
         # kept per evaluation seed as well (an evaluation at another seed replaces metrics.json, not this)
-        assert storage.read_json(f"{cfg.stage_dir(k)}/eval/seeds/{cfg.evaluate.seed}.json") == metrics
+        kept = storage.read_json(f"{cfg.stage_dir(k)}/eval/seeds/{cfg.evaluate.seed}.json")
+        assert kept.pop("evaluation_key") and kept == metrics
         # the student the stage started from, scored at the same step count: what training had to improve on
         assert set(metrics["student_start"]) == set(metrics["student"])
         train_outputs = storage.read_manifest(f"train-{cfg.stage_dir(k).split('/', 1)[1]}")["outputs"]
@@ -177,7 +178,19 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     changed = ["--config", "smoke", *[a for kv in [*sets, "stages.0.lr=2.0e-5"] for a in ("--set", kv)]]
     assert padistill(["evaluate", *changed, "--stage", "2"]) == 2  # `padistill evaluate` asks the same
     err = capsys.readouterr().err
-    assert "padistill evaluate --stage 2: train-1 is not finished with these settings" in err, err
+    assert "padistill evaluate: --stage 2: train-1 is not finished with these settings" in err, err
+    assert padistill(["evaluate", *changed]) == 2  # every stage: each one's student is from the old stage 1
+    err = capsys.readouterr().err
+    assert all(f"stage {k} skipped: its student is not from these settings (train-1" in err for k in (1, 2, 3)), err
+    # stage 1's student re-exported since stage 2's trajectories were made from it (a file of it rewritten): every
+    # manifest downstream still matches its own inputs, but stage 2's trajectories are stale, so is what used them
+    sched = f"{cfg.stage_dir(1)}/model/scheduler/scheduler_config.json"
+    original = storage.read_bytes(sched)
+    storage.write_bytes(sched, original + b"\n")
+    with pytest.raises(MissingInputError, match=r"^--only eval-2: traj-2 is not finished with these settings"):
+        run_dag(cfg, only="eval-2")
+    storage.write_bytes(sched, original)
+    assert [r["ran"] for r in run_dag(cfg, only="eval-2", log=said.append)] == [False]
     assert {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE - {"report"}} == \
         {m: stamps[m] for m in EXPECTED_SMOKE - {"report"}}
     # a benchmark reads a finished run's figures only under the settings it ran with: the same root under

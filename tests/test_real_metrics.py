@@ -166,7 +166,8 @@ def test_non_toy_run_is_evaluated_with_fid_and_clip(ray_local, stand_ins, tmp_pa
     # non-toy run)
     from benchmarks.eval_seeds import main as eval_seeds
 
-    assert storage.read_json(f"{cfg.stage_dir(1)}/eval/seeds/{cfg.evaluate.seed}.json") == m
+    kept = storage.read_json(f"{cfg.stage_dir(1)}/eval/seeds/{cfg.evaluate.seed}.json")
+    assert kept.pop("evaluation_key") and kept == m
     eval_seeds(["run", "--stage", "1", "--tolerance", "0.5", "--out", "seeds"])
     (row,) = json.loads((tmp_path / "seeds.json").read_text())["rows"]
     assert row["seed"] == cfg.evaluate.seed and row["fd_key"] == "fid" and row["acc_key"] == "clip_score"
