@@ -29,17 +29,16 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     storage = RunStorage.from_config(cfg)
-    steps = {s.name: s for s in build_steps(cfg)}
     if args.stage:  # a named stage's student, when there is one, must come from these settings (else refused)
         keys = [cfg.stage(k)[0] for k in args.stage]
         for k in keys:
             if storage.exists(f"{cfg.stage_dir(k)}/model/model_index.json"):
-                check_only_inputs(cfg, steps[f"eval-{k}"], f"--stage {k}")
+                check_only_inputs(cfg, f"eval-{k}", f"--stage {k}")
     else:  # every stage with a model, but not one trained under other settings than these
         keys = []
         for k in range(1, len(cfg.stages) + 1):
             if storage.exists(f"{cfg.stage_dir(k)}/model/model_index.json"):
-                if stale := stale_upstream(cfg, steps[f"eval-{k}"]):
+                if stale := stale_upstream(cfg, f"eval-{k}"):
                     print(f"padistill evaluate: stage {k} skipped: its student is not from these settings "
                           f"({', '.join(stale)} not finished with them)", file=sys.stderr)
                 else:

@@ -134,27 +134,28 @@ def select(steps: list[Step], cfg: RunConfig, until: str | None = None, only: st
     return steps
 
 
-def stale_upstream(cfg: RunConfig, step: Step) -> list[str]:
-    """The steps upstream of `step` (its inputs, theirs, ...; not the evaluation before an evaluation, which only
-    orders them) that are not finished with today's settings, in DAG order; by manifests, without Ray."""
-    by_name = {s.name: s for s in build_steps(cfg)}
-    upstream, todo = set(), [d for d in step.deps if not d.startswith("eval-")]
+def stale_upstream(cfg: RunConfig, name: str) -> list[str]:
+    """The steps upstream of step `name` (its inputs, theirs, ...; not the evaluation before an evaluation, which
+    only orders them) that are not finished with today's settings, in DAG order; by manifests, without Ray."""
+    steps = build_steps(cfg)
+    by_name = {s.name: s for s in steps}
+    upstream, todo = set(), [d for d in by_name[name].deps if not d.startswith("eval-")]
     while todo:
         d = todo.pop()
         if d not in upstream:
             upstream.add(d)
             todo += [e for e in by_name[d].deps if not e.startswith("eval-")]
-    return [d for d in by_name if d in upstream and by_name[d].finished(cfg) is None]
+    return [n for n, m in finished_manifests(cfg, [s for s in steps if s.name in upstream]).items() if m is None]
 
 
-def check_only_inputs(cfg: RunConfig, step: Step, what: str | None = None) -> None:
+def check_only_inputs(cfg: RunConfig, name: str, what: str | None = None) -> None:
     """A step run alone (`--only STEP`, `padistill evaluate --stage K`) uses what its inputs' manifests name, so
     every step upstream of it must be finished with today's settings; else it would take a stale output for
     today's (an evaluation scoring a student trained from an earlier stage 1, whose own manifests still match
     each other). Raises MissingInputError naming them."""
-    if stale := stale_upstream(cfg, step):
+    if stale := stale_upstream(cfg, name):
         raise MissingInputError(
-            f"{what or f'--only {step.name}'}: {', '.join(stale)} {'is' if len(stale) == 1 else 'are'} not finished "
+            f"{what or f'--only {name}'}: {', '.join(stale)} {'is' if len(stale) == 1 else 'are'} not finished "
             f"with these settings (not run yet, or run with other settings since). If the run was made with other "
             f"settings, pass them (`--config <run root>/config.yaml` holds its last); else bring "
             f"{'it' if len(stale) == 1 else 'them'} up to date first: `padistill distill` (with --until STAGE to stop "
@@ -211,7 +212,7 @@ def run_dag(cfg: RunConfig, until: str | None = None, only: str | None = None, l
     storage = RunStorage.from_config(cfg)
     steps = select(build_steps(cfg), cfg, until, only)
     if only is not None and not cfg.ray.address:  # through a Ray client the driver may not see the data: not asked
-        check_only_inputs(cfg, steps[0])
+        check_only_inputs(cfg, only)
     storage.write_text("config.yaml", cfg.to_yaml())
     if not cfg.data.toy and any(s.name.startswith("eval-") for s in steps):
         from . import real_metrics

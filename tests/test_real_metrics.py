@@ -168,8 +168,12 @@ def test_non_toy_run_is_evaluated_with_fid_and_clip(ray_local, stand_ins, tmp_pa
 
     kept = storage.read_json(f"{cfg.stage_dir(1)}/eval/seeds/{cfg.evaluate.seed}.json")
     assert kept.pop("evaluation_key") and kept == m
+    # a seed file left by an earlier student of the stage (another evaluation key) is not paired, and is named
+    storage.write_json(f"{cfg.stage_dir(1)}/eval/seeds/7.json", {**m, "seed": 7, "evaluation_key": "earlier"})
     eval_seeds(["run", "--stage", "1", "--tolerance", "0.5", "--out", "seeds"])
-    (row,) = json.loads((tmp_path / "seeds.json").read_text())["rows"]
+    paired = json.loads((tmp_path / "seeds.json").read_text())
+    assert paired["left_out"] == ["run: seed 7"]
+    (row,) = paired["rows"]
     assert row["seed"] == cfg.evaluate.seed and row["fd_key"] == "fid" and row["acc_key"] == "clip_score"
     assert row["fd_margin"] == m["student"]["fid"] - m["teacher_same_steps"]["fid"]
     assert row["acc_margin"] == m["student"]["clip_score"] - (m["teacher_same_steps"]["clip_score"] - 0.5)
