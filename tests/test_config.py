@@ -175,7 +175,7 @@ def test_toy_comparison_arms_are_budget_matched():
 
 def test_the_fashion_demo_and_its_mse_baseline_are_a_fair_pair():
     """`make demo`'s config (toy_fashion) and its MSE-only baseline differ in the loss only: the same chain,
-    the same student updates per stage (the first, shared MSE stage 240, then 60; the 1-step stage after the
+    the same student updates per stage (the first, shared MSE stage 960, then 60; the 1-step stage after the
     same 40-step x0 conversion), and the
     same data, precompute, training and evaluation settings."""
     import sys
@@ -186,7 +186,7 @@ def test_the_fashion_demo_and_its_mse_baseline_are_a_fair_pair():
 
     adv, mse = load_config("toy_fashion"), load_config("toy_fashion_mse")
     check_fair(adv, mse)
-    assert [student_updates(st) for st in adv.stages] == [240, 60, 60, 100]
+    assert [student_updates(st) for st in adv.stages] == [960, 60, 60, 100]
     assert shared_stages(adv, mse) == 1
     for section in ("model", "data", "trajectories", "train", "evaluate"):
         assert getattr(adv, section) == getattr(mse, section), section

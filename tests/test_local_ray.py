@@ -203,7 +203,7 @@ def test_a_stage_prints_a_handful_of_progress_lines_and_logs_every_step_it_recor
 
     cfg = load_config("toy_fashion")
     totals = [plan_phases(st)[-1].end for st in cfg.stages]
-    assert totals == [240, 160, 160, 200]
+    assert totals == [960, 160, 160, 200]
     assert [lines(t, cfg.train.log_every) for t in totals] == [6, 6, 6, 5]
     assert lines(40, 1) == 6 and lines(3, 1) == 3 and lines(10_000, 10) == 6 and lines(7, 10) == 1
     assert max(console_steps(240, 10, end=100)) == 100  # a run cut short (max_steps) still prints its last step
