@@ -75,9 +75,12 @@ BENCHMARKS = {
     # the same configs with stages too long for the demo's 20 minutes and the discriminator's lr that
     # keeps it confident (benchmarks/results/discriminator_fashion_confidence*.md): each adversarial stage
     # 200 D-only warm-up updates + 160 conditional + 80 unconditional student updates, MSE-only 240; 10x the
-    # MSE in every adversarial stage, as when its report was made (toy_fashion ships 0 at 4 and 2 steps since)
+    # MSE in every adversarial stage, and the first stage from the 32-step teacher at guidance 2 for 240 updates,
+    # as when its report was made (toy_fashion ships 0 at 4 and 2 steps, and the first stage at guidance 3, since)
     "fashion_long": {"arms": {"adversarial": "toy_fashion", "mse": "toy_fashion_mse"},
-                     "set": ["evaluate.samples_per_prompt=50"], "root": "runs/bench_fashion_long",
+                     "set": ["evaluate.samples_per_prompt=50", "model.teacher_steps=32", "stages.0.teacher_steps=32",
+                             "stages.0.guidance_scale=2.0", "stages.0.mse_steps=240"],
+                     "root": "runs/bench_fashion_long",
                      "out": "distill_fashion_long_comparison", "data": "fashion",
                      "arm_set": {"adversarial": [*(f"stages.{k}.{key}={v}" for k in (1, 2, 3) for key, v in (
                          ("disc_warmup_steps", 200), ("conditional_steps", 160), ("unconditional_steps", 80),

@@ -1,4 +1,4 @@
-"""The first stage's learning rate, swept: the guided 32 -> 8 MSE stage of a toy config trained for the
+"""The first stage's learning rate, swept: the guided first (MSE) stage of a toy config trained for the
 same student updates at each lr (one training seed), its 8-step student evaluated as the DAG evaluates
 it (500 samples on the benchmark). The stage is trained to follow its guided teacher, so the sweep
 ranks the lrs by FD to the 32-step teacher's samples and shows the FD to the real photos beside it.
@@ -8,6 +8,9 @@ evaluation) in its own run root, `<root>/<updates>-lr<lr>`: rerunning reuses fin
 can be widened one lr at a time.
 
     .venv/bin/python benchmarks/stage1_lr.py --lrs 1e-4,3e-5,1e-5 --updates 240   # ~10 min an lr
+
+(benchmarks/results/stage1_lr_toy_fashion.md was made from toy_fashion's first stage of 2026-12-04, the 32-step
+teacher at guidance 2; today's toy_fashion sweeps its 16-step teacher at guidance 3.)
 
 Writes benchmarks/results/stage1_lr_<config>.{json,md}.
 """
@@ -57,7 +60,7 @@ def markdown(result: dict) -> str:
     best = min(rows, key=lambda r: r["student"]["fd_to_reference"])
     head = "| lr | " + " | ".join(COLUMNS.values()) + " |"
     lines = [f"# The first stage's learning rate ({result['config']}, {result['updates']} updates, seed 0)\n",
-             f"The guided 32 -> 8 MSE stage at each lr, the same updates; {result['samples']} samples a model. "
+             f"The guided first MSE stage at each lr, the same updates; {result['samples']} samples a model. "
              "FD to teacher-32: to the guided 32-step teacher's samples (what the stage is trained to follow; "
              "ranks the lrs; its noise between evaluation seeds is not measured); FD: to the real photos, "
              "whose noise between evaluation seeds is 0.8 on Fashion-MNIST: a smaller FD difference is not one. "

@@ -3,8 +3,11 @@ sampling: for each student step named, the teacher walks the step the way the st
 own grid points inside the step, with guidance), the student takes the others; every variant starts from the
 evaluation's fixed noise and is scored with the toy metrics, beside the student alone and the teacher alone.
 
-    python benchmarks/takeover.py runs/toy_fashion/stages/1-8step/model --teacher-steps 32 --guidance 2 \\
-        --takeovers 1 1-2 1-4 5-8 3-8 7-8 --out benchmarks/results/takeover_fashion_stage1
+    python benchmarks/takeover.py runs/toy_fashion/stages/1-8step/model --teacher-steps 16 --guidance 3 \\
+        --takeovers 1 1-2 1-4 5-8 3-8 7-8 --out F
+
+(toy_fashion's first stage since 2026-12-06; benchmarks/results/takeover_fashion_stage1.md was made on the
+earlier one: `--teacher-steps 32 --guidance 2`.)
 
 A step range is 1-based and inclusive over the student's steps ("5-8": its last four of eight). If the
 teacher's first steps restore the teacher's prompt accuracy, the student loses it where the class is decided;
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("student", help="an exported student folder (a stage's model/)")
     p.add_argument("--teacher", default=None, help="the teacher's source (default: the student's padistill.json)")
-    p.add_argument("--teacher-steps", type=int, required=True, help="the stage's teacher_steps (32 for a first stage)")
+    p.add_argument("--teacher-steps", type=int, required=True, help="the stage's teacher_steps (a first stage's: its stages[0].teacher_steps, 16 in toy_fashion)")
     p.add_argument("--guidance", type=float, default=0.0, help="the stage's teacher guidance (its guidance_scale)")
     p.add_argument("--takeovers", nargs="+", default=None,
                    help="student steps the teacher takes, each a step or a 1-based inclusive range (default: the "

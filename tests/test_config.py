@@ -236,6 +236,8 @@ def test_every_benchmark_is_fair_and_its_ablations_load(name):
     check_fair(adv, mse)
     if name == "fashion_long":
         assert [student_updates(st) for st in adv.stages] == [240, 240, 240, 280]
+        # its report's first stage (the 32-step teacher at guidance 2), not the demo's since 2026-12-06
+        assert (adv.model.teacher_steps, adv.stages[0].teacher_steps, adv.stages[0].guidance_scale) == (32, 32, 2.0)
         assert {st.disc_lr for st in adv.stages if st.loss == "adversarial"} == {1e-4}
         assert {st.disc_warmup_steps for st in adv.stages if st.loss == "adversarial"} == {200}
     for abl, overrides in ablations(bench["arms"]["adversarial"], sets["adversarial"]).items():
