@@ -103,8 +103,8 @@ bench-fashion-ablation-%: install
 bench-fashion-report: install
 	$(BIN)/python benchmarks/distill.py --benchmark fashion --part report
 
-# the discriminator probe on the sharp benchmark with the shipped config (about 16 min since the 960-update first stage): stage 1 and the 8->4
-# stage's trajectories (reused when finished), then D alone per arm, three probe seeds
+# the discriminator probe on the sharp benchmark with the shipped config (about 16 min with the 960-update first
+# stage): stage 1 and the 8->4 stage's trajectories (reused when finished), then D alone per arm, three probe seeds
 PROBE_ROOT := runs/probe/toy_fashion-s0
 bench-fashion-probe: install
 	$(BIN)/padistill distill --config toy_fashion --set run_root=$(PROBE_ROOT) --until 1
