@@ -149,6 +149,10 @@ class TrainConfig(_Strict):
         "gradient checkpointing): ~10x less activation memory for about one more forward; SDXL at "
         "micro-batch 8 needs it on 80 GiB GPUs (docs/capacity.md)"))
     checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0, description=(
+        "checkpoints a stage keeps, the latest ones (Ray Train deletes older ones from the run root as new ones "
+        "register); resuming reads the latest only. Each holds the student's and D's weights and ZeRO optimizer "
+        "states. Not an input of the stage: changing it retrains nothing"))
     max_failures: int = Field(2, ge=0)
     log_every: int = Field(10, gt=0)
     held_rows: int = Field(256, ge=0, description="trajectory rows (whole source ids) held out of training to "

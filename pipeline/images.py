@@ -24,17 +24,26 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return to_uint8_nchw(images).permute(0, 2, 3, 1).numpy()
 
 
-def save_grid(rows: list[torch.Tensor], path, row_labels: Optional[list[str]] = None, scale: int = 3,
-              col_labels: Optional[list[str]] = None) -> None:
-    """A PNG grid: each entry of `rows` is [C, 3, H, W] (e.g. digits 0-9), upscaled `scale`x; columns
-    titled by `col_labels` (default their index)."""
+LABEL_WIDTH = 16  # characters per line of a row's name in `save_grid`
+
+
+def grid_figure(rows: list[torch.Tensor], row_labels: Optional[list[str]] = None,
+                col_labels: Optional[list[str]] = None):
+    """The matplotlib figure of `save_grid` and its axes ([row][column]): each entry of `rows` is
+    [C, 3, H, W] (e.g. digits 0-9); columns titled by `col_labels` (default their index); rows named by
+    `row_labels`, written level and wrapped at `LABEL_WIDTH` characters to the left of the row (a rotated
+    name longer than its row ran into the next)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     nr, nc = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(nr, nc, figsize=(nc * 0.9 + (0.9 if row_labels else 0), nr * 0.95), squeeze=False)
+    names = [textwrap.fill(x, LABEL_WIDTH) for x in row_labels] if row_labels else None
+    label_in = 0.2 + 0.075 * max(len(line) for x in names for line in x.splitlines()) if names else 0.0
+    fig, axes = plt.subplots(nr, nc, figsize=(nc * 0.9 + label_in, nr * 0.95), squeeze=False)
     for i, r in enumerate(rows):
         imgs = to_uint8(r)
         for j in range(nc):
@@ -45,9 +54,18 @@ def save_grid(rows: list[torch.Tensor], path, row_labels: Optional[list[str]] = 
                 ax.imshow(imgs[j], interpolation="nearest")
             if i == 0:
                 ax.set_title(col_labels[j] if col_labels else str(j), fontsize=9)
-            if j == 0 and row_labels:
-                ax.set_ylabel(row_labels[i], fontsize=9)
+            if j == 0 and names:
+                ax.set_ylabel(names[i], fontsize=9, rotation=0, ha="right", va="center")
     fig.tight_layout(pad=0.2)
+    return fig, axes
+
+
+def save_grid(rows: list[torch.Tensor], path, row_labels: Optional[list[str]] = None, scale: int = 3,
+              col_labels: Optional[list[str]] = None) -> None:
+    """A PNG grid of `rows` (`grid_figure`), upscaled `scale`x."""
+    import matplotlib.pyplot as plt
+
+    fig, _ = grid_figure(rows, row_labels, col_labels)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=40 * scale)
     plt.close(fig)

@@ -82,7 +82,7 @@ def make_trainer(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps
         run_config=RayRunConfig(name=RUN_NAME, storage_path=storage.path(cfg.stage_dir(key)),
                                 storage_filesystem=storage.arrow_fs,
                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                                checkpoint_config=CheckpointConfig(num_to_keep=None),
+                                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
                                 logging_config=cluster.train_logging_config()),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -160,7 +160,8 @@ def train_inputs(cfg: RunConfig, key, storage: RunStorage) -> dict:
     # them stays finished
     later = {k for k, default in LATER_STAGE_KEYS.items() if getattr(stage, k) == default}
     out = {"stage": stage.model_dump(mode="json", exclude=later or None),
-           "train": cfg.train.model_dump(mode="json"),
+           # how many checkpoints stay on disk changes nothing trained (and a run root from before the key stays finished)
+           "train": cfg.train.model_dump(mode="json", exclude={"keep_checkpoints"}),
            # model.family is fixed by the source (and checked against it), model.base only sizes `padistill
            # plan`: a run root trained before the keys existed, or with them set, stays finished
            "model": cfg.model.model_dump(mode="json", exclude={"family", "base"}),

@@ -109,6 +109,12 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     assert trained["steps"] == 12 and trained["final_metrics"]["resumed_from"] == killed_at
     assert not (tmp_path / "runs").exists()  # nothing on a local disk: the run root is S3 only
     assert storage.read_manifest("trajectories-1-8step")["outputs"]["rows"] == 64
+    # each stage keeps its latest `train.keep_checkpoints` (2) checkpoints: the killed run's first one, and those
+    # beyond two in the later stages, deleted on S3 as newer ones registered (all of them stayed until 2026-12-06)
+    kept = {k: sorted(n for n in storage.ls(cfg.stage_dir(k), "train") if n.startswith("checkpoint_0"))
+            for k in range(1, len(cfg.stages) + 1)}
+    assert kept[1] == ["checkpoint_0000008", "checkpoint_0000012"], kept
+    assert all(len(v) == cfg.train.keep_checkpoints for v in kept.values()), kept
     traj = storage.read_table("stages/1-8step/traj", columns=["id", "draw"])
     keys = list(zip(traj.column("id").to_pylist(), traj.column("draw").to_pylist()))
     stamps = {m: storage.read_manifest(m)["finished_at"] for m in EXPECTED_SMOKE}
@@ -161,6 +167,9 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     assert run_train_stage(cfg, 1, log=said.append) == storage.read_manifest("train-1-8step")
     assert run_evaluate(cfg, 3, log=said.append) == storage.read_manifest("eval-3-1step")
     assert said == ["padistill train-stage: train-1-8step is up to date", "padistill evaluate: stage 3 is up to date"]
+    from pipeline.train import finished as trained  # how many checkpoints stay is not an input of the stage
+
+    assert trained(load_config("smoke", [*sets, "train.keep_checkpoints=5"]), 1, storage) is not None
     # `--only STEP` runs on finished inputs: here it skips, as the step is finished; under a stage 1 changed since,
     # evaluating stage 2 alone would score a student from the old chain, and is refused before anything runs
     from pipeline.dag import run_dag
