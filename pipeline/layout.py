@@ -11,6 +11,7 @@ TEACHER_DIR = "eval/teacher"  # the base teacher's evaluation samples, shared by
 REAL_DIR = "eval/real"  # a non-toy run's real images' FID features, shared by every stage
 RUN_NAME = "train"  # Ray Train's run name: a stage's training folder, <root>/<stage_dir>/train/
 CKPT_PREFIX = "checkpoint_"  # its checkpoint folders, checkpoint_<step:07d>
+CKPT_RANK = "checkpoint_rank"  # the metric Ray Train keeps checkpoints by (`phases.checkpoint_rank`)
 HISTORY_JSON = "history.json"  # beside them: the stage's metrics every log_every steps,
 CURVES_PNG = "loss_curves.png"  # their plot,
 TB_DIR = "tensorboard"  # and its TensorBoard events

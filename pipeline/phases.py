@@ -143,10 +143,23 @@ def disc_mode_at(phase: Phase) -> str | None:
     return phase.name if phase.adversarial else None
 
 
+def lora_export_step(stage: StageConfig) -> int | None:
+    """The step that ends a LoRA phase the full UNet continues from (its checkpoint holds the LoRA itself,
+    exportable as one: the paper's LoRA variant), or None."""
+    total = plan_phases(stage)[-1].end
+    return stage.lora.steps if stage.lora is not None and 0 < stage.lora.steps < total else None
+
+
+def checkpoint_rank(stage: StageConfig, step: int) -> float:
+    """How Ray Train ranks a stage's checkpoint for keeping (`train.keep_checkpoints`; higher is kept): the later
+    the better, and the LoRA phase's last above all, so the LoRA outlives the checkpoints after it."""
+    return step + (1e12 if step == lora_export_step(stage) else 0)
+
+
 def checkpoint_steps(stage: StageConfig, every: int) -> set[int]:
     """Steps (counted as completed steps) after which a checkpoint is taken: every `every`, at each
     phase end and at the end of the LoRA phase (before the merge, so the LoRA itself is exportable)."""
     phases = plan_phases(stage)
     total = phases[-1].end
-    lora_end = {stage.lora.steps} if stage.lora is not None and 0 < stage.lora.steps < total else set()
+    lora_end = set() if (s := lora_export_step(stage)) is None else {s}
     return {s for s in range(every, total + 1, every)} | {p.end for p in phases} | lora_end

@@ -21,8 +21,8 @@ import time
 from . import cluster
 from .config import ConfigError, RunConfig
 from .export import export_stage
-from .layout import CURVES_PNG, HISTORY_JSON, RUN_NAME, TB_DIR, manifest_step
-from .phases import plan_phases
+from .layout import CKPT_RANK, CURVES_PNG, HISTORY_JSON, RUN_NAME, TB_DIR, manifest_step
+from .phases import lora_export_step, plan_phases
 from .storage import RunStorage, hash_json
 from .train_data import stage_datasets
 from .train_worker import WorkerArgs, train_loop_per_worker
@@ -82,7 +82,10 @@ def make_trainer(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps
         run_config=RayRunConfig(name=RUN_NAME, storage_path=storage.path(cfg.stage_dir(key)),
                                 storage_filesystem=storage.arrow_fs,
                                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                                # the latest `keep_checkpoints`, and a LoRA-then-full stage's LoRA (`checkpoint_rank`)
+                                checkpoint_config=CheckpointConfig(
+                                    num_to_keep=cfg.train.keep_checkpoints + (lora_export_step(stage) is not None),
+                                    checkpoint_score_attribute=CKPT_RANK, checkpoint_score_order="max"),
                                 logging_config=cluster.train_logging_config()),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -108,6 +111,7 @@ def train_stage(cfg: RunConfig, key, *, held_rows: int | None = None, max_steps:
     if result.error:
         raise result.error
     metrics = dict(result.metrics or {})
+    metrics.pop(CKPT_RANK, None)  # Ray Train's bookkeeping, not a result
     ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
     summary = {"stage": idx, "name": stage.name, "metrics": metrics, "checkpoint": ckpt_path, "wall_s": wall,
                "train_dir": storage.url(cfg.stage_dir(key), RUN_NAME)}

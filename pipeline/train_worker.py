@@ -26,8 +26,8 @@ from . import cluster
 from . import student as student_mod
 from .config import from_dict
 from .engines import DeepSpeedEngines, all_reduce, clear_stale_extension_locks
-from .layout import CKPT_PREFIX, CURVES_PNG, HISTORY_JSON, RUN_NAME, TB_DIR
-from .phases import checkpoint_steps, phase_at
+from .layout import CKPT_PREFIX, CKPT_RANK, CURVES_PNG, HISTORY_JSON, RUN_NAME, TB_DIR
+from .phases import checkpoint_rank, checkpoint_steps, phase_at
 from .stage_loop import StageLoop
 from .storage import RunStorage
 from .train_data import micro_batches
@@ -314,8 +314,8 @@ class StageWorker:
                 json.dump(state, f, indent=1)
             self.write_history()
         del sd
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"{CKPT_PREFIX}{self.step:07d}")
+        ray.train.report({**metrics, CKPT_RANK: checkpoint_rank(stage, self.step)},
+                         checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=f"{CKPT_PREFIX}{self.step:07d}")
         shutil.rmtree(tmp, ignore_errors=True)
 
     def write_history(self) -> None:

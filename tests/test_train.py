@@ -61,7 +61,7 @@ def mse_lora_run(ray_local, tiny_pipeline, tiny_source, tmp_path_factory):
     root = tmp_path_factory.mktemp("mse_lora")
     data = smoke_cfg(root, model={"source": tiny_source},
                      stage_1={"mse_steps": 60, "lora": {"rank": 8, "steps": 8}, "full_steps": 52, "lr": 2e-4},
-                     train={"zero_stage": 2, "micro_batch": 8, "checkpoint_every": 1000, "log_every": 4})
+                     train={"zero_stage": 2, "micro_batch": 8, "checkpoint_every": 20, "log_every": 4})
     cfg = from_dict(data)
     storage = RunStorage.from_config(cfg)
     write_trajectories(storage, cfg, 1, tiny_pipeline, n_ids=16, seed=1)
@@ -93,6 +93,9 @@ def test_lora_from_checkpoint_loads_on_teacher(mse_lora_run, tiny_source, tmp_pa
     from pipeline import student
 
     cfg, storage, _ = mse_lora_run
+    # checkpoints at 8 (the LoRA's end), 20, 40, 60: the latest `keep_checkpoints` (2) stay, and the LoRA's own
+    kept = sorted(n for n in storage.ls(cfg.stage_dir(1), "train") if n.startswith("checkpoint_0"))
+    assert kept == ["checkpoint_0000008", "checkpoint_0000040", "checkpoint_0000060"], kept
     ckpt = storage.path(cfg.stage_dir(1), "train", "checkpoint_0000008")
     assert student.read_state(ckpt)["student_mode"] == "lora"
     out = student.export_checkpoint(ckpt, tiny_source, tmp_path / "exported")
@@ -117,6 +120,7 @@ def x0_adv_run(ray_local, tiny_pipeline, tiny_source, tmp_path_factory):
                      stage_3={"conversion_steps": X0_CONVERSION_STEPS, "conditional_steps": 6,
                               "unconditional_steps": 6, "conversion_lr": 1e-3, "lr": 1e-5, "disc_lr": 1e-3},
                      train={"zero_stage": 3, "micro_batch": 8, "checkpoint_every": 1000, "log_every": 4,
+                            "keep_checkpoints": 3,  # the x0 test reads the conversion's end (step 8 of 20)
                             "held_every": 4,  # the game on the held rows, as the benchmarks read it
                             "gradient_checkpointing": True})  # as SDXL at micro-batch 8 needs, under ZeRO-3
     cfg = from_dict(data)
