@@ -151,8 +151,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0, description=(
         "checkpoints a stage keeps, the latest ones (Ray Train deletes older ones from the run root as new ones "
-        "register); resuming reads the latest only. Each holds the student's and D's weights and ZeRO optimizer "
-        "states. Not an input of the stage: changing it retrains nothing"))
+        "register), and a LoRA-then-full stage also its LoRA phase's last; resuming reads the latest only. Each "
+        "holds the student's and D's weights and ZeRO optimizer states. Not an input of the stage: changing it "
+        "retrains nothing"))
     max_failures: int = Field(2, ge=0)
     log_every: int = Field(10, gt=0)
     held_rows: int = Field(256, ge=0, description="trajectory rows (whole source ids) held out of training to "
