@@ -41,8 +41,9 @@ def grid_figure(rows: list[torch.Tensor], row_labels: Optional[list[str]] = None
     import matplotlib.pyplot as plt
 
     nr, nc = len(rows), max(len(r) for r in rows)
-    names = [textwrap.fill(x, LABEL_WIDTH) for x in row_labels] if row_labels else None
-    label_in = 0.2 + 0.075 * max(len(line) for x in names for line in x.splitlines()) if names else 0.0
+    names = ["\n".join(textwrap.fill(line, LABEL_WIDTH) for line in x.splitlines()) for x in row_labels] \
+        if row_labels else None  # each of a name's own lines wrapped on its own
+    label_in = 0.2 + 0.075 * max((len(line) for x in names for line in x.splitlines()), default=0) if names else 0.0
     fig, axes = plt.subplots(nr, nc, figsize=(nc * 0.9 + label_in, nr * 0.95), squeeze=False)
     for i, r in enumerate(rows):
         imgs = to_uint8(r)
@@ -63,9 +64,8 @@ def grid_figure(rows: list[torch.Tensor], row_labels: Optional[list[str]] = None
 def save_grid(rows: list[torch.Tensor], path, row_labels: Optional[list[str]] = None, scale: int = 3,
               col_labels: Optional[list[str]] = None) -> None:
     """A PNG grid of `rows` (`grid_figure`), upscaled `scale`x."""
-    import matplotlib.pyplot as plt
-
     fig, _ = grid_figure(rows, row_labels, col_labels)
+    import matplotlib.pyplot as plt  # after grid_figure chose the Agg backend
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=40 * scale)
     plt.close(fig)

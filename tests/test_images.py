@@ -18,3 +18,14 @@ def test_long_row_names_stay_inside_their_rows():
         assert label.y0 >= row.y0 - 1 and label.y1 <= row.y1 + 1, f"{name!r} runs out of its row"
         assert label.x0 >= 0, f"{name!r} is cut off at the left edge"
         assert label.x1 <= row.x0, f"{name!r} overlaps its row's first image"
+
+
+def test_empty_and_multi_line_row_names_are_drawn(tmp_path):
+    from pipeline.images import save_grid
+
+    rows = [torch.zeros(2, 3, 8, 8) for _ in range(3)]
+    save_grid(rows, tmp_path / "blank.png", ["", "", ""])  # no names to draw: no margin, no error
+    fig, axes = grid_figure(rows, ["", "teacher\n32 steps", "a very long name with many words in it"])
+    assert axes[1][0].yaxis.label.get_text() == "teacher\n32 steps"  # its own line break kept
+    assert all(len(line) <= 16 for line in axes[2][0].yaxis.label.get_text().splitlines())
+    assert (tmp_path / "blank.png").stat().st_size > 0
