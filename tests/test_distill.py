@@ -208,6 +208,16 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
 
     assert [e["student_steps"] for e in finished("smoke", root, sets[1:])["evals"]] == [8, 4, 1]
     assert finished("smoke", root, [*sets[1:], "stages.1.mse_weight=1.0"]) is None
+    from benchmarks.seed_table import main as seed_table  # a variant experiment's table reads runs the same way
+
+    table = ["--seeds", "0", "--base", *sets[1:], "--steps", "1", "--out", str(tmp_path / "arms"), "--arm", "smoke",
+             "smoke", root]
+    assert seed_table(table) == 0
+    rows = [r for r in (tmp_path / "arms.md").read_text().splitlines() if r.startswith("| ")]
+    assert [r.split(" | ")[:2] for r in rows[2:]] == [["| teacher (CFG)", "32"], ["| teacher (CFG)", "1"],
+                                                        ["| smoke: start of stage", "1"], ["| **smoke**", "1"]], rows
+    with pytest.raises(SystemExit, match=f"not finished with these settings.*\n  changed: {root}$"):
+        seed_table([*table[:-3], "changed", "smoke", root, "stages.1.mse_weight=1.0"])
     n = _no_credentials_in(storage, [tmp_path / f"{w}.log" for w in ("first", "second", "third")], "",
                            since=started)
     record(request, "`distill` killed mid-stage (SIGKILL), run root on S3",
