@@ -47,7 +47,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output path without extension")
     p.add_argument("--labels", default=None, help="comma-separated short names of the runs (default: their "
                    "config names), for the PNG's rows and the table")
+    p.add_argument("--steps", default="", help="student step counts to show, comma-separated (default: every "
+                   "evaluated stage's)")
     args = p.parse_args(argv)
+    keep = {int(x) for x in args.steps.split(",") if x.strip()}
 
     import numpy as np
     import torch
@@ -60,6 +63,11 @@ def main(argv=None) -> int:
     from pipeline.zoo import resolve_source
 
     runs = [load_run(Path(r)) for r in args.runs]
+    if keep:
+        for r in runs:
+            r["stages"] = {n: st for n, st in r["stages"].items() if n in keep}
+        if not any(r["stages"] for r in runs):
+            p.error(f"--steps {args.steps}: no run has a stage evaluated at these step counts")
     if args.labels is not None:
         labels = [x.strip() for x in args.labels.split(",")]
         if len(labels) != len(runs):
@@ -86,7 +94,7 @@ def main(argv=None) -> int:
     if (t := teacher(32)) is not None:
         rows.append(t)
         labels.append("teacher 32")
-    any_stage = next(iter(runs[0]["stages"].values()))["metrics"]
+    any_stage = next(iter(next(r for r in runs if r["stages"])["stages"].values()))["metrics"]
     table.append({"model": "teacher", "steps": 32, **{k: any_stage["teacher_32"][k] for k in keys}})
     for n in sorted({n for r in runs for n in r["stages"]}, reverse=True):
         t = teacher(n)
