@@ -41,6 +41,11 @@ def load_run(root: Path) -> dict:
     return {"name": cfg.name, "cfg": cfg, "storage": storage, "stages": stages}
 
 
+def steps_label(name: str, steps: int) -> str:
+    """A grid row's name: who drew it, then at how many steps on a line of its own ("teacher\n32 steps")."""
+    return f"{name}\n{steps} step{'s' if steps > 1 else ''}"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="finished run roots (local folders)")
@@ -93,21 +98,21 @@ def main(argv=None) -> int:
     rows, labels, table = [], [], []
     if (t := teacher(32)) is not None:
         rows.append(t)
-        labels.append("teacher 32")
+        labels.append(steps_label("teacher", 32))
     any_stage = next(iter(next(r for r in runs if r["stages"])["stages"].values()))["metrics"]
     table.append({"model": "teacher", "steps": 32, **{k: any_stage["teacher_32"][k] for k in keys}})
     for n in sorted({n for r in runs for n in r["stages"]}, reverse=True):
         t = teacher(n)
         if t is not None:
             rows.append(t)
-            labels.append(f"teacher {n}")
+            labels.append(steps_label("teacher", n))
         first = next(r for r in runs if n in r["stages"])["stages"][n]["metrics"]
         table.append({"model": "teacher", "steps": n, **{k: first["teacher_same_steps"][k] for k in keys}})
         for r in runs:
             if n in r["stages"]:
                 st = r["stages"][n]
                 rows.append(torch.from_numpy(st["images"][shown]))
-                labels.append(f"{r['name']} {n}")
+                labels.append(steps_label(r["name"], n))
                 table.append({"model": r["name"], "steps": n, **{k: st["metrics"]["student"][k] for k in keys}})
     save_grid(rows, f"{args.out}.png", labels, col_labels=list(DATASETS[base.data.kind].names))
     n_samples = 10 * K

@@ -6,8 +6,11 @@ from pipeline.images import grid_figure
 
 
 def test_long_row_names_stay_inside_their_rows():
-    # compare_runs labels a row "<run label> <steps>": a rotated long name ran over the rows above and below
-    names = ["teacher 32", "adversarial lr 1e-5 (shipped) 1", "MSE-only lr 3e-5 1", "student 8"]
+    # compare_runs labels a row "<run label>\n<steps> steps": a rotated long name ran over the rows above and below
+    from benchmarks.compare_runs import steps_label
+
+    names = [steps_label("teacher", 32), steps_label("adversarial lr 1e-5 (shipped)", 1), "MSE-only lr 3e-5 1",
+             "student 8"]
     rows = [torch.rand(10, 3, 32, 32) * 2 - 1 for _ in names]
     fig, axes = grid_figure(rows, names, col_labels=[str(i) for i in range(10)])
     fig.canvas.draw()
