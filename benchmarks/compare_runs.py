@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default="", help="student step counts to show, comma-separated (default: every "
                    "evaluated stage's)")
     args = p.parse_args(argv)
+    if not all(x.strip().isdigit() for x in args.steps.split(",") if args.steps):
+        p.error(f"--steps {args.steps}: comma-separated step counts, e.g. 1 or 2,1")
     keep = {int(x) for x in args.steps.split(",") if x.strip()}
 
     import numpy as np
@@ -68,17 +70,21 @@ def main(argv=None) -> int:
     from pipeline.zoo import resolve_source
 
     runs = [load_run(Path(r)) for r in args.runs]
-    if keep:
-        for r in runs:
-            r["stages"] = {n: st for n, st in r["stages"].items() if n in keep}
-        if not any(r["stages"] for r in runs):
-            p.error(f"--steps {args.steps}: no run has a stage evaluated at these step counts")
     if args.labels is not None:
         labels = [x.strip() for x in args.labels.split(",")]
         if len(labels) != len(runs):
             p.error(f"--labels: {len(labels)} names for {len(runs)} runs")
         for r, name in zip(runs, labels):
             r["name"] = name
+    if keep:
+        for r in runs:
+            r["stages"] = {n: st for n, st in r["stages"].items() if n in keep}
+        if not any(r["stages"] for r in runs):
+            p.error(f"--steps {args.steps}: no run has a stage evaluated at these step counts")
+        for r in runs:
+            if set(r["stages"]) != keep:
+                lacking = sorted(keep - set(r["stages"]))
+                print(f"{r['name']}: no stage evaluated at {lacking} steps; its rows are left out", flush=True)
     base = runs[0]["cfg"]
     for r in runs[1:]:
         c = r["cfg"]

@@ -10,7 +10,7 @@ added for every run). A run is reported only when every step of it finished with
 benchmark's own `finished`, as `distill` judges its manifests), so a table cannot mix a changed config's figures
 in. The table is the sharp benchmark's `comparison_table` (the teacher's rows, each arm's start of stage and
 student at every step count); `--steps` keeps some step counts. Writes <out>.md (with this command line) and
-<out>.json (every run's metrics).
+<out>.json (every run's metrics at those step counts, and its stages' games: held MSE, D's accuracy).
 """
 
 from __future__ import annotations
@@ -36,11 +36,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an arm: its label, config, run root with {seed}, and the --set overrides it ran with")
     p.add_argument("--seeds", default="0,1,2", help="training seeds, comma-separated (default 0,1,2)")
     p.add_argument("--base", nargs="*", default=BENCH_SETS, metavar="SET",
-                   help=f"overrides every run had (default: the sharp benchmark's {' '.join(BENCH_SETS)})")
+                   help="overrides every run had, in place of the default (the sharp benchmark's "
+                   f"{' '.join(BENCH_SETS)}; name it again when adding to it)")
     p.add_argument("--steps", default="", help="student step counts to keep, comma-separated (default all)")
     p.add_argument("--title", default="", help="the Markdown file's heading (what the experiment asks)")
+    p.add_argument("--note", default="", help="a paragraph under the heading (how the runs were made)")
     p.add_argument("--out", required=True, help="output path without extension")
     a = p.parse_args(argv)
+    for name, value in (("--seeds", a.seeds), ("--steps", a.steps)):
+        if not all(x.strip().isdigit() for x in value.split(",") if value):
+            p.error(f"{name} {value}: comma-separated whole numbers, e.g. 0,1,2")
+    labels = [arm[0] for arm in a.arm]
+    if len(set(labels)) != len(labels):
+        p.error(f"--arm: each arm needs its own label ({', '.join(labels)})")
     for arm in a.arm:
         if len(arm) < 3:
             p.error(f"--arm {' '.join(arm)}: needs LABEL CONFIG ROOT, then any SETs")
@@ -65,11 +73,15 @@ def main(argv=None) -> int:
     if keep:
         arms = {label: [{**r, "evals": [e for e in r["evals"] if e["student_steps"] in keep]} for r in runs]
                 for label, runs in arms.items()}
+        lacking = [f"{label}: {r['run_root']}" for label, runs in arms.items() for r in runs
+                   if {e["student_steps"] for e in r["evals"]} != keep]
+        if lacking:
+            raise SystemExit(f"--steps {a.steps}: not every step count evaluated in:\n  " + "\n  ".join(lacking))
     command = "python benchmarks/seed_table.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    heading = f"# {a.title}\n\n" if a.title else ""
+    heading = (f"# {a.title}\n\n" if a.title else "") + (f"{a.note}\n\n" if a.note else "")
     md = (f"{heading}Training seeds {a.seeds}, mean [min, max]; each run checked finished with its settings. "
           f"Written by\n\n    {command}\n\n{comparison_table(arms)}\n")
-    runs_of = {label: [{"seed": s, "run_root": r["run_root"], "overrides": r["overrides"], "evals": r["evals"]}
+    runs_of = {label: [{"seed": s, **{k: r[k] for k in ("run_root", "overrides", "evals", "games")}}
                        for s, r in zip(seeds, runs)] for label, runs in arms.items()}
     result = {"title": a.title, "command": command, "arms": runs_of}
     write_report(a.out, result, md)
