@@ -95,10 +95,11 @@ def main(argv=None) -> int:
     shown = np.arange(10) * K  # each class's first fixed seed
     g = teacher_guidance(base, resolve_source(base.model.source))
 
-    def teacher(steps: int):  # the base teacher's samples, cached in the first run root by its evaluation
-        storage, rel = runs[0]["storage"], teacher_cache_rel(base, steps, g)
+    def teacher(steps: int):  # the base teacher's samples, cached by the evaluations in the run roots
+        rel = teacher_cache_rel(base, steps, g)
+        storage = next((r["storage"] for r in runs if r["storage"].exists(rel)), None)
         return torch.from_numpy(np.load(io.BytesIO(storage.read_bytes(rel)))["images"][shown]) \
-            if storage.exists(rel) else None
+            if storage is not None else None
 
     keys = [k for k, _ in METRICS]
     rows, labels, table = [], [], []
