@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.results_io import write_report  # noqa: E402
+from benchmarks.results_io import int_list, write_report  # noqa: E402
 
 def load_run(root: Path) -> dict:
     """A finished run's config, and per evaluated stage (by step count) its metrics (the report's
@@ -52,12 +52,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output path without extension")
     p.add_argument("--labels", default=None, help="comma-separated short names of the runs (default: their "
                    "config names), for the PNG's rows and the table")
-    p.add_argument("--steps", default="", help="student step counts to show, comma-separated (default: every "
-                   "evaluated stage's)")
+    p.add_argument("--steps", type=int_list, default=[], help="student step counts to show, comma-separated "
+                   "(default: every evaluated stage's)")
     args = p.parse_args(argv)
-    if not all(x.strip().isdigit() for x in args.steps.split(",") if args.steps):
-        p.error(f"--steps {args.steps}: comma-separated step counts, e.g. 1 or 2,1")
-    keep = {int(x) for x in args.steps.split(",") if x.strip()}
+    keep = set(args.steps)
 
     import numpy as np
     import torch
@@ -80,7 +78,7 @@ def main(argv=None) -> int:
         for r in runs:
             r["stages"] = {n: st for n, st in r["stages"].items() if n in keep}
         if not any(r["stages"] for r in runs):
-            p.error(f"--steps {args.steps}: no run has a stage evaluated at these step counts")
+            p.error(f"--steps {','.join(map(str, args.steps))}: no run has a stage evaluated at these step counts")
         for r in runs:
             if set(r["stages"]) != keep:
                 lacking = sorted(keep - set(r["stages"]))

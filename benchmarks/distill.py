@@ -62,7 +62,7 @@ from pipeline.cluster import quiet_driver  # noqa: E402
 
 quiet_driver()  # before Ray is imported: Ray's known-harmless lines off the console
 
-from benchmarks.results_io import write_report  # noqa: E402
+from benchmarks.results_io import int_list, write_report  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 # The benchmarks: the two arms' configs, overrides for every run of the benchmark, default root and output.
@@ -629,7 +629,7 @@ def main(argv=None) -> int:
                    "MSE, a LoRA through the conditional phase); fashion: the demo's configs at 500 samples a model; "
                    "fashion_long: the same with 4x longer adversarial stages (200 D-only warm-up updates first) and "
                    "disc_lr 1e-4")
-    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
+    p.add_argument("--seeds", type=int_list, default=list(DEFAULT_SEEDS),
                    help="training seeds of the comparison to run (default 0,1,2)")
     p.add_argument("--arms", default="adversarial,mse", help="comparison arms to run (default both)")
     p.add_argument("--only", default=None, help="ablations: run only these (comma-separated names or slugs)")
@@ -650,7 +650,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
+    seeds = args.seeds
     all_seeds = sorted(set(seeds) | set(DEFAULT_SEEDS))  # run `seeds`; report every finished one of these
     root = Path(args.root)
 

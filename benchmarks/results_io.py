@@ -1,7 +1,17 @@
-"""What every benchmark does last: write its JSON result under benchmarks/results/ and say where."""
+"""What every benchmark shares: its comma-separated number options, and what it does last: write its JSON result
+under benchmarks/results/ and say where."""
 
+import argparse
 import json
 from pathlib import Path
+
+
+def int_list(text: str) -> list[int]:
+    """An argparse `type` for comma-separated whole numbers ("0,1,2"; "" is none): seeds, step counts."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated whole numbers, e.g. 0,1,2") from None
 
 
 def write_result(path, result: dict) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.results_io import write_report  # noqa: E402
+from benchmarks.results_io import int_list, write_report  # noqa: E402
 
 KEYS = ("fd", "fd_patch", "prompt_accuracy", "diversity", "sharpness")
 
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+", help="exported pipeline folders (a stage's model/)")
-    p.add_argument("--steps", default="8,4,2", help="step counts, comma-separated (default 8,4,2)")
+    p.add_argument("--steps", type=int_list, default=[8, 4, 2], help="step counts, comma-separated (default 8,4,2)")
     p.add_argument("--dataset", default="fashion_mnist", help="the toy data the students were distilled on")
     p.add_argument("--samples-per-class", type=int, default=50, help="default 50: 500 samples, the benchmark's")
     p.add_argument("--out", required=True, help="output path without extension")
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from pipeline.metrics import METRICS, score
     from pipeline.sampling import sample_classes
 
-    steps = [int(s) for s in args.steps.split(",")]
+    steps = args.steps
     rows = []
     for folder in args.models:
         if not (Path(folder) / "model_index.json").exists():

@@ -210,8 +210,9 @@ def test_smoke_dag_on_s3_killed_mid_stage_resumes_exports_load_and_rerun_skips(s
     assert finished("smoke", root, [*sets[1:], "stages.1.mse_weight=1.0"]) is None
     from benchmarks.seed_table import main as seed_table  # a variant experiment's table reads runs the same way
 
-    table = ["--seeds", "0", "--base", *sets[1:], "--steps", "1", "--out", str(tmp_path / "arms"), "--arm", "smoke",
-             "smoke", root]
+    # --benchmark digits: no benchmark-wide overrides (its set is empty); the run's own go in as --set
+    table = ["--seeds", "0", "--benchmark", "digits", *[a for kv in sets[1:] for a in ("--set", kv)], "--steps", "1",
+             "--out", str(tmp_path / "arms"), "--arm", "smoke", "smoke", root]
     assert seed_table(table) == 0
     rows = [r for r in (tmp_path / "arms.md").read_text().splitlines() if r.startswith("| ")]
     assert [r.split(" | ")[:2] for r in rows[2:]] == [["| teacher (CFG)", "32"], ["| teacher (CFG)", "1"],
