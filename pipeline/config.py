@@ -217,6 +217,8 @@ class ToyTeacherSection(_Strict):
     output: Optional[str] = None
     vae_steps: Optional[int] = Field(None, gt=0)
     unet_steps: Optional[int] = Field(None, gt=0)
+    unet_batch: Optional[int] = Field(None, gt=0)
+    unet_lr: Optional[float] = Field(None, gt=0)
     workers: Optional[int] = Field(None, gt=0)
     cpus_per_worker: Optional[int] = Field(None, gt=0)
 

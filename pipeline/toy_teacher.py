@@ -122,7 +122,8 @@ def from_run_config(cfg) -> tuple[ToyTeacherConfig, Path]:
         raise ConfigError(f"data.kind: a toy teacher learns an embedded dataset ({', '.join(sorted(DEFAULT_OUTPUTS))}), "
                           f"not {kind!r}")
     tc = replace(ToyTeacherConfig.smoke(), dataset=kind) if sec.preset == "smoke" else ToyTeacherConfig.full(kind)
-    over = {k: getattr(sec, k) for k in ("vae_steps", "unet_steps", "workers", "cpus_per_worker")
+    over = {k: getattr(sec, k) for k in ("vae_steps", "unet_steps", "unet_batch", "unet_lr", "workers",
+                                          "cpus_per_worker")
             if getattr(sec, k) is not None}
     family = sec.family or cfg.model.family or "sdxl"
     if family not in FAMILY_SUFFIX:

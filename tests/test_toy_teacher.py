@@ -146,6 +146,11 @@ def test_toy_teacher_settings_meet_in_one_place(tmp_path):
                                                     f'toy_teacher.output="{path}"']))
     assert (tc.unet_steps, tc.seed, tc.vae_steps) == (7, 3, ToyTeacherConfig.smoke().vae_steps)
     assert out == path and tc.dataset == "toy_digits"
+    tc, _ = from_run_config(load_config("toy_fashion", ["toy_teacher.unet_batch=64", "toy_teacher.unet_lr=5e-4"]))
+    assert (tc.unet_batch, tc.unet_lr, tc.unet_steps) == (64, 5e-4, ToyTeacherConfig.full("fashion_mnist").unet_steps)
+    for key, bad in (("unet_batch", 0), ("unet_lr", -1e-3)):
+        with pytest.raises(ConfigError, match=f"toy_teacher.{key}"):
+            load_config("toy_fashion", [f"toy_teacher.{key}={bad}"])
     with pytest.raises(ConfigError, match="toy_teacher.output"):
         from_run_config(load_config("smoke", ["toy_teacher.output=s3://bucket/teacher"]))
     with pytest.raises(ConfigError, match="data.kind"):
