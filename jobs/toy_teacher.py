@@ -29,7 +29,8 @@ def add_arguments(p) -> None:
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers")
     p.add_argument("--cpus-per-worker", type=int, default=None)
     p.add_argument("--vae-from", default=None, metavar="DIR",
-                   help="skip VAE training: reuse <work-dir>/vae_state of an earlier run")
+                   help="skip VAE training: reuse <work-dir>/vae_state of an earlier run, or the VAE of an exported "
+                        "toy teacher folder (e.g. pipeline/assets/toy_fashion_teacher)")
 
 
 def run(args) -> int:

@@ -207,7 +207,8 @@ def train_toy_teacher(output: str | os.PathLike = DEFAULT_OUTPUT, tc: ToyTeacher
 
     `work_dir` keeps the Ray Train storage (checkpoints) and the initial pipeline; by default a
     temporary folder next to `output` that is removed on success. `vae_from`: skip the VAE phase and
-    reuse a trained one (a `<work_dir>/vae_state` folder of an earlier run with the same model sizes). Returns a summary dict (also
+    reuse a trained one (a `<work_dir>/vae_state` folder of an earlier run, or an exported toy teacher's folder,
+    with the same model sizes). Returns a summary dict (also
     written to `<output>/training.json`); loss curves go to `<output>/loss_curves.png`."""
     import ray
 
@@ -249,7 +250,10 @@ def train_toy_teacher(output: str | os.PathLike = DEFAULT_OUTPUT, tc: ToyTeacher
             if Path(vae_from).resolve() != vae_dir.resolve():
                 if vae_dir.exists():
                     shutil.rmtree(vae_dir)
-                shutil.copytree(vae_from, vae_dir)
+                if (Path(vae_from) / "model_index.json").exists():
+                    vae_state_from_teacher(Path(vae_from), vae_dir)
+                else:
+                    shutil.copytree(vae_from, vae_dir)
             print(f"[toy-teacher] reusing the VAE of {vae_from}", flush=True)
         else:
             vae_ckpt = _run_phase(vae_loop, base, tc, work / "ray", "vae")
@@ -283,6 +287,21 @@ def train_toy_teacher(output: str | os.PathLike = DEFAULT_OUTPUT, tc: ToyTeacher
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def vae_state_from_teacher(folder: Path, vae_dir: Path) -> None:
+    """A `vae_state` folder (what the VAE phase leaves: vae.pt, final.json, history.json) from an exported toy
+    teacher's folder, so `--vae-from` can take a teacher as well as a work dir's vae_state."""
+    from diffusers import AutoencoderKL
+
+    training = folder / "training.json"
+    if not training.exists() or "vae" not in json.loads(training.read_text()):
+        raise ConfigError(f"--vae-from {folder}: a toy teacher folder with its training.json (the VAE's "
+                          "scaling factor and record), or a work dir's vae_state folder")
+    vae_dir.mkdir(parents=True)
+    torch.save(AutoencoderKL.from_pretrained(folder / "vae").state_dict(), vae_dir / "vae.pt")
+    (vae_dir / "final.json").write_text(json.dumps(json.loads(training.read_text())["vae"]))
+    (vae_dir / "history.json").write_text("[]")
 
 
 def export_teacher(output: Path, init_dir: Path, vae_dir: Path, unet_dir: Path, scaling_factor: float,

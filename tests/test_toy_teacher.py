@@ -133,6 +133,28 @@ def test_toy_teacher_smoke_run_exports_a_loadable_pipeline(ray_local, tmp_path):
     assert len(hist) == steps + 5 and hist[:steps] == first
 
 
+def test_vae_from_takes_an_exported_teacher_folder(tmp_path):
+    """`--vae-from` given a teacher folder (not a work dir's vae_state): the VAE phase's record is rebuilt from
+    the folder, and the weights the UNet phase loads are the folder's VAE, bit for bit."""
+    from diffusers import AutoencoderKL
+
+    from pipeline.errors import ConfigError
+    from pipeline.toy_teacher import vae_state_from_teacher
+
+    folder = SHIPPED["fashion_mnist"][0]
+    vae_state_from_teacher(folder, tmp_path / "vae_state")
+    shipped = AutoencoderKL.from_pretrained(folder / "vae")
+    rebuilt = AutoencoderKL.from_config(shipped.config)
+    rebuilt.load_state_dict(torch.load(tmp_path / "vae_state" / "vae.pt", weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(shipped.state_dict().values(), rebuilt.state_dict().values()))
+    final = json.loads((tmp_path / "vae_state" / "final.json").read_text())
+    assert final["scaling_factor"] == pytest.approx(shipped.config.scaling_factor)
+    assert json.loads((tmp_path / "vae_state" / "history.json").read_text()) == []
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(ConfigError, match="--vae-from"):
+        vae_state_from_teacher(tmp_path / "bare", tmp_path / "other")
+
+
 def test_toy_teacher_settings_meet_in_one_place(tmp_path):
     """The preset (by data.kind), the config's toy_teacher section and the job's flags (which become
     toy_teacher.* overrides) are merged by pipeline.toy_teacher.from_run_config alone."""
