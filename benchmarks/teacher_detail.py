@@ -8,7 +8,8 @@ samples are the teacher's own, not the benchmark's fixed-noise set). UNet teache
 
     python benchmarks/teacher_detail.py --source builtin:toy_fashion_teacher [--source OTHER_TEACHER ...]
 
-Prints the table and writes benchmarks/results/<out>.{json,md} (default teacher_detail_<dataset>). About 7 min
+Prints the table and writes benchmarks/results/<out>.{json,md} (default teacher_detail_fashion, or
+teacher_detail_toy_digits). About 7 min
 a teacher on 2 cores (50 photos a class, 32 steps, the default starts: 125 guided UNet steps over 500 latents).
 """
 
@@ -79,7 +80,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=32, help="the sampling grid (default 32, the teachers' own)")
     p.add_argument("--starts", type=int_list, default=[1, 4, 8, 12, 16, 24, 28, 32],
                    help="how many of the grid's last steps to sample (comma-separated; the grid's length = from "
-                        "pure noise)")
+                        "pure noise; default 1,4,8,12,16,24,28,32)")
     p.add_argument("--per-class", type=int, default=50,
                    help="reference photos a class (default 50; fewer where a class has fewer)")
     p.add_argument("--seed", type=int, default=1, help="the noise's seed")

@@ -248,12 +248,19 @@ def train_toy_teacher(output: str | os.PathLike = DEFAULT_OUTPUT, tc: ToyTeacher
             vae_from = vae_dir  # a rerun on the same work dir: the VAE phase finished, the UNet resumes
         if vae_from is not None:
             if Path(vae_from).resolve() != vae_dir.resolve():
+                staging = work / "vae_state.staging"  # built aside: a bad --vae-from leaves vae_state as it was
+                if staging.exists():
+                    shutil.rmtree(staging)
+                if (Path(vae_from) / "model_index.json").exists():
+                    vae_state_from_teacher(Path(vae_from), staging)
+                elif (Path(vae_from) / "final.json").exists() and (Path(vae_from) / "vae.pt").exists():
+                    shutil.copytree(vae_from, staging)
+                else:
+                    raise ConfigError(f"--vae-from {vae_from}: neither a work dir's vae_state folder (vae.pt, "
+                                      "final.json) nor a toy teacher folder (model_index.json)")
                 if vae_dir.exists():
                     shutil.rmtree(vae_dir)
-                if (Path(vae_from) / "model_index.json").exists():
-                    vae_state_from_teacher(Path(vae_from), vae_dir)
-                else:
-                    shutil.copytree(vae_from, vae_dir)
+                staging.rename(vae_dir)
             print(f"[toy-teacher] reusing the VAE of {vae_from}", flush=True)
         else:
             vae_ckpt = _run_phase(vae_loop, base, tc, work / "ray", "vae")
@@ -295,12 +302,13 @@ def vae_state_from_teacher(folder: Path, vae_dir: Path) -> None:
     from diffusers import AutoencoderKL
 
     training = folder / "training.json"
-    if not training.exists() or "vae" not in json.loads(training.read_text()):
-        raise ConfigError(f"--vae-from {folder}: a toy teacher folder with its training.json (the VAE's "
-                          "scaling factor and record), or a work dir's vae_state folder")
-    vae_dir.mkdir(parents=True)
+    record = json.loads(training.read_text()).get("vae") if training.exists() else None
+    if not isinstance(record, dict) or not {"scaling_factor", "seconds"} <= set(record):
+        raise ConfigError(f"--vae-from {folder}: this teacher folder has no training.json with a 'vae' record "
+                          "(scaling_factor, seconds), as `padistill toy-teacher` writes")
+    vae_dir.mkdir(parents=True, exist_ok=True)
     torch.save(AutoencoderKL.from_pretrained(folder / "vae").state_dict(), vae_dir / "vae.pt")
-    (vae_dir / "final.json").write_text(json.dumps(json.loads(training.read_text())["vae"]))
+    (vae_dir / "final.json").write_text(json.dumps(record))
     (vae_dir / "history.json").write_text("[]")
 
 

@@ -155,6 +155,21 @@ def test_vae_from_takes_an_exported_teacher_folder(tmp_path):
         vae_state_from_teacher(tmp_path / "bare", tmp_path / "other")
 
 
+def test_a_bad_vae_from_leaves_the_work_dirs_vae_as_it_was(ray_local, tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.toy_teacher import ToyTeacherConfig, train_toy_teacher
+
+    kept = tmp_path / "work" / "vae_state"
+    kept.mkdir(parents=True)
+    (kept / "final.json").write_text('{"scaling_factor": 1.0, "seconds": 2100.0}')
+    (kept / "vae.pt").write_bytes(b"a VAE that took 35 minutes")
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(ConfigError, match="neither a work dir's vae_state folder"):
+        train_toy_teacher(tmp_path / "out", ToyTeacherConfig.smoke(), work_dir=tmp_path / "work",
+                          vae_from=tmp_path / "bare")
+    assert (kept / "vae.pt").read_bytes() == b"a VAE that took 35 minutes"
+
+
 def test_toy_teacher_settings_meet_in_one_place(tmp_path):
     """The preset (by data.kind), the config's toy_teacher section and the job's flags (which become
     toy_teacher.* overrides) are merged by pipeline.toy_teacher.from_run_config alone."""
