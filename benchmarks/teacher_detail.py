@@ -36,41 +36,44 @@ def detail_along_path(source: str, steps: int, starts: list[int], per_class: int
 
     from pipeline import metrics
     from pipeline.data import toy_dataset
+    from pipeline.encode import encode_images
+    from pipeline.sampling import sample_captions
     from pipeline.schedule import CLEAN, Schedule, unet_denoiser
-    from pipeline.zoo import denoiser_of, encode_prompts, load_pipeline, read_info, resolve_source, schedule_of
+    from pipeline.zoo import denoiser_of, load_pipeline, read_info, resolve_source, schedule_of
 
     folder = resolve_source(source)
     info = read_info(folder)
     ds = toy_dataset(info.get("dataset", "toy_digits"))
     ref = ds.load(ds.reference_split)
     idx = np.concatenate([np.where(ref.labels == k)[0][:per_class] for k in range(10)])
-    images, labels = ref.images[idx], ref.labels[idx]
+    captions = [ds.caption_for(int(y)) for y in ref.labels[idx]]
     real_hf = metrics.high_frequency_energy(ref.images)
     pipe = load_pipeline(str(folder))
-    sched, vae = schedule_of(pipe), pipe.vae
-    if not isinstance(sched, Schedule) or getattr(vae.config, "shift_factor", None):
+    sched, unet = schedule_of(pipe), denoiser_of(pipe)
+    if not isinstance(sched, Schedule):
         raise SystemExit(f"teacher_detail: {source} is not a UNet (SDXL, SD1.5) teacher; its noise levels are "
                          "not timesteps of a trailing grid")
     guidance = info.get("guidance_scale", 0.0)  # as benchmarks/toy_teacher.py: no padistill.json, no guidance
     grid = [int(t) for t in sched.timesteps(steps)]
     with torch.no_grad():
-        lat = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
-        cond = encode_prompts(pipe, [ds.caption_for(k) for k in range(10)], images.shape[-1])
-        denoise = unet_denoiser(denoiser_of(pipe), cond.select(torch.as_tensor(labels)), guidance)
-        noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(seed))
+        lat = encode_images(pipe.vae, ref.images[idx])
+    noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(seed))
 
-        def sharpness(z: torch.Tensor) -> float:
-            return round(metrics.high_frequency_energy(vae.decode(z / vae.config.scaling_factor).sample) / real_hf, 3)
+    def sharpness(start: torch.Tensor, path: list[int]) -> float:
+        """Decoded by the benchmarks' own sampling (prompts, batches, VAE), the latents walked through `path`."""
+        def walk(cond, x):
+            return sched.rollout(unet_denoiser(unet, cond, guidance), x, path, CLEAN) if path else x
+        images = sample_captions(pipe, captions, start, steps, guidance, sampler=walk)
+        return round(metrics.high_frequency_energy(images) / real_hf, 3)
 
-        rows = [{"start": "VAE reconstruction", "steps": 0, "timestep": None, "sharpness": sharpness(lat)}]
-        for k in sorted(starts):
-            first = steps - k
-            x = sched.start(noise) if first == 0 else sched.renoise(lat, noise, grid[first])
-            out = sched.rollout(denoise, x, grid[first:], CLEAN)
-            rows.append({"start": "pure noise" if first == 0 else f"real, noised to t={grid[first]}", "steps": k,
-                         "timestep": grid[first], "sharpness": sharpness(out)})
-            print(f"[teacher-detail] {source}: {rows[-1]['start']}, {k} steps: sharpness {rows[-1]['sharpness']}",
-                  flush=True)
+    rows = [{"start": "VAE reconstruction", "steps": 0, "timestep": None, "sharpness": sharpness(lat, [])}]
+    for k in sorted(starts):
+        first = steps - k
+        x = sched.start(noise) if first == 0 else sched.renoise(lat, noise, grid[first])
+        rows.append({"start": "pure noise" if first == 0 else f"real, noised to t={grid[first]}", "steps": k,
+                     "timestep": grid[first], "sharpness": sharpness(x, grid[first:])})
+        print(f"[teacher-detail] {source}: {rows[-1]['start']}, {k} steps: sharpness {rows[-1]['sharpness']}",
+              flush=True)
     return {"source": source, "dataset": ds.kind, "guidance_scale": guidance, "photos": len(idx), "rows": rows}
 
 
