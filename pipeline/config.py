@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError  # noqa: F401  (imported from here by most modules)
 from .stage_config import StageConfig, _Strict
@@ -219,6 +219,11 @@ class ToyTeacherSection(_Strict):
     unet_steps: Optional[int] = Field(None, gt=0)
     unet_batch: Optional[int] = Field(None, gt=0)
     unet_lr: Optional[float] = Field(None, gt=0)
+    # min-SNR-gamma weighting of the UNet's epsilon loss (pipeline.toy_teacher.ToyTeacherConfig.snr_gamma)
+    snr_gamma: Optional[float] = Field(None, gt=0)
+    # the UNet's sizes (the preset's ToyModelConfig otherwise): channels per level, layers per block
+    unet_channels: Optional[list[PositiveInt]] = Field(None, min_length=2)
+    unet_layers_per_block: Optional[int] = Field(None, gt=0)
     workers: Optional[int] = Field(None, gt=0)
     cpus_per_worker: Optional[int] = Field(None, gt=0)
 

@@ -102,6 +102,10 @@ class Schedule:
         out = self._sigmas[t.clamp(min=0)]
         return torch.where(t < 0, torch.zeros_like(out), out)
 
+    def snr(self, t) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) = 1 / sigma^2 at integer timesteps."""
+        return self.sigma(t) ** -2
+
     def init_noise_sigma(self) -> float:
         """Scale of the initial noise for trailing spacing (diffusers: the largest sigma)."""
         return float(self._sigmas[self.num_train_timesteps - 1])

@@ -12,7 +12,8 @@ loops are in `pipeline.toy_teacher_loops`):
    t = T), input scale_input(x_t, sigma_t), target eps; the caption is dropped ~10% of the time to
    the family's unconditional branch (SDXL: zero embeddings, force_zeros_for_empty_prompt; SD1.5: the
    empty prompt's embedding), which is what CFG samples with. AdamW,
-   linear warm-up then cosine decay, an EMA of the weights is what gets exported. The SD3 family's
+   linear warm-up then cosine decay, an EMA of the weights is what gets exported. `toy_teacher.snr_gamma`
+   weights the loss by min-SNR-gamma; `toy_teacher.unet_channels` / `unet_layers_per_block` resize the UNet. The SD3 family's
    transformer learns the rectified-flow velocity instead (`FlowMatchSchedule.training_draw`: logit-normal
    time, shifted; its unconditional branch is the empty prompt's encoding, pooled embedding included).
 
@@ -84,6 +85,9 @@ class ToyTeacherConfig:
     warmup_steps: int = 100
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
+    # min-SNR-gamma loss weighting (Hang et al. 2023) of a UNet's epsilon loss: each example weighted
+    # min(SNR_t, gamma) / SNR_t, which lowers the weight of the low-noise timesteps; None: the plain mean
+    snr_gamma: float | None = None
     # what the exported folder recommends (padistill.json)
     guidance_scale: float = 2.0
     num_inference_steps: int = 32
@@ -122,13 +126,26 @@ def from_run_config(cfg) -> tuple[ToyTeacherConfig, Path]:
         raise ConfigError(f"data.kind: a toy teacher learns an embedded dataset ({', '.join(sorted(DEFAULT_OUTPUTS))}), "
                           f"not {kind!r}")
     tc = replace(ToyTeacherConfig.smoke(), dataset=kind) if sec.preset == "smoke" else ToyTeacherConfig.full(kind)
-    over = {k: getattr(sec, k) for k in ("vae_steps", "unet_steps", "unet_batch", "unet_lr", "workers",
+    over = {k: getattr(sec, k) for k in ("vae_steps", "unet_steps", "unet_batch", "unet_lr", "snr_gamma", "workers",
                                           "cpus_per_worker")
             if getattr(sec, k) is not None}
     family = sec.family or cfg.model.family or "sdxl"
     if family not in FAMILY_SUFFIX:
         raise ConfigError(f"toy_teacher.family: a toy teacher is built for {', '.join(FAMILY_SUFFIX)}, not {family!r}")
-    tc = replace(tc, seed=cfg.train.seed, family=family, **over)
+    if family == "sd3" and sec.snr_gamma is not None:
+        raise ConfigError("toy_teacher.snr_gamma: weights a UNet's epsilon loss; the SD3 family's transformer "
+                          "learns a velocity with its own time sampling")
+    sizes = {k: getattr(sec, k) for k in ("unet_channels", "unet_layers_per_block") if getattr(sec, k) is not None}
+    if "unet_channels" in sizes:
+        sizes["unet_channels"] = tuple(sizes["unet_channels"])
+        groups = tc.model.norm_num_groups
+        if any(c % groups for c in sizes["unet_channels"]):
+            raise ConfigError(f"toy_teacher.unet_channels: each level's channels must be a multiple of the "
+                              f"UNet's {groups} norm groups, got {list(sizes['unet_channels'])}")
+    tc = replace(tc, seed=cfg.train.seed, family=family, model=replace(tc.model, **sizes), **over)
+    if tc.unet_batch % tc.workers:  # each Ray Train worker draws batch / workers examples a step
+        raise ConfigError(f"toy_teacher.unet_batch: {tc.unet_batch} does not split evenly over toy_teacher.workers = "
+                          f"{tc.workers} (each worker draws the batch / workers examples a step)")
     if sec.output:
         if "://" in sec.output:
             raise ConfigError(f"toy_teacher.output (--output): a local folder, got {sec.output}")
@@ -263,6 +280,9 @@ def train_toy_teacher(output: str | os.PathLike = DEFAULT_OUTPUT, tc: ToyTeacher
                 staging.rename(vae_dir)
             print(f"[toy-teacher] reusing the VAE of {vae_from}", flush=True)
         else:
+            if tc.vae_batch % tc.workers:
+                raise ConfigError(f"toy_teacher.workers: {tc.workers} workers do not split the VAE batch of "
+                                  f"{tc.vae_batch} evenly (or reuse a trained VAE with --vae-from)")
             vae_ckpt = _run_phase(vae_loop, base, tc, work / "ray", "vae")
             if vae_dir.exists():
                 shutil.rmtree(vae_dir)
@@ -346,7 +366,8 @@ def export_teacher(output: Path, init_dir: Path, vae_dir: Path, unet_dir: Path, 
     (staging / "training.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     reused = (extra or {}).get("vae_reused_from")
     _plot_curves(vae_hist or [], unet_hist, staging / "loss_curves.png",
-                 "transformer velocity MSE" if tc.family == "sd3" else "UNet epsilon MSE",
+                 "transformer velocity MSE" if tc.family == "sd3" else (
+                     f"UNet epsilon MSE, min-SNR-{tc.snr_gamma:g} weighted" if tc.snr_gamma else "UNet epsilon MSE"),
                  f"VAE reused from {reused}" if reused else "")
     if output.exists():
         shutil.rmtree(output)

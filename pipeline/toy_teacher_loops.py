@@ -27,6 +27,23 @@ def lr_at(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, p)))
 
 
+def snr_weights(sched, t: torch.Tensor, gamma: float | None) -> torch.Tensor | None:
+    """Min-SNR-gamma weights of an epsilon loss (Hang et al. 2023, diffusers' `snr_gamma`): min(SNR_t, gamma) /
+    SNR_t per example, 1 at and above the noise level where SNR = gamma, less below it; None without a gamma."""
+    if gamma is None:
+        return None
+    snr = sched.snr(t.long())
+    return snr.clamp(max=gamma) / snr
+
+
+def weighted_mse(out: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean squared error, each example's mean weighted by `weights` (None: the plain mean)."""
+    if weights is None:
+        return torch.nn.functional.mse_loss(out, target)
+    per = ((out.float() - target.float()) ** 2).mean(dim=tuple(range(1, out.ndim)))
+    return (per * weights.to(per)).mean()
+
+
 def class_conditioning(pipe, resolution: int, dataset: str = "toy_digits") -> Conditioning:
     """Text conditioning of the dataset's class captions, row k = class k."""
     from .data import toy_dataset
@@ -237,7 +254,7 @@ def unet_loop(config: dict) -> None:
         keep = (torch.rand(bs, generator=g) >= tc["caption_dropout"]).float()
         c = cond.select(y).drop(keep)  # the family's unconditional branch where a caption is dropped
         out = call(x_in, t, c)
-        loss = torch.nn.functional.mse_loss(out, target)
+        loss = weighted_mse(out, target, snr_weights(sched, t, tc.get("snr_gamma")))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

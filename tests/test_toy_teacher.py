@@ -156,6 +156,8 @@ def test_vae_from_takes_an_exported_teacher_folder(tmp_path):
 
 
 def test_a_bad_vae_from_leaves_the_work_dirs_vae_as_it_was(ray_local, tmp_path):
+    from dataclasses import replace
+
     from pipeline.errors import ConfigError
     from pipeline.toy_teacher import ToyTeacherConfig, train_toy_teacher
 
@@ -168,6 +170,9 @@ def test_a_bad_vae_from_leaves_the_work_dirs_vae_as_it_was(ray_local, tmp_path):
         train_toy_teacher(tmp_path / "out", ToyTeacherConfig.smoke(), work_dir=tmp_path / "work",
                           vae_from=tmp_path / "bare")
     assert (kept / "vae.pt").read_bytes() == b"a VAE that took 35 minutes"
+    # a VAE batch the workers cannot split is refused before the VAE phase, naming the key to change
+    with pytest.raises(ConfigError, match="toy_teacher.workers: 3 workers do not split the VAE batch of 16"):
+        train_toy_teacher(tmp_path / "out", replace(ToyTeacherConfig.smoke(), workers=3), work_dir=tmp_path / "w3")
 
 
 def test_toy_teacher_settings_meet_in_one_place(tmp_path):
@@ -185,9 +190,21 @@ def test_toy_teacher_settings_meet_in_one_place(tmp_path):
     assert out == path and tc.dataset == "toy_digits"
     tc, _ = from_run_config(load_config("toy_fashion", ["toy_teacher.unet_batch=64", "toy_teacher.unet_lr=5e-4"]))
     assert (tc.unet_batch, tc.unet_lr, tc.unet_steps) == (64, 5e-4, ToyTeacherConfig.full("fashion_mnist").unet_steps)
-    for key, bad in (("unet_batch", 0), ("unet_lr", -1e-3)):
+    for key, bad in (("unet_batch", 0), ("unet_lr", -1e-3), ("snr_gamma", 0), ("unet_channels", "[32]"),
+                     ("unet_layers_per_block", 0)):
         with pytest.raises(ConfigError, match=f"toy_teacher.{key}"):
             load_config("toy_fashion", [f"toy_teacher.{key}={bad}"])
+    tc, _ = from_run_config(load_config("toy_fashion", ["toy_teacher.snr_gamma=5", "toy_teacher.unet_channels=[48,64,96]",
+                                                        "toy_teacher.unet_layers_per_block=2"]))
+    full = ToyTeacherConfig.full("fashion_mnist")
+    assert tc.snr_gamma == 5 and (tc.model.unet_channels, tc.model.unet_layers_per_block) == ((48, 64, 96), 2)
+    assert tc.model.latent_channels == full.model.latent_channels and full.snr_gamma is None
+    with pytest.raises(ConfigError, match="toy_teacher.unet_channels.*multiple of the UNet's 16 norm groups"):
+        from_run_config(load_config("toy_fashion", ["toy_teacher.unet_channels=[40,64,96]"]))
+    with pytest.raises(ConfigError, match="toy_teacher.unet_batch: 128 does not split evenly over toy_teacher.workers = 3"):
+        from_run_config(load_config("toy_fashion", ["toy_teacher.workers=3"]))
+    with pytest.raises(ConfigError, match="toy_teacher.snr_gamma.*SD3"):
+        from_run_config(load_config("toy_fashion_sd3", ["toy_teacher.snr_gamma=5"]))
     with pytest.raises(ConfigError, match="toy_teacher.output"):
         from_run_config(load_config("smoke", ["toy_teacher.output=s3://bucket/teacher"]))
     with pytest.raises(ConfigError, match="data.kind"):
@@ -216,3 +233,27 @@ def test_shipped_sd3_teacher_runs_in_stock_diffusers_and_draws_the_prompted_clas
                                 dataset="fashion_mnist")
     acc = float((metrics.predict(s.images, metrics.load_classifier(dataset="fashion_mnist")) == s.labels).mean())
     assert acc >= FASHION_ACC, f"prompt accuracy {acc}"
+
+
+def test_min_snr_weights_are_diffusers_min_snr_gamma():
+    """toy_teacher.snr_gamma weights the UNet's epsilon loss as diffusers' training scripts do (`compute_snr`,
+    min(SNR, gamma) / SNR per example, the per-example mean squared error weighted): 1 where SNR <= gamma (high
+    noise, pure noise included), below 1 at low noise; without a gamma the plain mean."""
+    from diffusers.training_utils import compute_snr
+
+    from pipeline.schedule import Schedule, sdxl_scheduler
+    from pipeline.toy_teacher_loops import snr_weights, weighted_mse
+
+    scheduler = sdxl_scheduler()
+    sched = Schedule.from_scheduler_config(dict(scheduler.config))
+    t = torch.tensor([0, 10, 100, 300, 500, 999])
+    snr = compute_snr(scheduler, t)
+    assert torch.allclose(sched.snr(t), snr, rtol=1e-4)
+    w = snr_weights(sched, t.float(), 5.0)
+    assert torch.allclose(w, torch.stack([snr, 5.0 * torch.ones_like(snr)]).min(dim=0)[0] / snr, rtol=1e-4)
+    assert w[0] < 0.01 and w[-1] == 1 and snr_weights(sched, t, None) is None
+    g = torch.Generator().manual_seed(0)
+    out, target = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
+    per = torch.nn.functional.mse_loss(out, target, reduction="none").mean(dim=(1, 2, 3))
+    assert torch.allclose(weighted_mse(out, target, w), (per * w).mean())
+    assert torch.allclose(weighted_mse(out, target, None), torch.nn.functional.mse_loss(out, target))
