@@ -171,8 +171,8 @@ def test_a_bad_vae_from_leaves_the_work_dirs_vae_as_it_was(ray_local, tmp_path):
                           vae_from=tmp_path / "bare")
     assert (kept / "vae.pt").read_bytes() == b"a VAE that took 35 minutes"
     # a VAE batch the workers cannot split is refused before the VAE phase, naming the key to change
-    with pytest.raises(ConfigError, match="toy_teacher.workers: 3 workers do not split the VAE batch of 16"):
-        train_toy_teacher(tmp_path / "out", replace(ToyTeacherConfig.smoke(), workers=3), work_dir=tmp_path / "w3")
+    with pytest.raises(ConfigError, match="toy_teacher.workers: 2 workers do not split the VAE batch of 15"):
+        train_toy_teacher(tmp_path / "out", replace(ToyTeacherConfig.smoke(), vae_batch=15), work_dir=tmp_path / "w3")
 
 
 def test_toy_teacher_settings_meet_in_one_place(tmp_path):
