@@ -116,6 +116,15 @@ class ToyTeacherConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def check(self) -> None:
+        """Refuse, by their toy_teacher key, settings the UNet loop would run wrongly or silently change."""
+        if self.family == "sd3" and self.snr_gamma is not None:
+            raise ConfigError("toy_teacher.snr_gamma: weights a UNet's epsilon loss; the SD3 family's transformer "
+                              "learns a velocity with its own time sampling")
+        if self.unet_batch % self.workers:  # each Ray Train worker draws batch / workers examples a step
+            raise ConfigError(f"toy_teacher.unet_batch: {self.unet_batch} does not split evenly over "
+                              f"toy_teacher.workers = {self.workers} (each worker draws the batch / workers examples a step)")
+
 
 def from_run_config(cfg) -> tuple[ToyTeacherConfig, Path]:
     """The teacher to train and the folder it goes to, from a run config: the `toy_teacher` section's
@@ -132,10 +141,10 @@ def from_run_config(cfg) -> tuple[ToyTeacherConfig, Path]:
     family = sec.family or cfg.model.family or "sdxl"
     if family not in FAMILY_SUFFIX:
         raise ConfigError(f"toy_teacher.family: a toy teacher is built for {', '.join(FAMILY_SUFFIX)}, not {family!r}")
-    if family == "sd3" and sec.snr_gamma is not None:
-        raise ConfigError("toy_teacher.snr_gamma: weights a UNet's epsilon loss; the SD3 family's transformer "
-                          "learns a velocity with its own time sampling")
     sizes = {k: getattr(sec, k) for k in ("unet_channels", "unet_layers_per_block") if getattr(sec, k) is not None}
+    if family == "sd3" and sizes:
+        raise ConfigError(f"toy_teacher.{next(iter(sizes))}: sizes a UNet; the SD3 family's transformer has its own "
+                          "sizes (pipeline.toy_teacher.fashion_model_config)")
     if "unet_channels" in sizes:
         sizes["unet_channels"] = tuple(sizes["unet_channels"])
         groups = tc.model.norm_num_groups
@@ -143,9 +152,7 @@ def from_run_config(cfg) -> tuple[ToyTeacherConfig, Path]:
             raise ConfigError(f"toy_teacher.unet_channels: each level's channels must be a multiple of the "
                               f"UNet's {groups} norm groups, got {list(sizes['unet_channels'])}")
     tc = replace(tc, seed=cfg.train.seed, family=family, model=replace(tc.model, **sizes), **over)
-    if tc.unet_batch % tc.workers:  # each Ray Train worker draws batch / workers examples a step
-        raise ConfigError(f"toy_teacher.unet_batch: {tc.unet_batch} does not split evenly over toy_teacher.workers = "
-                          f"{tc.workers} (each worker draws the batch / workers examples a step)")
+    tc.check()
     if sec.output:
         if "://" in sec.output:
             raise ConfigError(f"toy_teacher.output (--output): a local folder, got {sec.output}")
@@ -232,6 +239,7 @@ def train_toy_teacher(output: str | os.PathLike = DEFAULT_OUTPUT, tc: ToyTeacher
     from .zoo import build_components, make_pipeline, save_pipeline
 
     tc = tc or ToyTeacherConfig()
+    tc.check()
     output = Path(output)
     own_work = work_dir is None
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix=".toy-teacher-work-",

@@ -32,7 +32,10 @@ def snr_weights(sched, t: torch.Tensor, gamma: float | None) -> torch.Tensor | N
     SNR_t per example, 1 at and above the noise level where SNR = gamma, less below it; None without a gamma."""
     if gamma is None:
         return None
-    snr = sched.snr(t.long())
+    if getattr(sched, "prediction_type", None) != "epsilon":
+        raise ValueError(f"snr_weights: min-SNR weights an epsilon loss, not a {type(sched).__name__} "
+                         f"{getattr(sched, 'prediction_type', 'velocity')!r} one")
+    snr = sched.snr(t.long()).clamp(min=1e-12)  # a zero terminal SNR weighs 1, as the limit does
     return snr.clamp(max=gamma) / snr
 
 

@@ -178,8 +178,11 @@ def test_a_bad_vae_from_leaves_the_work_dirs_vae_as_it_was(ray_local, tmp_path):
 def test_toy_teacher_settings_meet_in_one_place(tmp_path):
     """The preset (by data.kind), the config's toy_teacher section and the job's flags (which become
     toy_teacher.* overrides) are merged by pipeline.toy_teacher.from_run_config alone."""
+    from dataclasses import replace
+
     from pipeline.config import ConfigError, load_config
-    from pipeline.toy_teacher import DEFAULT_OUTPUTS, ToyTeacherConfig, from_run_config
+    from pipeline.toy_teacher import DEFAULT_OUTPUTS, ToyTeacherConfig, from_run_config, train_toy_teacher
+    from pipeline.zoo import build_components
 
     tc, out = from_run_config(load_config("toy_fashion"))
     assert tc == ToyTeacherConfig.full("fashion_mnist") and out == DEFAULT_OUTPUTS["fashion_mnist"]
@@ -205,6 +208,15 @@ def test_toy_teacher_settings_meet_in_one_place(tmp_path):
         from_run_config(load_config("toy_fashion", ["toy_teacher.workers=3"]))
     with pytest.raises(ConfigError, match="toy_teacher.snr_gamma.*SD3"):
         from_run_config(load_config("toy_fashion_sd3", ["toy_teacher.snr_gamma=5"]))
+    with pytest.raises(ConfigError, match="toy_teacher.unet_channels: sizes a UNet; the SD3"):
+        from_run_config(load_config("toy_fashion_sd3", ["toy_teacher.unet_channels=[48,64,96]"]))
+    # the sizes reach the UNet the teacher trains and exports (built from tc.model, as train_toy_teacher does)
+    unet = build_components(tc.model, seed=tc.seed, family=tc.family)["unet"]
+    assert tuple(unet.config.block_out_channels) == (48, 64, 96) and unet.config.layers_per_block == 2
+    # a direct caller of train_toy_teacher is refused too, before Ray or any training starts
+    with pytest.raises(ConfigError, match="toy_teacher.unet_batch: 15 does not split evenly"):
+        train_toy_teacher(tmp_path / "out", replace(ToyTeacherConfig.smoke(), unet_batch=15))
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="toy_teacher.output"):
         from_run_config(load_config("smoke", ["toy_teacher.output=s3://bucket/teacher"]))
     with pytest.raises(ConfigError, match="data.kind"):
@@ -252,6 +264,8 @@ def test_min_snr_weights_are_diffusers_min_snr_gamma():
     w = snr_weights(sched, t.float(), 5.0)
     assert torch.allclose(w, torch.stack([snr, 5.0 * torch.ones_like(snr)]).min(dim=0)[0] / snr, rtol=1e-4)
     assert w[0] < 0.01 and w[-1] == 1 and snr_weights(sched, t, None) is None
+    with pytest.raises(ValueError, match="min-SNR weights an epsilon loss"):
+        snr_weights(Schedule.from_scheduler_config(dict(scheduler.config), prediction_type="sample"), t, 5.0)
     g = torch.Generator().manual_seed(0)
     out, target = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 8, 8, generator=g)
     per = torch.nn.functional.mse_loss(out, target, reduction="none").mean(dim=(1, 2, 3))
