@@ -121,6 +121,10 @@ class ToyTeacherConfig:
         if self.family == "sd3" and self.snr_gamma is not None:
             raise ConfigError("toy_teacher.snr_gamma: weights a UNet's epsilon loss; the SD3 family's transformer "
                               "learns a velocity with its own time sampling")
+        groups, channels = self.model.norm_num_groups, self.model.unet_channels
+        if self.family != "sd3" and any(c % groups for c in channels):
+            raise ConfigError(f"toy_teacher.unet_channels: each level's channels must be a multiple of the "
+                              f"UNet's {groups} norm groups, got {list(channels)}")
         if self.unet_batch % self.workers:  # each Ray Train worker draws batch / workers examples a step
             raise ConfigError(f"toy_teacher.unet_batch: {self.unet_batch} does not split evenly over "
                               f"toy_teacher.workers = {self.workers} (each worker draws the batch / workers examples a step)")
@@ -147,10 +151,6 @@ def from_run_config(cfg) -> tuple[ToyTeacherConfig, Path]:
                           "sizes (pipeline.toy_teacher.fashion_model_config)")
     if "unet_channels" in sizes:
         sizes["unet_channels"] = tuple(sizes["unet_channels"])
-        groups = tc.model.norm_num_groups
-        if any(c % groups for c in sizes["unet_channels"]):
-            raise ConfigError(f"toy_teacher.unet_channels: each level's channels must be a multiple of the "
-                              f"UNet's {groups} norm groups, got {list(sizes['unet_channels'])}")
     tc = replace(tc, seed=cfg.train.seed, family=family, model=replace(tc.model, **sizes), **over)
     tc.check()
     if sec.output:
