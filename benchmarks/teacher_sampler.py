@@ -1,8 +1,8 @@
 """Does another diffusers sampler make a toy teacher's samples sharper? The teacher's exported folder sampled by
 the stock `StableDiffusionXLPipeline` (no padistill sampling code) with each named diffusers scheduler, trailing
-timesteps, at the folder's recommended steps and guidance, 50 prompts a class from the benchmarks' own fixed noise
-(`sampling.fixed_noise`, the latents `benchmarks/toy_teacher.py` starts from at the same seed), scored by every toy
-metric of the teacher's dataset. `EulerDiscreteScheduler` is the control: padistill's own sampler
+timesteps, at the folder's recommended steps (or `--steps`) and guidance, 50 prompts a class from the benchmarks'
+own fixed noise (`sampling.fixed_noise`, the latents `benchmarks/toy_teacher.py` starts from at the same seed),
+scored by every toy metric of the teacher's dataset. `EulerDiscreteScheduler` is the control: padistill's own sampler
 (`Schedule.sample`) takes the same Euler steps, so its row reads as `benchmarks/toy_teacher.py`'s at that seed.
 
     python benchmarks/teacher_sampler.py --source builtin:toy_fashion_teacher \\
@@ -60,7 +60,7 @@ def stock_samples(pipe, info: dict, scheduler, per_class: int, seed: int):
     return torch.cat(images).float().clamp(-1, 1)
 
 
-def sample_with(source: str, schedulers: list[str], per_class: int, seed: int) -> dict:
+def sample_with(source: str, schedulers: list[str], per_class: int, seed: int, steps: int | None = None) -> dict:
     from diffusers import StableDiffusionXLPipeline
 
     from pipeline import metrics
@@ -69,6 +69,8 @@ def sample_with(source: str, schedulers: list[str], per_class: int, seed: int) -
     classes = scheduler_classes(schedulers)  # before the pipeline loads: a typo costs nothing
     folder = resolve_source(source)
     info = read_info(folder)
+    if steps is not None:  # instead of the folder's recommended steps
+        info = {**info, "num_inference_steps": steps}
     pipe = StableDiffusionXLPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     labels = [k for k in range(10) for _ in range(per_class)]
@@ -91,6 +93,7 @@ def main(argv=None) -> dict:
     p.add_argument("--schedulers", default="EulerDiscreteScheduler,EulerAncestralDiscreteScheduler",
                    help="diffusers scheduler classes, comma-separated (default: Euler, the control, and Euler "
                         "ancestral)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the folder's recommended steps)")
     p.add_argument("--per-class", type=int, default=50, help="samples a class (default 50)")
     p.add_argument("--seed", type=int, default=1234, help="the fixed noise's seed (default 1234, as toy_teacher.py)")
     p.add_argument("--out", help="output path without extension (default benchmarks/results/teacher_sampler_<data>, "
@@ -98,8 +101,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.per_class < 1:
         p.error(f"--per-class: at least 1, got {args.per_class}")
+    if args.steps is not None and args.steps < 1:
+        p.error(f"--steps: at least 1, got {args.steps}")
     names = [s.strip() for s in args.schedulers.split(",") if s.strip()]
-    result = sample_with(args.source, names, args.per_class, args.seed)
+    result = sample_with(args.source, names, args.per_class, args.seed, args.steps)
     short = "fashion" if result["dataset"] == "fashion_mnist" else "digits"
     out = args.out or str(Path(__file__).resolve().parent / "results" / f"teacher_sampler_{short}")
     md = [f"# {result['source']} sampled by the stock diffusers pipeline with other schedulers", "",
@@ -107,7 +112,9 @@ def main(argv=None) -> dict:
           f"a class from the benchmarks' fixed noise (seed {result['seed']}: the latents toy_teacher.py starts from); "
           "Euler is the control (padistill's own sampler takes the same steps). One run. "
           f"Command: `python benchmarks/teacher_sampler.py --source {result['source']} --schedulers "
-          f"{','.join(r['scheduler'] for r in result['rows'])}`.", "",
+          f"{','.join(r['scheduler'] for r in result['rows'])}"
+          + (f" --steps {args.steps}" if args.steps is not None else "")
+          + (f" --seed {args.seed}" if args.seed != 1234 else "") + "`.", "",
           "| scheduler | FD ↓ | FD-patch ↓ | accuracy ↑ | diversity | sharpness |", "|---|---:|---:|---:|---:|---:|"]
     md += [f"| {r['scheduler']} | {r['fd']:.2f} | {r['fd_patch']:.2f} | {r['prompt_accuracy']:.3f} | "
            f"{r['diversity']:.2f} | {r['sharpness']:.3f} |" for r in result["rows"]]
