@@ -71,17 +71,17 @@ def sample_with(source: str, schedulers: list[str], per_class: int, seed: int, s
     info = read_info(folder)
     if steps is not None:  # instead of the folder's recommended steps
         info = {**info, "num_inference_steps": steps}
+    dataset = info.get("dataset", "toy_digits")
     pipe = StableDiffusionXLPipeline.from_pretrained(str(folder))
     pipe.set_progress_bar_config(disable=True)
     labels = [k for k in range(10) for _ in range(per_class)]
     rows = []
     for name, cls in zip(schedulers, classes):
         t0 = time.time()
-        s = metrics.score(stock_samples(pipe, info, cls, per_class, seed), labels,
-                          dataset=info.get("dataset", "toy_digits"))
+        s = metrics.score(stock_samples(pipe, info, cls, per_class, seed), labels, dataset=dataset)
         rows.append({"scheduler": name, "seconds": round(time.time() - t0, 1), **s})
         print(f"[teacher-sampler] {name}: " + ", ".join(f"{c} {s[c]:.3f}" for c in COLUMNS), flush=True)
-    return {"source": source, "dataset": info.get("dataset", "toy_digits"),
+    return {"source": source, "dataset": dataset,
             "steps": int(info.get("num_inference_steps", 32)), "guidance_scale": float(info.get("guidance_scale", 0.0)),
             "per_class": per_class, "seed": seed, "rows": rows,
             "notes": "seconds: each scheduler's sampling and scoring; the first includes warm-up"}
@@ -114,6 +114,7 @@ def main(argv=None) -> dict:
           f"Command: `python benchmarks/teacher_sampler.py --source {result['source']} --schedulers "
           f"{','.join(r['scheduler'] for r in result['rows'])}"
           + (f" --steps {args.steps}" if args.steps is not None else "")
+          + (f" --per-class {args.per_class}" if args.per_class != 50 else "")
           + (f" --seed {args.seed}" if args.seed != 1234 else "") + "`.", "",
           "| scheduler | FD ↓ | FD-patch ↓ | accuracy ↑ | diversity | sharpness |", "|---|---:|---:|---:|---:|---:|"]
     md += [f"| {r['scheduler']} | {r['fd']:.2f} | {r['fd_patch']:.2f} | {r['prompt_accuracy']:.3f} | "
