@@ -113,9 +113,9 @@ def main(argv=None) -> dict:
           "Euler is the control (padistill's own sampler takes the same steps). One run. "
           f"Command: `python benchmarks/teacher_sampler.py --source {result['source']} --schedulers "
           f"{','.join(r['scheduler'] for r in result['rows'])}"
-          + (f" --steps {args.steps}" if args.steps is not None else "")
           + (f" --per-class {args.per_class}" if args.per_class != 50 else "")
-          + (f" --seed {args.seed}" if args.seed != 1234 else "") + "`.", "",
+          + (f" --seed {args.seed}" if args.seed != 1234 else "")
+          + (f" --steps {args.steps}" if args.steps is not None else "") + "`.", "",
           "| scheduler | FD ↓ | FD-patch ↓ | accuracy ↑ | diversity | sharpness |", "|---|---:|---:|---:|---:|---:|"]
     md += [f"| {r['scheduler']} | {r['fd']:.2f} | {r['fd_patch']:.2f} | {r['prompt_accuracy']:.3f} | "
            f"{r['diversity']:.2f} | {r['sharpness']:.3f} |" for r in result["rows"]]
